@@ -1,0 +1,43 @@
+"""Shared entry-point logic: parse and validate the config (all problems at once), then run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from dapt.config import ConfigError, RunConfig, help_text, load_config, parse_argv
+from dapt.data import BadRecord
+
+
+def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: str = "launch/mlm.py") -> int:
+    """Exit codes: 0 done, 2 configuration error (nothing started), 3 bad input data."""
+    argv = sys.argv[1:] if argv is None else argv
+    first = os.environ.get("RANK", "0") == "0"
+    try:
+        if parse_argv(argv)[2]:
+            print(help_text(prog))
+            return 0
+        cfg = load_config(argv)
+    except ConfigError as e:
+        if first:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    from dapt.dist import setup_logging
+
+    setup_logging(cfg.log.level)
+    try:
+        run(cfg)
+    except BadRecord as e:
+        print(f"{prog}: bad input: {e} (set --data.on_error=skip to skip and count such records)", file=sys.stderr)
+        return 3
+    finally:
+        _close_process_group()
+    return 0
+
+
+def _close_process_group() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()

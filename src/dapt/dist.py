@@ -1,0 +1,80 @@
+"""Process-group set-up for the DeepSpeed launcher, torchrun, or one plain `python` process; rank-aware logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import torch
+
+log = logging.getLogger("dapt")
+
+
+def single_process_env() -> None:
+    """Without a launcher, set the environment DeepSpeed needs for a world of one (else it looks for MPI)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init() -> None:
+    """Start the process group once: NCCL on CUDA, gloo on CPU."""
+    import deepspeed
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return
+    single_process_env()
+    if not torch.cuda.is_available():
+        # The shm op serves only inference_all_reduce, never training; skipping it avoids a ~45 s JIT build.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def world() -> int:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_sum(*values: float) -> list[float]:
+    """Sum numbers over all ranks (float64 so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized() and world() > 1:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t = t.to(device)
+        torch.distributed.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def setup_logging(level: str = "info") -> None:
+    """stdlib logging once, with a rank prefix; ranks other than 0 log warnings and errors only."""
+    r = int(os.environ.get("RANK", "0"))
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{r}] %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(getattr(logging, level.upper()) if r == 0 else logging.WARNING)

@@ -1,0 +1,261 @@
+"""The DeepSpeed JSON: read it, fill its "auto" values from the recipe, and refuse contradictions.
+
+"auto" is an HF/Accelerate convention that DeepSpeed itself silently drops (its pydantic configs fall back to
+defaults), so every "auto" must be resolved here, as the HF Trainer does. A value written in both files
+must agree; a recipe field left at its default takes the DeepSpeed value instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+AUTO = "auto"
+
+DEFAULT_DS: dict[str, Any] = {
+    "train_batch_size": AUTO,
+    "train_micro_batch_size_per_gpu": AUTO,
+    "gradient_accumulation_steps": AUTO,
+    "gradient_clipping": AUTO,
+    "zero_optimization": {"stage": 0},
+    "optimizer": {"type": "AdamW", "params": {"lr": AUTO, "betas": AUTO, "eps": AUTO, "weight_decay": AUTO}},
+    "bf16": {"enabled": AUTO},
+}
+
+# "auto" values that need the model or the step count; finalize_ds_config fills them later.
+DEFERRED = {
+    ("zero_optimization", "reduce_bucket_size"),
+    ("zero_optimization", "stage3_prefetch_bucket_size"),
+    ("zero_optimization", "stage3_param_persistence_threshold"),
+    ("scheduler", "params", "total_num_steps"),
+    ("scheduler", "params", "warmup_num_steps"),
+}
+ADAM_TYPES = ("adam", "adamw")
+
+
+def load_ds_json(path: str | None, problems: list[str]) -> dict:
+    if path is None:
+        return copy.deepcopy(DEFAULT_DS)
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        problems.append(f"ds {path}: cannot read ({e.strerror})")
+        return {}
+    except json.JSONDecodeError as e:
+        problems.append(f"ds {path} line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"ds {path}: the top level must be an object")
+        return {}
+    return data
+
+
+def resolve_ds_config(cfg, world: int, accelerator: str, problems: list[str]) -> dict:
+    """Return the DeepSpeed config with every recipe-owned "auto" filled; append problems found."""
+    ds = load_ds_json(cfg.ds, problems)
+    if not ds:
+        return ds
+    _fill_batch(ds, cfg, world, problems)
+    _fill(ds, ("gradient_clipping",), cfg, "train.grad_clip", problems)
+    _fill_precision(ds, cfg, accelerator, problems)
+    _fill_optimizer(ds, cfg, accelerator, problems)
+    _check_scheduler(ds, cfg, problems)
+    ds.setdefault("steps_per_print", 10**9)  # dapt logs its own metrics
+    for path in _autos(ds):
+        if path not in DEFERRED:
+            problems.append(f"ds {'.'.join(path)}: \"auto\" that dapt cannot fill; give a value")
+    return ds
+
+
+def _get(ds: dict, path: tuple) -> Any:
+    node = ds
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _set(ds: dict, path: tuple, value: Any) -> None:
+    node = ds
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+
+def _fill(ds: dict, path: tuple, cfg, key: str, problems: list[str], convert=lambda v: v) -> None:
+    """Fill ds[path] from recipe `key` when auto or absent; when both are given they must agree."""
+    section, name = key.split(".")
+    mine = getattr(getattr(cfg, section), name)
+    theirs = _get(ds, path)
+    if theirs is None or theirs == AUTO:
+        _set(ds, path, convert(mine))
+    elif _differs(theirs, convert(mine)):
+        if key in cfg.explicit:
+            problems.append(f"contradiction: ds {'.'.join(path)} = {theirs!r} but {key} = {mine!r}; "
+                            f"set one of them (or write \"auto\" in the ds config)")
+        else:
+            setattr(getattr(cfg, section), name, list(theirs) if isinstance(theirs, list | tuple) else theirs)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        return list(a) != list(b) if isinstance(a, list | tuple) and isinstance(b, list | tuple) else True
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a != b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return abs(a - b) > 1e-12 * max(abs(a), abs(b), 1)
+    return a != b
+
+
+def _fill_batch(ds: dict, cfg, world: int, problems: list[str]) -> None:
+    t = cfg.train
+    total, gas = ds.get("train_batch_size"), ds.get("gradient_accumulation_steps")
+    _fill(ds, ("train_micro_batch_size_per_gpu",), cfg, "train.micro_batch_size", problems)
+    if isinstance(total, int) and gas in (None, AUTO) and "train.grad_accum" not in cfg.explicit:
+        # The ds config fixes the global batch: derive accumulation from it, as DeepSpeed would.
+        per_step = t.micro_batch_size * world
+        if total % per_step:
+            problems.append(f"ds train_batch_size = {total} is not divisible by micro batch x world size "
+                            f"= {t.micro_batch_size} x {world}")
+            return
+        t.grad_accum = total // per_step
+    _fill(ds, ("gradient_accumulation_steps",), cfg, "train.grad_accum", problems)
+    expected = t.micro_batch_size * t.grad_accum * world
+    if total in (None, AUTO):
+        ds["train_batch_size"] = expected
+    elif total != expected:
+        problems.append(f"ds train_batch_size = {total} but micro x accumulation x world size = "
+                        f"{t.micro_batch_size} x {t.grad_accum} x {world} = {expected}")
+
+
+def bf16_in_hardware(accelerator: str) -> bool:
+    """True when bf16 math runs natively (CUDA Ampere+, or a CPU with AVX512-BF16 or AMX)."""
+    import torch
+
+    if accelerator == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _fill_precision(ds: dict, cfg, accelerator: str, problems: list[str]) -> None:
+    t = cfg.train
+    bf16, fp16 = _get(ds, ("bf16", "enabled")), _get(ds, ("fp16", "enabled"))
+    if bf16 is True and fp16 is True:
+        problems.append("ds: bf16.enabled and fp16.enabled are both true; choose one")
+        return
+    fixed = "bf16" if bf16 is True else "fp16" if fp16 is True else None
+    if fixed is None and AUTO not in (bf16, fp16) and (bf16 is False or fp16 is False):
+        fixed = "fp32"  # the file turns half precision off explicitly
+    if fixed and t.precision not in ("auto", fixed):
+        problems.append(f"contradiction: the ds config runs {fixed} but train.precision = {t.precision!r}")
+        return
+    if fixed:
+        t.precision = fixed
+    elif t.precision == "auto":
+        # On CPU fp32 is the safe default: bf16 is emulated (~10x slower) on CPUs without AVX512-BF16/AMX.
+        t.precision = "bf16" if accelerator == "cuda" and bf16_in_hardware("cuda") else "fp32"
+    if bf16 is not None or t.precision == "bf16":
+        _set(ds, ("bf16", "enabled"), t.precision == "bf16")
+    if fp16 is not None or t.precision == "fp16":
+        _set(ds, ("fp16", "enabled"), t.precision == "fp16")
+    if t.precision == "fp16" and accelerator == "cpu" and not _cpu_fp16():
+        problems.append("fp16 needs a GPU: DeepSpeed refuses fp16 on this CPU (\"Type fp16 is not supported on "
+                        "your device\"); use a bf16 or fp32 ds config here")
+
+
+def _cpu_fp16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _fill_optimizer(ds: dict, cfg, accelerator: str, problems: list[str]) -> None:
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    is_adam = str(opt.get("type", "")).lower() in ADAM_TYPES
+    keys = {"lr": "train.lr", "weight_decay": "train.weight_decay"}
+    if is_adam:
+        keys |= {"betas": "train.betas", "eps": "train.eps"}
+    for name, key in keys.items():
+        _fill(ds, ("optimizer", "params", name), cfg, key, problems)
+    impl = cfg.train.optimizer_impl
+    if impl == "auto":
+        impl = "deepspeed" if accelerator == "cuda" else "torch"
+    if is_adam and impl == "torch":
+        # torch.optim.AdamW through DeepSpeed: no JIT-built op (FusedAdam/CPUAdam take ~60 s to compile on CPU).
+        params.setdefault("torch_adam", True)
+        params.setdefault("foreach", True)
+        if offload_device(ds, "offload_optimizer"):
+            ds.setdefault("zero_force_ds_cpu_optimizer", False)
+
+
+def offload_device(ds: dict, block: str) -> str | None:
+    device = _get(ds, ("zero_optimization", block, "device"))
+    return device if device in ("cpu", "nvme") else None
+
+
+def _check_scheduler(ds: dict, cfg, problems: list[str]) -> None:
+    sched = ds.get("scheduler")
+    if sched is None:
+        return
+    if "train.lr_schedule" in cfg.explicit:
+        problems.append(f"contradiction: the ds config has a scheduler ({sched.get('type')}) and the recipe sets "
+                        "train.lr_schedule; keep one")
+    params = sched.setdefault("params", {})
+    for name in ("warmup_max_lr",):
+        if params.get(name) in (None, AUTO):
+            params[name] = cfg.train.lr
+    for name in ("warmup_min_lr", "warmup_min_ratio"):
+        if params.get(name) == AUTO:
+            params[name] = 0.0
+    if params.get("cos_min_ratio") == AUTO:
+        params["cos_min_ratio"] = cfg.train.min_lr_ratio
+
+
+def _autos(node: Any, path: tuple = ()) -> list[tuple]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _autos(v, path + (k,))]
+    return [path] if node == AUTO else []
+
+
+def finalize_ds_config(ds: dict, total_steps: int, warmup_steps: int, hidden_size: int | None) -> None:
+    """Fill the "auto" values that need the step count or the model's hidden size (HF's conventions)."""
+    fills = {
+        ("scheduler", "params", "total_num_steps"): total_steps,
+        ("scheduler", "params", "warmup_num_steps"): warmup_steps,
+    }
+    if hidden_size:
+        fills |= {
+            ("zero_optimization", "reduce_bucket_size"): hidden_size * hidden_size,
+            ("zero_optimization", "stage3_prefetch_bucket_size"): int(0.9 * hidden_size * hidden_size),
+            ("zero_optimization", "stage3_param_persistence_threshold"): 10 * hidden_size,
+        }
+    for path, value in fills.items():
+        if _get(ds, path) == AUTO:
+            _set(ds, path, value)
+    left = _autos(ds)
+    if left:
+        raise ValueError("ds config: \"auto\" left unfilled at " + ", ".join(".".join(p) for p in left))
+
+
+def describe_optimizer(ds: dict, accelerator: str) -> str:
+    """The optimizer DeepSpeed will build from this config, in words, for the log."""
+    opt = ds.get("optimizer", {})
+    kind = str(opt.get("type", "?"))
+    if kind.lower() not in ADAM_TYPES:
+        return f"DeepSpeed {kind}"
+    if opt.get("params", {}).get("torch_adam"):
+        return "torch.optim.AdamW (foreach)"
+    if offload_device(ds, "offload_optimizer"):
+        return "DeepSpeedCPUAdam (optimizer offloaded to CPU)"
+    return "DeepSpeed FusedAdam" + (" (CPU op, JIT-built on first use)" if accelerator == "cpu" else "")

@@ -1,0 +1,136 @@
+"""Tokenizers and models: pretrained from a hub id or folder, or built from a config with a corpus-trained tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast
+
+log = logging.getLogger("dapt")
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, max_len: int) -> PreTrainedTokenizerFast:
+    """A lowercasing BERT-style WordPiece tokenizer trained on `texts` (no download)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, unk_token="[UNK]",
+                                   pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
+    """The recipe's tokenizer, the model's own, or (from scratch) the one trained on the corpus in trained_dir.
+
+    When trained_dir holds no tokenizer yet, one is trained on `texts` and saved there (call on one rank).
+    """
+    m = cfg.model
+    source = m.tokenizer or m.name_or_path
+    if source:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code)
+    if (trained_dir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(trained_dir)
+    if texts is None:
+        raise FileNotFoundError(f"no trained tokenizer in {trained_dir}")
+    log.info("training a WordPiece tokenizer (vocab %d) on the training corpus", m.tokenizer_vocab_size)
+    tok = train_wordpiece(texts, m.tokenizer_vocab_size, cfg.data.max_seq_length)
+    tok.save_pretrained(trained_dir)
+    return tok
+
+
+def model_config(cfg, tokenizer):
+    """The transformers config: pretrained, from a path, or from the recipe's mapping sized to the tokenizer."""
+    m = cfg.model
+    if m.name_or_path:
+        return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    if isinstance(m.config, str):
+        conf = AutoConfig.from_pretrained(m.config, trust_remote_code=m.trust_remote_code)
+    else:
+        fields = dict(m.config or {})
+        conf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    conf.vocab_size = len(tokenizer)
+    for name in ("pad", "bos", "eos", "cls", "sep"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None and hasattr(conf, f"{name}_token_id"):
+            setattr(conf, f"{name}_token_id", token_id)
+    return conf
+
+
+def attention_candidates(requested: str, precision: str) -> list[str]:
+    """Implementations to try in order: flash_attention_2 when installed on CUDA in half precision, sdpa, eager."""
+    flash_ok = (importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+                and precision in ("bf16", "fp16"))
+    if requested == "auto":
+        return (["flash_attention_2"] if flash_ok else []) + ["sdpa", "eager"]
+    if requested == "flash_attention_2" and not flash_ok:
+        log.warning("flash_attention_2 asked for but not usable here (needs the flash-attn package, CUDA and "
+                    "bf16/fp16); falling back")
+        return ["sdpa", "eager"]
+    return [requested] + [c for c in ("sdpa", "eager") if c != requested]
+
+
+def build_model(cfg, tokenizer, precision: str, ds_config: dict | None = None) -> torch.nn.Module:
+    """AutoModelForMaskedLM, pretrained or from scratch, with the first attention implementation that works.
+
+    Under ZeRO-3 a pretrained model is loaded partitioned (zero.Init through HfDeepSpeedConfig), so a model larger
+    than one rank's memory still loads.
+    """
+    m = cfg.model
+    conf = model_config(cfg, tokenizer)
+    errors = []
+    for impl in attention_candidates(m.attn_implementation, precision):
+        try:
+            model = _instantiate(cfg, conf, impl, ds_config)
+            break
+        except (ValueError, ImportError) as e:
+            errors.append(f"{impl}: {str(e).splitlines()[0]}")
+    else:
+        raise ValueError(f"no attention implementation works for {conf.model_type}: " + "; ".join(errors))
+    chosen = getattr(model.config, "_attn_implementation", impl)
+    log.info("model %s (%s, %.1fM parameters), attention implementation: %s%s", type(model).__name__,
+             m.name_or_path or "from config", sum(p.numel() for p in model.parameters()) / 1e6, chosen,
+             f" (tried: {'; '.join(errors)})" if errors else "")
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        log.info("gradient checkpointing on (HF gradient_checkpointing_enable)")
+    return model
+
+
+def _instantiate(cfg, conf, impl: str, ds_config: dict | None):
+    m = cfg.model
+    if not m.name_or_path:
+        torch.manual_seed(cfg.seed)
+        return AutoModelForMaskedLM.from_config(conf, attn_implementation=impl, trust_remote_code=m.trust_remote_code)
+    zero3 = ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3
+    keep_alive = None
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # must live while from_pretrained runs, and not longer
+    try:
+        return AutoModelForMaskedLM.from_pretrained(m.name_or_path, attn_implementation=impl,
+                                                    trust_remote_code=m.trust_remote_code)
+    finally:
+        del keep_alive
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm weights (1-D) get none."""
+    decay, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions leave p itself empty
+            (decay if len(shape) >= 2 else plain).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]

@@ -1,0 +1,346 @@
+"""Masked-language-model training on a DeepSpeed engine: set-up, the loop, evaluation and the end of a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dapt import dist
+from dapt.checkpoint import Checkpointer, export_hf
+from dapt.config import RunConfig, save_resolved
+from dapt.corpus import write_default_corpus
+from dapt.data import PACKERS, RowDataset, Rows, StepSampler, eval_batches, in_valid_split, read_documents
+from dapt.dsconfig import bf16_in_hardware, describe_optimizer, finalize_ds_config
+from dapt.masking import IGNORE, MLMCollator
+from dapt.metrics import MetricsLogger, plot_curves
+from dapt.model import build_model, load_tokenizer, param_groups
+from dapt.schedule import build_scheduler, warmup_steps
+
+log = logging.getLogger("dapt")
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint; optimizer steps and micro-steps are kept apart."""
+
+    step: int = 0
+    micro_step: int = 0
+    tokens_seen: int = 0
+    samples_seen: int = 0
+    best_eval_loss: float | None = None
+    elapsed: float = 0.0
+
+
+@dataclass
+class Corpus:
+    tokenizer: object
+    train: Rows
+    valid: Rows | None
+    test: Rows | None
+    skipped: Counter = field(default_factory=Counter)
+
+
+# ---------------------------------------------------------------- set-up
+
+def prepare_corpus(cfg: RunConfig, out: Path) -> Corpus:
+    """Read, split, tokenize and pack the data; rank 0 writes the default corpus and trains any tokenizer first."""
+    d = cfg.data
+    if not d.train:
+        d.train = [str(out / "default_corpus.txt")]
+        if dist.rank() == 0 and not Path(d.train[0]).exists():
+            write_default_corpus(Path(d.train[0]), seed=cfg.seed)
+        dist.barrier()
+    skipped: Counter = Counter()
+    docs = list(read_documents(d.train, d.format, d.text_field, d.on_error, skipped))
+    if d.valid:
+        valid_docs = list(read_documents(d.valid, d.format, d.text_field, d.on_error, skipped))
+    else:
+        valid_docs = [doc for doc in docs if in_valid_split(doc.text, d.valid_fraction)]
+        docs = [doc for doc in docs if not in_valid_split(doc.text, d.valid_fraction)]
+    test_docs = list(read_documents(d.test, d.format, d.text_field, d.on_error, skipped)) if d.test else []
+    if not docs:
+        raise ValueError(f"data.train {d.train}: no documents left to train on")
+    if skipped:
+        log.warning("skipped bad records: %s", dict(skipped))
+    tok_dir = out / "tokenizer"
+    if dist.rank() == 0:
+        load_tokenizer(cfg, tok_dir, (doc.text for doc in docs))
+    dist.barrier()
+    tokenizer = load_tokenizer(cfg, tok_dir)
+    pack = PACKERS[d.packing]
+    train = pack(tokenizer, docs, d.max_seq_length)
+    valid = pack(tokenizer, valid_docs, d.max_seq_length) if valid_docs else None
+    test = pack(tokenizer, test_docs, d.max_seq_length) if test_docs else None
+    log.info("data: %d train documents -> %d rows of %d tokens (%s); %d validation rows; %d test rows",
+             len(docs), len(train), d.max_seq_length, d.packing, len(valid or []), len(test or []))
+    return Corpus(tokenizer, train, valid if valid and len(valid) else None, test if test and len(test) else None,
+                  skipped)
+
+
+def total_steps(cfg: RunConfig, n_rows: int) -> int:
+    t = cfg.train
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = n_rows // (t.micro_batch_size * t.grad_accum * dist.world())
+    return max(1, math.ceil(t.epochs * per_epoch))
+
+
+def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int):
+    ds = cfg.ds_config
+    scheduler = None
+    if "scheduler" not in ds:
+        def scheduler(optimizer):
+            return build_scheduler(optimizer, cfg.train, steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                                           config=ds, lr_scheduler=scheduler)
+    return engine
+
+
+def log_choices(cfg: RunConfig, accelerator: str, steps: int) -> None:
+    t, ds = cfg.train, cfg.ds_config
+    log.info("global batch = micro x accumulation x world size = %d x %d x %d = %d rows of %d tokens",
+             t.micro_batch_size, t.grad_accum, dist.world(), ds["train_batch_size"], cfg.data.max_seq_length)
+    log.info("ZeRO stage %d, precision %s, optimizer %s, lr %g, schedule %s (warmup %d of %d optimizer steps)",
+             ds.get("zero_optimization", {}).get("stage", 0), t.precision, describe_optimizer(ds, accelerator),
+             t.lr, ds["scheduler"]["type"] if "scheduler" in ds else t.lr_schedule, warmup_steps(t, steps), steps)
+    if t.precision == "bf16" and not bf16_in_hardware(accelerator):
+        log.warning("bf16 runs without hardware support on this %s: it is emulated and about 10x slower than fp32",
+                    accelerator.upper())
+
+
+# ---------------------------------------------------------------- the loop
+
+def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of cross-entropy over masked positions, in fp32."""
+    where = labels != IGNORE
+    return F.cross_entropy(logits[where].float(), labels[where], reduction="sum")
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train an MLM as `cfg` says; resume if a checkpoint exists; export final/; return the summary."""
+    out = Path(cfg.output_dir)
+    dist.init()
+    rank, world = dist.rank(), dist.world()
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(accelerator, torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    corpus = prepare_corpus(cfg, out)
+    steps = total_steps(cfg, len(corpus.train))
+    model = build_model(cfg, corpus.tokenizer, cfg.train.precision, cfg.ds_config)
+    finalize_ds_config(cfg.ds_config, steps, warmup_steps(cfg.train, steps), getattr(model.config, "hidden_size", None))
+    if rank == 0:
+        save_resolved(cfg, out / "config.resolved.yaml")
+    log_choices(cfg, accelerator, steps)
+    engine = build_engine(cfg, model, steps)
+
+    state = TrainState()
+    ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.keep_best)
+    resume_from = _resume_point(cfg, ckpt)
+    sample_lines = 0
+    if resume_from:
+        client, mine = ckpt.load(engine, resume_from)
+        state = TrainState(**client["train_state"])
+        sample_lines = mine.get("sample_lines", 0)
+        _check_same_data(client, len(corpus.train), cfg.ds_config["train_batch_size"])
+        log.info("resumed from %s at optimizer step %d (%d tokens seen)", resume_from, state.step, state.tokens_seen)
+    metrics = MetricsLogger(out, rank == 0,
+                            {"project": cfg.log.wandb_project, "name": cfg.log.run_name or out.name,
+                             "id": _wandb_id(out)} if cfg.log.wandb else None, cfg.to_dict())
+    metrics.truncate_after(state.step)
+    samples = _SampleLog(out, rank, sample_lines, corpus.train) if cfg.data.log_sample_ids else None
+
+    t, k = cfg.train, cfg.masking
+    collate = MLMCollator(corpus.tokenizer, k.rate, k.mask_prob, k.random_prob, seed=cfg.seed)
+    eval_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, seed=cfg.seed + 1)
+    sampler = StepSampler(len(corpus.train), t.micro_batch_size, t.grad_accum, world, rank, cfg.seed, steps,
+                          start_step=state.step)
+    loader = torch.utils.data.DataLoader(RowDataset(corpus.train), batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.data.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    batches = iter(loader)
+    manual_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    window = Counter()
+    started = time.time() - state.elapsed
+    bar = tqdm(total=steps, initial=state.step, desc="train", disable=rank != 0 or not cfg.log.progress)
+    window_start = time.time()
+    while state.step < steps:
+        micro = [next(batches) for _ in range(t.grad_accum)]
+        # Loss of the step = sum of masked-token losses / masked tokens of the whole step (all micro-batches, all
+        # ranks). DeepSpeed divides by accumulation steps and averages over ranks, so multiply those back.
+        (masked,) = dist.all_sum(sum(int((b["labels"] != IGNORE).sum()) for b in micro))
+        scale = t.grad_accum * world / max(masked, 1.0)
+        grad_norm = None
+        for i, b in enumerate(micro):
+            out_ = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+            loss_sum = masked_loss_sum(out_.logits, b["labels"].to(device))
+            engine.backward(loss_sum * scale)
+            if manual_norm and i == t.grad_accum - 1:
+                grad_norm = _grad_norm(engine.module)
+            engine.step()
+            window["loss_sum"] += float(loss_sum.detach())
+            window["tokens"] += int(b["attention_mask"].sum())
+            window["samples"] += len(b["input_ids"])
+            state.micro_step += 1
+            if samples:
+                samples.write(b["index"].tolist())
+        window["masked"] += masked
+        state.step += 1
+        bar.update(1)
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+
+        if state.step % t.log_every == 0 or state.step == steps:
+            _log_train(engine, state, window, time.time() - window_start, metrics, bar, steps, len(corpus.train))
+            window, window_start = Counter(), time.time()
+        eval_loss = None
+        if corpus.valid and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
+            eval_loss = evaluate(engine, corpus.valid, eval_collate, t, device)
+            _log_eval(state, eval_loss, metrics, "eval")
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == steps:
+            state.elapsed = time.time() - started
+            ckpt.save(engine, state.step, _client_state(cfg, state, corpus),
+                      {"sample_lines": samples.lines if samples else 0}, eval_loss)
+    bar.close()
+    return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device)
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _log_train(engine, state: TrainState, window: Counter, seconds: float, metrics, bar, steps: int,
+               rows: int) -> None:
+    loss_sum, tokens, samples = dist.all_sum(window["loss_sum"], window["tokens"], window["samples"])
+    state.tokens_seen += int(tokens)
+    state.samples_seen += int(samples)
+    loss = loss_sum / max(window["masked"], 1.0)
+    values = {
+        "train/loss": loss, "train/perplexity": math.exp(min(loss, 50)),
+        "train/learning_rate": engine.get_lr()[0], "train/grad_norm": window["grad_norm"],
+        "train/tokens_per_second": tokens / max(seconds, 1e-9), "train/samples_per_second": samples / max(seconds, 1e-9),
+        "train/epoch": state.samples_seen / rows, "train/tokens_seen": state.tokens_seen,
+        "train/peak_memory_gb": peak_memory_gb(),
+    }
+    metrics.log(state.step, values)
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/learning_rate']:.2e}")
+    log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", state.step, steps, loss,
+             values["train/learning_rate"], window["grad_norm"], values["train/tokens_per_second"])
+
+
+def _log_eval(state: TrainState, loss: float, metrics, prefix: str) -> None:
+    if prefix == "eval" and (state.best_eval_loss is None or loss < state.best_eval_loss):
+        state.best_eval_loss = loss
+    metrics.log(state.step, {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(min(loss, 50))})
+    log.info("step %d %s loss %.4f perplexity %.2f", state.step, prefix, loss, math.exp(min(loss, 50)))
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(engine, rows: Rows, collate: MLMCollator, t, device) -> float:
+    """Masked-token loss over `rows` (fixed masks), summed over ranks. Every rank runs the same number of forwards."""
+    engine.eval()
+    dataset = RowDataset(rows)
+    loss_sum = count = 0.0
+    for items in eval_batches(len(rows), t.micro_batch_size, dist.world(), dist.rank(), t.eval_batches):
+        weight = 1.0 if items else 0.0  # a rank with no rows left still joins the forward (ZeRO-3 gathers)
+        b = collate([dataset[i] for i in (items or [(0, 0)])])
+        logits = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        loss_sum += weight * float(masked_loss_sum(logits, b["labels"].to(device)))
+        count += weight * int((b["labels"] != IGNORE).sum())
+    engine.train()
+    total, n = dist.all_sum(loss_sum, count)
+    return total / max(n, 1.0)
+
+
+# ---------------------------------------------------------------- checkpoint helpers
+
+def _client_state(cfg: RunConfig, state: TrainState, corpus: Corpus) -> dict:
+    return {"train_state": vars(state).copy(), "config": cfg.to_dict(),
+            "data": {"next_step": state.step, "train_rows": len(corpus.train),
+                     "global_batch": cfg.ds_config["train_batch_size"]}}
+
+
+def _resume_point(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        return Path(cfg.resume)
+    return ckpt.latest()
+
+
+def _check_same_data(client: dict, rows: int, global_batch: int) -> None:
+    saved = client.get("data", {})
+    if saved.get("train_rows") != rows or saved.get("global_batch") != global_batch:
+        log.warning("resuming with different data or batch (rows %s -> %d, global batch %s -> %d): the data order "
+                    "will not continue exactly", saved.get("train_rows"), rows, saved.get("global_batch"), global_batch)
+
+
+def _wandb_id(out: Path) -> str:
+    """A stable run id per output_dir, so a resumed run continues the same W&B run."""
+    import hashlib
+
+    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+
+
+class _SampleLog:
+    """output_dir/samples.rank<R>.txt: the documents this rank trained on, cut back to the checkpoint on resume."""
+
+    def __init__(self, out: Path, rank: int, lines: int, rows: Rows):
+        self.path, self.rows, self.lines = out / f"samples.rank{rank}.txt", rows, lines
+        kept = self.path.read_text().splitlines()[:lines] if self.path.exists() else []
+        self.path.write_text("".join(x + "\n" for x in kept))
+        self.lines = len(kept)
+
+    def write(self, indices: list[int]) -> None:
+        ids = [doc for i in indices for doc in self.rows.doc_ids[i]]
+        with self.path.open("a") as f:
+            f.writelines(x + "\n" for x in ids)
+        self.lines += len(ids)
+
+
+# ---------------------------------------------------------------- the end of a run
+
+def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Checkpointer, metrics, wall: float,
+           device) -> dict:
+    out = Path(cfg.output_dir)
+    final = export_hf(engine, corpus.tokenizer, ckpt.latest(), out / "final")
+    summary = {"steps": state.step, "micro_steps": state.micro_step, "tokens_seen": state.tokens_seen,
+               "samples_seen": state.samples_seen, "best_eval_loss": state.best_eval_loss,
+               "wall_seconds": round(wall, 1), "packing_efficiency": corpus.train.real_tokens /
+               max(1, len(corpus.train) * cfg.data.max_seq_length), "skipped_records": dict(corpus.skipped)}
+    if corpus.test:
+        k = cfg.masking
+        test_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, cfg.seed + 2)
+        summary["test_loss"] = evaluate(engine, corpus.test, test_collate, cfg.train, device)
+        _log_eval(state, summary["test_loss"], metrics, "test")
+    if dist.rank() == 0:
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        evals = [r["eval/loss"] for r in records if "eval/loss" in r]
+        summary["final_eval_loss"] = evals[-1] if evals else None
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
+        metrics.finish(summary)
+        log.info("done in %.0f s: model %s | metrics %s | plots %s | summary %s", wall, final,
+                 out / "metrics.jsonl", ", ".join(str(p) for p in plots) or "off", out / "summary.json")
+    dist.barrier()
+    return summary
