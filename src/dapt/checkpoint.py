@@ -101,12 +101,9 @@ def full_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor] | None:
     opt = engine.optimizer
     for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
         masters |= {id(p): m for p, m in zip(low, high)}
-    by_id = {id(p): masters.get(id(p), p) for p in engine.module.parameters()}
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    for pid, tensor in by_id.items():
-        state[names[pid]] = tensor.detach().float().clone()
-    return state
+    # keep_vars keeps Parameter objects, so tied names (embeddings and decoder) both find the fp32 master.
+    return {name: masters.get(id(t), t).detach().float().clone()
+            for name, t in engine.module.state_dict(keep_vars=True).items()}
 
 
 def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path) -> Path | None:

@@ -172,6 +172,7 @@ class RunConfig:
     # Not config fields: filled by load_config.
     ds_config: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
     explicit: set = field(default_factory=set, repr=False, metadata={"internal": True})
+    adopted: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
 
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
@@ -328,6 +329,11 @@ def _coerce(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
     elif typ is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -357,8 +363,11 @@ def _build(cls: type, values: dict, prefix: str, problems: list[str], explicit: 
                 continue
             kwargs[key] = _build(typ, value, f"{dotted}.", problems, explicit)
         else:
-            kwargs[key] = _coerce(dotted, value, typ, problems)
-            explicit.add(dotted)
+            before = len(problems)
+            coerced = _coerce(dotted, value, typ, problems)
+            if len(problems) == before:  # a wrong value keeps the default, so the other checks still run
+                kwargs[key] = coerced
+                explicit.add(dotted)
     return cls(**kwargs)
 
 
@@ -383,15 +392,15 @@ def load_config(argv: list[str], world_size: int | None = None, accelerator: str
     explicit: set[str] = set()
     cfg = _build(RunConfig, values, "", problems, explicit)
     cfg.explicit = explicit
-    if not problems:  # value checks assume the types are right
-        problems += validate(cfg)
-    if not problems:
-        from dapt.dsconfig import resolve_ds_config
+    from dapt.dsconfig import resolve_ds_config
 
-        world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.ds_config = resolve_ds_config(cfg, world, accelerator or _accelerator(), problems)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.ds_config = resolve_ds_config(cfg, world, accelerator or _accelerator(), problems)
+    for problem in validate(cfg):
+        key = problem.split(":", 1)[0]
+        problems.append(f"{problem} (value taken from ds {cfg.adopted[key]})" if key in cfg.adopted else problem)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(list(dict.fromkeys(problems)))
     return cfg
 
 
@@ -446,8 +455,6 @@ def validate(cfg: RunConfig) -> list[str]:
                      f"use one of {', '.join(v for v in allowed if v not in NOT_YET[key])}")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
         p.append(f"resume: {cfg.resume!r} is neither auto, never nor an existing checkpoint folder")
-    if cfg.ds is not None and not Path(cfg.ds).is_file():
-        p.append(f"ds: file {cfg.ds!r} not found")
     m, d, t, k = cfg.model, cfg.data, cfg.train, cfg.masking
     if m.name_or_path and m.config is not None:
         p.append("model.name_or_path and model.config are exclusive: load a pretrained model or build one from a config")

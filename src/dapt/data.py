@@ -14,7 +14,6 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,10 +82,14 @@ def _lines(path: str, _field: str, resume_after: int = 0) -> Iterator[Document]:
 def _docs(path: str, _field: str, resume_after: int = 0) -> Iterator[Document]:
     buf: list[str] = []
     start = 0
+    skipping = resume_after > 0  # after a bad line, the rest of its document is dropped with it
     for lineno, raw in _open_text_lines(path):
         if lineno <= resume_after:
             continue
         line = _decode(raw, path, lineno)
+        if skipping:
+            skipping = bool(line.strip())
+            continue
         if line.strip():
             start = start or lineno
             buf.append(line)

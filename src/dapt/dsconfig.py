@@ -38,6 +38,9 @@ ADAM_TYPES = ("adam", "adamw")
 def load_ds_json(path: str | None, problems: list[str]) -> dict:
     if path is None:
         return copy.deepcopy(DEFAULT_DS)
+    if not Path(path).is_file():
+        problems.append(f"ds {path}: file not found")
+        return {}
     try:
         data = json.loads(Path(path).read_text())
     except OSError as e:
@@ -55,7 +58,7 @@ def load_ds_json(path: str | None, problems: list[str]) -> dict:
 def resolve_ds_config(cfg, world: int, accelerator: str, problems: list[str]) -> dict:
     """Return the DeepSpeed config with every recipe-owned "auto" filled; append problems found."""
     ds = load_ds_json(cfg.ds, problems)
-    if not ds:
+    if not ds or not _well_formed(ds, problems):
         return ds
     _fill_batch(ds, cfg, world, problems)
     _fill(ds, ("gradient_clipping",), cfg, "train.grad_clip", problems)
@@ -67,6 +70,18 @@ def resolve_ds_config(cfg, world: int, accelerator: str, problems: list[str]) ->
         if path not in DEFERRED:
             problems.append(f"ds {'.'.join(path)}: \"auto\" that dapt cannot fill; give a value")
     return ds
+
+
+def _well_formed(ds: dict, problems: list[str]) -> bool:
+    before = len(problems)
+    for block in ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16"):
+        if block in ds and not isinstance(ds[block], dict):
+            problems.append(f"ds {block}: expected an object, got {ds[block]!r}")
+    for block in ("optimizer", "scheduler"):
+        params = ds.get(block, {}).get("params", {}) if isinstance(ds.get(block), dict) else {}
+        if not isinstance(params, dict):
+            problems.append(f"ds {block}.params: expected an object, got {params!r}")
+    return len(problems) == before
 
 
 def _get(ds: dict, path: tuple) -> Any:
@@ -96,8 +111,22 @@ def _fill(ds: dict, path: tuple, cfg, key: str, problems: list[str], convert=lam
         if key in cfg.explicit:
             problems.append(f"contradiction: ds {'.'.join(path)} = {theirs!r} but {key} = {mine!r}; "
                             f"set one of them (or write \"auto\" in the ds config)")
+        elif not _same_kind(theirs, mine):
+            problems.append(f"ds {'.'.join(path)}: expected {type(mine).__name__}, got {theirs!r}")
         else:
             setattr(getattr(cfg, section), name, list(theirs) if isinstance(theirs, list | tuple) else theirs)
+            cfg.adopted[key] = ".".join(path)
+
+
+def _same_kind(theirs: Any, mine: Any) -> bool:
+    """Whether a ds value may replace the recipe default `mine` (an int where an int is due, and so on)."""
+    if isinstance(mine, bool) or isinstance(theirs, bool):
+        return isinstance(mine, bool) and isinstance(theirs, bool)
+    if isinstance(mine, float):
+        return isinstance(theirs, int | float)
+    if isinstance(mine, list):
+        return isinstance(theirs, list | tuple) and all(isinstance(v, int | float) for v in theirs)
+    return isinstance(theirs, type(mine))
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -120,6 +149,7 @@ def _fill_batch(ds: dict, cfg, world: int, problems: list[str]) -> None:
         if total % per_step:
             problems.append(f"ds train_batch_size = {total} is not divisible by micro batch x world size "
                             f"= {t.micro_batch_size} x {world}")
+            ds["gradient_accumulation_steps"] = t.grad_accum  # reported once, not again as a leftover "auto"
             return
         t.grad_accum = total // per_step
     _fill(ds, ("gradient_accumulation_steps",), cfg, "train.grad_accum", problems)

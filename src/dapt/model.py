@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,15 +17,33 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int, max_len: int) -> PreTrainedTokenizerFast:
-    """A lowercasing BERT-style WordPiece tokenizer trained on `texts` (no download)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lowercasing BERT-style WordPiece tokenizer whose vocabulary is learnt from `texts` (no download).
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    Deterministic on purpose: the tokenizers library's trainers break count ties in hash order, so two trainings
+    on the same corpus give different vocabularies and a rerun would not reproduce a run. The vocabulary here is
+    every character (word-initial and ##-continuation), then whole words, word prefixes and ##-suffixes ranked by
+    the characters they save (occurrences x length), ties broken by the text.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = SPECIALS + chars + [f"##{c}" for c in chars]
+    pieces: Counter = Counter()
+    for word, n in words.items():
+        pieces[word] += n * len(word)
+        for i in range(2, min(len(word), 16)):
+            pieces[word[:i]] += n * i
+            pieces[f"##{word[-i:]}"] += n * i
+    taken = set(vocab)
+    ranked = sorted((p for p in pieces if p not in taken), key=lambda p: (-pieces[p], p))
+    vocab += ranked[:max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
+    cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, unk_token="[UNK]",

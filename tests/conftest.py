@@ -1,0 +1,88 @@
+"""Shared fixtures: a small generated corpus, a tiny from-scratch recipe, in-process and launcher runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MLM = ROOT / "launch" / "mlm.py"
+DS = ROOT / "ds_configs"
+
+# Offline, quiet, one thread per rank (two ranks share two cores), no JIT op builds in a shared cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY_MODEL = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 64, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0}
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    from dapt.corpus import generate
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(generate(1200, seed=7)) + "\n")
+    return path
+
+
+@pytest.fixture
+def recipe(tmp_path, corpus_file) -> Path:
+    """A tiny from-scratch MLM recipe over the generated corpus; tests override fields on the command line."""
+    doc = {
+        "seed": 1,
+        "model": {"config": TINY_MODEL, "tokenizer_vocab_size": 400},
+        "data": {"train": [str(corpus_file)], "max_seq_length": 32},
+        "train": {"max_steps": 6, "micro_batch_size": 8, "lr": 2e-3, "log_every": 1, "eval_every": 3,
+                  "eval_batches": 4, "warmup_steps": 1},
+        "checkpoint": {"every": 3, "keep": 2},
+        "log": {"progress": False},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run_inprocess(argv: list[str]) -> dict:
+    """One rank inside the pytest process: the real config loader, DeepSpeed engine and loop."""
+    from dapt.config import load_config
+    from dapt.dist import setup_logging
+    from dapt.train import run
+
+    cfg = load_config([str(a) for a in argv], world_size=1, accelerator="cpu")
+    setup_logging("warning")
+    return run(cfg)
+
+
+def launch(args: list[str], ranks: int = 1, timeout: int = 300, cwd: Path | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """Run launch/mlm.py in fresh processes: plain python for 1 rank, the DeepSpeed launcher for more."""
+    from dapt.dist import free_port
+
+    if ranks == 1:
+        cmd = [sys.executable, str(MLM)]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), str(MLM)]
+    proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def series(out: Path, key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in metrics(out) if key in r]

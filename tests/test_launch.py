@@ -1,0 +1,150 @@
+"""Runs in fresh processes: the DeepSpeed launcher with 2 gloo ranks, plain python, SIGKILL and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DS, MLM, ROOT, launch, series
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM
+
+pytestmark = pytest.mark.slow
+
+
+def _fp32_zero(tmp_path: Path, stage: int) -> Path:
+    """A shipped ZeRO config with precision left to the recipe (fp32 here, for tight tolerances)."""
+    ds = json.loads((DS / f"zero{stage}_bf16.json").read_text())
+    ds["bf16"] = {"enabled": "auto"}
+    path = tmp_path / f"zero{stage}_auto.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def test_loss_normalisation_is_the_same_for_any_split_of_the_step(recipe, tmp_path):
+    """1 rank x accumulation 4, 2 ranks x accumulation 2 and 1 rank x a 4x micro batch: same loss and gradients.
+
+    Rows are padded documents of different lengths, so micro-batches hold different numbers of masked tokens and a
+    mean of per-micro-batch means would differ; only sum / (masked tokens of the whole step) agrees.
+    """
+    ds = _fp32_zero(tmp_path, 2)
+    common = ["--recipe", recipe, "--ds", ds, "--train.precision=fp32", "--data.packing=pad", "--train.max_steps=3",
+              "--train.eval_every=0", "--checkpoint.every=0", "--train.grad_clip=0"]
+    layouts = {"1x4": (1, 2, 4), "2x2": (2, 2, 2), "1x1big": (1, 8, 1)}
+    results = {}
+    for name, (ranks, micro, accum) in layouts.items():
+        out = tmp_path / name
+        launch(common + ["--output_dir", out, f"--train.micro_batch_size={micro}", f"--train.grad_accum={accum}"],
+               ranks=ranks)
+        results[name] = (series(out, "train/loss"), series(out, "train/grad_norm"))
+    ref_loss, ref_norm = results["1x4"]
+    assert len(ref_loss) == 3
+    for name, (loss, norm) in results.items():
+        for (s1, a), (s2, b) in zip(loss, ref_loss):
+            assert s1 == s2 and a == pytest.approx(b, rel=1e-5), (name, s1)
+        for (_, a), (_, b) in zip(norm, ref_norm):
+            assert a == pytest.approx(b, rel=1e-4), name
+
+
+    _assert_micro_batches_differ(tmp_path / "1x4", recipe)
+
+
+def _assert_micro_batches_differ(out: Path, recipe: Path) -> None:
+    """Guard: the micro-batches of step 1 really carry unequal masked-token counts (else the test proves little)."""
+    from transformers import AutoTokenizer
+
+    from dapt.config import load_config
+    from dapt.data import RowDataset, StepSampler, in_valid_split, pack_pad, read_documents
+    from dapt.masking import IGNORE, MLMCollator
+
+    cfg = load_config(["--recipe", str(recipe)], world_size=1, accelerator="cpu")
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+    docs = [d for d in read_documents(cfg.data.train, "lines") if not in_valid_split(d.text, cfg.data.valid_fraction)]
+    rows = pack_pad(tok, docs, cfg.data.max_seq_length)
+    collate, data = MLMCollator(tok, cfg.masking.rate, seed=cfg.seed), RowDataset(rows)
+    sampler = StepSampler(len(rows), 2, 4, 1, 0, cfg.seed, total_steps=1)
+    counts = [int((collate([data[i] for i in b])["labels"] != IGNORE).sum()) for b in sampler]
+    assert len(counts) == 4 and len(set(counts)) > 1, counts
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_lower_the_loss_and_export(stage, recipe, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(["--recipe", recipe, "--ds", DS / f"zero{stage}_bf16.json", "--output_dir", out,
+                   "--train.max_steps=30", "--train.eval_every=10", "--checkpoint.every=10"], ranks=2)
+    assert "world size = 8 x 1 x 2 = 16" in proc.stdout
+    losses = [v for _, v in series(out, "train/loss")]
+    evals = [v for _, v in series(out, "eval/loss")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 and evals[-1] < evals[0]
+    model = AutoModelForMaskedLM.from_pretrained(out / "final")
+    assert all(t.numel() > 0 for t in model.state_dict().values())
+    ckpt = json.loads((out / "checkpoints" / "index.json").read_text())["latest"]
+    assert len(list((out / "checkpoints" / ckpt).glob("rank_state*.pt"))) == 2
+
+
+def _run_until_killed(cmd: list[str], out: Path, after_tag: str, timeout: float = 240) -> int:
+    """Start `cmd`, SIGKILL it as soon as checkpoint `after_tag` is complete; return the exit code."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+    index = out / "checkpoints" / "index.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if index.exists():
+            try:
+                if json.loads(index.read_text())["latest"] >= after_tag:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            except (json.JSONDecodeError, OSError):
+                pass
+        time.sleep(0.002)
+    return proc.wait(timeout=60)
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(recipe, tmp_path):
+    args = ["--recipe", str(recipe), "--train.max_steps=150", "--checkpoint.every=20", "--train.eval_every=50",
+            "--model.config.hidden_dropout_prob=0.1", "--data.log_sample_ids=true", "--train.micro_batch_size=16"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    launch(args + ["--output_dir", straight])
+    cmd = [sys.executable, str(MLM)] + args + ["--output_dir", str(broken)]
+    code = _run_until_killed(cmd, broken, "step_00000060")
+    assert code == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+    assert not (broken / "final").exists()
+    proc = launch(args + ["--output_dir", broken])
+    assert "resumed from" in proc.stdout
+    for key in ("train/loss", "train/grad_norm", "eval/loss"):
+        a, b = series(straight, key), series(broken, key)
+        assert [s for s, _ in a] == [s for s, _ in b], key  # each step once: the killed tail was cut back
+        assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6, abs=1e-7), key
+    assert (straight / "samples.rank0.txt").read_text() == (broken / "samples.rank0.txt").read_text()
+    w1, w2 = load_file(straight / "final" / "model.safetensors"), load_file(broken / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (straight, broken))
+    assert s1["final_eval_loss"] == pytest.approx(s2["final_eval_loss"], rel=1e-6)
+    assert s1["tokens_seen"] == s2["tokens_seen"]
+
+
+def test_bad_recipe_fails_before_anything_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_step: 5\n  micro_batch_size: -2\ndata:\n  pakcing: concat\n")
+    out = tmp_path / "never"
+    started = time.time()
+    proc = launch(["--recipe", bad, "--output_dir", out], check=False)
+    assert proc.returncode == 2
+    assert "'train.max_step'" in proc.stderr and "max_steps" in proc.stderr  # names the key and the valid ones
+    assert "'data.pakcing'" in proc.stderr
+    assert not out.exists() and "Traceback" not in proc.stderr
+    assert time.time() - started < 60
+
+
+def test_help_lists_fields_with_docs():
+    proc = subprocess.run([sys.executable, str(MLM), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "--train.max_steps=int" in proc.stdout and "Optimizer steps to run" in proc.stdout
+    assert "--data.packing=str" in proc.stdout and "[checkpoint]" in proc.stdout

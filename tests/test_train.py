@@ -1,0 +1,165 @@
+"""One-rank runs inside the test process: the real DeepSpeed engine on CPU, tiny models built from configs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import DS, TINY_MODEL, metrics, run_inprocess, series
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, pipeline
+
+from dapt.config import ConfigError, load_config
+from dapt.model import param_groups, train_wordpiece
+from dapt.schedule import lr_factor
+
+SHIPPED = sorted(p.name for p in DS.glob("*.json"))
+
+
+def _fp16_on_cpu() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_ds_config_trains_or_refuses_clearly(name, recipe, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--recipe", recipe, "--ds", DS / name, "--output_dir", out, "--train.max_steps=3",
+            "--checkpoint.every=0", "--train.eval_every=0"]
+    if "fp16" in name and not _fp16_on_cpu():
+        with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+            load_config([str(a) for a in argv], world_size=1, accelerator="cpu")
+        return
+    summary = run_inprocess(argv)
+    losses = [v for _, v in series(out, "train/loss")]
+    assert summary["steps"] == 3 and len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    resolved = (out / "config.resolved.yaml").read_text()
+    assert "auto" not in resolved.split("deepspeed:", 1)[1]
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_run_lowers_loss_and_writes_everything(recipe, tmp_path):
+    out = tmp_path / "run"
+    summary = run_inprocess(["--recipe", recipe, "--ds", DS / "zero2_bf16.json", "--output_dir", out,
+                             "--train.max_steps=40", "--train.eval_every=20", "--checkpoint.every=20",
+                             "--train.precision=bf16"])
+    losses = [v for _, v in series(out, "train/loss")]
+    evals = [v for _, v in series(out, "eval/loss")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert evals[-1] < evals[0]
+    assert series(out, "eval/perplexity")[-1][1] == pytest.approx(math.exp(evals[-1]), rel=1e-6)
+    record = next(r for r in metrics(out) if "train/loss" in r)
+    for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/samples_per_second",
+                "train/epoch", "train/perplexity", "train/peak_memory_gb"):
+        assert key in record and math.isfinite(record[key]), key
+    for name in ("loss.png", "learning_rate.png", "perplexity.png"):
+        assert (out / "plots" / name).stat().st_size > 1000
+    index = json.loads((out / "checkpoints" / "index.json").read_text())
+    assert index["latest"] and index["best"]["eval_loss"] == pytest.approx(min(evals))
+    assert summary["tokens_seen"] == 40 * 8 * 32 and summary["best_eval_loss"] == pytest.approx(min(evals))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 40
+
+
+def test_final_folder_reloads_and_fills_a_mask(recipe, tmp_path):
+    out = tmp_path / "run"
+    run_inprocess(["--recipe", recipe, "--ds", DS / "zero3_bf16.json", "--output_dir", out,
+                   "--train.max_steps=30", "--train.precision=bf16"])
+    model = AutoModelForMaskedLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert all(p.numel() > 0 for p in model.state_dict().values())
+    preds = pipeline("fill-mask", model=model, tokenizer=tok)(f"the attacker used a sql {tok.mask_token} to gain")
+    assert len(preds) == 5 and all(0 <= p["score"] <= 1 for p in preds)
+    # The trained weights predict the corpus better than a fresh model of the same shape.
+    batch = tok(["the attacker exploited the login form to steal session cookies on the payment server ."],
+                return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    fresh = AutoModelForMaskedLM.from_config(model.config)
+    with torch.no_grad():
+        assert model(**batch, labels=labels).loss < fresh(**batch, labels=labels).loss
+
+
+def test_pretrained_folder_under_zero3_with_gradient_checkpointing(tmp_path, corpus_file):
+    """A local pretrained folder loads partitioned (zero.Init) and trains with HF gradient checkpointing."""
+    texts = corpus_file.read_text().splitlines()
+    tok = train_wordpiece(texts, 400, 32)
+    src = tmp_path / "pretrained"
+    config = BertConfig(**{k: v for k, v in TINY_MODEL.items() if k != "model_type"}, vocab_size=len(tok))
+    BertForMaskedLM(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    out = tmp_path / "run"
+    summary = run_inprocess(["--model.name_or_path", src, "--data.train", corpus_file, "--output_dir", out,
+                             "--ds", DS / "zero3_bf16.json", "--train.precision=bf16",
+                             "--model.gradient_checkpointing=true", "--data.max_seq_length=32",
+                             "--train.max_steps=4", "--train.micro_batch_size=4", "--log.progress=false"])
+    assert summary["steps"] == 4
+    reloaded = AutoModelForMaskedLM.from_pretrained(out / "final")
+    assert reloaded.config.vocab_size == len(tok)
+
+
+def test_learning_rate_schedule_counts_optimizer_steps(recipe, tmp_path):
+    out = tmp_path / "run"
+    run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=8", "--train.grad_accum=3",
+                   "--train.micro_batch_size=2", "--train.warmup_steps=3", "--train.lr_schedule=cosine",
+                   "--train.lr=0.01"])
+    logged = dict(series(out, "train/learning_rate"))
+    for step in range(1, 9):  # the lr logged after optimizer step s is the one the next step will use
+        expected = 0.01 * lr_factor(step, kind="cosine", warmup=3, total=8, decay_ratio=0.2, min_ratio=0.0)
+        assert logged[step] == pytest.approx(expected, abs=1e-9), step
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "wsd", "constant"])
+def test_schedule_shapes(kind):
+    f = [lr_factor(s, kind=kind, warmup=10, total=100, decay_ratio=0.2, min_ratio=0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert max(f) == pytest.approx(1.0)
+    if kind == "constant":
+        assert f[-1] == 1.0
+    elif kind == "wsd":
+        assert f[50] == 1.0 and f[79] == 1.0 and f[81] < 1.0 and f[-1] < 0.2  # stable, then the last 20% decays
+    else:
+        assert f[50] < 1.0 and f[-1] < 0.2 and all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32))
+    decay, plain = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert plain["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
+    assert all("bias" in names[id(p)] or "LayerNorm" in names[id(p)] for p in plain["params"])
+    assert any("LayerNorm.weight" in names[id(p)] for p in plain["params"])
+    assert all(p.ndim == 2 for p in decay["params"])
+
+
+def test_wandb_offline_gets_seed_metric_names(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    run_inprocess(["--recipe", recipe, "--output_dir", out, "--log.wandb=true", "--train.max_steps=3",
+                   "--train.eval_every=3"])
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs and runs[0].stat().st_size > 0
+    data = runs[0].read_bytes()
+    for name in (b"train/loss", b"train/perplexity", b"train/tokens_per_second", b"train/learning_rate",
+                 b"eval/loss", b"eval/perplexity"):
+        assert name in data, name
+
+
+def test_log_states_batch_arithmetic_and_choices(recipe, tmp_path, caplog):
+    import logging
+
+    from dapt.dist import setup_logging
+    from dapt.train import run
+
+    cfg = load_config(["--recipe", str(recipe), "--output_dir", str(tmp_path / "r"), "--train.max_steps=2",
+                       "--train.grad_accum=2", "--train.micro_batch_size=4"], world_size=1, accelerator="cpu")
+    setup_logging("info")
+    logging.getLogger("dapt").addHandler(caplog.handler)
+    try:
+        run(cfg)
+    finally:
+        logging.getLogger("dapt").removeHandler(caplog.handler)
+    text = caplog.text
+    assert "global batch = micro x accumulation x world size = 4 x 2 x 1 = 8" in text
+    assert "attention implementation: sdpa" in text
+    assert "optimizer torch.optim.AdamW (foreach)" in text
