@@ -1,0 +1,18 @@
+# Day-to-day targets; the README's two commands are the canonical install + run and install + test.
+PY ?= .venv/bin/python
+
+.PHONY: install test test-fast lint default
+install:
+	python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e ".[test]"
+
+test:
+	$(PY) -m pytest
+
+test-fast:   # the in-process tests only (no launcher processes)
+	$(PY) -m pytest -m "not slow"
+
+lint:
+	$(PY) -m ruff check .
+
+default:     # the embedded default run
+	$(PY) launch/mlm.py --ds ds_configs/zero2_bf16.json
