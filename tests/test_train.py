@@ -64,6 +64,8 @@ def test_final_folder_reloads_and_fills_a_mask(recipe, tmp_path):
     out = tmp_path / "run"
     run_inprocess(["--recipe", recipe, "--ds", DS / "zero3_bf16.json", "--output_dir", out,
                    "--train.max_steps=30", "--train.precision=bf16"])
+    losses = [v for _, v in series(out, "train/loss")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
     model = AutoModelForMaskedLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert all(p.numel() > 0 for p in model.state_dict().values())
@@ -163,3 +165,35 @@ def test_log_states_batch_arithmetic_and_choices(recipe, tmp_path, caplog):
     assert "global batch = micro x accumulation x world size = 4 x 2 x 1 = 8" in text
     assert "attention implementation: sdpa" in text
     assert "optimizer torch.optim.AdamW (foreach)" in text
+
+
+def test_retention_keeps_last_k_plus_best_and_resume_from_a_path(recipe, tmp_path):
+    out = tmp_path / "run"
+    args = ["--recipe", recipe, "--output_dir", out, "--train.max_steps=12", "--checkpoint.every=2",
+            "--checkpoint.keep=2", "--train.eval_every=2", "--train.lr=0.05"]  # a high lr: eval loss is not monotone
+    run_inprocess(args)
+    index = json.loads((out / "checkpoints" / "index.json").read_text())
+    evals = dict(series(out, "eval/loss"))
+    best_step = min(evals, key=evals.get)
+    on_disk = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    expected = sorted({"step_00000010", "step_00000012", f"step_{best_step:08d}"})
+    assert on_disk == expected == sorted(index["saved"])
+    assert index["best"]["tag"] == f"step_{best_step:08d}" and index["latest"] == "step_00000012"
+    first = series(out, "train/loss")
+    # Resume from an explicit checkpoint folder: the history after it is cut back and replayed identically.
+    run_inprocess(args + ["--resume", out / "checkpoints" / "step_00000010"])
+    again = series(out, "train/loss")
+    assert [s for s, _ in again] == [s for s, _ in first] == list(range(1, 13))
+    assert [v for _, v in again] == pytest.approx([v for _, v in first], rel=1e-6)
+
+
+def test_skipped_records_are_counted_in_metrics_and_summary(recipe, tmp_path):
+    data = tmp_path / "mixed.jsonl"
+    good = [json.dumps({"text": f"the attacker used a weak password number {i} on the vpn"}) for i in range(400)]
+    data.write_text("\n".join(good[:200] + ["{broken json", json.dumps({"body": "no text field"})] + good[200:]))
+    out = tmp_path / "run"
+    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, "--data.train", data, "--data.format=jsonl",
+                             "--data.on_error=skip", "--train.max_steps=2", "--train.micro_batch_size=4"])
+    assert summary["skipped_records"] == {"malformed JSON": 1, "missing field 'text'": 1}
+    first = metrics(out)[0]
+    assert first["step"] == 0 and first["data/skipped/malformed JSON"] == 1

@@ -276,16 +276,21 @@ def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
 
 
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lr": 1} -> {"train": {"lr": 1}}; a key that is both a value and a section is an error."""
     tree: dict[str, Any] = {}
+    problems = []
     for key, value in overrides.items():
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
+                problems.append(f"--{key}: {part!r} is given both as a value and as a section")
                 break
         else:
             node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
     return tree
 
 

@@ -100,14 +100,14 @@ def _set(ds: dict, path: tuple, value: Any) -> None:
     node[path[-1]] = value
 
 
-def _fill(ds: dict, path: tuple, cfg, key: str, problems: list[str], convert=lambda v: v) -> None:
+def _fill(ds: dict, path: tuple, cfg, key: str, problems: list[str]) -> None:
     """Fill ds[path] from recipe `key` when auto or absent; when both are given they must agree."""
     section, name = key.split(".")
     mine = getattr(getattr(cfg, section), name)
     theirs = _get(ds, path)
     if theirs is None or theirs == AUTO:
-        _set(ds, path, convert(mine))
-    elif _differs(theirs, convert(mine)):
+        _set(ds, path, mine)
+    elif _differs(theirs, mine):
         if key in cfg.explicit:
             problems.append(f"contradiction: ds {'.'.join(path)} = {theirs!r} but {key} = {mine!r}; "
                             f"set one of them (or write \"auto\" in the ds config)")

@@ -160,6 +160,8 @@ def run(cfg: RunConfig) -> dict:
                             {"project": cfg.log.wandb_project, "name": cfg.log.run_name or out.name,
                              "id": _wandb_id(out)} if cfg.log.wandb else None, cfg.to_dict())
     metrics.truncate_after(state.step)
+    if corpus.skipped and state.step == 0:
+        metrics.log(0, {f"data/skipped/{reason}": n for reason, n in corpus.skipped.items()})
     samples = _SampleLog(out, rank, sample_lines, corpus.train) if cfg.data.log_sample_ids else None
 
     t, k = cfg.train, cfg.masking
