@@ -54,8 +54,8 @@ def recipe(tmp_path, corpus_file) -> Path:
 
 def run_inprocess(argv: list[str]) -> dict:
     """One rank inside the pytest process: the real config loader, DeepSpeed engine and loop."""
-    from dapt.config import load_config
     from dapt.dist import setup_logging
+    from dapt.load import load_config
     from dapt.train import run
 
     cfg = load_config([str(a) for a in argv], world_size=1, accelerator="cpu")

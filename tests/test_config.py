@@ -5,13 +5,13 @@ Pure and fast: only `load_config`, `finalize_ds_config` and `help_text`; no proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dapt import config as config_mod
 from dapt.config import (
     CheckpointConfig,
     ConfigError,
@@ -23,9 +23,9 @@ from dapt.config import (
     TrainConfig,
     field_docs,
     help_text,
-    load_config,
 )
 from dapt.dsconfig import AUTO, DEFERRED, _autos, finalize_ds_config
+from dapt.load import load_config, save_resolved
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_DIR = ROOT / "ds_configs"
@@ -93,7 +93,7 @@ def one_matching(problems: list[str], *needles: str) -> str:
 
 
 def field_names(cls: type) -> list[str]:
-    return [f.name for f in config_mod.dataclasses.fields(cls)]
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 # ------------------------------------------------------------------ 1. unknown keys, types, values
@@ -520,7 +520,7 @@ SECTIONS = ("model", "data", "masking", "train", "checkpoint", "log")
 def test_every_field_documented_in_help(cls):
     docs = field_docs(cls)
     text = help_text()
-    for f in config_mod.dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):
         if f.metadata.get("internal") or f.name in SECTIONS:
             continue
         assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
@@ -592,7 +592,7 @@ def test_other_streaming_values_not_yet(tmp_path, key, value):
 def test_save_resolved_roundtrip(tmp_path):
     cfg = load(["--recipe", recipe(tmp_path, train=TRAIN)])
     out = tmp_path / "resolved.yaml"
-    config_mod.save_resolved(cfg, out)
+    save_resolved(cfg, out)
     doc = yaml.safe_load(out.read_text())
     assert doc["train"]["micro_batch_size"] == 4
     assert doc["deepspeed"]["train_batch_size"] == 12

@@ -60,8 +60,8 @@ def _assert_micro_batches_differ(out: Path, recipe: Path) -> None:
     """Guard: the micro-batches of step 1 really carry unequal masked-token counts (else the test proves little)."""
     from transformers import AutoTokenizer
 
-    from dapt.config import load_config
     from dapt.data import RowDataset, StepSampler, in_valid_split, pack_pad, read_documents
+    from dapt.load import load_config
     from dapt.masking import IGNORE, MLMCollator
 
     cfg = load_config(["--recipe", str(recipe)], world_size=1, accelerator="cpu")

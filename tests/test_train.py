@@ -10,7 +10,8 @@ import torch
 from conftest import DS, TINY_MODEL, metrics, run_inprocess, series
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, pipeline
 
-from dapt.config import ConfigError, load_config
+from dapt.config import ConfigError
+from dapt.load import load_config
 from dapt.model import param_groups, train_wordpiece
 from dapt.schedule import lr_factor
 
@@ -134,11 +135,15 @@ def test_no_weight_decay_on_biases_and_norms():
 
 
 def test_wandb_offline_gets_seed_metric_names(recipe, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    # No WANDB_MODE and no credentials: dapt must choose offline itself rather than prompt for a login.
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     run_inprocess(["--recipe", recipe, "--output_dir", out, "--log.wandb=true", "--train.max_steps=3",
                    "--train.eval_every=3"])
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # dapt set it for this process; do not leak it
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert runs and runs[0].stat().st_size > 0
     data = runs[0].read_bytes()

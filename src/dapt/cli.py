@@ -6,8 +6,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from dapt.config import ConfigError, RunConfig, help_text, load_config, parse_argv
+from dapt.config import ConfigError, RunConfig, help_text
 from dapt.data import BadRecord
+from dapt.load import load_config, parse_argv
 
 
 def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: str = "launch/mlm.py") -> int:

@@ -56,10 +56,22 @@ def _start_wandb(output_dir: Path, wandb_cfg: dict, run_config: dict):
         log.warning("log.wandb=true but wandb is not installed; metrics go to metrics.jsonl only")
         return None
     os.environ.setdefault("WANDB_DIR", str(output_dir))
+    if "WANDB_MODE" not in os.environ and not _wandb_credentials():
+        # Online mode without credentials would stop at an interactive login prompt; a batch job must not.
+        log.warning("log.wandb=true but no W&B credentials (WANDB_API_KEY or ~/.netrc): logging offline; "
+                    "upload later with `wandb sync %s/wandb`", output_dir)
+        os.environ["WANDB_MODE"] = "offline"
     run = wandb.init(project=wandb_cfg["project"], name=wandb_cfg.get("name"), config=run_config,
                      resume="allow", id=wandb_cfg.get("id"), dir=str(output_dir))
     log.info("W&B run %s (mode %s)", run.name, os.environ.get("WANDB_MODE", "online"))
     return run
+
+
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -18,10 +18,11 @@ from tqdm import tqdm
 
 from dapt import dist
 from dapt.checkpoint import Checkpointer, export_hf
-from dapt.config import RunConfig, save_resolved
+from dapt.config import RunConfig
 from dapt.corpus import write_default_corpus
 from dapt.data import PACKERS, RowDataset, Rows, StepSampler, eval_batches, in_valid_split, read_documents
 from dapt.dsconfig import bf16_in_hardware, describe_optimizer, finalize_ds_config
+from dapt.load import save_resolved
 from dapt.masking import IGNORE, MLMCollator
 from dapt.metrics import MetricsLogger, plot_curves
 from dapt.model import build_model, load_tokenizer, param_groups

@@ -1,0 +1,301 @@
+"""Turn command-line arguments into a validated RunConfig: YAML recipe, --section.field=value overrides, the
+DeepSpeed JSON. Every problem is collected and raised once, as a ConfigError, before any process group exists."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dapt.config import CHOICES, NOT_YET, ConfigError, RunConfig, type_name
+
+
+def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
+    """Split argv into (recipe path, dotted overrides, help asked). Accepts `--k=v` and `--k v`."""
+    recipe, overrides, want_help, problems = None, {}, False, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+            i += 1
+            continue
+        if not arg.startswith("--"):
+            problems.append(f"unexpected argument {arg!r}: options look like --section.field=value")
+            i += 1
+            continue
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                value = "true"  # a bare flag such as --log.wandb
+            else:
+                i += 1
+                value = argv[i]
+        i += 1
+        if key == "local_rank":  # the DeepSpeed launcher appends it; LOCAL_RANK carries the same
+            continue
+        if key == "recipe":
+            recipe = value
+        else:
+            overrides[key] = yaml.safe_load(value) if value != "" else ""
+    if problems:
+        raise ConfigError(problems)
+    return recipe, overrides, want_help
+
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lr": 1} -> {"train": {"lr": 1}}; a key that is both a value and a section is an error."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for key, value in overrides.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--{key}: {part!r} is given both as a value and as a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+
+def _coerce(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
+    """Check `value` against the annotation `typ`; return it converted, or record a problem."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errs: list[str] = []
+        for arg in (a for a in args if a is not type(None)):
+            tmp: list[str] = []
+            out = _coerce(key, value, arg, tmp)
+            if not tmp:
+                return out
+            errs += tmp
+        problems.append(f"{key}: expected {type_name(typ)}, got {value!r}")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else ([value] if isinstance(value, str | int | float) else None)
+        if items is None:
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return value
+        return [_coerce(f"{key}[{i}]", v, args[0], problems) for i, v in enumerate(items)] if args else items
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    elif typ is dict:
+        if isinstance(value, dict):
+            return value
+    problems.append(f"{key}: expected {type_name(typ)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+
+def _build(cls: type, values: dict, prefix: str, problems: list[str], explicit: set) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            problems.append(f"unknown key {dotted!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
+                            + ", ".join(names))
+            continue
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                problems.append(f"{dotted}: expected a section (mapping), got {value!r}")
+                continue
+            kwargs[key] = _build(typ, value, f"{dotted}.", problems, explicit)
+        else:
+            before = len(problems)
+            coerced = _coerce(dotted, value, typ, problems)
+            if len(problems) == before:  # a wrong value keeps the default, so the other checks still run
+                kwargs[key] = coerced
+                explicit.add(dotted)
+    return cls(**kwargs)
+
+
+
+def load_config(argv: list[str], world_size: int | None = None, accelerator: str | None = None) -> RunConfig:
+    """Build the validated config tree from command-line arguments.
+
+    Args:
+        argv: arguments after the program name (`--recipe`, `--ds`, `--section.field=value`).
+        world_size: number of ranks; default: $WORLD_SIZE or 1.
+        accelerator: "cuda" or "cpu"; default: what torch sees.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    recipe, overrides, _ = parse_argv(argv)
+    problems: list[str] = []
+    if recipe:
+        values = _read_yaml(recipe, problems)
+    else:
+        values = embedded_default(overrides)
+    values = _merge(values, _nest(overrides))
+    explicit: set[str] = set()
+    cfg = _build(RunConfig, values, "", problems, explicit)
+    cfg.explicit = explicit
+    from dapt.dsconfig import resolve_ds_config
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.ds_config = resolve_ds_config(cfg, world, accelerator or _accelerator(), problems)
+    for problem in validate(cfg):
+        key = problem.split(":", 1)[0]
+        problems.append(f"{problem} (value taken from ds {cfg.adopted[key]})" if key in cfg.adopted else problem)
+    if problems:
+        raise ConfigError(list(dict.fromkeys(problems)))
+    return cfg
+
+
+
+def embedded_default(overrides: dict[str, Any]) -> dict:
+    """The recipe used without --recipe: a tiny BERT from scratch (dapt.corpus.DEFAULT_OVERRIDES).
+
+    Naming a pretrained model on the command line drops the from-scratch model fields.
+    """
+    from dapt.corpus import DEFAULT_OVERRIDES
+
+    chosen = dict(DEFAULT_OVERRIDES)
+    if "model.name_or_path" in overrides or "model.config" in overrides:
+        chosen = {k: v for k, v in chosen.items() if not k.startswith("model.")}
+    return _nest(chosen)
+
+
+
+def _accelerator() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+
+def _read_yaml(path: str, problems: list[str]) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        problems.append(f"recipe {path}: cannot read ({e.strerror})")
+        return {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problems.append(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"recipe {path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        return {}
+    return data
+
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Value and cross-field checks; returns every problem found."""
+    p: list[str] = []
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            p.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        elif value in NOT_YET.get(key, ()):
+            p.append(f"{key}: {value!r} comes with the streaming data layer and is not implemented yet; "
+                     f"use one of {', '.join(v for v in allowed if v not in NOT_YET[key])}")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        p.append(f"resume: {cfg.resume!r} is neither auto, never nor an existing checkpoint folder")
+    m, d, t, k = cfg.model, cfg.data, cfg.train, cfg.masking
+    if m.name_or_path and m.config is not None:
+        p.append("model.name_or_path and model.config are exclusive: load a pretrained model or build one from a config")
+    if isinstance(m.config, dict) and "model_type" not in m.config:
+        p.append("model.config: a mapping needs model_type (bert, roberta, distilbert, modernbert, ...)")
+    if m.tokenizer_vocab_size < 100:
+        p.append(f"model.tokenizer_vocab_size: {m.tokenizer_vocab_size} is too small (at least 100)")
+    for name in ("train", "valid", "test"):
+        for path in getattr(d, name):
+            if not Path(path).exists():
+                p.append(f"data.{name}: file {path!r} not found")
+    if not d.train and (d.valid or d.test):
+        p.append("data.valid/data.test given without data.train")
+    _positive(p, "data.max_seq_length", d.max_seq_length, minimum=8)
+    if not 0 <= d.valid_fraction < 1:
+        p.append(f"data.valid_fraction: {d.valid_fraction} must be in [0, 1)")
+    if d.num_workers < 0:
+        p.append(f"data.num_workers: {d.num_workers} must be >= 0")
+    for name in ("rate", "eval_rate"):
+        rate = getattr(k, name)
+        if rate is not None and not 0 < rate < 1:
+            p.append(f"masking.{name}: {rate} must be in (0, 1)")
+    if k.mask_prob < 0 or k.random_prob < 0 or k.mask_prob + k.random_prob > 1:
+        p.append(f"masking.mask_prob + masking.random_prob = {k.mask_prob + k.random_prob} must be within [0, 1]")
+    for name in ("micro_batch_size", "grad_accum", "log_every"):
+        _positive(p, f"train.{name}", getattr(t, name))
+    for name in ("max_steps", "warmup_steps", "eval_every", "eval_batches"):
+        _positive(p, f"train.{name}", getattr(t, name), minimum=0)
+    _positive(p, "checkpoint.every", cfg.checkpoint.every, minimum=0)
+    _positive(p, "checkpoint.keep", cfg.checkpoint.keep)
+    if t.max_steps == 0 and t.epochs <= 0:
+        p.append(f"train.epochs: {t.epochs} must be > 0 when train.max_steps is 0")
+    if t.lr <= 0:
+        p.append(f"train.lr: {t.lr} must be > 0")
+    if t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0:
+        p.append("train.weight_decay and train.grad_clip must be >= 0, train.eps > 0")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        p.append(f"train.betas: {t.betas} must be two numbers in [0, 1)")
+    if not 0 <= t.warmup_ratio < 1 or not 0 <= t.decay_ratio <= 1 or not 0 <= t.min_lr_ratio <= 1:
+        p.append("train.warmup_ratio must be in [0, 1); train.decay_ratio and train.min_lr_ratio in [0, 1]")
+    if t.warmup_steps and "train.warmup_ratio" in cfg.explicit and t.warmup_ratio:
+        p.append("train.warmup_steps and train.warmup_ratio are both set; give one")
+    return p
+
+
+
+def _positive(problems: list[str], key: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        problems.append(f"{key}: {value} must be >= {minimum}")
+
+
+
+def save_resolved(cfg: RunConfig, path: Path) -> None:
+    """Write the full config and the final DeepSpeed config as YAML."""
+    doc = cfg.to_dict()
+    doc["deepspeed"] = cfg.ds_config
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
