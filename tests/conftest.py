@@ -74,10 +74,19 @@ def launch(args: list[str], ranks: int = 1, timeout: int = 300, cwd: Path | None
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(free_port()), str(MLM)]
     proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd or ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          cwd=cwd or ROOT, env=child_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def child_env() -> dict:
+    """The environment for launched runs, without the rank variables that in-process runs set in this process."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+DIST_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
 
 
 def metrics(out: Path) -> list[dict]:

@@ -323,7 +323,7 @@ def test_cuda_accelerator_keeps_deepspeed_optimizer(tmp_path):
 
 
 def test_default_ds_config_on_cpu_runs_fp32(tmp_path):
-    cfg = load(["--recipe", recipe(tmp_path, train=TRAIN)], world_size=3)
+    cfg = load(["--recipe", recipe(tmp_path, train=TRAIN), "--data.streams=6"], world_size=3)
     ds = cfg.ds_config
     assert cfg.train.precision == "fp32"
     assert ds["bf16"]["enabled"] is False
@@ -573,20 +573,23 @@ def test_shipped_recipe_loads(path, monkeypatch):
     assert cfg.ds_config["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
 
 
-# ------------------------------------------------------------------ 9. values that wait for the streaming layer
+# ------------------------------------------------------------------ 9. streaming formats and what still waits
 
 
-def test_http_format_not_yet(tmp_path):
-    problems = problems_of(["--recipe", recipe(tmp_path), "--data.format=http"])
-    bad = one_matching(problems, "data.format", "'http'")
-    assert "streaming data layer" in bad and "not implemented yet" in bad
-    assert "lines" in bad.split("use one of")[1] and "http" not in bad.split("use one of")[1]
+@pytest.mark.parametrize("fmt", ["lines", "docs", "http", "jsonl", "csv", "tsv", "parquet"])
+def test_every_design_format_is_accepted(tmp_path, fmt):
+    assert load(["--recipe", recipe(tmp_path), f"--data.format={fmt}"]).data.format == fmt
 
 
-@pytest.mark.parametrize("key, value", [("data.format", "parquet"), ("data.packing", "packed")])
-def test_other_streaming_values_not_yet(tmp_path, key, value):
-    problems = problems_of(["--recipe", recipe(tmp_path), f"--{key}={value}"])
-    one_matching(problems, key, "streaming data layer")
+def test_packed_not_yet(tmp_path):
+    bad = one_matching(problems_of(["--recipe", recipe(tmp_path), "--data.packing=packed"]), "data.packing")
+    assert "not implemented yet" in bad and "concat" in bad.split("use one of")[1]
+
+
+def test_streams_must_divide_by_world(tmp_path):
+    one_matching(problems_of(["--recipe", recipe(tmp_path), "--data.streams=8"], world_size=3), "data.streams",
+                 "multiple of the world size 3")
+    assert load(["--recipe", recipe(tmp_path), "--data.streams=6"], world_size=3).data.streams == 6
 
 
 def test_save_resolved_roundtrip(tmp_path):

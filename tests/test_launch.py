@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DS, MLM, ROOT, launch, series
+from conftest import DS, MLM, ROOT, child_env, launch, series
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
 
@@ -60,18 +59,20 @@ def _assert_micro_batches_differ(out: Path, recipe: Path) -> None:
     """Guard: the micro-batches of step 1 really carry unequal masked-token counts (else the test proves little)."""
     from transformers import AutoTokenizer
 
-    from dapt.data import RowDataset, StepSampler, in_valid_split, pack_pad, read_documents
+    from dapt.data import stream_spec
     from dapt.load import load_config
     from dapt.masking import IGNORE, MLMCollator
+    from dapt.stream import RowFeeder
 
-    cfg = load_config(["--recipe", str(recipe)], world_size=1, accelerator="cpu")
+    cfg = load_config(["--recipe", str(recipe), "--data.packing=pad"], world_size=1, accelerator="cpu")
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    docs = [d for d in read_documents(cfg.data.train, "lines") if not in_valid_split(d.text, cfg.data.valid_fraction)]
-    rows = pack_pad(tok, docs, cfg.data.max_seq_length)
-    collate, data = MLMCollator(tok, cfg.masking.rate, seed=cfg.seed), RowDataset(rows)
-    sampler = StepSampler(len(rows), 2, 4, 1, 0, cfg.seed, total_steps=1)
-    counts = [int((collate([data[i] for i in b])["labels"] != IGNORE).sum()) for b in sampler]
-    assert len(counts) == 4 and len(set(counts)) > 1, counts
+    collate = MLMCollator(tok, cfg.masking.rate, seed=cfg.seed)
+    feeder = RowFeeder(stream_spec(cfg, tok), rank=0, world=1, num_workers=0, states={}, consumed=0)
+    counts = []
+    for _ in range(4):  # the 1x4 layout: 4 micro-batches of 2 rows
+        batch = collate([{"input_ids": r.ids, "key": g, "index": g} for g, r in feeder.take(2)])
+        counts.append(int((batch["labels"] != IGNORE).sum()))
+    assert len(set(counts)) > 1, counts
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -91,8 +92,7 @@ def test_two_ranks_lower_the_loss_and_export(stage, recipe, tmp_path):
 
 def _run_until_killed(cmd: list[str], out: Path, after_tag: str, timeout: float = 240) -> int:
     """Start `cmd`, SIGKILL it as soon as checkpoint `after_tag` is complete; return the exit code."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=ROOT)
     index = out / "checkpoints" / "index.json"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -144,7 +144,8 @@ def test_bad_recipe_fails_before_anything_starts(tmp_path):
 
 
 def test_help_lists_fields_with_docs():
-    proc = subprocess.run([sys.executable, str(MLM), "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(MLM), "--help"], capture_output=True, text=True, timeout=60,
+                          env=child_env())
     assert proc.returncode == 0
     assert "--train.max_steps=int" in proc.stdout and "Optimizer steps to run" in proc.stdout
     assert "--data.packing=str" in proc.stdout and "[checkpoint]" in proc.stdout

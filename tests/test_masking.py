@@ -133,7 +133,7 @@ def test_labels_and_padding(tokenizer, rows):
     items = [{"input_ids": r, "key": 100 + i, "index": 10 + i} for i, r in enumerate(batch_rows)]
     b = collator(items)
 
-    width = max(lengths)
+    width = -(-max(lengths) // 8) * 8  # padded to a multiple of 8 (tensor-core friendly shapes)
     for name in ("input_ids", "attention_mask", "labels"):
         assert b[name].shape == (len(batch_rows), width)
         assert b[name].dtype == torch.int64
@@ -150,6 +150,11 @@ def test_labels_and_padding(tokenizer, rows):
         assert np.array_equal(lab[i, :n][sel], r[sel])  # the target is the original token
         assert np.array_equal(ids[i, :n][~sel], r[~sel])  # unselected positions keep their token
     assert n_selected > 0
+
+
+def test_pad_to_multiple_can_be_turned_off(tokenizer, rows):
+    b = MLMCollator(tokenizer, 0.3, seed=0, pad_to_multiple_of=1)([{"input_ids": rows[0][:13], "key": 1, "index": 0}])
+    assert b["input_ids"].shape == (1, 13)
 
 
 def test_input_rows_are_not_modified(tokenizer, rows):
@@ -197,7 +202,7 @@ def test_masks_do_not_depend_on_batch_composition(tokenizer, rows):
         b = collator(batch)
         assert b["index"][row] == 7
         for name in ("input_ids", "labels", "attention_mask"):
-            assert torch.equal(b[name][row, :n], alone[name][0]), name
+            assert torch.equal(b[name][row, :n], alone[name][0, :n]), name
 
 
 # ---------------------------------------------------------------- tokenizer without a mask token

@@ -43,17 +43,27 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train: list[str] = field(default_factory=list)
-    """Training files (local text or jsonl). Empty: the embedded default corpus that dapt generates itself."""
+    """Training sources: files, globs or folders, local or fsspec URLs (s3://, gs://, https://), .gz/.bz2/.zst read
+    transparently. Empty: the embedded default corpus that dapt generates itself."""
     valid: list[str] = field(default_factory=list)
     """Validation files; empty: `valid_fraction` of the training documents, chosen by a hash of each document."""
     test: list[str] = field(default_factory=list)
     """Test files, evaluated once at the end."""
     format: str = "lines"
-    """lines (a document per line) | docs (documents separated by blank lines) | jsonl (field `text_field`)."""
+    """lines (a document per line) | docs (blank-line separated) | http (raw HTTP requests, CSIC 2010) | jsonl (field
+    text_field) | csv | tsv (rows as key:value text) | parquet (column text_field)."""
     text_field: str = "text"
-    """The jsonl field that holds the document text."""
+    """The jsonl field or parquet column that holds the document text."""
+    columns: list[str] = field(default_factory=list)
+    """csv/tsv: the columns written as `key:value` text, in this order; empty: all."""
+    column_names: list[str] = field(default_factory=list)
+    """csv/tsv files without a header line: the names of their columns."""
+    round_digits: int | None = None
+    """csv/tsv: round decimal values to this many digits (shorter, more regular text)."""
     packing: str = "concat"
-    """concat: documents joined and cut into full max_seq_length chunks (run_mlm group_texts) | pad: one document per row, truncated and padded."""
+    """concat: documents joined and cut into max_seq_length rows (run_mlm group_texts) | pad: one document per row,
+    truncated, padded per micro-batch to a multiple of 8 | packed: whole documents packed by best fit, attention kept
+    within each document."""
     max_seq_length: int = 128
     """Tokens per training row, special tokens included."""
     valid_fraction: float = 0.1
@@ -63,7 +73,22 @@ class DataConfig:
     log_sample_ids: bool = False
     """Append the id (file:line) of every document each rank trains on to output_dir/samples.rank<R>.txt."""
     num_workers: int = 0
-    """DataLoader worker processes per rank (masking runs there)."""
+    """DataLoader worker processes per rank reading and tokenizing its streams (0: in the training process)."""
+    streams: int = 8
+    """Canonical data streams, independent of the world size (must be a multiple of it). Keep it fixed to get the same
+    global sample order on any number of ranks, including after resuming on a different one."""
+    block_docs: int = 1024
+    """Documents per block: the unit of shuffling and packing, and the most a resume has to re-read per stream."""
+    min_chars: int = 1
+    """Drop documents shorter than this many characters (counted)."""
+    max_chars: int = 0
+    """Drop documents longer than this many characters (counted); 0: no limit."""
+    num_samples: int = 0
+    """Use at most this many training documents per epoch (quick runs); 0: all."""
+    valid_max_docs: int = 5000
+    """Cap on validation documents gathered by the hash split (read from the start of the corpus); 0: no cap."""
+    tokenizer_docs: int = 100000
+    """Documents read from the start of the corpus to train a tokenizer for a from-scratch model."""
 
 
 @dataclass(kw_only=True)
@@ -184,7 +209,7 @@ CHOICES = {
     "log.level": ("debug", "info", "warning"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
-NOT_YET = {"data.format": ("http", "csv", "tsv", "parquet"), "data.packing": ("packed",)}
+NOT_YET = {"data.packing": ("packed",)}
 
 
 def _plain(value: Any) -> Any:

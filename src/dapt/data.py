@@ -1,190 +1,73 @@
-"""Local corpora for MLM: read documents, split by hash, tokenize, pack into rows, and hand each rank its rows.
-
-The order of rows is a pure function of (seed, epoch, global step), so a resumed run starts at any step
-without reading through the skipped data, and the rows of one optimizer step are the same whatever the
-split into ranks and micro-batches.
-"""
+"""Data plumbing shared by training and evaluation: options from the config, whole-file reading for small sets
+(validation, test, tokenizer training), the validation hash split, and evaluation rows."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
-import json
+import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
 
-import numpy as np
 import torch
 
+from dapt.formats import READERS, BadRecord, Document, FormatOptions
+from dapt.packing import PACKERS, Row, tokenize, wrappers
+from dapt.sources import Position, expand
+from dapt.stream import StreamSpec, in_valid_split
 
-class BadRecord(ValueError):
-    """A record that cannot be read; the message names file, line and field."""
+__all__ = ["BadRecord", "Document", "Row", "in_valid_split"]
 
-    def __init__(self, path: str, line: int, reason: str, detail: str = ""):
-        self.path, self.line, self.reason = path, line, reason
-        super().__init__(f"{path}:{line}: {reason}{detail}")
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    id: str  # file:line of the document's first line
+log = logging.getLogger("dapt")
 
 
-def _open_text_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        yield from enumerate(io.BufferedReader(f) if opener is gzip.open else f, start=1)
-
-
-def _decode(raw: bytes, path: str, lineno: int) -> str:
-    try:
-        return raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise BadRecord(path, lineno, "invalid UTF-8", f" at byte {e.start}") from None
+def format_options(d) -> FormatOptions:
+    return FormatOptions(text_field=d.text_field, columns=tuple(d.columns), column_names=tuple(d.column_names),
+                         round_digits=d.round_digits)
 
 
 def read_documents(paths: list[str], fmt: str, text_field: str = "text", on_error: str = "raise",
-                   skipped: Counter | None = None) -> Iterator[Document]:
-    """Yield documents from files in `fmt` (lines | docs | jsonl).
+                   skipped: Counter | None = None, options: FormatOptions | None = None,
+                   limit: int = 0) -> Iterator[Document]:
+    """Every document of `paths` (files, globs, folders, URLs) in order; at most `limit` when it is set.
 
-    Bad records raise BadRecord (file:line and field) or, with on_error="skip", are counted in `skipped`.
+    Bad records raise BadRecord (file, line, field) or, with on_error="skip", are counted in `skipped` by reason.
     """
+    opts = options or FormatOptions(text_field=text_field)
     skipped = skipped if skipped is not None else Counter()
-    reader = {"lines": _lines, "docs": _docs, "jsonl": _jsonl}[fmt]
-    for path in paths:
-        records = reader(path, text_field)
-        while True:
-            try:
-                doc = next(records)
-            except StopIteration:
-                break
-            except BadRecord as e:
+    n = 0
+    for url in expand(paths):
+        for item, _ in READERS[fmt](url, Position(), opts):
+            if isinstance(item, BadRecord):
                 if on_error == "raise":
-                    raise
-                skipped[e.reason] += 1
-                records = reader(path, text_field, resume_after=e.line)
+                    raise item
+                skipped[item.reason] += 1
                 continue
-            yield doc
+            yield item
+            n += 1
+            if limit and n >= limit:
+                return
 
 
-def _lines(path: str, _field: str, resume_after: int = 0) -> Iterator[Document]:
-    for lineno, raw in _open_text_lines(path):
-        if lineno <= resume_after:
-            continue
-        text = _decode(raw, path, lineno).strip()
-        if text:
-            yield Document(text, f"{path}:{lineno}")
+def stream_spec(cfg, tokenizer) -> StreamSpec:
+    d = cfg.data
+    return StreamSpec(files=expand(d.train), format=d.format, options=format_options(d), streams=d.streams,
+                      seed=cfg.seed, block_docs=d.block_docs, packing=d.packing, max_len=d.max_seq_length,
+                      tokenizer=tokenizer, on_error=d.on_error, valid_fraction=0.0 if d.valid else d.valid_fraction,
+                      min_chars=d.min_chars, max_chars=d.max_chars, num_samples=d.num_samples)
 
 
-def _docs(path: str, _field: str, resume_after: int = 0) -> Iterator[Document]:
-    buf: list[str] = []
-    start = 0
-    skipping = resume_after > 0  # after a bad line, the rest of its document is dropped with it
-    for lineno, raw in _open_text_lines(path):
-        if lineno <= resume_after:
-            continue
-        line = _decode(raw, path, lineno)
-        if skipping:
-            skipping = bool(line.strip())
-            continue
-        if line.strip():
-            start = start or lineno
-            buf.append(line)
-        elif buf:
-            yield Document("\n".join(buf), f"{path}:{start}")
-            buf, start = [], 0
-    if buf:
-        yield Document("\n".join(buf), f"{path}:{start}")
-
-
-def _jsonl(path: str, field: str, resume_after: int = 0) -> Iterator[Document]:
-    for lineno, raw in _open_text_lines(path):
-        if lineno <= resume_after:
-            continue
-        line = _decode(raw, path, lineno).strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadRecord(path, lineno, "malformed JSON", f" ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or field not in record:
-            raise BadRecord(path, lineno, f"missing field {field!r}")
-        text = record[field]
-        if not isinstance(text, str):
-            raise BadRecord(path, lineno, f"field {field!r} is not text", f" ({type(text).__name__})")
-        if text.strip():
-            yield Document(text, f"{path}:{lineno}")
-
-
-def in_valid_split(text: str, fraction: float) -> bool:
-    """Stable validation membership: a hash of the text, independent of order, rank and resume."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
-
-
-@dataclass
-class Rows:
-    """Packed token rows and, for each row, the ids of the documents that start in it."""
-
-    rows: list[np.ndarray]
-    doc_ids: list[list[str]]
-    real_tokens: int
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def _wrappers(tokenizer) -> tuple[list[int], list[int]]:
-    first = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    last = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    return ([first] if first is not None else []), ([last] if last is not None else [])
-
-
-def tokenize(tokenizer, docs: list[Document], batch: int = 1000) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i in range(0, len(docs), batch):
-        enc = tokenizer([d.text for d in docs[i:i + batch]], add_special_tokens=False,
-                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
-        out += enc["input_ids"]
-    return out
-
-
-def pack_concat(tokenizer, docs: list[Document], max_len: int) -> Rows:
-    """Join documents (each closed by the separator) and cut full rows of max_len, dropping the remainder."""
-    head, tail = _wrappers(tokenizer)
-    body = max_len - len(head) - len(tail)
-    ids = tokenize(tokenizer, docs)
-    pieces = [np.asarray(x + tail, dtype=np.int64) for x in ids]
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
-    n = len(flat) // body
-    rows = [np.concatenate([head, flat[i * body:(i + 1) * body], tail]).astype(np.int64) for i in range(n)]
-    doc_ids: list[list[str]] = [[] for _ in range(n)]
-    for doc, start in zip(docs, starts):
-        if start // body < n:
-            doc_ids[start // body].append(doc.id)
-    return Rows(rows, doc_ids, real_tokens=n * max_len)
-
-
-def pack_pad(tokenizer, docs: list[Document], max_len: int) -> Rows:
-    """One document per row, truncated to max_len; the collator pads."""
-    head, tail = _wrappers(tokenizer)
-    body = max_len - len(head) - len(tail)
-    rows = [np.asarray(head + x[:body] + tail, dtype=np.int64) for x in tokenize(tokenizer, docs)]
-    return Rows(rows, [[d.id] for d in docs], real_tokens=sum(len(r) for r in rows))
-
-
-PACKERS = {"concat": pack_concat, "pad": pack_pad}
+def rows_of(tokenizer, docs: list[Document], packing: str, max_len: int) -> list[Row]:
+    """Pack a small, fixed document set (validation, test) in order."""
+    head, tail = wrappers(tokenizer)
+    return PACKERS[packing](tokenize(tokenizer, [d.text for d in docs]), [d.id for d in docs], max_len, head, tail)
 
 
 class RowDataset(torch.utils.data.Dataset):
     """Rows addressed by (row index, masking key)."""
 
-    def __init__(self, rows: Rows):
+    def __init__(self, rows: list[Row]):
         self.rows = rows
 
     def __len__(self) -> int:
@@ -192,44 +75,8 @@ class RowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, key = item
-        return {"input_ids": self.rows.rows[index], "key": key, "index": index}
-
-
-class StepSampler:
-    """Yields this rank's micro-batches of (row, masking key) from optimizer step `start_step` on.
-
-    Step s takes the global batch order_e[w*G:(w+1)*G] of epoch e = s // steps_per_epoch, where order_e is a
-    seeded permutation and G = micro x accumulation x world; micro-batch m of rank r is its slice
-    [(m*world + r)*micro, +micro). The masking key, epoch*n + row, gives each row new masks every epoch.
-    """
-
-    def __init__(self, n: int, micro: int, accum: int, world: int, rank: int, seed: int,
-                 total_steps: int, start_step: int = 0):
-        self.n, self.micro, self.accum, self.world, self.rank, self.seed = n, micro, accum, world, rank, seed
-        self.global_batch = micro * accum * world
-        self.steps_per_epoch = n // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {n} rows, fewer than one global batch of {self.global_batch} "
-                             f"(micro {micro} x accumulation {accum} x world {world}): add data or lower the batch")
-        self.total_steps, self.start_step = total_steps, start_step
-
-    def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def step_rows(self, step: int) -> tuple[int, np.ndarray]:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        g = self.global_batch
-        return epoch, self.order(epoch)[within * g:(within + 1) * g]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start_step, self.total_steps):
-            epoch, rows = self.step_rows(step)
-            for m in range(self.accum):
-                part = rows[(m * self.world + self.rank) * self.micro:][:self.micro]
-                yield [(int(i), epoch * self.n + int(i)) for i in part]
-
-    def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * self.accum
+        row = self.rows[index]
+        return {"input_ids": row.ids, "key": key, "index": index, "lengths": row.lengths}
 
 
 def eval_batches(n: int, micro: int, world: int, rank: int, max_batches: int = 0) -> list[list[tuple[int, int]]]:
@@ -240,3 +87,53 @@ def eval_batches(n: int, micro: int, world: int, rank: int, max_batches: int = 0
         count = min(count, max_batches)
     mine = list(range(rank, n, world))
     return [[(i, i) for i in mine[b * micro:(b + 1) * micro]] for b in range(count)]
+
+
+@dataclass
+class Corpus:
+    tokenizer: object
+    spec: StreamSpec
+    valid: list[Row] | None
+    test: list[Row] | None
+    skipped: Counter = field(default_factory=Counter)
+
+
+def prepare_data(cfg, out: Path) -> Corpus:
+    """Sources, tokenizer and the small evaluation sets. Rank 0 writes the default corpus and trains a tokenizer
+    (from-scratch models) first; the training corpus itself is only streamed, never loaded."""
+    from dapt import dist
+    from dapt.corpus import write_default_corpus
+    from dapt.model import load_tokenizer
+
+    d = cfg.data
+    if not d.train:
+        d.train = [str(out / "default_corpus.txt")]
+        if dist.rank() == 0 and not Path(d.train[0]).exists():
+            write_default_corpus(Path(d.train[0]), seed=cfg.seed)
+        dist.barrier()
+    opts = format_options(d)
+    tok_dir = out / "tokenizer"
+    if dist.rank() == 0:
+        sample = read_documents(d.train, d.format, on_error="skip", options=opts, limit=d.tokenizer_docs)
+        load_tokenizer(cfg, tok_dir, (doc.text for doc in sample))
+    dist.barrier()
+    tokenizer = load_tokenizer(cfg, tok_dir)
+    skipped: Counter = Counter()
+    if d.valid:
+        valid_docs = list(read_documents(d.valid, d.format, on_error=d.on_error, skipped=skipped, options=opts,
+                                         limit=d.valid_max_docs))
+    elif d.valid_fraction:
+        picked = (doc for doc in read_documents(d.train, d.format, on_error=d.on_error, skipped=skipped, options=opts)
+                  if in_valid_split(doc.text, d.valid_fraction))
+        valid_docs = list(islice(picked, d.valid_max_docs or None))
+    else:
+        valid_docs = []
+    test_docs = list(read_documents(d.test, d.format, on_error=d.on_error, skipped=skipped, options=opts)) \
+        if d.test else []
+    valid = rows_of(tokenizer, valid_docs, d.packing, d.max_seq_length) if valid_docs else None
+    test = rows_of(tokenizer, test_docs, d.packing, d.max_seq_length) if test_docs else None
+    spec = stream_spec(cfg, tokenizer)
+    log.info("data: %d source file(s) in %d split(s) over %d streams (%s, %s packing, rows of %d tokens); "
+             "%d validation rows, %d test rows", len(spec.files), len(spec.splits), spec.streams, d.format, d.packing,
+             d.max_seq_length, len(valid or []), len(test or []))
+    return Corpus(tokenizer, spec, valid, test, skipped)

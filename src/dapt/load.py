@@ -179,6 +179,9 @@ def load_config(argv: list[str], world_size: int | None = None, accelerator: str
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     cfg.ds_config = resolve_ds_config(cfg, world, accelerator or _accelerator(), problems)
+    if cfg.data.streams % world:
+        problems.append(f"data.streams: {cfg.data.streams} is not a multiple of the world size {world} (each rank "
+                        "reads its own streams)")
     for problem in validate(cfg):
         key = problem.split(":", 1)[0]
         problems.append(f"{problem} (value taken from ds {cfg.adopted[key]})" if key in cfg.adopted else problem)
@@ -249,17 +252,27 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("model.config: a mapping needs model_type (bert, roberta, distilbert, modernbert, ...)")
     if m.tokenizer_vocab_size < 100:
         p.append(f"model.tokenizer_vocab_size: {m.tokenizer_vocab_size} is too small (at least 100)")
+    from dapt.sources import local_exists
+
     for name in ("train", "valid", "test"):
         for path in getattr(d, name):
-            if not Path(path).exists():
-                p.append(f"data.{name}: file {path!r} not found")
+            if local_exists(path) is False:
+                p.append(f"data.{name}: {path!r} matches no file")
     if not d.train and (d.valid or d.test):
         p.append("data.valid/data.test given without data.train")
     _positive(p, "data.max_seq_length", d.max_seq_length, minimum=8)
     if not 0 <= d.valid_fraction < 1:
         p.append(f"data.valid_fraction: {d.valid_fraction} must be in [0, 1)")
-    if d.num_workers < 0:
-        p.append(f"data.num_workers: {d.num_workers} must be >= 0")
+    for name in ("num_workers", "min_chars", "max_chars", "num_samples", "valid_max_docs"):
+        _positive(p, f"data.{name}", getattr(d, name), minimum=0)
+    for name in ("streams", "block_docs", "tokenizer_docs"):
+        _positive(p, f"data.{name}", getattr(d, name))
+    if d.max_chars and d.max_chars < d.min_chars:
+        p.append(f"data.max_chars: {d.max_chars} is below data.min_chars {d.min_chars}")
+    if d.format in ("csv", "tsv") and d.columns and d.column_names:
+        missing = [c for c in d.columns if c not in d.column_names]
+        if missing:
+            p.append(f"data.columns: {missing} not among data.column_names")
     for name in ("rate", "eval_rate"):
         rate = getattr(k, name)
         if rate is not None and not 0 < rate < 1:

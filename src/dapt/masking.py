@@ -16,7 +16,9 @@ class MLMCollator:
     """Pads rows and masks them: `rate` of the maskable tokens become targets; of those, `mask_prob` turn into
     the mask token, `random_prob` into a random non-special token, and the rest stay as they are."""
 
-    def __init__(self, tokenizer, rate: float, mask_prob: float = 0.8, random_prob: float = 0.1, seed: int = 0):
+    def __init__(self, tokenizer, rate: float, mask_prob: float = 0.8, random_prob: float = 0.1, seed: int = 0,
+                 pad_to_multiple_of: int = 8):
+        self.multiple = pad_to_multiple_of  # tensor-core friendly shapes, in bf16 as well as fp16
         if tokenizer.mask_token_id is None:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token, so it cannot do MLM")
         self.rate, self.mask_prob, self.random_prob, self.seed = rate, mask_prob, random_prob, seed
@@ -39,6 +41,7 @@ class MLMCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(it["input_ids"]) for it in items)
+        width = -(-width // self.multiple) * self.multiple
         input_ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
         labels = np.full((len(items), width), IGNORE, dtype=np.int64)
         attention = np.zeros((len(items), width), dtype=np.int64)

@@ -8,7 +8,7 @@ import math
 import resource
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -19,14 +19,15 @@ from tqdm import tqdm
 from dapt import dist
 from dapt.checkpoint import Checkpointer, export_hf
 from dapt.config import RunConfig
-from dapt.corpus import write_default_corpus
-from dapt.data import PACKERS, RowDataset, Rows, StepSampler, eval_batches, in_valid_split, read_documents
+from dapt.data import Corpus, RowDataset, eval_batches, prepare_data
 from dapt.dsconfig import bf16_in_hardware, describe_optimizer, finalize_ds_config
 from dapt.load import save_resolved
 from dapt.masking import IGNORE, MLMCollator
 from dapt.metrics import MetricsLogger, plot_curves
-from dapt.model import build_model, load_tokenizer, param_groups
+from dapt.model import build_model, param_groups
+from dapt.packing import Row
 from dapt.schedule import build_scheduler, warmup_steps
+from dapt.stream import RowFeeder, count_epoch_rows
 
 log = logging.getLogger("dapt")
 
@@ -38,63 +39,27 @@ class TrainState:
     step: int = 0
     micro_step: int = 0
     tokens_seen: int = 0
+    slots_seen: int = 0  # token positions, padding included: tokens_seen / slots_seen is the packing efficiency
     samples_seen: int = 0
     best_eval_loss: float | None = None
     elapsed: float = 0.0
 
 
-@dataclass
-class Corpus:
-    tokenizer: object
-    train: Rows
-    valid: Rows | None
-    test: Rows | None
-    skipped: Counter = field(default_factory=Counter)
-
-
 # ---------------------------------------------------------------- set-up
 
-def prepare_corpus(cfg: RunConfig, out: Path) -> Corpus:
-    """Read, split, tokenize and pack the data; rank 0 writes the default corpus and trains any tokenizer first."""
-    d = cfg.data
-    if not d.train:
-        d.train = [str(out / "default_corpus.txt")]
-        if dist.rank() == 0 and not Path(d.train[0]).exists():
-            write_default_corpus(Path(d.train[0]), seed=cfg.seed)
-        dist.barrier()
-    skipped: Counter = Counter()
-    docs = list(read_documents(d.train, d.format, d.text_field, d.on_error, skipped))
-    if d.valid:
-        valid_docs = list(read_documents(d.valid, d.format, d.text_field, d.on_error, skipped))
-    else:
-        valid_docs = [doc for doc in docs if in_valid_split(doc.text, d.valid_fraction)]
-        docs = [doc for doc in docs if not in_valid_split(doc.text, d.valid_fraction)]
-    test_docs = list(read_documents(d.test, d.format, d.text_field, d.on_error, skipped)) if d.test else []
-    if not docs:
-        raise ValueError(f"data.train {d.train}: no documents left to train on")
-    if skipped:
-        log.warning("skipped bad records: %s", dict(skipped))
-    tok_dir = out / "tokenizer"
-    if dist.rank() == 0:
-        load_tokenizer(cfg, tok_dir, (doc.text for doc in docs))
-    dist.barrier()
-    tokenizer = load_tokenizer(cfg, tok_dir)
-    pack = PACKERS[d.packing]
-    train = pack(tokenizer, docs, d.max_seq_length)
-    valid = pack(tokenizer, valid_docs, d.max_seq_length) if valid_docs else None
-    test = pack(tokenizer, test_docs, d.max_seq_length) if test_docs else None
-    log.info("data: %d train documents -> %d rows of %d tokens (%s); %d validation rows; %d test rows",
-             len(docs), len(train), d.max_seq_length, d.packing, len(valid or []), len(test or []))
-    return Corpus(tokenizer, train, valid if valid and len(valid) else None, test if test and len(test) else None,
-                  skipped)
-
-
-def total_steps(cfg: RunConfig, n_rows: int) -> int:
+def total_steps(cfg: RunConfig, corpus: Corpus) -> int:
+    """train.max_steps, else train.epochs over the rows of one epoch (counted once, each rank its own streams)."""
     t = cfg.train
     if t.max_steps:
         return t.max_steps
-    per_epoch = n_rows // (t.micro_batch_size * t.grad_accum * dist.world())
-    return max(1, math.ceil(t.epochs * per_epoch))
+    started = time.time()
+    mine = [c for c in range(corpus.spec.streams) if c % dist.world() == dist.rank()]
+    (rows,) = dist.all_sum(count_epoch_rows(corpus.spec, mine))
+    per_step = t.micro_batch_size * t.grad_accum * dist.world()
+    steps = max(1, int(t.epochs * rows // per_step))
+    log.info("one epoch is %d rows (counted in %.1f s; set train.max_steps to skip the count): %g epochs = %d "
+             "optimizer steps", rows, time.time() - started, t.epochs, steps)
+    return steps
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int):
@@ -138,8 +103,8 @@ def run(cfg: RunConfig) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    corpus = prepare_corpus(cfg, out)
-    steps = total_steps(cfg, len(corpus.train))
+    corpus = prepare_data(cfg, out)
+    steps = total_steps(cfg, corpus)
     model = build_model(cfg, corpus.tokenizer, cfg.train.precision, cfg.ds_config)
     finalize_ds_config(cfg.ds_config, steps, warmup_steps(cfg.train, steps), getattr(model.config, "hidden_size", None))
     if rank == 0:
@@ -147,40 +112,37 @@ def run(cfg: RunConfig) -> dict:
     log_choices(cfg, accelerator, steps)
     engine = build_engine(cfg, model, steps)
 
-    state = TrainState()
+    state, streams, sample_lines = TrainState(), {}, 0
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.keep_best)
     resume_from = _resume_point(cfg, ckpt)
-    sample_lines = 0
     if resume_from:
         client, mine = ckpt.load(engine, resume_from)
         state = TrainState(**client["train_state"])
+        streams = {int(c): st for c, st in client["data"]["streams"].items()}
         sample_lines = mine.get("sample_lines", 0)
-        _check_same_data(client, len(corpus.train), cfg.ds_config["train_batch_size"])
+        _check_same_data(client, cfg)
         log.info("resumed from %s at optimizer step %d (%d tokens seen)", resume_from, state.step, state.tokens_seen)
     metrics = MetricsLogger(out, rank == 0,
                             {"project": cfg.log.wandb_project, "name": cfg.log.run_name or out.name,
                              "id": _wandb_id(out)} if cfg.log.wandb else None, cfg.to_dict())
     metrics.truncate_after(state.step)
     if corpus.skipped and state.step == 0:
-        metrics.log(0, {f"data/skipped/{reason}": n for reason, n in corpus.skipped.items()})
-    samples = _SampleLog(out, rank, sample_lines, corpus.train) if cfg.data.log_sample_ids else None
+        metrics.log(0, {f"data/eval_skipped/{reason}": n for reason, n in corpus.skipped.items()})
+    samples = _SampleLog(out, rank, sample_lines) if cfg.data.log_sample_ids else None
 
     t, k = cfg.train, cfg.masking
     collate = MLMCollator(corpus.tokenizer, k.rate, k.mask_prob, k.random_prob, seed=cfg.seed)
     eval_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, seed=cfg.seed + 1)
-    sampler = StepSampler(len(corpus.train), t.micro_batch_size, t.grad_accum, world, rank, cfg.seed, steps,
-                          start_step=state.step)
-    loader = torch.utils.data.DataLoader(RowDataset(corpus.train), batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=cfg.data.num_workers,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    batches = iter(loader)
+    feeder = RowFeeder(corpus.spec, rank, world, cfg.data.num_workers, streams,
+                       consumed=state.step * t.micro_batch_size * t.grad_accum)
     manual_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     window = Counter()
     started = time.time() - state.elapsed
     bar = tqdm(total=steps, initial=state.step, desc="train", disable=rank != 0 or not cfg.log.progress)
     window_start = time.time()
     while state.step < steps:
-        micro = [next(batches) for _ in range(t.grad_accum)]
+        rows = [feeder.take(t.micro_batch_size) for _ in range(t.grad_accum)]
+        micro = [collate([_item(g, row) for g, row in part]) for part in rows]
         # Loss of the step = sum of masked-token losses / masked tokens of the whole step (all micro-batches, all
         # ranks). DeepSpeed divides by accumulation steps and averages over ranks, so multiply those back.
         (masked,) = dist.all_sum(sum(int((b["labels"] != IGNORE).sum()) for b in micro))
@@ -195,10 +157,11 @@ def run(cfg: RunConfig) -> dict:
             engine.step()
             window["loss_sum"] += float(loss_sum.detach())
             window["tokens"] += int(b["attention_mask"].sum())
+            window["slots"] += b["attention_mask"].numel()
             window["samples"] += len(b["input_ids"])
             state.micro_step += 1
-            if samples:
-                samples.write(b["index"].tolist())
+        if samples:
+            samples.write([doc for part in rows for _, row in part for doc in row.doc_ids])
         window["masked"] += masked
         state.step += 1
         bar.update(1)
@@ -207,7 +170,7 @@ def run(cfg: RunConfig) -> dict:
         window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
 
         if state.step % t.log_every == 0 or state.step == steps:
-            _log_train(engine, state, window, time.time() - window_start, metrics, bar, steps, len(corpus.train))
+            _log_train(engine, state, window, time.time() - window_start, metrics, bar, steps, feeder)
             window, window_start = Counter(), time.time()
         eval_loss = None
         if corpus.valid and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
@@ -215,10 +178,10 @@ def run(cfg: RunConfig) -> dict:
             _log_eval(state, eval_loss, metrics, "eval")
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == steps:
             state.elapsed = time.time() - started
-            ckpt.save(engine, state.step, _client_state(cfg, state, corpus),
+            ckpt.save(engine, state.step, _client_state(cfg, state, feeder),
                       {"sample_lines": samples.lines if samples else 0}, eval_loss)
     bar.close()
-    return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device)
+    return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device, feeder)
 
 
 def _grad_norm(module: torch.nn.Module) -> float:
@@ -226,23 +189,47 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def _item(g: int, row: Row) -> dict:
+    return {"input_ids": row.ids, "key": g, "index": g, "lengths": row.lengths}
+
+
 def _log_train(engine, state: TrainState, window: Counter, seconds: float, metrics, bar, steps: int,
-               rows: int) -> None:
-    loss_sum, tokens, samples = dist.all_sum(window["loss_sum"], window["tokens"], window["samples"])
+               feeder: RowFeeder) -> None:
+    loss_sum, tokens, slots, samples = dist.all_sum(window["loss_sum"], window["tokens"], window["slots"],
+                                                    window["samples"])
     state.tokens_seen += int(tokens)
+    state.slots_seen += int(slots)
     state.samples_seen += int(samples)
     loss = loss_sum / max(window["masked"], 1.0)
     values = {
         "train/loss": loss, "train/perplexity": math.exp(min(loss, 50)),
         "train/learning_rate": engine.get_lr()[0], "train/grad_norm": window["grad_norm"],
         "train/tokens_per_second": tokens / max(seconds, 1e-9), "train/samples_per_second": samples / max(seconds, 1e-9),
-        "train/epoch": state.samples_seen / rows, "train/tokens_seen": state.tokens_seen,
-        "train/peak_memory_gb": peak_memory_gb(),
+        "train/packing_efficiency": tokens / max(slots, 1), "train/epoch": feeder.epoch(),
+        "train/tokens_seen": state.tokens_seen, "train/peak_memory_gb": peak_memory_gb(),
     }
+    values |= {f"data/{k}": v for k, v in _gathered_counts(feeder).items()}
     metrics.log(state.step, values)
     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/learning_rate']:.2e}")
     log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", state.step, steps, loss,
              values["train/learning_rate"], window["grad_norm"], values["train/tokens_per_second"])
+
+
+def _gathered(obj):
+    """`obj` from every rank, as a list (a list of one without a process group)."""
+    if dist.world() == 1:
+        return [obj]
+    out = [None] * dist.world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _gathered_counts(feeder: RowFeeder) -> Counter:
+    """Skipped and filtered records so far, over all ranks' streams."""
+    total: Counter = Counter()
+    for counts in _gathered(dict(feeder.counts())):
+        total.update(counts)
+    return total
 
 
 def _log_eval(state: TrainState, loss: float, metrics, prefix: str) -> None:
@@ -259,7 +246,7 @@ def peak_memory_gb() -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, rows: Rows, collate: MLMCollator, t, device) -> float:
+def evaluate(engine, rows: list[Row], collate: MLMCollator, t, device) -> float:
     """Masked-token loss over `rows` (fixed masks), summed over ranks. Every rank runs the same number of forwards."""
     engine.eval()
     dataset = RowDataset(rows)
@@ -277,10 +264,13 @@ def evaluate(engine, rows: Rows, collate: MLMCollator, t, device) -> float:
 
 # ---------------------------------------------------------------- checkpoint helpers
 
-def _client_state(cfg: RunConfig, state: TrainState, corpus: Corpus) -> dict:
+def _client_state(cfg: RunConfig, state: TrainState, feeder: RowFeeder) -> dict:
+    streams: dict[int, dict] = {}
+    for part in _gathered(feeder.states):
+        streams |= part
     return {"train_state": vars(state).copy(), "config": cfg.to_dict(),
-            "data": {"next_step": state.step, "train_rows": len(corpus.train),
-                     "global_batch": cfg.ds_config["train_batch_size"]}}
+            "data": {"streams": streams, "num_streams": cfg.data.streams, "files": feeder.spec.files,
+                     "rows_per_step": cfg.ds_config["train_batch_size"]}}
 
 
 def _resume_point(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
@@ -291,11 +281,14 @@ def _resume_point(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
     return ckpt.latest()
 
 
-def _check_same_data(client: dict, rows: int, global_batch: int) -> None:
+def _check_same_data(client: dict, cfg: RunConfig) -> None:
     saved = client.get("data", {})
-    if saved.get("train_rows") != rows or saved.get("global_batch") != global_batch:
-        log.warning("resuming with different data or batch (rows %s -> %d, global batch %s -> %d): the data order "
-                    "will not continue exactly", saved.get("train_rows"), rows, saved.get("global_batch"), global_batch)
+    if saved.get("num_streams") != cfg.data.streams:
+        raise ValueError(f"the checkpoint was written with data.streams={saved.get('num_streams')}, this run has "
+                         f"{cfg.data.streams}: the streams' positions would not match; keep data.streams")
+    if saved.get("rows_per_step") != cfg.ds_config["train_batch_size"]:
+        log.warning("the global batch changed (%s -> %d rows): the data continues where it was, but the steps are "
+                    "cut differently", saved.get("rows_per_step"), cfg.ds_config["train_batch_size"])
 
 
 def _wandb_id(out: Path) -> str:
@@ -308,14 +301,13 @@ def _wandb_id(out: Path) -> str:
 class _SampleLog:
     """output_dir/samples.rank<R>.txt: the documents this rank trained on, cut back to the checkpoint on resume."""
 
-    def __init__(self, out: Path, rank: int, lines: int, rows: Rows):
-        self.path, self.rows, self.lines = out / f"samples.rank{rank}.txt", rows, lines
+    def __init__(self, out: Path, rank: int, lines: int):
+        self.path = out / f"samples.rank{rank}.txt"
         kept = self.path.read_text().splitlines()[:lines] if self.path.exists() else []
         self.path.write_text("".join(x + "\n" for x in kept))
         self.lines = len(kept)
 
-    def write(self, indices: list[int]) -> None:
-        ids = [doc for i in indices for doc in self.rows.doc_ids[i]]
+    def write(self, ids: list[str]) -> None:
         with self.path.open("a") as f:
             f.writelines(x + "\n" for x in ids)
         self.lines += len(ids)
@@ -324,13 +316,14 @@ class _SampleLog:
 # ---------------------------------------------------------------- the end of a run
 
 def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Checkpointer, metrics, wall: float,
-           device) -> dict:
+           device, feeder: RowFeeder) -> dict:
     out = Path(cfg.output_dir)
     final = export_hf(engine, corpus.tokenizer, ckpt.latest(), out / "final")
     summary = {"steps": state.step, "micro_steps": state.micro_step, "tokens_seen": state.tokens_seen,
                "samples_seen": state.samples_seen, "best_eval_loss": state.best_eval_loss,
-               "wall_seconds": round(wall, 1), "packing_efficiency": corpus.train.real_tokens /
-               max(1, len(corpus.train) * cfg.data.max_seq_length), "skipped_records": dict(corpus.skipped)}
+               "wall_seconds": round(wall, 1), "packing_efficiency": state.tokens_seen / max(1, state.slots_seen),
+               "skipped_records": dict(_gathered_counts(feeder)),
+               "eval_skipped_records": dict(corpus.skipped)}
     if corpus.test:
         k = cfg.masking
         test_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, cfg.seed + 2)

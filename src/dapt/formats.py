@@ -1,0 +1,209 @@
+"""Record formats: lines, docs, http, jsonl, csv, tsv, parquet.
+
+Each reader yields (Document or BadRecord, position of the next record). Yielding bad records instead of raising
+lets `data.on_error=skip` count them and go on in the same pass; the caller decides.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from dapt.sources import Position, lines_from
+
+# Matched on raw bytes, so a request line that is not valid UTF-8 still starts a (bad) record of its own.
+HTTP_REQUEST = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|TRACE|CONNECT) \S+ HTTP/\d")
+
+
+class BadRecord(ValueError):
+    """A record that cannot be read; the message names file, line and field."""
+
+    def __init__(self, path: str, line: int | None = None, reason: str = "bad record", detail: str = ""):
+        self.path, self.line, self.reason = path, line, reason
+        # One argument: an already formatted message (how DataLoader workers re-raise exceptions).
+        super().__init__(path if line is None else f"{path}:{line}: {reason}{detail}")
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    id: str  # file:line of the record's first line
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class FormatOptions:
+    text_field: str = "text"
+    columns: tuple[str, ...] = ()  # csv/tsv: columns serialised as key:value (default: all)
+    column_names: tuple[str, ...] = ()  # csv/tsv without a header line
+    round_digits: int | None = None  # csv/tsv: round float values
+    extra: dict = field(default_factory=dict)
+
+
+Item = tuple["Document | BadRecord", Position]
+
+
+def _decode(raw: bytes, url: str, lineno: int) -> str | BadRecord:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        return BadRecord(url, lineno, "invalid UTF-8", f" at byte {e.start}")
+
+
+def read_lines(url: str, start: Position, opts: FormatOptions, strip: bool = True) -> Iterator[Item]:
+    record = start.record
+    for lineno, raw, offset in lines_from(url, start):
+        text = _decode(raw, url, lineno)
+        after = Position(offset + len(raw), lineno + 1, record + 1)
+        if isinstance(text, BadRecord):
+            record += 1
+            yield text, after
+        elif text.strip():
+            record += 1
+            yield Document(text.strip() if strip else text, f"{url}:{lineno}"), after
+
+
+def read_docs(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+    """Documents separated by one or more blank lines; a bad line drops its whole document."""
+    buf: list[str] = []
+    first, bad, record, end = 0, None, start.record, start
+    for lineno, raw, offset in lines_from(url, start):
+        text = _decode(raw, url, lineno)
+        end = Position(offset + len(raw), lineno + 1, record)
+        if isinstance(text, str) and not text.strip():
+            if buf or bad:
+                record += 1
+                yield bad or Document("\n".join(buf), f"{url}:{first}"), Position(end.offset, end.line, record)
+                buf, bad = [], None
+            continue
+        first = first if buf or bad else lineno
+        if isinstance(text, BadRecord):
+            bad = bad or text
+        else:
+            buf.append(text)
+    if buf or bad:
+        yield bad or Document("\n".join(buf), f"{url}:{first}"), Position(end.offset, end.line, record + 1)
+
+
+def read_http(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+    """Raw HTTP request logs (CSIC 2010): a request starts at each request line, never at a blank line; headers and
+    body are kept and \\r is stripped (CSIC's test files mix line endings, which would otherwise leak the label)."""
+    buf: list[str] = []
+    first, bad, record, end = 0, None, start.record, start
+    for lineno, raw, offset in lines_from(url, start):
+        text = _decode(raw, url, lineno)
+        end = Position(offset + len(raw), lineno + 1, record)
+        if HTTP_REQUEST.match(raw):
+            if buf or bad:
+                record += 1
+                yield bad or Document("\n".join(buf).strip(), f"{url}:{first}"), Position(offset, lineno, record)
+            buf, bad, first = ([], text, lineno) if isinstance(text, BadRecord) else ([text], None, lineno)
+        elif buf or bad:
+            if isinstance(text, BadRecord):
+                bad = bad or text
+            else:
+                buf.append(text)
+        elif isinstance(text, BadRecord) or text.strip():
+            bad, first = (text if isinstance(text, BadRecord)
+                          else BadRecord(url, lineno, "text before the first HTTP request line")), lineno
+    if buf or bad:
+        yield bad or Document("\n".join(buf).strip(), f"{url}:{first}"), Position(end.offset, end.line, record + 1)
+
+
+def read_jsonl(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+    key = opts.text_field
+    for item, after in read_lines(url, start, opts):
+        if isinstance(item, BadRecord):
+            yield item, after
+            continue
+        line = int(item.id.rsplit(":", 1)[1])
+        try:
+            obj = json.loads(item.text)
+        except json.JSONDecodeError as e:
+            yield BadRecord(url, line, "malformed JSON", f" ({e.msg} at column {e.colno})"), after
+            continue
+        if not isinstance(obj, dict) or key not in obj:
+            yield BadRecord(url, line, f"missing field {key!r}"), after
+        elif not isinstance(obj[key], str):
+            yield BadRecord(url, line, f"field {key!r} is not text", f" ({type(obj[key]).__name__})"), after
+        elif obj[key].strip():
+            label = obj.get(opts.extra.get("label_field", ""))
+            yield Document(obj[key], item.id, None if label is None else str(label)), after
+
+
+def _delimited(delimiter: str):
+    def read(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+        names = list(opts.column_names)
+        header_line = 0
+        if not names:  # the first line is the header
+            for lineno, raw, _ in lines_from(url, Position()):
+                text = _decode(raw, url, lineno)
+                if isinstance(text, BadRecord):
+                    yield text, Position(-1, 0, 0)
+                    return
+                names, header_line = next(csv.reader([text], delimiter=delimiter)), lineno
+                break
+        missing = [c for c in opts.columns if c not in names]
+        if missing:
+            yield BadRecord(url, header_line or 1, f"missing column(s) {', '.join(missing)}",
+                            f" (columns: {', '.join(names)})"), Position(-1, 0, 0)
+            return
+        keep = [names.index(c) for c in opts.columns] if opts.columns else list(range(len(names)))
+        for item, after in read_lines(url, start, opts, strip=False):  # a tab may end a row with an empty field
+            line = int(item.id.rsplit(":", 1)[1]) if isinstance(item, Document) else item.line
+            if line == header_line or isinstance(item, BadRecord):
+                if isinstance(item, BadRecord):
+                    yield item, after
+                continue
+            row = next(csv.reader([item.text], delimiter=delimiter))
+            if len(row) != len(names):
+                yield BadRecord(url, line, "wrong number of fields", f" ({len(row)}, header has {len(names)})"), after
+                continue
+            text = " ".join(f"{names[i]}:{_value(row[i], opts.round_digits)}" for i in keep)
+            yield Document(text, item.id), after
+    return read
+
+
+def _value(value: str, digits: int | None) -> str:
+    if digits is None or "." not in value:
+        return value.strip()
+    try:
+        return f"{round(float(value), digits):g}"
+    except ValueError:
+        return value.strip()
+
+
+def read_parquet(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+    """A text column of a parquet file; positions count rows (record), read from the row group that holds them."""
+    import pyarrow.parquet as pq
+
+    from dapt.sources import open_binary
+
+    with open_binary(url) as f:
+        pf = pq.ParquetFile(f)
+        if opts.text_field not in pf.schema_arrow.names:
+            yield BadRecord(url, 0, f"missing column {opts.text_field!r}"), Position(-1, 0, 0)
+            return
+        row = 0
+        for group in range(pf.num_row_groups):
+            size = pf.metadata.row_group(group).num_rows
+            if row + size <= start.record:
+                row += size
+                continue
+            values = pf.read_row_group(group, columns=[opts.text_field]).column(0).to_pylist()
+            for value in values:
+                row += 1
+                if row <= start.record:
+                    continue
+                after = Position(0, 0, row)
+                if not isinstance(value, str):
+                    yield BadRecord(url, row, f"field {opts.text_field!r} is not text", f" (row {row})"), after
+                elif value.strip():
+                    yield Document(value, f"{url}:{row}"), after
+
+
+READERS = {"lines": read_lines, "docs": read_docs, "http": read_http, "jsonl": read_jsonl,
+           "csv": _delimited(","), "tsv": _delimited("\t"), "parquet": read_parquet}

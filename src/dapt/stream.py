@@ -1,0 +1,229 @@
+"""Streaming training rows: canonical streams, blocks, exact resume.
+
+The corpus is read by `data.streams` canonical streams (C), independent of the world size W. Global row g comes
+from stream g % C, and rank r trains on the rows g = r, r + W, r + 2W, ... So an optimizer step holds the same rows
+whatever the split into ranks and micro-batches, and a run resumed on another world size (C divisible by W)
+continues the same global order. A rank reads only its own streams (c % W == r), spread over its DataLoader workers.
+
+Each stream reads its splits (files, or record-strided parts of a file when there are fewer files than streams)
+in a seeded order that changes every epoch, in blocks of `data.block_docs` documents: a block is shuffled,
+tokenized in one batch, packed, and its rows shuffled. A stream's state is a handful of integers (epoch, split,
+position of the block start, block number, rows already given), so resuming seeks to the block start and rebuilds
+at most one block: resume time does not grow with how far training has got.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dapt.formats import READERS, BadRecord, Document, FormatOptions
+from dapt.packing import PACKERS, Row, tokenize, wrappers
+from dapt.sources import Position
+
+
+@dataclass
+class StreamSpec:
+    """Everything a stream needs; pickled into DataLoader workers."""
+
+    files: list[str]
+    format: str
+    options: FormatOptions
+    streams: int
+    seed: int
+    block_docs: int
+    packing: str
+    max_len: int
+    tokenizer: object
+    on_error: str = "raise"
+    valid_fraction: float = 0.0  # documents in the validation split are left out of training
+    min_chars: int = 1
+    max_chars: int = 0
+    num_samples: int = 0
+    splits: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.splits:
+            parts = max(1, math.ceil(self.streams / max(1, len(self.files))))
+            self.splits = [(f, k, parts) for f in self.files for k in range(parts)]
+
+    def epoch_splits(self, epoch: int, stream: int) -> list[tuple[str, int, int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.splits))
+        return [self.splits[i] for i in order[stream::self.streams]]
+
+
+def in_valid_split(text: str, fraction: float) -> bool:
+    """Stable validation membership: a hash of the text, independent of order, rank, stream and resume."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def new_state() -> dict:
+    return {"epoch": 0, "split": 0, "offset": 0, "line": 1, "record": 0, "block": 0, "rows_done": 0, "docs": 0,
+            "counts": {}}
+
+
+def _accept(spec: StreamSpec, item, counts: Counter) -> Document | None:
+    """Apply on_error and the filters; count what is dropped."""
+    if isinstance(item, BadRecord):
+        if spec.on_error == "raise":
+            raise item
+        counts[f"skipped/{item.reason}"] += 1
+        return None
+    n = len(item.text)
+    if n < spec.min_chars or (spec.max_chars and n > spec.max_chars):
+        counts["filtered/length"] += 1
+        return None
+    if spec.valid_fraction and in_valid_split(item.text, spec.valid_fraction):
+        return None
+    return item
+
+
+def _blocks(spec: StreamSpec, split: tuple[str, int, int], start: Position, counts: Counter, docs_left: int):
+    """Yield (block start, documents of the block, position after it) from `start` until the split ends."""
+    url, part, parts = split
+    items = READERS[spec.format](url, start, spec.options)
+    begin = start
+    while docs_left > 0:
+        docs: list[Document] = []
+        after = begin
+        for item, after in items:
+            if (after.record - 1) % parts != part:
+                continue
+            doc = _accept(spec, item, counts)
+            if doc is not None:
+                docs.append(doc)
+                if len(docs) >= min(spec.block_docs, docs_left):
+                    break
+        if not docs:
+            return
+        yield begin, docs, after
+        docs_left -= len(docs)
+        begin = after
+
+
+def block_rows(spec: StreamSpec, docs: list[Document], key: list[int]) -> list[Row]:
+    """Shuffle, tokenize and pack one block; the row order is shuffled too (seeded by `key`)."""
+    rng = np.random.default_rng(key)
+    docs = [docs[i] for i in rng.permutation(len(docs))]
+    head, tail = wrappers(spec.tokenizer)
+    rows = PACKERS[spec.packing](tokenize(spec.tokenizer, [d.text for d in docs]), [d.id for d in docs],
+                                 spec.max_len, head, tail)
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def stream_rows(spec: StreamSpec, stream: int, state: dict | None = None) -> Iterator[tuple[Row, dict]]:
+    """Rows of one canonical stream, forever (epoch after epoch), each with the state that resumes right after it."""
+    st = dict(state or new_state())
+    empty_epochs = 0
+    while True:
+        splits = spec.epoch_splits(st["epoch"], stream)
+        rows_in_epoch = 0
+        per_epoch_cap = math.ceil(spec.num_samples / spec.streams) if spec.num_samples else 1 << 62
+        while st["split"] < len(splits):
+            start = Position(st["offset"], st["line"], st["record"])
+            # Bad and filtered records are counted in epoch 0 only: later epochs meet the same ones again.
+            counts = Counter(st["counts"]) if st["epoch"] == 0 else Counter()
+            for begin, docs, after in _blocks(spec, splits[st["split"]], start, counts, per_epoch_cap - st["docs"]):
+                rows = block_rows(spec, docs, [spec.seed, st["epoch"], stream, st["split"], st["block"]])
+                # `counts` as of the block start (a resume re-reads the block), `seen` as of its end (for reports)
+                seen = dict(counts) if st["epoch"] == 0 else st["counts"]
+                base = dict(st, offset=begin.offset, line=begin.line, record=begin.record, seen=seen)
+                for j in range(st["rows_done"], len(rows)):
+                    rows_in_epoch += 1
+                    yield rows[j], dict(base, rows_done=j + 1)
+                st.update(offset=after.offset, line=after.line, record=after.record, block=st["block"] + 1,
+                          rows_done=0, docs=st["docs"] + len(docs), counts=dict(counts) if st["epoch"] == 0
+                          else st["counts"])
+            if st["epoch"] == 0:  # records after the split's last block (bad or filtered) count too
+                st["counts"] = st["seen"] = dict(counts)
+            st.update(split=st["split"] + 1, offset=0, line=1, record=0, block=0, rows_done=0)
+        empty_epochs = empty_epochs + 1 if rows_in_epoch == 0 else 0
+        if empty_epochs >= 2:
+            raise ValueError(f"data stream {stream} of {spec.streams} gets no documents: the corpus has too few "
+                             f"({len(spec.files)} file(s)); lower data.streams or add data")
+        st.update(epoch=st["epoch"] + 1, split=0, docs=0)
+
+
+def count_epoch_rows(spec: StreamSpec, streams: list[int]) -> int:
+    """Rows the given streams yield in epoch 0 (a full pass: tokenizes their share of the corpus once)."""
+    total = 0
+    for stream in streams:
+        for _, st in stream_rows(spec, stream):
+            if st["epoch"] > 0:
+                break
+            total += 1
+    return total
+
+
+class StreamDataset(torch.utils.data.IterableDataset):
+    """A DataLoader worker runs its share of a rank's streams and yields packets {stream: [(row, state), ...]}."""
+
+    def __init__(self, spec: StreamSpec, streams: list[int], states: dict[int, dict], packet_rows: int):
+        self.spec, self.streams, self.states, self.packet_rows = spec, streams, states, packet_rows
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.streams[info.id::info.num_workers] if info else self.streams
+        gens = {c: stream_rows(self.spec, c, self.states.get(c)) for c in mine}
+        while True:
+            yield {c: [next(g) for _ in range(self.packet_rows)] for c, g in gens.items()}
+
+
+def _identity(x):
+    return x
+
+
+def usable_workers(streams_per_rank: int, wanted: int) -> int:
+    """The most workers <= wanted that split the rank's streams evenly (uneven splits would starve the queues)."""
+    return max((w for w in range(min(wanted, streams_per_rank), 0, -1) if streams_per_rank % w == 0), default=0)
+
+
+class RowFeeder:
+    """Hands this rank its rows in global order, g = rank + k * world, from the streams' packets."""
+
+    def __init__(self, spec: StreamSpec, rank: int, world: int, num_workers: int, states: dict[int, dict],
+                 consumed: int, packet_rows: int = 8):
+        self.spec, self.rank, self.world, self.k = spec, rank, world, consumed
+        self.streams = [c for c in range(spec.streams) if c % world == rank]
+        self.states = {c: states[c] for c in self.streams if c in states}
+        workers = usable_workers(len(self.streams), num_workers) if num_workers else 0
+        self.workers = workers
+        dataset = StreamDataset(spec, self.streams, dict(self.states), packet_rows)
+        # A private generator: creating the loader must not draw from the global RNG that dropout uses, or a resumed
+        # run would diverge right after its restored RNG state.
+        self.loader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                       collate_fn=_identity, generator=torch.Generator()))
+        self.queues: dict[int, deque] = {c: deque() for c in self.streams}
+
+    def take(self, n: int) -> list[tuple[int, Row]]:
+        """The next n rows of this rank, each with its global index (the masking key)."""
+        out = []
+        for _ in range(n):
+            g = self.rank + self.k * self.world
+            stream = g % self.spec.streams
+            while not self.queues[stream]:
+                for c, rows in next(self.loader).items():
+                    self.queues[c].extend(rows)
+            row, state = self.queues[stream].popleft()
+            self.states[stream] = state
+            out.append((g, row))
+            self.k += 1
+        return out
+
+    def counts(self) -> Counter:
+        total: Counter = Counter()
+        for st in self.states.values():
+            total.update(st.get("seen", st["counts"]))
+        return total
+
+    def epoch(self) -> float:
+        if not self.states:
+            return 0.0
+        return sum(st["epoch"] for st in self.states.values()) / len(self.states)
