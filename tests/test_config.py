@@ -581,9 +581,9 @@ def test_every_design_format_is_accepted(tmp_path, fmt):
     assert load(["--recipe", recipe(tmp_path), f"--data.format={fmt}"]).data.format == fmt
 
 
-def test_packed_not_yet(tmp_path):
-    bad = one_matching(problems_of(["--recipe", recipe(tmp_path), "--data.packing=packed"]), "data.packing")
-    assert "not implemented yet" in bad and "concat" in bad.split("use one of")[1]
+@pytest.mark.parametrize("packing", ["concat", "pad", "packed"])
+def test_every_design_packing_is_accepted(tmp_path, packing):
+    assert load(["--recipe", recipe(tmp_path), f"--data.packing={packing}"]).data.packing == packing
 
 
 def test_streams_must_divide_by_world(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -37,6 +38,22 @@ def test_every_shipped_ds_config_trains_or_refuses_clearly(name, recipe, tmp_pat
     resolved = (out / "config.resolved.yaml").read_text()
     assert "auto" not in resolved.split("deepspeed:", 1)[1]
     assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("packing", ["pad", "packed"])
+def test_other_packings_train_and_report_efficiency(packing, recipe, tmp_path, corpus_file):
+    # Short documents of mixed length (3-20 words), where padding wastes slots and best-fit packing does not.
+    rng = random.Random(0)
+    words = corpus_file.read_text().split()
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(" ".join(rng.sample(words, rng.randint(3, 20))) for _ in range(3000)) + "\n")
+    out = tmp_path / "run"
+    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, f"--data.packing={packing}",
+                             "--data.train", short, "--train.max_steps=12", "--checkpoint.every=0",
+                             "--train.eval_every=6", "--data.block_docs=256"])
+    losses = [v for _, v in series(out, "train/loss")]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert (summary["packing_efficiency"] > 0.9) if packing == "packed" else (summary["packing_efficiency"] < 0.8)
 
 
 def test_run_lowers_loss_and_writes_everything(recipe, tmp_path):

@@ -209,7 +209,7 @@ CHOICES = {
     "log.level": ("debug", "info", "warning"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
-NOT_YET = {"data.packing": ("packed",)}
+NOT_YET: dict[str, tuple[str, ...]] = {}
 
 
 def _plain(value: Any) -> Any:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dapt.attention import segment_inputs
+
 IGNORE = -100
 
 
@@ -49,5 +51,9 @@ class MLMCollator:
             ids = np.asarray(it["input_ids"], dtype=np.int64)
             inputs, lab = self.mask(ids, it["key"])
             input_ids[row, :len(ids)], labels[row, :len(ids)], attention[row, :len(ids)] = inputs, lab, 1
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
-                "labels": torch.from_numpy(labels), "index": torch.tensor([it["index"] for it in items])}
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+                 "labels": torch.from_numpy(labels), "index": torch.tensor([it["index"] for it in items])}
+        lengths = [tuple(it.get("lengths", (len(it["input_ids"]),))) for it in items]
+        if any(len(parts) > 1 for parts in lengths):  # packed rows: the model must keep documents apart
+            batch["segment_ids"], batch["position_ids"] = segment_inputs(lengths, width)
+        return batch

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dapt import dist
+from dapt.attention import model_inputs
 from dapt.checkpoint import Checkpointer, export_hf
 from dapt.config import RunConfig
 from dapt.data import Corpus, RowDataset, eval_batches, prepare_data
@@ -149,7 +150,7 @@ def run(cfg: RunConfig) -> dict:
         scale = t.grad_accum * world / max(masked, 1.0)
         grad_norm = None
         for i, b in enumerate(micro):
-            out_ = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+            out_ = engine(**model_inputs(b, engine.module, device))
             loss_sum = masked_loss_sum(out_.logits, b["labels"].to(device))
             engine.backward(loss_sum * scale)
             if manual_norm and i == t.grad_accum - 1:
@@ -254,7 +255,7 @@ def evaluate(engine, rows: list[Row], collate: MLMCollator, t, device) -> float:
     for items in eval_batches(len(rows), t.micro_batch_size, dist.world(), dist.rank(), t.eval_batches):
         weight = 1.0 if items else 0.0  # a rank with no rows left still joins the forward (ZeRO-3 gathers)
         b = collate([dataset[i] for i in (items or [(0, 0)])])
-        logits = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        logits = engine(**model_inputs(b, engine.module, device)).logits
         loss_sum += weight * float(masked_loss_sum(logits, b["labels"].to(device)))
         count += weight * int((b["labels"] != IGNORE).sum())
     engine.train()
