@@ -1,7 +1,7 @@
 # Day-to-day targets; the README's two commands are the canonical install + run and install + test.
 PY ?= .venv/bin/python
 
-.PHONY: install test test-fast lint default
+.PHONY: install test test-fast lint default bench
 install:
 	python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e ".[test]"
 
@@ -16,3 +16,6 @@ lint:
 
 default:     # the embedded default run
 	$(PY) launch/mlm.py --ds ds_configs/zero2_bf16.json
+
+bench:       # benchmarks against their baselines; results in bench/results/
+	$(PY) bench/data_bench.py

@@ -219,7 +219,13 @@ def epoch_docs(spec: StreamSpec, stream: int, epoch: int = 0) -> list[str]:
 def test_streams_are_disjoint_and_complete(tokenizer, corpus, name, valid_fraction):
     streams = 4
     spec = make_spec(tokenizer, corpus[name], streams=streams, block_docs=4, valid_fraction=valid_fraction)
-    assert (len(spec.splits) == 10) if name == "many" else (spec.splits == [(corpus[name][0], k, 4) for k in range(4)])
+    if name == "many":
+        assert len(spec.splits) == 10
+    else:  # one file: 4 contiguous runs of records, each ending where the next starts
+        assert len(spec.splits) == 4 and {url for url, _, _ in spec.splits} == {corpus[name][0]}
+        starts = [start.record for _, start, _ in spec.splits]
+        assert starts[0] == 0 and starts == sorted(starts)
+        assert [end for _, _, end in spec.splits] == starts[1:] + [None]
     docs = list(read_documents(corpus[name], "lines"))
     train = [d.id for d in docs if not in_valid_split(d.text, valid_fraction)]
     if valid_fraction:
@@ -399,3 +405,20 @@ def test_other_sources(tokenizer, corpus, tmp_path, memory_url, source):
     assert len(later) > 5
     for k in (later[0], later[len(later) // 2]):
         assert take(spec, 1, 40 - k, rows[k - 1][1]) == rows[k:]
+
+
+def test_file_splits_of_a_large_file_are_contiguous_and_balanced(tmp_path):
+    from dapt.formats import READERS
+    from dapt.stream import file_splits
+
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(10000)))  # more records than the marks kept: thinning
+    splits = file_splits(str(path), "lines", FormatOptions(), 8, keep=500)
+    assert len(splits) == 8
+    seen = []
+    for url, start, end in splits:
+        part = [doc.text for doc, after in READERS["lines"](url, start, FormatOptions())
+                if end is None or after.record <= end]
+        assert 10000 / 8 * 0.8 < len(part) < 10000 / 8 * 1.2
+        seen += part
+    assert seen == [f"line {i}" for i in range(10000)]

@@ -27,6 +27,25 @@ from dapt.formats import READERS, BadRecord, Document, FormatOptions
 from dapt.packing import PACKERS, Row, tokenize, wrappers
 from dapt.sources import Position
 
+Split = tuple[str, Position, int | None]  # file, where the split starts, record index where it ends (None: EOF)
+
+
+def file_splits(url: str, fmt: str, options: FormatOptions, parts: int, keep: int = 4096) -> list[Split]:
+    """Cut a file into `parts` contiguous runs of records. With one part nothing is read; otherwise one pass notes
+    record boundaries (every one at first, thinned to at most 2 x `keep` marks), so each stream seeks to its run."""
+    if parts == 1:
+        return [(url, Position(), None)]
+    marks, every, total = [Position()], 1, 0
+    for _, after in READERS[fmt](url, Position(), options):
+        total = after.record
+        if total % every == 0:
+            marks.append(after)
+            if len(marks) > 2 * keep:
+                marks, every = marks[::2], every * 2
+    bounds = [marks[min(len(marks) - 1, round(k * total / parts) // every)] for k in range(parts)]
+    ends = [b.record for b in bounds[1:]] + [None]
+    return [(url, start, end) for start, end in zip(bounds, ends) if end is None or end > start.record]
+
 
 @dataclass
 class StreamSpec:
@@ -46,14 +65,14 @@ class StreamSpec:
     min_chars: int = 1
     max_chars: int = 0
     num_samples: int = 0
-    splits: list[tuple[str, int, int]] = field(default_factory=list)
+    splits: list[Split] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.splits:
             parts = max(1, math.ceil(self.streams / max(1, len(self.files))))
-            self.splits = [(f, k, parts) for f in self.files for k in range(parts)]
+            self.splits = [s for f in self.files for s in file_splits(f, self.format, self.options, parts)]
 
-    def epoch_splits(self, epoch: int, stream: int) -> list[tuple[str, int, int]]:
+    def epoch_splits(self, epoch: int, stream: int) -> list[Split]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.splits))
         return [self.splits[i] for i in order[stream::self.streams]]
 
@@ -85,26 +104,30 @@ def _accept(spec: StreamSpec, item, counts: Counter) -> Document | None:
     return item
 
 
-def _blocks(spec: StreamSpec, split: tuple[str, int, int], start: Position, counts: Counter, docs_left: int):
+def _blocks(spec: StreamSpec, split: Split, start: Position, counts: Counter, docs_left: int):
     """Yield (block start, documents of the block, position after it) from `start` until the split ends."""
-    url, part, parts = split
+    url, first, end = split
+    if start.record == 0 and start.offset == 0:  # a fresh split starts where the split does
+        start = first
     items = READERS[spec.format](url, start, spec.options)
-    begin = start
-    while docs_left > 0:
+    begin, finished = start, False
+    while docs_left > 0 and not finished:
         docs: list[Document] = []
         after = begin
-        for item, after in items:
-            if (after.record - 1) % parts != part:
-                continue
+        finished = True
+        for item, after_item in items:
+            if end is not None and after_item.record > end:
+                break  # the next split's first record: this split is done
+            after = after_item
             doc = _accept(spec, item, counts)
             if doc is not None:
                 docs.append(doc)
                 if len(docs) >= min(spec.block_docs, docs_left):
+                    finished = False
                     break
-        if not docs:
-            return
-        yield begin, docs, after
-        docs_left -= len(docs)
+        if docs:
+            yield begin, docs, after
+            docs_left -= len(docs)
         begin = after
 
 
