@@ -223,3 +223,11 @@ def test_skipped_records_are_counted_in_metrics_and_summary(recipe, tmp_path):
     assert summary["skipped_records"] == {"skipped/malformed JSON": 1, "skipped/missing field 'text'": 1}
     last = [r for r in metrics(out) if "train/loss" in r][-1]
     assert last["data/skipped/malformed JSON"] == 1 and last["data/skipped/missing field 'text'"] == 1
+
+
+def test_whole_word_masking_trains(recipe, tmp_path):
+    out = tmp_path / "run"
+    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, "--masking.whole_word=true",
+                             "--data.packing=pad", "--train.max_steps=8", "--checkpoint.every=0"])
+    losses = [v for _, v in series(out, "train/loss")]
+    assert summary["steps"] == 8 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

@@ -101,6 +101,9 @@ class MaskingConfig:
     """Of the selected tokens: share replaced by the mask token."""
     random_prob: float = 0.1
     """Of the selected tokens: share replaced by a random token; the rest keep their token."""
+    whole_word: bool = False
+    """Select whole words (all their tokens, the same replacement for each); words come from token offsets, so
+    WordPiece and byte-level BPE both work. Needs a fast tokenizer."""
 
 
 @dataclass(kw_only=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dapt.formats import READERS, BadRecord, Document, FormatOptions
-from dapt.packing import PACKERS, Row, tokenize, wrappers
+from dapt.packing import Row, pack
 from dapt.sources import Position, expand
 from dapt.stream import StreamSpec, in_valid_split
 
@@ -55,13 +55,13 @@ def stream_spec(cfg, tokenizer) -> StreamSpec:
     return StreamSpec(files=expand(d.train), format=d.format, options=format_options(d), streams=d.streams,
                       seed=cfg.seed, block_docs=d.block_docs, packing=d.packing, max_len=d.max_seq_length,
                       tokenizer=tokenizer, on_error=d.on_error, valid_fraction=0.0 if d.valid else d.valid_fraction,
-                      min_chars=d.min_chars, max_chars=d.max_chars, num_samples=d.num_samples)
+                      min_chars=d.min_chars, max_chars=d.max_chars, num_samples=d.num_samples,
+                      whole_word=cfg.masking.whole_word)
 
 
-def rows_of(tokenizer, docs: list[Document], packing: str, max_len: int) -> list[Row]:
+def rows_of(tokenizer, docs: list[Document], packing: str, max_len: int, words: bool = False) -> list[Row]:
     """Pack a small, fixed document set (validation, test) in order."""
-    head, tail = wrappers(tokenizer)
-    return PACKERS[packing](tokenize(tokenizer, [d.text for d in docs]), [d.id for d in docs], max_len, head, tail)
+    return pack(packing, tokenizer, [d.text for d in docs], [d.id for d in docs], max_len, words)
 
 
 class RowDataset(torch.utils.data.Dataset):
@@ -76,7 +76,7 @@ class RowDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, key = item
         row = self.rows[index]
-        return {"input_ids": row.ids, "key": key, "index": index, "lengths": row.lengths}
+        return {"input_ids": row.ids, "key": key, "index": index, "lengths": row.lengths, "words": row.words}
 
 
 def eval_batches(n: int, micro: int, world: int, rank: int, max_batches: int = 0) -> list[list[tuple[int, int]]]:
@@ -130,8 +130,9 @@ def prepare_data(cfg, out: Path) -> Corpus:
         valid_docs = []
     test_docs = list(read_documents(d.test, d.format, on_error=d.on_error, skipped=skipped, options=opts)) \
         if d.test else []
-    valid = rows_of(tokenizer, valid_docs, d.packing, d.max_seq_length) if valid_docs else None
-    test = rows_of(tokenizer, test_docs, d.packing, d.max_seq_length) if test_docs else None
+    words = cfg.masking.whole_word
+    valid = rows_of(tokenizer, valid_docs, d.packing, d.max_seq_length, words) if valid_docs else None
+    test = rows_of(tokenizer, test_docs, d.packing, d.max_seq_length, words) if test_docs else None
     spec = stream_spec(cfg, tokenizer)
     log.info("data: %d source file(s) in %d split(s) over %d streams (%s, %s packing, rows of %d tokens); "
              "%d validation rows, %d test rows", len(spec.files), len(spec.splits), spec.streams, d.format, d.packing,

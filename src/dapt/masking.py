@@ -19,7 +19,8 @@ class MLMCollator:
     the mask token, `random_prob` into a random non-special token, and the rest stay as they are."""
 
     def __init__(self, tokenizer, rate: float, mask_prob: float = 0.8, random_prob: float = 0.1, seed: int = 0,
-                 pad_to_multiple_of: int = 8):
+                 pad_to_multiple_of: int = 8, whole_word: bool = False):
+        self.whole_word = whole_word
         self.multiple = pad_to_multiple_of  # tensor-core friendly shapes, in bf16 as well as fp16
         if tokenizer.mask_token_id is None:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token, so it cannot do MLM")
@@ -30,9 +31,15 @@ class MLMCollator:
         vocab = np.arange(len(tokenizer), dtype=np.int64)
         self.random_pool = vocab[~np.isin(vocab, self.special)]
 
-    def mask(self, ids: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray]:
+    def mask(self, ids: np.ndarray, key: int, words: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Masked inputs and labels for one row. With `words` (word-start flags), the draws are made per word and
+        shared by its tokens, so a word is either wholly selected, with one replacement kind, or not at all."""
         rng = np.random.default_rng([self.seed, key])
-        draw, how = rng.random(len(ids)), rng.random(len(ids))
+        if words is None:
+            draw, how = rng.random(len(ids)), rng.random(len(ids))
+        else:
+            word = np.cumsum(words) - 1
+            draw, how = rng.random(word[-1] + 1)[word], rng.random(word[-1] + 1)[word]
         selected = (draw < self.rate) & ~np.isin(ids, self.special)
         labels = np.where(selected, ids, IGNORE)
         inputs = ids.copy()
@@ -49,7 +56,10 @@ class MLMCollator:
         attention = np.zeros((len(items), width), dtype=np.int64)
         for row, it in enumerate(items):
             ids = np.asarray(it["input_ids"], dtype=np.int64)
-            inputs, lab = self.mask(ids, it["key"])
+            words = it.get("words") if self.whole_word else None
+            if self.whole_word and words is None:
+                raise ValueError("whole-word masking needs rows with word starts (masking.whole_word at packing)")
+            inputs, lab = self.mask(ids, it["key"], words)
             input_ids[row, :len(ids)], labels[row, :len(ids)], attention[row, :len(ids)] = inputs, lab, 1
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
                  "labels": torch.from_numpy(labels), "index": torch.tensor([it["index"] for it in items])}

@@ -10,14 +10,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Whole-word masking: the packers only cut and join token sequences, so a word-start flag rides along in a high bit
+# of each id and is split off after packing (ids stay far below 2**40).
+WORD_START = 1 << 40
+
 
 @dataclass
 class Row:
-    """One training row: token ids, the documents that start in it, and its segments (one per packed document)."""
+    """One training row: token ids, the documents that start in it, its segments (one per packed document), and for
+    whole-word masking which tokens start a word."""
 
     ids: np.ndarray
     doc_ids: tuple[str, ...]
     lengths: tuple[int, ...]
+    words: np.ndarray | None = None
 
 
 def wrappers(tokenizer) -> tuple[list[int], list[int]]:
@@ -27,11 +33,41 @@ def wrappers(tokenizer) -> tuple[list[int], list[int]]:
     return ([first] if first is not None else []), ([last] if last is not None else [])
 
 
-def tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+def tokenize(tokenizer, texts: list[str], words: bool = False) -> list[list[int]]:
+    """Token ids of each text; with `words`, ids that start a word carry WORD_START. A word starts where a token
+    does not touch the previous one in the text, or where its span begins with a space (byte-level BPE without
+    trimmed offsets): offsets, so WordPiece and byte-level BPE alike, no `##` rules."""
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-                     verbose=False)["input_ids"]
+    if words and not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"whole-word masking needs a fast tokenizer (offsets); {type(tokenizer).__name__} is not")
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                    return_offsets_mapping=words, verbose=False)
+    if not words:
+        return enc["input_ids"]
+    out = []
+    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        prev_end = -1
+        flagged = []
+        for token, (start, end) in zip(ids, offsets):
+            new = prev_end < 0 or start > prev_end or (start < end and text[start].isspace())
+            flagged.append(token | WORD_START if new else token)
+            prev_end = max(prev_end, end)
+        out.append(flagged)
+    return out
+
+
+def pack(packing: str, tokenizer, texts: list[str], doc_ids: list[str], max_len: int,
+         words: bool = False) -> list[Row]:
+    """Tokenize and pack documents; with `words`, rows carry word starts (special tokens are words of their own)."""
+    head, tail = wrappers(tokenizer)
+    if words:
+        head, tail = [t | WORD_START for t in head], [t | WORD_START for t in tail]
+    rows = PACKERS[packing](tokenize(tokenizer, texts, words), doc_ids, max_len, head, tail)
+    if words:
+        for row in rows:
+            row.words, row.ids = row.ids >= WORD_START, row.ids % WORD_START
+    return rows
 
 
 def pack_concat(ids: list[list[int]], doc_ids: list[str], max_len: int, head: list[int], tail: list[int]) -> list[Row]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dapt.formats import READERS, BadRecord, Document, FormatOptions
-from dapt.packing import PACKERS, Row, tokenize, wrappers
+from dapt.packing import Row, pack
 from dapt.sources import Position
 
 Split = tuple[str, Position, int | None]  # file, where the split starts, record index where it ends (None: EOF)
@@ -65,6 +65,7 @@ class StreamSpec:
     min_chars: int = 1
     max_chars: int = 0
     num_samples: int = 0
+    whole_word: bool = False  # rows carry word starts for whole-word masking
     splits: list[Split] = field(default_factory=list)
 
     def __post_init__(self):
@@ -135,9 +136,8 @@ def block_rows(spec: StreamSpec, docs: list[Document], key: list[int]) -> list[R
     """Shuffle, tokenize and pack one block; the row order is shuffled too (seeded by `key`)."""
     rng = np.random.default_rng(key)
     docs = [docs[i] for i in rng.permutation(len(docs))]
-    head, tail = wrappers(spec.tokenizer)
-    rows = PACKERS[spec.packing](tokenize(spec.tokenizer, [d.text for d in docs]), [d.id for d in docs],
-                                 spec.max_len, head, tail)
+    rows = pack(spec.packing, spec.tokenizer, [d.text for d in docs], [d.id for d in docs], spec.max_len,
+                spec.whole_word)
     return [rows[i] for i in rng.permutation(len(rows))]
 
 

@@ -132,8 +132,10 @@ def run(cfg: RunConfig) -> dict:
     samples = _SampleLog(out, rank, sample_lines) if cfg.data.log_sample_ids else None
 
     t, k = cfg.train, cfg.masking
-    collate = MLMCollator(corpus.tokenizer, k.rate, k.mask_prob, k.random_prob, seed=cfg.seed)
-    eval_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, seed=cfg.seed + 1)
+    collate = MLMCollator(corpus.tokenizer, k.rate, k.mask_prob, k.random_prob, seed=cfg.seed,
+                          whole_word=k.whole_word)
+    eval_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, seed=cfg.seed + 1,
+                               whole_word=k.whole_word)
     feeder = RowFeeder(corpus.spec, rank, world, cfg.data.num_workers, streams,
                        consumed=state.step * t.micro_batch_size * t.grad_accum)
     manual_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -191,7 +193,7 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 def _item(g: int, row: Row) -> dict:
-    return {"input_ids": row.ids, "key": g, "index": g, "lengths": row.lengths}
+    return {"input_ids": row.ids, "key": g, "index": g, "lengths": row.lengths, "words": row.words}
 
 
 def _log_train(engine, state: TrainState, window: Counter, seconds: float, metrics, bar, steps: int,
@@ -327,7 +329,8 @@ def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Chec
                "eval_skipped_records": dict(corpus.skipped)}
     if corpus.test:
         k = cfg.masking
-        test_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, cfg.seed + 2)
+        test_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, cfg.seed + 2,
+                                   whole_word=k.whole_word)
         summary["test_loss"] = evaluate(engine, corpus.test, test_collate, cfg.train, device)
         _log_eval(state, summary["test_loss"], metrics, "test")
     if dist.rank() == 0:
