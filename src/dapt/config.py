@@ -38,6 +38,8 @@ class ModelConfig:
     """Recompute activations in backward (HF gradient_checkpointing_enable; DeepSpeed's own block does nothing for HF models)."""
     trust_remote_code: bool = False
     """Allow model code from the hub to run. Off unless the recipe says so."""
+    char_vocab: int = 1024
+    """CANINE: classes of the character MLM head; code points at or above char_vocab - 1 share the last one."""
 
 
 @dataclass(kw_only=True)
@@ -101,6 +103,8 @@ class MaskingConfig:
     """Of the selected tokens: share replaced by the mask token."""
     random_prob: float = 0.1
     """Of the selected tokens: share replaced by a random token; the rest keep their token."""
+    mask_token_id: int | None = None
+    """Replace selected tokens with this id instead of the tokenizer's mask token (seed 004: 57344, U+E000, CANINE)."""
     whole_word: bool = False
     """Select whole words (all their tokens, the same replacement for each); words come from token offsets, so
     WordPiece and byte-level BPE both work. Needs a fast tokenizer."""

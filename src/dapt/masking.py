@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dapt.attention import segment_inputs
+from dapt.canine import char_classes
 
 IGNORE = -100
 
@@ -19,16 +20,19 @@ class MLMCollator:
     the mask token, `random_prob` into a random non-special token, and the rest stay as they are."""
 
     def __init__(self, tokenizer, rate: float, mask_prob: float = 0.8, random_prob: float = 0.1, seed: int = 0,
-                 pad_to_multiple_of: int = 8, whole_word: bool = False):
-        self.whole_word = whole_word
+                 pad_to_multiple_of: int = 8, whole_word: bool = False, mask_token_id: int | None = None,
+                 label_vocab: int | None = None):
+        """`label_vocab` (character models): labels become head classes, and random replacements are drawn from
+        the ids below it rather than from the whole (Unicode-sized) vocabulary."""
+        self.whole_word, self.label_vocab = whole_word, label_vocab
         self.multiple = pad_to_multiple_of  # tensor-core friendly shapes, in bf16 as well as fp16
-        if tokenizer.mask_token_id is None:
+        if tokenizer.mask_token_id is None and mask_token_id is None:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token, so it cannot do MLM")
         self.rate, self.mask_prob, self.random_prob, self.seed = rate, mask_prob, random_prob, seed
-        self.mask_id = tokenizer.mask_token_id
+        self.mask_id = tokenizer.mask_token_id if mask_token_id is None else mask_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.special = np.array(sorted(set(tokenizer.all_special_ids) | {self.pad_id}), dtype=np.int64)
-        vocab = np.arange(len(tokenizer), dtype=np.int64)
+        vocab = np.arange(label_vocab - 1 if label_vocab else len(tokenizer), dtype=np.int64)
         self.random_pool = vocab[~np.isin(vocab, self.special)]
 
     def mask(self, ids: np.ndarray, key: int, words: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +64,8 @@ class MLMCollator:
             if self.whole_word and words is None:
                 raise ValueError("whole-word masking needs rows with word starts (masking.whole_word at packing)")
             inputs, lab = self.mask(ids, it["key"], words)
+            if self.label_vocab:
+                lab = char_classes(lab, self.label_vocab)
             input_ids[row, :len(ids)], labels[row, :len(ids)], attention[row, :len(ids)] = inputs, lab, 1
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
                  "labels": torch.from_numpy(labels), "index": torch.tensor([it["index"] for it in items])}

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast
 
+import dapt.canine  # noqa: F401  (registers CANINE's masked-LM class with AutoModelForMaskedLM)
+
 log = logging.getLogger("dapt")
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -59,6 +61,10 @@ def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
     source = m.tokenizer or m.name_or_path
     if source:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code)
+    if isinstance(m.config, dict) and m.config.get("model_type") == "canine":
+        from transformers import CanineTokenizer
+
+        return CanineTokenizer(model_max_length=cfg.data.max_seq_length)  # code points: nothing to learn
     if (trained_dir / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(trained_dir)
     if texts is None:
@@ -79,6 +85,9 @@ def model_config(cfg, tokenizer):
     else:
         fields = dict(m.config or {})
         conf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if conf.model_type == "canine":
+        conf.char_vocab = m.char_vocab
+        return conf
     conf.vocab_size = len(tokenizer)
     for name in ("pad", "bos", "eos", "cls", "sep"):
         token_id = getattr(tokenizer, f"{name}_token_id", None)
@@ -108,6 +117,11 @@ def build_model(cfg, tokenizer, precision: str, ds_config: dict | None = None) -
     """
     m = cfg.model
     conf = model_config(cfg, tokenizer)
+    if conf.model_type == "canine":
+        conf.char_vocab = getattr(conf, "char_vocab", None) or m.char_vocab
+        if cfg.data.packing == "packed":
+            raise ValueError("data.packing=packed does not work with CANINE (its downsampling attention cannot keep "
+                             "packed documents apart); use pad or concat")
     errors = []
     for impl in attention_candidates(m.attn_implementation, precision):
         try:

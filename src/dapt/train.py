@@ -88,6 +88,12 @@ def log_choices(cfg: RunConfig, accelerator: str, steps: int) -> None:
 
 # ---------------------------------------------------------------- the loop
 
+def make_collator(cfg: RunConfig, tokenizer, model_config, rate: float, seed: int) -> MLMCollator:
+    k = cfg.masking
+    return MLMCollator(tokenizer, rate, k.mask_prob, k.random_prob, seed=seed, whole_word=k.whole_word,
+                       mask_token_id=k.mask_token_id, label_vocab=getattr(model_config, "char_vocab", None))
+
+
 def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum (not mean) of cross-entropy over masked positions, in fp32."""
     where = labels != IGNORE
@@ -132,10 +138,8 @@ def run(cfg: RunConfig) -> dict:
     samples = _SampleLog(out, rank, sample_lines) if cfg.data.log_sample_ids else None
 
     t, k = cfg.train, cfg.masking
-    collate = MLMCollator(corpus.tokenizer, k.rate, k.mask_prob, k.random_prob, seed=cfg.seed,
-                          whole_word=k.whole_word)
-    eval_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, seed=cfg.seed + 1,
-                               whole_word=k.whole_word)
+    collate = make_collator(cfg, corpus.tokenizer, model.config, k.rate, cfg.seed)
+    eval_collate = make_collator(cfg, corpus.tokenizer, model.config, k.eval_rate or k.rate, cfg.seed + 1)
     feeder = RowFeeder(corpus.spec, rank, world, cfg.data.num_workers, streams,
                        consumed=state.step * t.micro_batch_size * t.grad_accum)
     manual_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -329,8 +333,7 @@ def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Chec
                "eval_skipped_records": dict(corpus.skipped)}
     if corpus.test:
         k = cfg.masking
-        test_collate = MLMCollator(corpus.tokenizer, k.eval_rate or k.rate, k.mask_prob, k.random_prob, cfg.seed + 2,
-                                   whole_word=k.whole_word)
+        test_collate = make_collator(cfg, corpus.tokenizer, engine.module.config, k.eval_rate or k.rate, cfg.seed + 2)
         summary["test_loss"] = evaluate(engine, corpus.test, test_collate, cfg.train, device)
         _log_eval(state, summary["test_loss"], metrics, "test")
     if dist.rank() == 0:
