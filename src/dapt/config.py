@@ -47,6 +47,9 @@ class DataConfig:
     train: list[str] = field(default_factory=list)
     """Training sources: files, globs or folders, local or fsspec URLs (s3://, gs://, https://), .gz/.bz2/.zst read
     transparently. Empty: the embedded default corpus that dapt generates itself."""
+    train_weights: list[float] = field(default_factory=list)
+    """Weighted mixing: one weight per data.train entry (e.g. a domain corpus 3, a general one 1); each source gets
+    that share of the rows (of data.streams, at least one stream each). Empty: all entries form one corpus."""
     valid: list[str] = field(default_factory=list)
     """Validation files; empty: `valid_fraction` of the training documents, chosen by a hash of each document."""
     test: list[str] = field(default_factory=list)
@@ -87,6 +90,11 @@ class DataConfig:
     """Drop documents longer than this many characters (counted); 0: no limit."""
     num_samples: int = 0
     """Use at most this many training documents per epoch (quick runs); 0: all."""
+    dedupe: bool = False
+    """Skip exact duplicate documents (first occurrence kept); one parsing pass over the corpus at start."""
+    max_tokens: int = 0
+    """Token budget: keep about the newest max_tokens tokens of an ordered corpus (the tail of its files, in order),
+    estimated from characters; one parsing pass at start. 0: everything."""
     valid_max_docs: int = 5000
     """Cap on validation documents gathered by the hash split (read from the start of the corpus); 0: no cap."""
     tokenizer_docs: int = 100000

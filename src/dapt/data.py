@@ -51,12 +51,23 @@ def read_documents(paths: list[str], fmt: str, text_field: str = "text", on_erro
 
 
 def stream_spec(cfg, tokenizer) -> StreamSpec:
-    d = cfg.data
-    return StreamSpec(files=expand(d.train), format=d.format, options=format_options(d), streams=d.streams,
-                      seed=cfg.seed, block_docs=d.block_docs, packing=d.packing, max_len=d.max_seq_length,
-                      tokenizer=tokenizer, on_error=d.on_error, valid_fraction=0.0 if d.valid else d.valid_fraction,
+    """The streams' recipe: sources (grouped for weighted mixing), filters, selection passes, packing."""
+    from dapt.select import budget_start, duplicate_records
+
+    d, opts = cfg.data, format_options(cfg.data)
+    groups = [expand([source]) for source in d.train] if d.train_weights else [expand(d.train)]
+    files = [f for group in groups for f in group]
+    starts: dict = {}
+    if d.max_tokens:
+        files, starts = budget_start(files, d.format, opts, tokenizer, d.max_tokens)
+        groups = [files]
+    skip = duplicate_records(files, d.format, opts) if d.dedupe else {}
+    return StreamSpec(files=files, format=d.format, options=opts, streams=d.streams, seed=cfg.seed,
+                      block_docs=d.block_docs, packing=d.packing, max_len=d.max_seq_length, tokenizer=tokenizer,
+                      on_error=d.on_error, valid_fraction=0.0 if d.valid else d.valid_fraction,
                       min_chars=d.min_chars, max_chars=d.max_chars, num_samples=d.num_samples,
-                      whole_word=cfg.masking.whole_word)
+                      whole_word=cfg.masking.whole_word, groups=groups, weights=list(d.train_weights),
+                      starts=starts, skip=skip)
 
 
 def rows_of(tokenizer, docs: list[Document], packing: str, max_len: int, words: bool = False) -> list[Row]:
@@ -134,6 +145,10 @@ def prepare_data(cfg, out: Path) -> Corpus:
     valid = rows_of(tokenizer, valid_docs, d.packing, d.max_seq_length, words) if valid_docs else None
     test = rows_of(tokenizer, test_docs, d.packing, d.max_seq_length, words) if test_docs else None
     spec = stream_spec(cfg, tokenizer)
+    if d.train_weights:
+        for source, weight, n in zip(d.train, d.train_weights, Counter(spec.stream_group).values()):
+            log.info("mixing: %s (weight %g) gets %d of %d streams = %.1f%% of the rows", source, weight, n,
+                     spec.streams, 100 * n / spec.streams)
     log.info("data: %d source file(s) in %d split(s) over %d streams (%s, %s packing, rows of %d tokens); "
              "%d validation rows, %d test rows", len(spec.files), len(spec.splits), spec.streams, d.format, d.packing,
              d.max_seq_length, len(valid or []), len(test or []))

@@ -267,6 +267,15 @@ def validate(cfg: RunConfig) -> list[str]:
         _positive(p, f"data.{name}", getattr(d, name), minimum=0)
     for name in ("streams", "block_docs", "tokenizer_docs"):
         _positive(p, f"data.{name}", getattr(d, name))
+    if d.train_weights and len(d.train_weights) != len(d.train):
+        p.append(f"data.train_weights: {len(d.train_weights)} weights for {len(d.train)} data.train entries")
+    if any(w <= 0 for w in d.train_weights):
+        p.append(f"data.train_weights: {d.train_weights} must all be > 0")
+    if len(d.train_weights) > d.streams:
+        p.append(f"data.train_weights: {len(d.train_weights)} sources need data.streams >= {len(d.train_weights)}")
+    if d.train_weights and d.max_tokens:
+        p.append("data.max_tokens applies to one ordered corpus; it cannot be combined with data.train_weights")
+    _positive(p, "data.max_tokens", d.max_tokens, minimum=0)
     if d.max_chars and d.max_chars < d.min_chars:
         p.append(f"data.max_chars: {d.max_chars} is below data.min_chars {d.min_chars}")
     if d.format in ("csv", "tsv") and d.columns and d.column_names:

@@ -30,14 +30,17 @@ from dapt.sources import Position
 Split = tuple[str, Position, int | None]  # file, where the split starts, record index where it ends (None: EOF)
 
 
-def file_splits(url: str, fmt: str, options: FormatOptions, parts: int, keep: int = 4096) -> list[Split]:
-    """Cut a file into `parts` contiguous runs of records. With one part nothing is read; otherwise one pass notes
-    record boundaries (every one at first, thinned to at most 2 x `keep` marks), so each stream seeks to its run."""
+def file_splits(url: str, fmt: str, options: FormatOptions, parts: int, keep: int = 4096,
+                start: Position | None = None) -> list[Split]:
+    """Cut a file (from `start`) into `parts` contiguous runs of records. With one part nothing is read; otherwise
+    one pass notes record boundaries (every one at first, thinned to at most 2 x `keep` marks), so each stream seeks
+    straight to its run."""
+    start = start or Position()
     if parts == 1:
-        return [(url, Position(), None)]
-    marks, every, total = [Position()], 1, 0
-    for _, after in READERS[fmt](url, Position(), options):
-        total = after.record
+        return [(url, start, None)]
+    marks, every, total = [start], 1, 0
+    for _, after in READERS[fmt](url, start, options):
+        total = after.record - start.record
         if total % every == 0:
             marks.append(after)
             if len(marks) > 2 * keep:
@@ -66,16 +69,32 @@ class StreamSpec:
     max_chars: int = 0
     num_samples: int = 0
     whole_word: bool = False  # rows carry word starts for whole-word masking
+    groups: list[list[str]] = field(default_factory=list)  # weighted mixing: the files of each source
+    weights: list[float] = field(default_factory=list)  # share of rows per source (streams are given out by it)
+    starts: dict[str, Position] = field(default_factory=dict)  # token budget: where a file's kept part starts
+    skip: dict[str, np.ndarray] = field(default_factory=dict)  # deduplication: record indices to leave out
     splits: list[Split] = field(default_factory=list)
 
     def __post_init__(self):
-        if not self.splits:
-            parts = max(1, math.ceil(self.streams / max(1, len(self.files))))
-            self.splits = [s for f in self.files for s in file_splits(f, self.format, self.options, parts)]
+        from dapt.select import stream_counts
+
+        self.groups = self.groups or [self.files]
+        counts = stream_counts(self.weights or [1.0] * len(self.groups), self.streams)
+        self.stream_group = [g for g, n in enumerate(counts) for _ in range(n)]
+        self.group_splits = []
+        for g, files in enumerate(self.groups):
+            parts = max(1, math.ceil(counts[g] / max(1, len(files))))
+            self.group_splits.append([s for f in files for s in file_splits(f, self.format, self.options, parts,
+                                                                             start=self.starts.get(f))])
+        self.splits = [s for group in self.group_splits for s in group]
 
     def epoch_splits(self, epoch: int, stream: int) -> list[Split]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.splits))
-        return [self.splits[i] for i in order[stream::self.streams]]
+        """This stream's splits in epoch `epoch`: its source's splits, dealt out in a seeded per-epoch order."""
+        g = self.stream_group[stream]
+        members = [c for c, grp in enumerate(self.stream_group) if grp == g]
+        splits = self.group_splits[g]
+        order = np.random.default_rng([self.seed, epoch, g]).permutation(len(splits))
+        return [splits[i] for i in order[members.index(stream)::len(members)]]
 
 
 def in_valid_split(text: str, fraction: float) -> bool:
@@ -116,10 +135,14 @@ def _blocks(spec: StreamSpec, split: Split, start: Position, counts: Counter, do
         docs: list[Document] = []
         after = begin
         finished = True
+        skip = spec.skip.get(url)
         for item, after_item in items:
             if end is not None and after_item.record > end:
                 break  # the next split's first record: this split is done
             after = after_item
+            if skip is not None and _contains(skip, after.record - 1):
+                counts["filtered/duplicate"] += 1
+                continue
             doc = _accept(spec, item, counts)
             if doc is not None:
                 docs.append(doc)
@@ -130,6 +153,11 @@ def _blocks(spec: StreamSpec, split: Split, start: Position, counts: Counter, do
             yield begin, docs, after
             docs_left -= len(docs)
         begin = after
+
+
+def _contains(sorted_ids: np.ndarray, value: int) -> bool:
+    i = np.searchsorted(sorted_ids, value)
+    return bool(i < len(sorted_ids) and sorted_ids[i] == value)
 
 
 def block_rows(spec: StreamSpec, docs: list[Document], key: list[int]) -> list[Row]:
@@ -169,8 +197,9 @@ def stream_rows(spec: StreamSpec, stream: int, state: dict | None = None) -> Ite
             st.update(split=st["split"] + 1, offset=0, line=1, record=0, block=0, rows_done=0)
         empty_epochs = empty_epochs + 1 if rows_in_epoch == 0 else 0
         if empty_epochs >= 2:
-            raise ValueError(f"data stream {stream} of {spec.streams} gets no documents: the corpus has too few "
-                             f"({len(spec.files)} file(s)); lower data.streams or add data")
+            raise ValueError(f"data stream {stream} of {spec.streams} gets no documents: its source has too few "
+                             f"({len(spec.groups[spec.stream_group[stream]])} file(s)); lower data.streams or add "
+                             "data")
         st.update(epoch=st["epoch"] + 1, split=0, docs=0)
 
 
