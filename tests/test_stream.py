@@ -422,3 +422,34 @@ def test_file_splits_of_a_large_file_are_contiguous_and_balanced(tmp_path):
         assert 10000 / 8 * 0.8 < len(part) < 10000 / 8 * 1.2
         seen += part
     assert seen == [f"line {i}" for i in range(10000)]
+
+
+def test_resume_reads_at_most_one_block_whatever_the_position(tokenizer, tmp_path, monkeypatch):
+    """Resume cost does not grow with position: the records read to hand out the next row after a resume are the
+    same few (one block) early and late in a large file."""
+    import dapt.stream as stream_mod
+
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"document number {i} about the login form\n" for i in range(20000)))
+    spec = StreamSpec(files=[str(path)], format="lines", options=FormatOptions(), streams=1, seed=0, block_docs=64,
+                      packing="pad", max_len=32, tokenizer=tokenizer)
+    states = {}
+    for n, (_, st) in enumerate(stream_rows(spec, 0), start=1):
+        if n in (100, 18000):
+            states[n] = st
+        if n == 18000:
+            break
+    reads = {}
+    real = stream_mod.READERS["lines"]
+    for n, st in states.items():
+        count = [0]
+
+        def counting(url, start, opts, _count=count):
+            for item in real(url, start, opts):
+                _count[0] += 1
+                yield item
+
+        monkeypatch.setitem(stream_mod.READERS, "lines", counting)
+        next(stream_rows(spec, 0, st))
+        reads[n] = count[0]
+    assert reads[100] <= 64 and reads[18000] <= 64, reads  # one block, not the 18000 records before it
