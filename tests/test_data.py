@@ -118,7 +118,11 @@ def test_read_jsonl(tmp_path, suffix):
     lines = [json.dumps({"text": "one", "other": 1}), "", json.dumps({"text": "two \u00e9\u4e2d"}),
              "   ", json.dumps({"text": "three", "body": "not this"}), json.dumps({"text": "  "})]
     p = write(tmp_path / f"r.jsonl{suffix}", "\r\n".join(lines).encode("utf-8") + b"\r\n")
-    assert read([p], "jsonl") == [("one", f"{p}:1"), ("two \u00e9\u4e2d", f"{p}:3"), ("three", f"{p}:5")]
+    # blank lines separate records; an empty text field is a bad record (counted), never a silent drop
+    skipped = Counter()
+    assert read([p], "jsonl", on_error="skip", skipped=skipped) == [
+        ("one", f"{p}:1"), ("two \u00e9\u4e2d", f"{p}:3"), ("three", f"{p}:5")]
+    assert skipped == {"empty field 'text'": 1}
 
 
 def test_read_jsonl_custom_field(tmp_path):
@@ -181,8 +185,10 @@ def test_read_parquet(tmp_path):
     p = write_parquet(tmp_path / "t.parquet", ["first", "", "second doc", "   ", "third", "4th", "5th"],
                       other=pa.array(range(7)))
     assert pq.ParquetFile(p).num_row_groups == 3
-    assert read([p], "parquet") == [("first", f"{p}:1"), ("second doc", f"{p}:3"), ("third", f"{p}:5"),
-                                    ("4th", f"{p}:6"), ("5th", f"{p}:7")]
+    skipped = Counter()
+    assert read([p], "parquet", on_error="skip", skipped=skipped) == [
+        ("first", f"{p}:1"), ("second doc", f"{p}:3"), ("third", f"{p}:5"), ("4th", f"{p}:6"), ("5th", f"{p}:7")]
+    assert skipped == {"empty field 'text'": 2}
     q = str(tmp_path / "body.parquet")
     pq.write_table(pa.table({"body": ["x", "y"], "text": ["no", "no"]}), q)
     assert read([q], "parquet", text_field="body") == [("x", f"{q}:1"), ("y", f"{q}:2")]
@@ -511,7 +517,7 @@ def test_resume_from_every_position(tmp_path, fmt, suffix):
 
 def test_resume_parquet(tmp_path):
     url = write_parquet(tmp_path / "t.parquet", ["a", None, "b", "", "c", "d", "e", None, "f", "g"], row_group_size=3)
-    assert check_resume(url, "parquet", FormatOptions()) == 9
+    assert check_resume(url, "parquet", FormatOptions()) == 10  # nulls and empty texts are (bad) records too
 
 
 def test_resume_zstd(tmp_path):
@@ -687,3 +693,35 @@ def test_pack_packed_small_inputs():
     rows = pack_packed([[5] * 6, [6], [7] * 20], ["a", "b", "c"], 8, [1], [2])
     check_packed(rows, [[5] * 6, [6], [7] * 20], ["a", "b", "c"], 8, [1], [2])
     assert sorted(r.lengths for r in rows) == [(3,), (8,), (8,)]  # c truncated; b fits in no row of 8 tokens
+
+
+def test_a_100mb_single_line_is_an_oversize_record_not_a_memory_spike(tmp_path):
+    import resource
+
+    path = tmp_path / "huge.txt"
+    with path.open("wb") as f:
+        f.write(b"first document\n")
+        for _ in range(100):
+            f.write(b"x" * (1 << 20))  # one line of 100 MiB
+        f.write(b"\nlast document\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    opts = FormatOptions(max_line_bytes=1 << 20)
+    with pytest.raises(BadRecord, match=r"huge.txt:2: oversize record \(104857601 bytes"):
+        list(read_documents([str(path)], "lines", options=opts))
+    skipped = Counter()
+    docs = list(read_documents([str(path)], "lines", on_error="skip", skipped=skipped, options=opts))
+    assert [d.text for d in docs] == ["first document", "last document"] and docs[1].id.endswith(":3")
+    assert skipped == {"oversize record": 1}
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 50, grown_mib  # the 100 MiB line was never held
+
+
+def test_empty_text_fields_are_bad_records_not_silent_drops(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text('{"text": "kept"}\n{"text": "   "}\n{"text": "also kept"}\n')
+    with pytest.raises(BadRecord, match="e.jsonl:2: empty field 'text'"):
+        list(read_documents([str(path)], "jsonl"))
+    skipped = Counter()
+    assert [d.text for d in read_documents([str(path)], "jsonl", on_error="skip", skipped=skipped)] == ["kept",
+                                                                                                       "also kept"]
+    assert skipped == {"empty field 'text'": 1}

@@ -88,6 +88,8 @@ class DataConfig:
     """Drop documents shorter than this many characters (counted)."""
     max_chars: int = 0
     """Drop documents longer than this many characters (counted); 0: no limit."""
+    max_record_bytes: int = 64 << 20
+    """A line longer than this is a bad record ("oversize": raise or skip per on_error), never read into memory."""
     num_samples: int = 0
     """Use at most this many training documents per epoch (quick runs); 0: all."""
     dedupe: bool = False

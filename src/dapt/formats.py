@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from dapt.sources import Position, lines_from
+from dapt.sources import Oversize, Position, lines_from
 
 # Matched on raw bytes, so a request line that is not valid UTF-8 still starts a (bad) record of its own.
 HTTP_REQUEST = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|TRACE|CONNECT) \S+ HTTP/\d")
@@ -40,6 +40,7 @@ class FormatOptions:
     columns: tuple[str, ...] = ()  # csv/tsv: columns serialised as key:value (default: all)
     column_names: tuple[str, ...] = ()  # csv/tsv without a header line
     round_digits: int | None = None  # csv/tsv: round float values
+    max_line_bytes: int = 64 << 20  # longer lines are bad records ("oversize"), never read into memory
     extra: dict = field(default_factory=dict)
 
 
@@ -47,6 +48,8 @@ Item = tuple["Document | BadRecord", Position]
 
 
 def _decode(raw: bytes, url: str, lineno: int) -> str | BadRecord:
+    if isinstance(raw, Oversize):
+        return BadRecord(url, lineno, "oversize record", f" ({len(raw)} bytes; data.max_record_bytes)")
     try:
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
@@ -55,7 +58,7 @@ def _decode(raw: bytes, url: str, lineno: int) -> str | BadRecord:
 
 def read_lines(url: str, start: Position, opts: FormatOptions, strip: bool = True) -> Iterator[Item]:
     record = start.record
-    for lineno, raw, offset in lines_from(url, start):
+    for lineno, raw, offset in lines_from(url, start, opts.max_line_bytes):
         text = _decode(raw, url, lineno)
         after = Position(offset + len(raw), lineno + 1, record + 1)
         if isinstance(text, BadRecord):
@@ -70,7 +73,7 @@ def read_docs(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
     """Documents separated by one or more blank lines; a bad line drops its whole document."""
     buf: list[str] = []
     first, bad, record, end = 0, None, start.record, start
-    for lineno, raw, offset in lines_from(url, start):
+    for lineno, raw, offset in lines_from(url, start, opts.max_line_bytes):
         text = _decode(raw, url, lineno)
         end = Position(offset + len(raw), lineno + 1, record)
         if isinstance(text, str) and not text.strip():
@@ -93,7 +96,7 @@ def read_http(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
     body are kept and \\r is stripped (CSIC's test files mix line endings, which would otherwise leak the label)."""
     buf: list[str] = []
     first, bad, record, end = 0, None, start.record, start
-    for lineno, raw, offset in lines_from(url, start):
+    for lineno, raw, offset in lines_from(url, start, opts.max_line_bytes):
         text = _decode(raw, url, lineno)
         end = Position(offset + len(raw), lineno + 1, record)
         if HTTP_REQUEST.match(raw):
@@ -129,7 +132,9 @@ def read_jsonl(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]
             yield BadRecord(url, line, f"missing field {key!r}"), after
         elif not isinstance(obj[key], str):
             yield BadRecord(url, line, f"field {key!r} is not text", f" ({type(obj[key]).__name__})"), after
-        elif obj[key].strip():
+        elif not obj[key].strip():
+            yield BadRecord(url, line, f"empty field {key!r}"), after
+        else:
             label = obj.get(opts.extra.get("label_field", ""))
             yield Document(obj[key], item.id, None if label is None else str(label)), after
 
@@ -201,7 +206,9 @@ def read_parquet(url: str, start: Position, opts: FormatOptions) -> Iterator[Ite
                 after = Position(0, 0, row)
                 if not isinstance(value, str):
                     yield BadRecord(url, row, f"field {opts.text_field!r} is not text", f" (row {row})"), after
-                elif value.strip():
+                elif not value.strip():
+                    yield BadRecord(url, row, f"empty field {opts.text_field!r}", f" (row {row})"), after
+                else:
                     yield Document(value, f"{url}:{row}"), after
 
 

@@ -265,7 +265,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.valid_fraction: {d.valid_fraction} must be in [0, 1)")
     for name in ("num_workers", "min_chars", "max_chars", "num_samples", "valid_max_docs"):
         _positive(p, f"data.{name}", getattr(d, name), minimum=0)
-    for name in ("streams", "block_docs", "tokenizer_docs"):
+    for name in ("streams", "block_docs", "tokenizer_docs", "max_record_bytes"):
         _positive(p, f"data.{name}", getattr(d, name))
     if d.train_weights and len(d.train_weights) != len(d.train):
         p.append(f"data.train_weights: {len(d.train_weights)} weights for {len(d.train)} data.train entries")

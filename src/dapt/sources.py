@@ -93,14 +93,35 @@ def _skip_to(f, offset: int) -> None:
         left -= len(chunk)
 
 
-def lines_from(url: str, start: Position) -> Iterator[tuple[int, bytes, int]]:
-    """Yield (line number, raw line, start offset) from `start` on."""
+class Oversize(bytes):
+    """Stands for a line longer than the limit: its content is not kept, its length is (for offsets)."""
+
+    def __new__(cls, size: int):
+        obj = super().__new__(cls, b"")
+        obj.size = size
+        return obj
+
+    def __len__(self) -> int:
+        return self.size
+
+
+MAX_LINE_BYTES = 64 << 20
+
+
+def lines_from(url: str, start: Position, max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes, int]]:
+    """Yield (line number, raw line, start offset) from `start` on. A line over `max_line` bytes is never held in
+    memory: it is read through in chunks and yielded as an Oversize marker."""
     f = open_binary(url)
     try:
         if start.offset:
             _skip_to(f, start.offset)
         offset, lineno = start.offset, start.line
-        for raw in iter(f.readline, b""):
+        while raw := f.readline(max_line + 1):
+            if len(raw) > max_line and not raw.endswith(b"\n"):
+                size = len(raw)
+                while (chunk := f.readline(1 << 20)) and not chunk.endswith(b"\n"):
+                    size += len(chunk)
+                raw = Oversize(size + len(chunk))
             yield lineno, raw, offset
             offset += len(raw)
             lineno += 1
