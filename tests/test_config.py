@@ -14,6 +14,7 @@ import yaml
 
 from dapt.config import (
     CheckpointConfig,
+    ClassifyConfig,
     ConfigError,
     DataConfig,
     LogConfig,
@@ -512,11 +513,11 @@ def test_help_text_has_design_name(name):
     assert f"  --{name}=" in help_text()
 
 
-SECTIONS = ("model", "data", "masking", "train", "checkpoint", "log")
+SECTIONS = ("model", "data", "masking", "train", "checkpoint", "log", "classify")
 
 
 @pytest.mark.parametrize("cls", [RunConfig, ModelConfig, DataConfig, MaskingConfig, TrainConfig,
-                                 CheckpointConfig, LogConfig])
+                                 CheckpointConfig, LogConfig, ClassifyConfig])
 def test_every_field_documented_in_help(cls):
     docs = field_docs(cls)
     text = help_text()

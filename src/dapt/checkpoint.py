@@ -106,13 +106,14 @@ def full_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor] | None:
             for name, t in engine.module.state_dict(keep_vars=True).items()}
 
 
-def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path) -> Path | None:
+def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path, auto_class: str = "AutoModelForMaskedLM") -> Path | None:
     """Write final weights as a Hugging Face folder (safetensors, config, tokenizer) and verify it reloads."""
-    from transformers import AutoModelForMaskedLM
+    import transformers
 
+    auto = getattr(transformers, auto_class)
     state = full_state_dict(engine, checkpoint)
     if dist.rank() == 0:
-        model = AutoModelForMaskedLM.from_config(engine.module.config)
+        model = auto.from_config(engine.module.config)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in _tied_keys(model)]
         if missing or unexpected:
@@ -120,7 +121,7 @@ def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path) -> Path | None
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-        verify_export(out_dir, state)
+        verify_export(out_dir, state, auto)
     dist.barrier()
     return out_dir if dist.rank() == 0 else None
 
@@ -130,12 +131,12 @@ def _tied_keys(model) -> set[str]:
     return set(tied.keys() if isinstance(tied, dict) else tied)
 
 
-def verify_export(out_dir: Path, expected: dict[str, torch.Tensor]) -> None:
+def verify_export(out_dir: Path, expected: dict[str, torch.Tensor], auto=None) -> None:
     """Reload the folder with Auto classes; fail on empty tensors or weights that differ from `expected`."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     AutoTokenizer.from_pretrained(out_dir)
-    reloaded = AutoModelForMaskedLM.from_pretrained(out_dir).state_dict()
+    reloaded = (auto or AutoModelForMaskedLM).from_pretrained(out_dir).state_dict()
     empty = [k for k, v in reloaded.items() if v.numel() == 0]
     if empty:
         raise RuntimeError(f"export {out_dir}: empty tensors {empty[:5]} (ZeRO-3 weights not gathered?)")

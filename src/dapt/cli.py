@@ -32,6 +32,11 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
     except BadRecord as e:
         print(f"{prog}: bad input: {e} (set --data.on_error=skip to skip and count such records)", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError) as e:  # problems with the data or model named by the config
+        if cfg.log.level == "debug":
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 3
     finally:
         _close_process_group()
     return 0

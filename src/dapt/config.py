@@ -189,6 +189,35 @@ class LogConfig:
 
 
 @dataclass(kw_only=True)
+class ClassifyConfig:
+    label_field: str = "label"
+    """jsonl field, csv/tsv column or parquet column holding the label (a csv label column is left out of the text)."""
+    label_files: dict = field(default_factory=dict)
+    """Labels per file instead: {glob or file name: label}, e.g. {"normal*": normal, "anomalous*": attack}."""
+    labels: list[str] = field(default_factory=list)
+    """Fixed label order (ids 0, 1, ...); empty: the sorted labels of the training set."""
+    unseen: str = "error"
+    """A validation/test label never seen in training: error (naming file and line) | skip (counted)."""
+    class_weights: str = "none"
+    """none | inverse (inverse class frequency, normalised to mean 1) | comma-separated weights in label order."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy (seed 002: 0.05)."""
+    head_lr_mult: float = 1.0
+    """Learning rate of the new classification head as a multiple of train.lr (seed 003: 10)."""
+    metric: str = "macro_f1"
+    """accuracy | macro_f1 | micro_f1 | weighted_f1 | roc_auc: picks the best checkpoint and drives early stopping."""
+    patience: int = 0
+    """Stop after this many evaluations without improvement of the metric; 0: never stop early."""
+    collapse_warn: float = 0.2
+    """Warn when a class is predicted less than this share as often as it occurs (classes with >= 10 examples and
+    >= 1% of the evaluation set)."""
+    collapse_stop: bool = True
+    """Stop when such a class is never predicted at an evaluation after the first epoch (a collapsed classifier)."""
+    seeds: list[int] = field(default_factory=list)
+    """Run once per seed (output_dir/seed_<s>) and report mean +- std; empty: the run's seed only."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     output_dir: str = "runs/default"
     """Where the run writes config, metrics, checkpoints, final model and plots."""
@@ -204,6 +233,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     # Not config fields: filled by load_config.
     ds_config: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
@@ -224,6 +254,8 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.optimizer_impl": ("auto", "deepspeed", "torch"),
     "log.level": ("debug", "info", "warning"),
+    "classify.metric": ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc"),
+    "classify.unseen": ("error", "skip"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
 NOT_YET: dict[str, tuple[str, ...]] = {}

@@ -10,7 +10,7 @@ import csv
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dapt.sources import Oversize, Position, lines_from
 
@@ -41,7 +41,7 @@ class FormatOptions:
     column_names: tuple[str, ...] = ()  # csv/tsv without a header line
     round_digits: int | None = None  # csv/tsv: round float values
     max_line_bytes: int = 64 << 20  # longer lines are bad records ("oversize"), never read into memory
-    extra: dict = field(default_factory=dict)
+    label_field: str = ""  # classification: the jsonl field / csv column / parquet column holding the label
 
 
 Item = tuple["Document | BadRecord", Position]
@@ -134,8 +134,10 @@ def read_jsonl(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]
             yield BadRecord(url, line, f"field {key!r} is not text", f" ({type(obj[key]).__name__})"), after
         elif not obj[key].strip():
             yield BadRecord(url, line, f"empty field {key!r}"), after
+        elif opts.label_field and opts.label_field not in obj:
+            yield BadRecord(url, line, f"missing label field {opts.label_field!r}"), after
         else:
-            label = obj.get(opts.extra.get("label_field", ""))
+            label = obj.get(opts.label_field) if opts.label_field else None
             yield Document(obj[key], item.id, None if label is None else str(label)), after
 
 
@@ -151,12 +153,14 @@ def _delimited(delimiter: str):
                     return
                 names, header_line = next(csv.reader([text], delimiter=delimiter)), lineno
                 break
-        missing = [c for c in opts.columns if c not in names]
+        missing = [c for c in [*opts.columns, *([opts.label_field] if opts.label_field else [])] if c not in names]
         if missing:
             yield BadRecord(url, header_line or 1, f"missing column(s) {', '.join(missing)}",
                             f" (columns: {', '.join(names)})"), Position(-1, 0, 0)
             return
-        keep = [names.index(c) for c in opts.columns] if opts.columns else list(range(len(names)))
+        label_at = names.index(opts.label_field) if opts.label_field else None
+        keep = ([names.index(c) for c in opts.columns] if opts.columns
+                else [i for i in range(len(names)) if i != label_at])  # the label never leaks into the text
         for item, after in read_lines(url, start, opts, strip=False):  # a tab may end a row with an empty field
             line = int(item.id.rsplit(":", 1)[1]) if isinstance(item, Document) else item.line
             if line == header_line or isinstance(item, BadRecord):
@@ -168,7 +172,7 @@ def _delimited(delimiter: str):
                 yield BadRecord(url, line, "wrong number of fields", f" ({len(row)}, header has {len(names)})"), after
                 continue
             text = " ".join(f"{names[i]}:{_value(row[i], opts.round_digits)}" for i in keep)
-            yield Document(text, item.id), after
+            yield Document(text, item.id, row[label_at].strip() if label_at is not None else None), after
     return read
 
 
@@ -189,8 +193,10 @@ def read_parquet(url: str, start: Position, opts: FormatOptions) -> Iterator[Ite
 
     with open_binary(url) as f:
         pf = pq.ParquetFile(f)
-        if opts.text_field not in pf.schema_arrow.names:
-            yield BadRecord(url, 0, f"missing column {opts.text_field!r}"), Position(-1, 0, 0)
+        wanted = [opts.text_field] + ([opts.label_field] if opts.label_field else [])
+        absent = [c for c in wanted if c not in pf.schema_arrow.names]
+        if absent:
+            yield BadRecord(url, 0, f"missing column {absent[0]!r}"), Position(-1, 0, 0)
             return
         row = 0
         for group in range(pf.num_row_groups):
@@ -198,8 +204,10 @@ def read_parquet(url: str, start: Position, opts: FormatOptions) -> Iterator[Ite
             if row + size <= start.record:
                 row += size
                 continue
-            values = pf.read_row_group(group, columns=[opts.text_field]).column(0).to_pylist()
-            for value in values:
+            table = pf.read_row_group(group, columns=wanted)
+            values = table.column(0).to_pylist()
+            labels = table.column(1).to_pylist() if opts.label_field else [None] * len(values)
+            for value, label in zip(values, labels):
                 row += 1
                 if row <= start.record:
                     continue
@@ -209,7 +217,7 @@ def read_parquet(url: str, start: Position, opts: FormatOptions) -> Iterator[Ite
                 elif not value.strip():
                     yield BadRecord(url, row, f"empty field {opts.text_field!r}", f" (row {row})"), after
                 else:
-                    yield Document(value, f"{url}:{row}"), after
+                    yield Document(value, f"{url}:{row}", None if label is None else str(label)), after
 
 
 READERS = {"lines": read_lines, "docs": read_docs, "http": read_http, "jsonl": read_jsonl,

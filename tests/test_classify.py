@@ -1,0 +1,218 @@
+"""Classifier fine-tuning: loss arithmetic, parameter groups, stopping rules, metrics, end-to-end runs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+from dapt.classify import (
+    class_weights,
+    classification_metrics,
+    classifier_groups,
+    collapse,
+    loss_sum,
+    weight_of,
+)
+from dapt.config import ClassifyConfig
+
+SHARED = ROOT.parent / "shared" / "data"
+TINY = ("{model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, "
+        "max_position_embeddings: 64}")
+
+
+def test_weighted_smoothed_loss_matches_the_hand_computed_value_over_any_split():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(12, 3, generator=g), torch.tensor([0, 1, 2, 2, 2, 1, 0, 2, 2, 2, 1, 2])
+    w, eps, k = torch.tensor([2.0, 1.5, 0.5]), 0.1, 3
+    logp = torch.log_softmax(logits, -1)
+    # by hand, PyTorch's definition: (1-eps) w_y (-log p_y) + eps/K sum_k w_k (-log p_k), over the sum of w_y
+    per = (1 - eps) * w[y] * -logp[torch.arange(12), y] + eps / k * (w * -logp).sum(-1)
+    expected = float(per.sum() / w[y].sum())
+    for parts in ([12], [6, 6], [3, 3, 3, 3], [5, 7]):  # micro-batches of one optimizer step
+        chunks = torch.split(torch.arange(12), parts)
+        total_weight = sum(weight_of(y[c], w) for c in chunks)
+        got = sum(float(loss_sum(logits[c], y[c], w, eps)) for c in chunks) / total_weight
+        assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_inverse_class_weights():
+    w = class_weights("inverse", np.array([0] * 90 + [1] * 10), 2)
+    assert float(w[1] / w[0]) == pytest.approx(9.0) and float(w.mean()) == pytest.approx(1.0)
+    assert class_weights("none", np.array([0, 1]), 2) is None
+    assert class_weights("1, 3", np.array([0, 1]), 2).tolist() == [1.0, 3.0]
+    with pytest.raises(ValueError, match="2 labels"):
+        class_weights("1,2,3", np.array([0, 1]), 2)
+
+
+def test_head_learning_rate_and_weight_decay_groups():
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3))
+    body_decay, body_plain, head = classifier_groups(model, 1e-4, 0.01, 10.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in head["params"]} == {"classifier.weight", "classifier.bias"}
+    assert head["lr"] == pytest.approx(1e-3) and head["weight_decay"] == 0.0
+    assert body_decay["weight_decay"] == 0.01 and all(p.ndim == 2 for p in body_decay["params"])
+    assert body_plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in body_plain["params"])
+    assert len(head["params"]) + len(body_decay["params"]) + len(body_plain["params"]) == len(list(model.parameters()))
+
+
+def test_metrics_match_hand_counts():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.eye(3)[[0, 0, 1, 1, 1, 1]]  # predictions 0 0 1 1 1 1
+    r = classification_metrics(y, probs, ["a", "b", "c"])
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    assert r["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [0, 1, 0]]
+    assert r["per_class"]["a"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8),
+                                   "support": 3}
+    assert r["per_class"]["b"]["precision"] == pytest.approx(0.5) and r["per_class"]["c"]["f1"] == 0.0
+    assert r["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0) / 3)
+    assert r["weighted_f1"] == pytest.approx((3 * 0.8 + 2 * 2 / 3) / 6)
+    binary = classification_metrics(np.array([0, 0, 1, 1]), np.array([[.9, .1], [.4, .6], [.35, .65], [.2, .8]]),
+                                    ["neg", "pos"])
+    assert binary["roc_auc"] == pytest.approx(1.0) and binary["pr_auc"] == pytest.approx(1.0)
+
+
+def test_collapse_detection_and_early_stopping():
+    from dapt.classify import _should_stop
+
+    y = np.array([0] * 50 + [1] * 40 + [2] * 10 + [3] * 2)
+    collapsed = classification_metrics(y, np.eye(4)[[0] * 62 + [1] * 40], ["a", "b", "c", "d"])
+    rare_case = classification_metrics(y, np.eye(4)[[0] * 50 + [1] * 51 + [2]], ["a", "b", "c", "d"])
+    # "d" (2 examples) is never predicted either, but too rare to say anything about collapse
+    assert collapse(collapsed, 0.2) == ([], ["c"]) and collapse(rare_case, 0.2) == (["c"], [])
+    c = ClassifyConfig(patience=2)
+    assert "collapse" in _should_stop(c, collapsed, stale=0, done=10, steps_per_epoch=5)
+    assert _should_stop(c, collapsed, stale=0, done=3, steps_per_epoch=5) is None  # not before one epoch
+    assert _should_stop(c, rare_case, stale=1, done=10, steps_per_epoch=5) is None
+    assert "early stopping" in _should_stop(c, rare_case, stale=2, done=10, steps_per_epoch=5)
+
+
+@pytest.fixture(scope="module")
+def labelled_jsonl(tmp_path_factory):
+    """Two classes that a tiny model separates: HTTP requests vs threat-report sentences (the default corpus)."""
+    from dapt.corpus import generate
+
+    path = tmp_path_factory.mktemp("cls") / "docs.jsonl"
+    rows = [{"text": t, "label": "http" if t.split(" ", 1)[0] in ("GET", "POST", "PUT", "DELETE") else "report"}
+            for t in generate(1600, seed=11)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_classify_end_to_end_binary(labelled_jsonl, tmp_path):
+    from dapt.classify import run
+    from dapt.load import load_config
+
+    out = tmp_path / "run"
+    cfg = load_config(["--data.train", str(labelled_jsonl), "--data.test", str(labelled_jsonl), "--data.format=jsonl",
+                       "--model.config", TINY, "--model.tokenizer_vocab_size=400", "--data.max_seq_length=48",
+                       "--output_dir", str(out), "--train.max_steps=30", "--train.eval_every=10",
+                       "--train.lr=2e-3", "--classify.head_lr_mult=5", "--classify.class_weights=inverse",
+                       "--classify.label_smoothing=0.05", "--log.progress=false"], world_size=1, accelerator="cpu")
+    summary = run(cfg)
+    result = json.loads((out / "eval_test.json").read_text())
+    assert result["accuracy"] > 0.95 and "roc_auc" in result and "pr_auc" in result
+    assert summary["best_checkpoint"].startswith("step_") and (out / "plots" / "confusion_matrix.png").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.id2label == {0: "http", 1: "report"}
+    assert json.loads((out / "final" / "label_mapping.json").read_text())["label2id"] == {"http": 0, "report": 1}
+
+
+def test_unseen_test_label_is_a_clear_error_or_a_counted_skip(labelled_jsonl, tmp_path):
+    test = tmp_path / "test.jsonl"
+    test.write_text(labelled_jsonl.read_text() + json.dumps({"text": "something new", "label": "novel"}) + "\n")
+    args = ["--data.train", labelled_jsonl, "--data.test", test, "--data.format=jsonl", "--model.config", TINY,
+            "--model.tokenizer_vocab_size=400", "--train.max_steps=2", "--log.progress=false"]
+    from dapt.classify import run
+    from dapt.load import load_config
+
+    with pytest.raises(ValueError, match=r"test.jsonl:1601: label 'novel' in the test set was never seen"):
+        run(load_config([str(a) for a in args + ["--output_dir", tmp_path / "a"]], world_size=1, accelerator="cpu"))
+    summary = run(load_config([str(a) for a in args + ["--output_dir", tmp_path / "b", "--classify.unseen=skip"]],
+                              world_size=1, accelerator="cpu"))
+    assert summary["skipped_records"] == {"unseen label in test: novel": 1}
+
+
+def test_seeds_give_mean_and_std(labelled_jsonl, tmp_path):
+    from dapt.classify import run
+    from dapt.load import load_config
+
+    cfg = load_config([str(a) for a in ["--data.train", labelled_jsonl, "--data.test", labelled_jsonl,
+                                        "--data.format=jsonl", "--model.config", TINY,
+                                        "--model.tokenizer_vocab_size=400", "--train.max_steps=6",
+                                        "--classify.seeds=[1, 2]", "--output_dir", tmp_path / "s",
+                                        "--log.progress=false"]], world_size=1, accelerator="cpu")
+    result = run(cfg)
+    table = json.loads((tmp_path / "s" / "seeds_summary.json").read_text())["test"]
+    values = table["accuracy"]["values"]
+    assert len(values) == 2 and table["accuracy"]["mean"] == pytest.approx(np.mean(values))
+    assert table["accuracy"]["std"] == pytest.approx(np.std(values)) and math.isfinite(result["test"]["macro_f1"]["mean"])
+    assert (tmp_path / "s" / "seed_1" / "eval_test.json").exists() and (tmp_path / "s" / "seeds_summary.md").exists()
+
+
+def _slice(src: Path, dst: Path, n: int) -> Path:
+    with gzip.open(src, "rt", newline="") as f, dst.open("w", newline="") as g:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            g.write(line)
+    return dst
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+def test_nsl_kdd_multiclass_slice(tmp_path):
+    names = [line.split(",")[0] for line in gzip.open(SHARED / "nsl_kdd" / "Field_Names.csv.gz", "rt").read().split()]
+    train = _slice(SHARED / "nsl_kdd" / "KDDTrain+_20Percent.txt.gz", tmp_path / "train.csv", 3000)
+    test = _slice(SHARED / "nsl_kdd" / "KDDTest+.txt.gz", tmp_path / "test.csv", 1000)
+    out = tmp_path / "kdd"
+    summary = run_inprocess_classify([
+        "--data.train", train, "--data.test", test, "--data.format=csv",
+        f"--data.column_names=[{','.join(names)},label,difficulty]",
+        "--data.columns=[protocol_type,service,flag,src_bytes,dst_bytes,count,srv_count,serror_rate]",
+        "--data.round_digits=2", "--classify.unseen=skip", "--data.max_seq_length=48",  # the default tiny BERT
+        "--train.max_steps=150", "--train.micro_batch_size=32", "--train.lr=1e-3", "--classify.head_lr_mult=10",
+        "--train.eval_every=50", "--output_dir", out])
+    result = json.loads((out / "eval_test.json").read_text())
+    assert result["accuracy"] > 0.6 and "normal" in result["per_class"] and "neptune" in result["per_class"]
+    assert len(result["confusion_matrix"]) == len(result["labels"]) and summary["test"]["macro_f1"] > 0
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+def test_csic_labels_per_file(tmp_path):
+    normal = _slice(SHARED / "csic2010" / "normalTrafficTest.txt.gz", tmp_path / "normalTest.txt", 4000)
+    attack = _slice(SHARED / "csic2010" / "anomalousTrafficTest.txt.gz", tmp_path / "anomalousTest.txt", 4000)
+    out = tmp_path / "csic"
+    run_inprocess_classify(["--data.train", f"[{normal}, {attack}]", "--data.format=http",
+                            "--classify.label_files={'normal*': normal, 'anomalous*': attack}",
+                            "--model.config", TINY, "--data.max_seq_length=64", "--train.max_steps=10",
+                            "--data.valid_fraction=0.2", "--data.test", f"[{normal}, {attack}]", "--output_dir", out])
+    result = json.loads((out / "eval_test.json").read_text())
+    assert result["labels"] == ["attack", "normal"] and "roc_auc" in result
+    assert sum(result["per_class"][k]["support"] for k in result["labels"]) > 500
+
+
+def run_inprocess_classify(argv: list) -> dict:
+    from dapt.classify import run
+    from dapt.load import load_config
+
+    return run(load_config([str(a) for a in argv + ["--log.progress=false"]], world_size=1, accelerator="cpu"))
+
+
+def test_entry_point_help():
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "classify.py"), "--help"], capture_output=True,
+                          text=True, timeout=60, env=child_env())
+    assert proc.returncode == 0 and "--classify.head_lr_mult=float" in proc.stdout
+    assert "usage: launch/classify.py" in proc.stdout
