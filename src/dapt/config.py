@@ -218,6 +218,18 @@ class ClassifyConfig:
 
 
 @dataclass(kw_only=True)
+class EmbedConfig:
+    pooling: str = "mean"
+    """cls (the first token's state) | mean (average over real tokens) for launch/embed.py and launch/anomaly.py."""
+    normal_label: str = "normal"
+    """anomaly: the label of normal data; the detector is fitted on normal training documents only."""
+    max_fpr: float = 0.05
+    """anomaly: the false-positive rate allowed on normal validation data; it sets the threshold."""
+    shrinkage: str = "ledoit_wolf"
+    """anomaly: covariance shrinkage, ledoit_wolf or a fixed coefficient in [0, 1] (e.g. 0.1)."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     output_dir: str = "runs/default"
     """Where the run writes config, metrics, checkpoints, final model and plots."""
@@ -234,6 +246,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     # Not config fields: filled by load_config.
     ds_config: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
@@ -256,6 +269,7 @@ CHOICES = {
     "log.level": ("debug", "info", "warning"),
     "classify.metric": ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc"),
     "classify.unseen": ("error", "skip"),
+    "embed.pooling": ("cls", "mean"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
 NOT_YET: dict[str, tuple[str, ...]] = {}

@@ -276,6 +276,20 @@ def validate(cfg: RunConfig) -> list[str]:
     if d.train_weights and d.max_tokens:
         p.append("data.max_tokens applies to one ordered corpus; it cannot be combined with data.train_weights")
     _positive(p, "data.max_tokens", d.max_tokens, minimum=0)
+    e = cfg.embed
+    if not 0 < e.max_fpr < 1:
+        p.append(f"embed.max_fpr: {e.max_fpr} must be in (0, 1)")
+    if e.shrinkage != "ledoit_wolf":
+        try:
+            ok = 0 <= float(e.shrinkage) <= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            p.append(f"embed.shrinkage: {e.shrinkage!r} must be ledoit_wolf or a number in [0, 1]")
+    if not 0 <= cfg.classify.label_smoothing < 1:
+        p.append(f"classify.label_smoothing: {cfg.classify.label_smoothing} must be in [0, 1)")
+    if cfg.classify.head_lr_mult <= 0:
+        p.append(f"classify.head_lr_mult: {cfg.classify.head_lr_mult} must be > 0")
     if d.max_chars and d.max_chars < d.min_chars:
         p.append(f"data.max_chars: {d.max_chars} is below data.min_chars {d.min_chars}")
     if d.format in ("csv", "tsv") and d.columns and d.column_names:

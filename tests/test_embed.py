@@ -1,0 +1,109 @@
+"""Embeddings and Mahalanobis anomaly detection."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from scipy import stats
+from transformers import BertConfig, BertForMaskedLM
+
+from dapt.embed import Mahalanobis, evaluate_detector, threshold_for
+from dapt.model import train_wordpiece
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def test_mahalanobis_on_gaussians_gives_the_known_recall_and_fpr():
+    """Normal data N(0, S), anomalies shifted by delta: squared distances are chi2(d) and noncentral chi2(d, lam)."""
+    rng = np.random.default_rng(0)
+    d, n = 6, 40000
+    a = rng.normal(size=(d, d))
+    cov = a @ a.T + d * np.eye(d)
+    chol = np.linalg.cholesky(cov)
+    delta = chol @ np.array([2.0, 0, 0, 0, 0, 0])  # a shift of Mahalanobis length 2
+    normal_train, normal_valid, normal_test = (rng.normal(size=(n, d)) @ chol.T for _ in range(3))
+    attacks = rng.normal(size=(n, d)) @ chol.T + delta
+    det = Mahalanobis("ledoit_wolf").fit(normal_train)
+    threshold = threshold_for(det.score(normal_valid), 0.05)
+    assert threshold == pytest.approx(stats.chi2.ppf(0.95, d), rel=0.03)
+    scores = det.score(np.vstack([normal_test, attacks]))
+    result = evaluate_detector(scores, np.r_[np.zeros(n, bool), np.ones(n, bool)], threshold)
+    assert result["test_fpr"] == pytest.approx(0.05, abs=0.006)
+    assert result["recall_at_max_fpr"] == pytest.approx(stats.ncx2.sf(stats.chi2.ppf(0.95, d), d, 4.0), abs=0.012)
+    assert 0.5 < result["auroc"] < 1.0 and len(result["roc_curve"]["fpr"]) > 10
+
+
+def test_fixed_shrinkage_and_threshold_semantics():
+    x = np.random.default_rng(1).normal(size=(500, 4))
+    det = Mahalanobis("0.3").fit(x)
+    assert det.coefficient == pytest.approx(0.3)
+    scores = np.arange(100.0)
+    t = threshold_for(scores, 0.05)
+    assert (scores > t).mean() <= 0.05 and (scores >= t).mean() > 0.05
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A small untrained BERT saved as a Hugging Face folder, with a tokenizer learnt on HTTP-like text."""
+    from dapt.corpus import generate
+
+    path = tmp_path_factory.mktemp("enc")
+    tok = train_wordpiece(generate(800, seed=2), 600, 64)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _run(fn, argv):
+    from dapt.load import load_config
+
+    return fn(load_config([str(a) for a in argv + ["--log.progress=false"]], world_size=1, accelerator="cpu"))
+
+
+def test_embed_writes_npz_per_split(encoder, tmp_path, corpus_file):
+    from dapt.embed import run_embed
+
+    out = tmp_path / "emb"
+    result = _run(run_embed, ["--model.name_or_path", encoder, "--data.train", corpus_file, "--output_dir", out,
+                              "--embed.pooling=cls", "--data.valid_fraction=0.2"])
+    assert set(result["files"]) == {"train", "valid"}
+    train = np.load(out / "embeddings_train.npz")
+    assert train["embeddings"].shape == (len(train["ids"]), 32) and np.isfinite(train["embeddings"]).all()
+    assert len(np.unique(train["embeddings"][:, 0])) > 10  # real, distinct vectors
+    assert str(train["ids"][0]).startswith(str(corpus_file))
+
+
+def _slice(src: Path, dst: Path, lines: int) -> Path:
+    with gzip.open(src, "rt", newline="") as f, dst.open("w", newline="") as g:
+        for i, line in enumerate(f):
+            if i >= lines:
+                break
+            g.write(line)
+    return dst
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
+    from dapt.embed import run_anomaly
+
+    csic = SHARED / "csic2010"
+    train = _slice(csic / "normalTrafficTraining.txt.gz", tmp_path / "normalTrain.txt", 14000)
+    normal = _slice(csic / "normalTrafficTest.txt.gz", tmp_path / "normalTest.txt", 6000)
+    attack = _slice(csic / "anomalousTrafficTest.txt.gz", tmp_path / "anomalousTest.txt", 6000)
+    out = tmp_path / "anomaly"
+    result = _run(run_anomaly, ["--model.name_or_path", encoder, "--data.format=http", "--data.train", train,
+                                "--data.test", f"[{normal}, {attack}]", "--data.valid_fraction=0.2",
+                                "--classify.label_files={'normal*': normal, 'anomalous*': attack}",
+                                "--output_dir", out, "--data.max_seq_length=128"])
+    saved = json.loads((out / "anomaly.json").read_text())
+    for key in ("recall_at_max_fpr", "max_fpr", "test_fpr", "threshold", "auroc"):
+        assert key in saved, key
+    assert saved["max_fpr"] == 0.05 and saved["train_normal"] > 500 and saved["valid_normal"] > 100
+    assert 0.0 <= saved["test_fpr"] < 0.25 and saved["auroc"] > 0.5  # even an untrained encoder separates a bit
+    assert (out / "plots" / "roc.png").stat().st_size > 1000 and result["threshold"] == saved["threshold"]
