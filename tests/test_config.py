@@ -513,7 +513,7 @@ def test_help_text_has_design_name(name):
     assert f"  --{name}=" in help_text()
 
 
-SECTIONS = ("model", "data", "masking", "train", "checkpoint", "log", "classify", "embed")
+SECTIONS = ("model", "data", "masking", "train", "checkpoint", "log", "classify", "embed", "ablation")
 
 
 @pytest.mark.parametrize("cls", [RunConfig, ModelConfig, DataConfig, MaskingConfig, TrainConfig,

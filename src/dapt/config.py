@@ -230,6 +230,22 @@ class EmbedConfig:
 
 
 @dataclass(kw_only=True)
+class AblationConfig:
+    base: str = ""
+    """The base encoder (hub id or folder) that DAPT starts from and that is evaluated as the first row."""
+    dapt_recipe: str = ""
+    """launch/mlm.py recipe of the domain-adaptive stage (its model.name_or_path becomes `base`)."""
+    tapt_recipe: str = ""
+    """launch/mlm.py recipe of the task-adaptive stage (it starts from the DAPT output); empty: no TAPT row."""
+    eval_recipe: str = ""
+    """The recipe of the evaluation run on each checkpoint (launch/classify.py or launch/anomaly.py protocol)."""
+    protocol: str = "classify"
+    """classify | anomaly: how each checkpoint is evaluated."""
+    overrides: list[str] = field(default_factory=list)
+    """Extra --section.field=value arguments given to every stage (e.g. --train.max_steps=100 for a quick look)."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     output_dir: str = "runs/default"
     """Where the run writes config, metrics, checkpoints, final model and plots."""
@@ -247,6 +263,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     # Not config fields: filled by load_config.
     ds_config: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
@@ -270,6 +287,7 @@ CHOICES = {
     "classify.metric": ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc"),
     "classify.unseen": ("error", "skip"),
     "embed.pooling": ("cls", "mean"),
+    "ablation.protocol": ("classify", "anomaly"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
 NOT_YET: dict[str, tuple[str, ...]] = {}
