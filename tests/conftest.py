@@ -64,15 +64,15 @@ def run_inprocess(argv: list[str]) -> dict:
 
 
 def launch(args: list[str], ranks: int = 1, timeout: int = 300, cwd: Path | None = None,
-           check: bool = True) -> subprocess.CompletedProcess:
-    """Run launch/mlm.py in fresh processes: plain python for 1 rank, the DeepSpeed launcher for more."""
+           check: bool = True, script: Path = MLM) -> subprocess.CompletedProcess:
+    """Run a launch/ script in fresh processes: plain python for 1 rank, the DeepSpeed launcher for more."""
     from dapt.dist import free_port
 
     if ranks == 1:
-        cmd = [sys.executable, str(MLM)]
+        cmd = [sys.executable, str(script)]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), str(MLM)]
+               "--master_port", str(free_port()), str(script)]
     proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
                           cwd=cwd or ROOT, env=child_env())
     if check and proc.returncode != 0:

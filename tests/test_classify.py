@@ -216,3 +216,19 @@ def test_entry_point_help():
                           text=True, timeout=60, env=child_env())
     assert proc.returncode == 0 and "--classify.head_lr_mult=float" in proc.stdout
     assert "usage: launch/classify.py" in proc.stdout
+
+
+@pytest.mark.slow
+def test_classify_on_two_ranks(labelled_jsonl, tmp_path):
+    """The same run on 2 gloo ranks: predictions gathered from both ranks cover the whole test set."""
+    from conftest import launch
+
+    out = tmp_path / "two"
+    proc = launch(["--data.train", labelled_jsonl, "--data.test", labelled_jsonl, "--data.format=jsonl",
+                   "--model.config", TINY, "--model.tokenizer_vocab_size=400", "--data.max_seq_length=48",
+                   "--output_dir", out, "--train.max_steps=30", "--train.eval_every=10", "--train.lr=2e-3",
+                   "--classify.head_lr_mult=5", "--log.progress=false"], ranks=2,
+                  script=ROOT / "launch" / "classify.py")
+    assert "global batch = 16 x 1 x 2" in proc.stdout
+    result = json.loads((out / "eval_test.json").read_text())
+    assert sum(v["support"] for v in result["per_class"].values()) == 1600 and result["accuracy"] > 0.95

@@ -173,7 +173,7 @@ def test_read_tsv(tmp_path):
     p = write(tmp_path / "t.tsv", b"name\tvalue\tnote\na b\t0.555\tx, y\nc\t10\tz\n")
     assert read([p], "tsv") == [("name:a b value:0.555 note:x, y", f"{p}:2"), ("name:c value:10 note:z", f"{p}:3")]
     opts = FormatOptions(columns=("value",), round_digits=1)
-    assert [t for t, _ in read([p], "tsv", options=opts)] == ["value:0.6", "value:10"]
+    assert [t for t, _ in read([p], "tsv", options=opts)] == ["0.6", "10"]  # one column: the value alone
 
 
 def test_read_tsv_empty_edge_fields(tmp_path):
@@ -472,8 +472,9 @@ def test_skip_csv(tmp_path):
     r = write(tmp_path / "c.csv", b"b,a\n10,20\n")
     skipped: Counter = Counter()
     got = read([p, q, r], "csv", on_error="skip", skipped=skipped, options=FormatOptions(columns=("a",)))
-    assert got == [("a:1", f"{p}:2"), ("a:7", f"{p}:5"), ("a:20", f"{r}:2")]
-    assert skipped == Counter({"wrong number of fields": 2, "invalid UTF-8": 1, "missing column(s) a": 1})
+    # one column: the value alone; "9" lacks only the unused trailing field b, so it is kept
+    assert got == [("1", f"{p}:2"), ("7", f"{p}:5"), ("9", f"{p}:6"), ("20", f"{r}:2")]
+    assert skipped == Counter({"wrong number of fields": 1, "invalid UTF-8": 1, "missing column(s) a": 1})
 
 
 # ---------------------------------------------------------------- resume positions
@@ -725,3 +726,17 @@ def test_empty_text_fields_are_bad_records_not_silent_drops(tmp_path):
     assert [d.text for d in read_documents([str(path)], "jsonl", on_error="skip", skipped=skipped)] == ["kept",
                                                                                                        "also kept"]
     assert skipped == {"empty field 'text'": 1}
+
+
+def test_one_selected_column_is_the_raw_text(tmp_path):
+    p = write(tmp_path / "benign.csv", b"domain,\ngoogle.com,\nmail.example.org,\n")  # the DGA files' layout
+    assert read([p], "csv", options=FormatOptions(columns=("domain",))) == [("google.com", f"{p}:2"),
+                                                                           ("mail.example.org", f"{p}:3")]
+
+
+def test_rows_missing_only_unused_trailing_fields_are_padded(tmp_path):
+    p = write(tmp_path / "dga.csv", b"domain,\nabc.com,\nxyz.net\n")  # the last row lost its trailing comma
+    assert [t for t, _ in read([p], "csv", options=FormatOptions(columns=("domain",)))] == ["abc.com", "xyz.net"]
+    q = write(tmp_path / "two.csv", b"a,b\n1,2\n3\n")
+    with pytest.raises(BadRecord, match="wrong number of fields"):  # a used field is missing: still an error
+        read([q], "csv")

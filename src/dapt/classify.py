@@ -394,6 +394,8 @@ def run_one(cfg: RunConfig) -> dict:
             improved = best is None or score > best
             ckpt.save(engine, done, {"step": done, "eval": result}, {}, -score)  # lower is better in the index
             best, stale = (score, 0) if improved else (best, stale + 1)
+            if improved and rank == 0:
+                (out / "eval_valid.json").write_text(json.dumps({"step": done, **result}, indent=1))
             stop = _should_stop(c, result, stale, done, steps_per_epoch)
             if stop:
                 log.warning("stopping at step %d: %s", done, stop)

@@ -60,7 +60,8 @@ class DataConfig:
     text_field: str = "text"
     """The jsonl field or parquet column that holds the document text."""
     columns: list[str] = field(default_factory=list)
-    """csv/tsv: the columns written as `key:value` text, in this order; empty: all."""
+    """csv/tsv: the columns written as `key:value` text, in this order (one column: its value alone); empty: all
+    but the label."""
     column_names: list[str] = field(default_factory=list)
     """csv/tsv files without a header line: the names of their columns."""
     round_digits: int | None = None

@@ -168,10 +168,16 @@ def _delimited(delimiter: str):
                     yield item, after
                 continue
             row = next(csv.reader([item.text], delimiter=delimiter))
+            used = max([*keep, label_at if label_at is not None else -1]) + 1
+            if used <= len(row) < len(names):  # only unused trailing fields are missing (a dropped trailing comma)
+                row += [""] * (len(names) - len(row))
             if len(row) != len(names):
                 yield BadRecord(url, line, "wrong number of fields", f" ({len(row)}, header has {len(names)})"), after
                 continue
-            text = " ".join(f"{names[i]}:{_value(row[i], opts.round_digits)}" for i in keep)
+            if len(keep) == 1:  # one selected column (a domain, a sentence): its value is the text
+                text = _value(row[keep[0]], opts.round_digits)
+            else:
+                text = " ".join(f"{names[i]}:{_value(row[i], opts.round_digits)}" for i in keep)
             yield Document(text, item.id, row[label_at].strip() if label_at is not None else None), after
     return read
 

@@ -169,6 +169,10 @@ def load_config(argv: list[str], world_size: int | None = None, accelerator: str
     problems: list[str] = []
     if recipe:
         values = _read_yaml(recipe, problems)
+        model = values.get("model")
+        if "model.name_or_path" in overrides and isinstance(model, dict) and "model.config" not in overrides:
+            # the command line beats the recipe: a pretrained model replaces the recipe's from-scratch config
+            values["model"] = {k: v for k, v in model.items() if k not in ("config", "tokenizer_vocab_size")}
     else:
         values = embedded_default(overrides)
     values = _merge(values, _nest(overrides))
@@ -248,6 +252,8 @@ def validate(cfg: RunConfig) -> list[str]:
     m, d, t, k = cfg.model, cfg.data, cfg.train, cfg.masking
     if m.name_or_path and m.config is not None:
         p.append("model.name_or_path and model.config are exclusive: load a pretrained model or build one from a config")
+    if not m.name_or_path and m.config is None and not cfg.ablation.base:
+        p.append("model: give model.name_or_path (a hub id or folder) or model.config (to build one from scratch)")
     if isinstance(m.config, dict) and "model_type" not in m.config:
         p.append("model.config: a mapping needs model_type (bert, roberta, distilbert, modernbert, ...)")
     if m.tokenizer_vocab_size < 100:
