@@ -107,3 +107,16 @@ def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
     assert saved["max_fpr"] == 0.05 and saved["train_normal"] > 500 and saved["valid_normal"] > 100
     assert 0.0 <= saved["test_fpr"] < 0.25 and saved["auroc"] > 0.5  # even an untrained encoder separates a bit
     assert (out / "plots" / "roc.png").stat().st_size > 1000 and result["threshold"] == saved["threshold"]
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_embeddings_as_one(encoder, tmp_path, corpus_file):
+    from conftest import launch
+
+    args = ["--model.name_or_path", encoder, "--data.train", corpus_file, "--data.valid_fraction=0",
+            "--log.progress=false"]
+    for ranks in (1, 2):
+        launch(args + ["--output_dir", tmp_path / f"r{ranks}"], ranks=ranks, script=ROOT / "launch" / "embed.py")
+    one, two = (np.load(tmp_path / f"r{r}" / "embeddings_train.npz") for r in (1, 2))
+    assert list(one["ids"]) == list(two["ids"]) and len(one["ids"]) == 1200
+    assert np.allclose(one["embeddings"], two["embeddings"], atol=1e-5)
