@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dapt.config import ConfigError, RunConfig, help_text
 from dapt.data import BadRecord
 from dapt.load import load_config, parse_argv
+from dapt.preempt import Preempted
 
 
 def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: str = "launch/mlm.py") -> int:
@@ -29,6 +30,10 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
     setup_logging(cfg.log.level)
     try:
         run(cfg)
+    except Preempted as e:
+        if first:
+            print(f"{prog}: {e.message}", file=sys.stderr)
+        return e.code
     except BadRecord as e:
         print(f"{prog}: bad input: {e} (set --data.on_error=skip to skip and count such records)", file=sys.stderr)
         return 3

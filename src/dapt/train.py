@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import resource
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from dapt.masking import IGNORE, MLMCollator
 from dapt.metrics import MetricsLogger, plot_curves
 from dapt.model import build_model, param_groups
 from dapt.packing import Row
+from dapt.preempt import Preempted, PreemptionWatch
 from dapt.schedule import build_scheduler, warmup_steps
 from dapt.stream import RowFeeder, count_epoch_rows
 
@@ -144,6 +146,7 @@ def run(cfg: RunConfig) -> dict:
                        consumed=state.step * t.micro_batch_size * t.grad_accum)
     manual_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     window = Counter()
+    watch = PreemptionWatch()
     started = time.time() - state.elapsed
     bar = tqdm(total=steps, initial=state.step, desc="train", disable=rank != 0 or not cfg.log.progress)
     window_start = time.time()
@@ -152,7 +155,8 @@ def run(cfg: RunConfig) -> dict:
         micro = [collate([_item(g, row) for g, row in part]) for part in rows]
         # Loss of the step = sum of masked-token losses / masked tokens of the whole step (all micro-batches, all
         # ranks). DeepSpeed divides by accumulation steps and averages over ranks, so multiply those back.
-        (masked,) = dist.all_sum(sum(int((b["labels"] != IGNORE).sum()) for b in micro))
+        # The same all-reduce carries any rank's stop signal, so all ranks stop after this same step.
+        masked, stop_votes = dist.all_sum(sum(int((b["labels"] != IGNORE).sum()) for b in micro), watch.signum)
         scale = t.grad_accum * world / max(masked, 1.0)
         grad_norm = None
         for i, b in enumerate(micro):
@@ -183,11 +187,17 @@ def run(cfg: RunConfig) -> dict:
         if corpus.valid and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
             eval_loss = evaluate(engine, corpus.valid, eval_collate, t, device)
             _log_eval(state, eval_loss, metrics, "eval")
-        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == steps:
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == steps or stop_votes:
             state.elapsed = time.time() - started
-            ckpt.save(engine, state.step, _client_state(cfg, state, feeder),
-                      {"sample_lines": samples.lines if samples else 0}, eval_loss)
+            saved = ckpt.save(engine, state.step, _client_state(cfg, state, feeder),
+                              {"sample_lines": samples.lines if samples else 0}, eval_loss)
+            if stop_votes and state.step < steps:
+                bar.close()
+                watch.close()
+                # a rank the signal did not reach stops because another one got it: report SIGTERM there
+                raise Preempted(watch.signum or signal.SIGTERM, state.step, str(saved))
     bar.close()
+    watch.close()
     return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device, feeder)
 
 
