@@ -231,3 +231,38 @@ def test_whole_word_masking_trains(recipe, tmp_path):
                              "--data.packing=pad", "--train.max_steps=8", "--checkpoint.every=0"])
     losses = [v for _, v in series(out, "train/loss")]
     assert summary["steps"] == 8 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, recipe, tmp_path, capsys):
+    from dapt.checkpoint import verify
+
+    out = tmp_path / "run"
+    args = ["--recipe", recipe, "--output_dir", out, "--train.max_steps=9", "--checkpoint.every=3",
+            "--checkpoint.keep=3", "--train.eval_every=0"]
+    run_inprocess(args)
+    first = dict(series(out, "train/loss"))
+    latest = out / "checkpoints" / "step_00000009"
+    victim = max((p for p in latest.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    assert verify(latest) is not None and verify(out / "checkpoints" / "step_00000006") is None
+    capsys.readouterr()
+    run_inprocess(args)  # resume=auto: step 9 is damaged, step 6 is used
+    assert "step_00000009 is damaged" in capsys.readouterr().out
+    again = dict(series(out, "train/loss"))
+    assert sorted(again) == list(range(1, 10))  # steps 7-9 retrained once each, cut back in metrics.jsonl
+    assert [again[s] for s in range(7, 10)] == pytest.approx([first[s] for s in range(7, 10)], rel=1e-6)
+
+
+def test_unreadable_index_is_rebuilt_from_the_folders(recipe, tmp_path):
+    from dapt.checkpoint import Checkpointer
+
+    out = tmp_path / "run"
+    run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=6", "--checkpoint.every=3"])
+    (out / "checkpoints" / "index.json").write_text('{"latest": "step_0000')  # cut mid-write
+    assert Checkpointer(out / "checkpoints", keep=2).latest_complete().name == "step_00000006"

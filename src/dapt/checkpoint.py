@@ -3,6 +3,7 @@ Hugging Face export of the final weights (verified by reloading)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,9 +39,45 @@ def restore_rank_state(state: dict) -> dict:
     return state
 
 
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Size and sha256 of every file in a finished checkpoint folder."""
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(folder: Path) -> str | None:
+    """None when every file of the checkpoint is there with its size and checksum; else what is wrong."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "no readable manifest (an unfinished write?)"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
 class Checkpointer:
-    """Saves under `root/<tag>/`; `root/index.json` (written after every rank finished) names the latest complete
-    checkpoint, the best one by eval loss, and the ones kept."""
+    """Saves under `root/<tag>/`, atomically: written as `.tmp-<tag>`, given a manifest of sizes and checksums,
+    renamed, and only then named in `root/index.json` (latest, best, kept). Resume verifies the manifest and falls
+    back to the previous complete checkpoint when the latest is damaged."""
 
     def __init__(self, root: Path, keep: int, keep_best: bool = True):
         self.root, self.keep, self.keep_best = Path(root), keep, keep_best
@@ -49,7 +86,12 @@ class Checkpointer:
     def index(self) -> dict:
         if not self.index_path.exists():
             return {"latest": None, "saved": [], "best": None}
-        return json.loads(self.index_path.read_text())
+        try:
+            return json.loads(self.index_path.read_text())
+        except json.JSONDecodeError:
+            saved = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            log.warning("%s is unreadable; rebuilt from the checkpoint folders: %s", self.index_path, saved)
+            return {"latest": saved[-1] if saved else None, "saved": saved, "best": None}
 
     def latest(self) -> Path | None:
         tag = self.index()["latest"]
@@ -57,13 +99,38 @@ class Checkpointer:
 
     def save(self, engine, step: int, client_state: dict, rank_extra: dict, eval_loss: float | None) -> Path:
         tag = f"step_{step:08d}"
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state)
-        torch.save(rank_state(rank_extra), self.root / tag / f"rank_state{dist.rank()}.pt")
-        dist.barrier()  # every rank's files are on disk before the index points at them
+        tmp = self.root / f".tmp-{tag}"
+        if dist.rank() == 0 and tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed while saving
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client_state, save_latest=False)
+        torch.save(rank_state(rank_extra), tmp / f"rank_state{dist.rank()}.pt")
+        dist.barrier()  # every rank's files are on disk before the manifest, the rename and the index
         if dist.rank() == 0:
+            write_manifest(tmp)
+            if (self.root / tag).exists():
+                shutil.rmtree(self.root / tag)
+            os.replace(tmp, self.root / tag)
             self._update_index(tag, eval_loss)
         dist.barrier()
         return self.root / tag
+
+    def latest_complete(self) -> Path | None:
+        """The newest kept checkpoint whose manifest checks out (decided on rank 0, the same on every rank)."""
+        choice = [None]
+        if dist.rank() == 0:
+            for tag in reversed(self.index()["saved"]):
+                problem = verify(self.root / tag)
+                if problem is None:
+                    choice = [tag]
+                    break
+                log.error("checkpoint %s is damaged: %s; falling back to the previous one", self.root / tag, problem)
+            else:
+                if self.index()["saved"]:
+                    raise RuntimeError(f"no complete checkpoint left in {self.root}")
+        if dist.world() > 1:
+            torch.distributed.broadcast_object_list(choice, src=0)
+        return self.root / choice[0] if choice[0] else None
 
     def _update_index(self, tag: str, eval_loss: float | None) -> None:
         idx = self.index()

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dapt import dist
 from dapt.attention import model_inputs
-from dapt.checkpoint import Checkpointer, export_hf
+from dapt.checkpoint import Checkpointer, export_hf, verify
 from dapt.config import RunConfig
 from dapt.data import Corpus, RowDataset, eval_batches, prepare_data
 from dapt.dsconfig import bf16_in_hardware, describe_optimizer, finalize_ds_config
@@ -294,8 +294,11 @@ def _resume_point(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
     if cfg.resume == "never":
         return None
     if cfg.resume != "auto":
+        problem = verify(Path(cfg.resume))
+        if problem:
+            raise ValueError(f"resume: checkpoint {cfg.resume} is damaged: {problem}")
         return Path(cfg.resume)
-    return ckpt.latest()
+    return ckpt.latest_complete()
 
 
 def _check_same_data(client: dict, cfg: RunConfig) -> None:
