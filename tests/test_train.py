@@ -266,3 +266,35 @@ def test_unreadable_index_is_rebuilt_from_the_folders(recipe, tmp_path):
     run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=6", "--checkpoint.every=3"])
     (out / "checkpoints" / "index.json").write_text('{"latest": "step_0000')  # cut mid-write
     assert Checkpointer(out / "checkpoints", keep=2).latest_complete().name == "step_00000006"
+
+
+def test_disk_check_refuses_or_warns_when_checkpoints_cannot_fit(tmp_path, caplog):
+    import shutil
+
+    from dapt.checkpoint import check_disk, expected_bytes
+
+    free = shutil.disk_usage(tmp_path).free
+    too_many = free // expected_bytes(1, "bf16") + 1  # parameters whose one checkpoint exceeds the free disk
+    with pytest.raises(ValueError, match="checkpoint.keep"):
+        check_disk(tmp_path / "ckpt", too_many, "bf16", keep=2, mode="refuse")
+    check_disk(tmp_path / "ckpt", too_many, "bf16", keep=2, mode="off")
+    check_disk(tmp_path / "ckpt", 1000, "bf16", keep=2, mode="refuse")  # small: fits
+    import logging
+
+    logging.getLogger("dapt").addHandler(caplog.handler)
+    try:
+        check_disk(tmp_path / "ckpt", too_many, "bf16", keep=2, mode="warn")
+    finally:
+        logging.getLogger("dapt").removeHandler(caplog.handler)
+    assert "GiB" in caplog.text
+
+
+def test_real_checkpoint_is_no_larger_than_the_estimate(recipe, tmp_path):
+    from dapt.checkpoint import expected_bytes
+
+    out = tmp_path / "run"
+    run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=2", "--checkpoint.every=2"])
+    folder = out / "checkpoints" / "step_00000002"
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    params = sum(t.numel() for t in AutoModelForMaskedLM.from_pretrained(out / "final").parameters())
+    assert size <= expected_bytes(params, "fp32") * 1.5 + 2**20  # fp32 run; 1 MiB of metadata and RNG state

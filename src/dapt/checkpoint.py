@@ -155,6 +155,31 @@ class Checkpointer:
         return client, restore_rank_state(state)
 
 
+def expected_bytes(n_params: int, precision: str) -> int:
+    """One checkpoint: fp32 master weights and two Adam moments (12 bytes per parameter, over all ranks together),
+    plus the module's weights in the training precision."""
+    return n_params * (12 + (2 if precision in ("bf16", "fp16") else 4))
+
+
+def check_disk(root: Path, n_params: int, precision: str, keep: int, mode: str) -> None:
+    """Refuse (or warn) before training when keep + 1 checkpoints cannot fit on the disk that will hold them."""
+    if mode == "off":
+        return
+    need = (keep + 1) * expected_bytes(n_params, precision)  # keep + the one being written
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free >= need:
+        return
+    message = (f"checkpoints need about {need / 2**30:.1f} GiB ({keep} kept + 1 being written, "
+               f"{expected_bytes(n_params, precision) / 2**30:.2f} GiB each) but {probe} has {free / 2**30:.1f} GiB "
+               "free; lower checkpoint.keep, free space, or set checkpoint.disk_check=warn")
+    if mode == "refuse":
+        raise ValueError(message)
+    log.warning(message)
+
+
 def full_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor] | None:
     """fp32 weights on rank 0 (None elsewhere): from ZeRO partitions of `checkpoint` for stages 1-3, else the
     module (its fp32 master copies under bf16)."""

@@ -171,6 +171,8 @@ class CheckpointConfig:
     """Keep the last K checkpoints (the best one by eval loss is kept as well)."""
     keep_best: bool = True
     """Keep the checkpoint with the lowest eval loss besides the last K."""
+    disk_check: str = "refuse"
+    """refuse | warn | off: before training, compare the expected size of keep + 1 checkpoints with free disk."""
 
 
 @dataclass(kw_only=True)
@@ -289,6 +291,7 @@ CHOICES = {
     "classify.unseen": ("error", "skip"),
     "embed.pooling": ("cls", "mean"),
     "ablation.protocol": ("classify", "anomaly"),
+    "checkpoint.disk_check": ("refuse", "warn", "off"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
 NOT_YET: dict[str, tuple[str, ...]] = {}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dapt import dist
 from dapt.attention import model_inputs
-from dapt.checkpoint import Checkpointer, export_hf, verify
+from dapt.checkpoint import Checkpointer, check_disk, export_hf, verify
 from dapt.config import RunConfig
 from dapt.data import Corpus, RowDataset, eval_batches, prepare_data
 from dapt.dsconfig import bf16_in_hardware, describe_optimizer, finalize_ds_config
@@ -119,6 +119,8 @@ def run(cfg: RunConfig) -> dict:
     if rank == 0:
         save_resolved(cfg, out / "config.resolved.yaml")
     log_choices(cfg, accelerator, steps)
+    check_disk(out / "checkpoints", sum(p.numel() for p in model.parameters()), cfg.train.precision,
+               cfg.checkpoint.keep + int(cfg.checkpoint.keep_best), cfg.checkpoint.disk_check)
     engine = build_engine(cfg, model, steps)
 
     state, streams, sample_lines = TrainState(), {}, 0
