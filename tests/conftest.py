@@ -95,3 +95,15 @@ def metrics(out: Path) -> list[dict]:
 
 def series(out: Path, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in metrics(out) if key in r]
+
+
+def shared_slice(src: Path, dst: Path, lines: int) -> Path:
+    """The first `lines` lines of a gzipped ../shared data file, as a plain file in a test folder."""
+    import gzip
+
+    with gzip.open(src, "rt", newline="") as f, dst.open("w", newline="") as g:
+        for i, line in enumerate(f):
+            if i >= lines:
+                break
+            g.write(line)
+    return dst

@@ -5,12 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, shared_slice
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from dapt.classify import (
@@ -158,20 +157,11 @@ def test_seeds_give_mean_and_std(labelled_jsonl, tmp_path):
     assert (tmp_path / "s" / "seed_1" / "eval_test.json").exists() and (tmp_path / "s" / "seeds_summary.md").exists()
 
 
-def _slice(src: Path, dst: Path, n: int) -> Path:
-    with gzip.open(src, "rt", newline="") as f, dst.open("w", newline="") as g:
-        for i, line in enumerate(f):
-            if i >= n:
-                break
-            g.write(line)
-    return dst
-
-
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 def test_nsl_kdd_multiclass_slice(tmp_path):
     names = [line.split(",")[0] for line in gzip.open(SHARED / "nsl_kdd" / "Field_Names.csv.gz", "rt").read().split()]
-    train = _slice(SHARED / "nsl_kdd" / "KDDTrain+_20Percent.txt.gz", tmp_path / "train.csv", 3000)
-    test = _slice(SHARED / "nsl_kdd" / "KDDTest+.txt.gz", tmp_path / "test.csv", 1000)
+    train = shared_slice(SHARED / "nsl_kdd" / "KDDTrain+_20Percent.txt.gz", tmp_path / "train.csv", 3000)
+    test = shared_slice(SHARED / "nsl_kdd" / "KDDTest+.txt.gz", tmp_path / "test.csv", 1000)
     out = tmp_path / "kdd"
     summary = run_inprocess_classify([
         "--data.train", train, "--data.test", test, "--data.format=csv",
@@ -187,8 +177,8 @@ def test_nsl_kdd_multiclass_slice(tmp_path):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 def test_csic_labels_per_file(tmp_path):
-    normal = _slice(SHARED / "csic2010" / "normalTrafficTest.txt.gz", tmp_path / "normalTest.txt", 4000)
-    attack = _slice(SHARED / "csic2010" / "anomalousTrafficTest.txt.gz", tmp_path / "anomalousTest.txt", 4000)
+    normal = shared_slice(SHARED / "csic2010" / "normalTrafficTest.txt.gz", tmp_path / "normalTest.txt", 4000)
+    attack = shared_slice(SHARED / "csic2010" / "anomalousTrafficTest.txt.gz", tmp_path / "anomalousTest.txt", 4000)
     out = tmp_path / "csic"
     run_inprocess_classify(["--data.train", f"[{normal}, {attack}]", "--data.format=http",
                             "--classify.label_files={'normal*': normal, 'anomalous*': attack}",

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, shared_slice
 from scipy import stats
 from transformers import BertConfig, BertForMaskedLM
 
@@ -79,23 +77,14 @@ def test_embed_writes_npz_per_split(encoder, tmp_path, corpus_file):
     assert str(train["ids"][0]).startswith(str(corpus_file))
 
 
-def _slice(src: Path, dst: Path, lines: int) -> Path:
-    with gzip.open(src, "rt", newline="") as f, dst.open("w", newline="") as g:
-        for i, line in enumerate(f):
-            if i >= lines:
-                break
-            g.write(line)
-    return dst
-
-
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
     from dapt.embed import run_anomaly
 
     csic = SHARED / "csic2010"
-    train = _slice(csic / "normalTrafficTraining.txt.gz", tmp_path / "normalTrain.txt", 14000)
-    normal = _slice(csic / "normalTrafficTest.txt.gz", tmp_path / "normalTest.txt", 6000)
-    attack = _slice(csic / "anomalousTrafficTest.txt.gz", tmp_path / "anomalousTest.txt", 6000)
+    train = shared_slice(csic / "normalTrafficTraining.txt.gz", tmp_path / "normalTrain.txt", 14000)
+    normal = shared_slice(csic / "normalTrafficTest.txt.gz", tmp_path / "normalTest.txt", 6000)
+    attack = shared_slice(csic / "anomalousTrafficTest.txt.gz", tmp_path / "anomalousTest.txt", 6000)
     out = tmp_path / "anomaly"
     result = _run(run_anomaly, ["--model.name_or_path", encoder, "--data.format=http", "--data.train", train,
                                 "--data.test", f"[{normal}, {attack}]", "--data.valid_fraction=0.2",
