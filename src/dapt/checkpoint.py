@@ -151,8 +151,11 @@ class Checkpointer:
         loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        state = torch.load(path / f"rank_state{dist.rank()}.pt", weights_only=True)
-        return client, restore_rank_state(state)
+        mine = path / f"rank_state{dist.rank()}.pt"
+        if not mine.exists():  # the world grew: this rank has no saved RNG streams
+            log.warning("%s has no state for rank %d (saved on fewer ranks): its RNG starts fresh", path, dist.rank())
+            return client, {}
+        return client, restore_rank_state(torch.load(mine, weights_only=True))
 
 
 def expected_bytes(n_params: int, precision: str) -> int:

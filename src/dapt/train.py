@@ -43,6 +43,7 @@ class TrainState:
     micro_step: int = 0
     tokens_seen: int = 0
     slots_seen: int = 0  # token positions, padding included: tokens_seen / slots_seen is the packing efficiency
+    rows: int = 0  # global training rows consumed (all ranks): where the data continues, whatever the world size
     samples_seen: int = 0
     best_eval_loss: float | None = None
     elapsed: float = 0.0
@@ -144,8 +145,10 @@ def run(cfg: RunConfig) -> dict:
     t, k = cfg.train, cfg.masking
     collate = make_collator(cfg, corpus.tokenizer, model.config, k.rate, cfg.seed)
     eval_collate = make_collator(cfg, corpus.tokenizer, model.config, k.eval_rate or k.rate, cfg.seed + 1)
-    feeder = RowFeeder(corpus.spec, rank, world, cfg.data.num_workers, streams,
-                       consumed=state.step * t.micro_batch_size * t.grad_accum)
+    if state.rows % world:
+        raise ValueError(f"the checkpoint consumed {state.rows} rows, which {world} ranks cannot continue evenly; "
+                         "resume on a world size that divides it")
+    feeder = RowFeeder(corpus.spec, rank, world, cfg.data.num_workers, streams, consumed=state.rows // world)
     manual_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     window = Counter()
     watch = PreemptionWatch()
@@ -177,6 +180,7 @@ def run(cfg: RunConfig) -> dict:
             samples.write([doc for part in rows for _, row in part for doc in row.doc_ids])
         window["masked"] += masked
         state.step += 1
+        state.rows += t.micro_batch_size * t.grad_accum * world
         bar.update(1)
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
