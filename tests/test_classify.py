@@ -222,3 +222,38 @@ def test_classify_on_two_ranks(labelled_jsonl, tmp_path):
     assert "global batch = 16 x 1 x 2" in proc.stdout
     result = json.loads((out / "eval_test.json").read_text())
     assert sum(v["support"] for v in result["per_class"].values()) == 1600 and result["accuracy"] > 0.95
+
+
+@pytest.mark.slow
+def test_classify_sigterm_then_rerun_matches_an_uninterrupted_run(labelled_jsonl, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import child_env, launch, series
+
+    script = ROOT / "launch" / "classify.py"
+    args = ["--data.train", str(labelled_jsonl), "--data.test", str(labelled_jsonl), "--data.format=jsonl",
+            "--model.config", TINY, "--model.tokenizer_vocab_size=400", "--data.max_seq_length=48",
+            "--train.max_steps=150", "--train.eval_every=25", "--train.log_every=1", "--train.lr=2e-3",
+            "--model.config.hidden_dropout_prob=0.1", "--log.progress=false"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    launch(args + ["--output_dir", straight], script=script)
+    proc = subprocess.Popen([sys.executable, str(script), *args, "--output_dir", str(broken)], env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (broken / "metrics.jsonl").exists() and len(series(broken, "train/loss")) >= 60:
+            os.kill(proc.pid, signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "received SIGTERM" in err, err[-1500:]
+    again = launch(args + ["--output_dir", broken], script=script)
+    assert "resumed from" in again.stdout
+    a, b = (json.loads((d / "eval_test.json").read_text()) for d in (straight, broken))
+    assert a["confusion_matrix"] == b["confusion_matrix"] and a["macro_f1"] == pytest.approx(b["macro_f1"])
+    la, lb = series(straight, "train/loss"), series(broken, "train/loss")
+    assert [s for s, _ in la] == [s for s, _ in lb] and [v for _, v in la] == pytest.approx([v for _, v in lb])

@@ -11,6 +11,7 @@ import copy
 import fnmatch
 import json
 import logging
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dapt.load import save_resolved
 from dapt.metrics import MetricsLogger
 from dapt.model import load_tokenizer
 from dapt.packing import pack
+from dapt.preempt import Preempted, PreemptionWatch
 from dapt.schedule import build_scheduler, warmup_steps
 from dapt.sources import Position, expand
 
@@ -361,16 +363,26 @@ def run_one(cfg: RunConfig) -> dict:
                                            lr_scheduler=lambda opt: build_scheduler(opt, t, steps))
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, keep_best=True)
     metrics = MetricsLogger(out, rank == 0)
-    metrics.truncate_after(0)
     pad_id = tokenizer.pad_token_id or 0
     eval_every = t.eval_every or steps_per_epoch
-    best, stale, stop, window = None, 0, None, Counter()
-    started = time.time()
-    for step in tqdm(range(steps), desc="train", disable=rank != 0 or not cfg.log.progress):
+    best, stale, stop, window, start = None, 0, None, Counter(), 0
+    point = None if cfg.resume == "never" else Path(cfg.resume) if cfg.resume != "auto" else ckpt.latest_complete()
+    if point:  # the data order is a function of the step: resuming needs only the counters
+        client, _ = ckpt.load(engine, point)
+        start, best, stale, stop = client["step"], client.get("best"), client.get("stale", 0), client.get("stopped")
+        log.info("resumed from %s at optimizer step %d", point, start)
+    metrics.truncate_after(start)
+    watch = PreemptionWatch()
+    started, done = time.time(), start
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="train",
+                     disable=rank != 0 or not cfg.log.progress or stop is not None):
+        if stop is not None:
+            break
         rows = step_indices(len(train.y), per_step, cfg.seed, step)
         parts = [rows[(m * world + rank) * t.micro_batch_size:][:t.micro_batch_size] for m in range(t.grad_accum)]
         batches = [collate([train.ids[i] for i in part], train.y[part], pad_id) for part in parts]
-        (total_weight,) = dist.all_sum(sum(weight_of(b["labels"], weights) for b in batches))
+        # the step's all-reduce also carries any rank's stop signal, so all ranks stop after the same step
+        total_weight, stop_votes = dist.all_sum(sum(weight_of(b["labels"], weights) for b in batches), watch.signum)
         for b in batches:
             logits = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
             s = loss_sum(logits, b["labels"].to(device), weights, c.label_smoothing)
@@ -392,14 +404,20 @@ def run_one(cfg: RunConfig) -> dict:
             log.info("step %d eval %s %.4f accuracy %.4f macro_f1 %.4f", done, c.metric, score, result["accuracy"],
                      result["macro_f1"])
             improved = best is None or score > best
-            ckpt.save(engine, done, {"step": done, "eval": result}, {}, -score)  # lower is better in the index
             best, stale = (score, 0) if improved else (best, stale + 1)
             if improved and rank == 0:
                 (out / "eval_valid.json").write_text(json.dumps({"step": done, **result}, indent=1))
             stop = _should_stop(c, result, stale, done, steps_per_epoch)
+            ckpt.save(engine, done, {"step": done, "eval": result, "best": best, "stale": stale, "stopped": stop},
+                      {}, -score)  # lower is better in the index
             if stop:
                 log.warning("stopping at step %d: %s", done, stop)
                 break
+        if stop_votes and done < steps:
+            saved = ckpt.save(engine, done, {"step": done, "best": best, "stale": stale}, {}, None)
+            watch.close()
+            raise Preempted(watch.signum or signal.SIGTERM, done, str(saved))
+    watch.close()
     if valid is None:
         ckpt.save(engine, done, {"step": done}, {}, None)
     return _finish(cfg, engine, tokenizer, ckpt, test, labels, skipped, pad_id, device, time.time() - started, stop)
