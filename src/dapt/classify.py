@@ -281,12 +281,8 @@ def predict(engine, data: Labelled, micro: int, pad_id: int, device) -> np.ndarr
         if idx:
             out += list(zip(idx, torch.softmax(logits, -1).cpu().numpy()))
     engine.train()
-    gathered = [out]
-    if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, out)
     probs = np.zeros((len(data.y), engine.module.config.num_labels))
-    for part in gathered:
+    for part in dist.gather(out):
         for i, p in part:
             probs[i] = p
     return probs

@@ -70,6 +70,15 @@ def all_sum(*values: float) -> list[float]:
     return t.cpu().tolist()
 
 
+def gather(obj) -> list:
+    """`obj` from every rank, in rank order (a list of one without a process group)."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def setup_logging(level: str = "info") -> None:
     """stdlib logging once, with a rank prefix; ranks other than 0 log warnings and errors only."""
     r = int(os.environ.get("RANK", "0"))

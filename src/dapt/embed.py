@@ -51,12 +51,8 @@ def embed_documents(model, tokenizer, docs: list[Document], max_len: int, batch:
             m = mask.to(device).unsqueeze(-1).float()
             vec = (hidden * m).sum(1) / m.sum(1)
         out += list(zip(idx, vec.cpu().numpy()))
-    parts = [out]
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, out)
     emb = np.zeros((len(rows), model.config.hidden_size), dtype=np.float32)
-    for part in parts:
+    for part in dist.gather(out):
         for i, v in part:
             emb[i] = v
     return emb

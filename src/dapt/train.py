@@ -25,7 +25,7 @@ from dapt.data import Corpus, RowDataset, eval_batches, prepare_data
 from dapt.dsconfig import bf16_in_hardware, describe_optimizer, finalize_ds_config
 from dapt.load import save_resolved
 from dapt.masking import IGNORE, MLMCollator
-from dapt.metrics import MetricsLogger, plot_curves
+from dapt.metrics import MetricsLogger, plot_curves, read_metrics
 from dapt.model import build_model, param_groups
 from dapt.packing import Row
 from dapt.preempt import Preempted, PreemptionWatch
@@ -238,19 +238,10 @@ def _log_train(engine, state: TrainState, window: Counter, seconds: float, metri
              values["train/learning_rate"], window["grad_norm"], values["train/tokens_per_second"])
 
 
-def _gathered(obj):
-    """`obj` from every rank, as a list (a list of one without a process group)."""
-    if dist.world() == 1:
-        return [obj]
-    out = [None] * dist.world()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def _gathered_counts(feeder: RowFeeder) -> Counter:
     """Skipped and filtered records so far, over all ranks' streams."""
     total: Counter = Counter()
-    for counts in _gathered(dict(feeder.counts())):
+    for counts in dist.gather(dict(feeder.counts())):
         total.update(counts)
     return total
 
@@ -289,7 +280,7 @@ def evaluate(engine, rows: list[Row], collate: MLMCollator, t, device) -> float:
 
 def _client_state(cfg: RunConfig, state: TrainState, feeder: RowFeeder) -> dict:
     streams: dict[int, dict] = {}
-    for part in _gathered(feeder.states):
+    for part in dist.gather(feeder.states):
         streams |= part
     return {"train_state": vars(state).copy(), "config": cfg.to_dict(),
             "data": {"streams": streams, "num_streams": cfg.data.streams, "files": feeder.spec.files,
@@ -356,8 +347,7 @@ def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Chec
         summary["test_loss"] = evaluate(engine, corpus.test, test_collate, cfg.train, device)
         _log_eval(state, summary["test_loss"], metrics, "test")
     if dist.rank() == 0:
-        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        evals = [r["eval/loss"] for r in records if "eval/loss" in r]
+        evals = [r["eval/loss"] for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
         summary["final_eval_loss"] = evals[-1] if evals else None
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
