@@ -257,3 +257,21 @@ def test_classify_sigterm_then_rerun_matches_an_uninterrupted_run(labelled_jsonl
     assert a["confusion_matrix"] == b["confusion_matrix"] and a["macro_f1"] == pytest.approx(b["macro_f1"])
     la, lb = series(straight, "train/loss"), series(broken, "train/loss")
     assert [s for s, _ in la] == [s for s, _ in lb] and [v for _, v in la] == pytest.approx([v for _, v in lb])
+
+
+def test_a_nan_step_in_fine_tuning_is_skipped_and_counted(labelled_jsonl, tmp_path, monkeypatch):
+    from faults import inject
+
+    from dapt.classify import run
+    from dapt.load import load_config
+
+    inject(monkeypatch, {2}, "nan", builder="dapt.classify.build_classifier")
+    out = tmp_path / "run"
+    run(load_config([str(a) for a in ["--data.train", labelled_jsonl, "--data.format=jsonl", "--model.config", TINY,
+                                      "--model.tokenizer_vocab_size=400", "--train.max_steps=4", "--train.log_every=1",
+                                      "--output_dir", out, "--log.progress=false"]], world_size=1, accelerator="cpu"))
+    records = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if "train/loss" in r}
+    assert [records[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
+    assert records[2]["train/learning_rate"] == records[1]["train/learning_rate"]
+    assert math.isnan(records[2]["train/loss"]) and math.isfinite(records[4]["train/loss"])

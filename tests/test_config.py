@@ -13,13 +13,16 @@ import pytest
 import yaml
 
 from dapt.config import (
+    AblationConfig,
     CheckpointConfig,
     ClassifyConfig,
     ConfigError,
     DataConfig,
+    EmbedConfig,
     LogConfig,
     MaskingConfig,
     ModelConfig,
+    NumericsConfig,
     RunConfig,
     TrainConfig,
     field_docs,
@@ -513,11 +516,11 @@ def test_help_text_has_design_name(name):
     assert f"  --{name}=" in help_text()
 
 
-SECTIONS = ("model", "data", "masking", "train", "checkpoint", "log", "classify", "embed", "ablation")
+SECTIONS = ("model", "data", "masking", "train", "checkpoint", "numerics", "log", "classify", "embed", "ablation")
 
 
-@pytest.mark.parametrize("cls", [RunConfig, ModelConfig, DataConfig, MaskingConfig, TrainConfig,
-                                 CheckpointConfig, LogConfig, ClassifyConfig])
+@pytest.mark.parametrize("cls", [RunConfig, ModelConfig, DataConfig, MaskingConfig, TrainConfig, CheckpointConfig,
+                                 NumericsConfig, LogConfig, ClassifyConfig, EmbedConfig, AblationConfig])
 def test_every_field_documented_in_help(cls):
     docs = field_docs(cls)
     text = help_text()

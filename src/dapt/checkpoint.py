@@ -7,7 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -37,6 +39,41 @@ def restore_rank_state(state: dict) -> dict:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     return state
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file that unpickling would let run code: dapt never writes one, so it is refused."""
+
+
+def _deepspeed_records() -> list:
+    """The only non-torch classes DeepSpeed's own checkpoints hold: plain data records with no code on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: Path):
+    """torch.load(weights_only=True): tensors, plain Python data and DeepSpeed's data records; anything else (a
+    class or function a pickle could call) raises UnsafeCheckpoint naming it. Tensors are memory-mapped, not read."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_records()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:Unsupported global|Unsupported operand|unsupported)[^\n]*", str(e))
+        raise UnsafeCheckpoint(f"{path}: refusing to unpickle it: it holds more than tensors and plain data "
+                               f"({found.group(0) if found else str(e).splitlines()[0]}); a checkpoint dapt wrote "
+                               "never does. Do not resume from checkpoints of unknown origin") from None
+    except (RuntimeError, EOFError) as e:
+        raise UnsafeCheckpoint(f"{path}: not a readable torch file ({str(e).splitlines()[0]})") from None
+
+
+def check_unpickling(folder: Path) -> None:
+    """Before DeepSpeed loads a checkpoint (its torch.load has weights_only=False), prove every .pt file in it loads
+    under weights_only=True, so loading cannot run code."""
+    for path in sorted(Path(folder).rglob("*.pt")):
+        safe_load(path)
 
 
 MANIFEST = "manifest.json"
@@ -148,6 +185,7 @@ class Checkpointer:
 
     def load(self, engine, path: Path) -> tuple[dict, dict]:
         """Load engine state from checkpoint folder `path`; return (client state, this rank's extra state)."""
+        check_unpickling(path)
         loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
@@ -155,7 +193,7 @@ class Checkpointer:
         if not mine.exists():  # the world grew: this rank has no saved RNG streams
             log.warning("%s has no state for rank %d (saved on fewer ranks): its RNG starts fresh", path, dist.rank())
             return client, {}
-        return client, restore_rank_state(torch.load(mine, weights_only=True))
+        return client, restore_rank_state(safe_load(mine))
 
 
 def expected_bytes(n_params: int, precision: str) -> int:
@@ -190,6 +228,8 @@ def full_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor] | None:
         return None
     if engine.zero_optimization_stage() > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        check_unpickling(checkpoint)
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     masters = {}

@@ -32,6 +32,7 @@ from dapt.formats import READERS, BadRecord, Document
 from dapt.load import save_resolved
 from dapt.metrics import MetricsLogger
 from dapt.model import load_tokenizer
+from dapt.numerics import Diverged, StepGuard, engine_config
 from dapt.packing import pack
 from dapt.preempt import Preempted, PreemptionWatch
 from dapt.schedule import build_scheduler, warmup_steps
@@ -355,19 +356,21 @@ def run_one(cfg: RunConfig) -> dict:
              steps_per_epoch, c.head_lr_mult, None if weights is None else [round(float(w), 3) for w in weights],
              c.label_smoothing, t.micro_batch_size, t.grad_accum, world)
     groups = classifier_groups(model, t.lr, t.weight_decay, c.head_lr_mult)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg.ds_config,
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=engine_config(cfg.ds_config),
                                            lr_scheduler=lambda opt: build_scheduler(opt, t, steps))
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, keep_best=True)
     metrics = MetricsLogger(out, rank == 0)
     pad_id = tokenizer.pad_token_id or 0
     eval_every = t.eval_every or steps_per_epoch
-    best, stale, stop, window, start = None, 0, None, Counter(), 0
+    best, stale, stop, window, start, numerics = None, 0, None, Counter(), 0, None
     point = None if cfg.resume == "never" else Path(cfg.resume) if cfg.resume != "auto" else ckpt.latest_complete()
     if point:  # the data order is a function of the step: resuming needs only the counters
         client, _ = ckpt.load(engine, point)
         start, best, stale, stop = client["step"], client.get("best"), client.get("stale", 0), client.get("stopped")
+        numerics = client.get("numerics")
         log.info("resumed from %s at optimizer step %d", point, start)
     metrics.truncate_after(start)
+    guard = StepGuard(cfg.numerics, engine, cfg.ds_config, numerics)
     watch = PreemptionWatch()
     started, done = time.time(), start
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="train",
@@ -379,18 +382,27 @@ def run_one(cfg: RunConfig) -> dict:
         batches = [collate([train.ids[i] for i in part], train.y[part], pad_id) for part in parts]
         # the step's all-reduce also carries any rank's stop signal, so all ranks stop after the same step
         total_weight, stop_votes = dist.all_sum(sum(weight_of(b["labels"], weights) for b in batches), watch.signum)
-        for b in batches:
+        grad_norm = None
+        for i, b in enumerate(batches):
             logits = engine(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-            s = loss_sum(logits, b["labels"].to(device), weights, c.label_smoothing)
-            engine.backward(s * t.grad_accum * world / total_weight)
+            guard.backward(loss_sum(logits, b["labels"].to(device), weights, c.label_smoothing),
+                           t.grad_accum * world / total_weight)
+            if i == len(batches) - 1:
+                grad_norm = guard.grad_norm()
             engine.step()
-            window["loss"] += float(s.detach())
-        window["weight"] += total_weight
+        outcome = guard.end(total_weight)
+        if not outcome.skipped:
+            window["loss"] += outcome.loss * total_weight
+            window["weight"] += total_weight
         done = step + 1
+        reason = guard.check(done, outcome, grad_norm if grad_norm is not None else engine.get_global_grad_norm())
+        if reason:
+            watch.close()
+            raise Diverged(reason, str(ckpt.latest()) if ckpt.latest() else None)
         if done % t.log_every == 0 or done == steps:
-            (loss,) = dist.all_sum(window["loss"])
-            metrics.log(done, {"train/loss": loss / window["weight"], "train/learning_rate": engine.get_lr()[0],
-                               "train/epoch": done / steps_per_epoch})
+            metrics.log(done, {"train/loss": window["loss"] / window["weight"] if window["weight"] else float("nan"),
+                               "train/learning_rate": engine.get_lr()[0], "train/epoch": done / steps_per_epoch,
+                               "train/skipped_steps": guard.skipped})
             window = Counter()
         if valid is not None and (done % eval_every == 0 or done == steps):
             result = classification_metrics(valid.y, predict(engine, valid, t.micro_batch_size, pad_id, device),
@@ -404,13 +416,14 @@ def run_one(cfg: RunConfig) -> dict:
             if improved and rank == 0:
                 (out / "eval_valid.json").write_text(json.dumps({"step": done, **result}, indent=1))
             stop = _should_stop(c, result, stale, done, steps_per_epoch)
-            ckpt.save(engine, done, {"step": done, "eval": result, "best": best, "stale": stale, "stopped": stop},
-                      {}, -score)  # lower is better in the index
+            ckpt.save(engine, done, {"step": done, "eval": result, "best": best, "stale": stale, "stopped": stop,
+                                     "numerics": guard.state_dict()}, {}, -score)  # lower is better in the index
             if stop:
                 log.warning("stopping at step %d: %s", done, stop)
                 break
         if stop_votes and done < steps:
-            saved = ckpt.save(engine, done, {"step": done, "best": best, "stale": stale}, {}, None)
+            saved = ckpt.save(engine, done, {"step": done, "best": best, "stale": stale,
+                                             "numerics": guard.state_dict()}, {}, None)
             watch.close()
             raise Preempted(watch.signum or signal.SIGTERM, done, str(saved))
     watch.close()

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from dapt.config import ConfigError, RunConfig, help_text
 from dapt.data import BadRecord
 from dapt.load import load_config, parse_argv
+from dapt.numerics import Diverged
 from dapt.preempt import Preempted
 
 
 def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: str = "launch/mlm.py") -> int:
-    """Exit codes: 0 done, 2 configuration error (nothing started), 3 bad input data."""
+    """Exit codes: 0 done, 2 configuration error (nothing started), 3 bad input data, 4 numeric blow-up (NaN/Inf
+    steps over the limit, or a loss spike with numerics.spike_action=stop), 128 + N stopped by signal N."""
     argv = sys.argv[1:] if argv is None else argv
     first = os.environ.get("RANK", "0") == "0"
     try:
@@ -30,7 +32,7 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
     setup_logging(cfg.log.level)
     try:
         run(cfg)
-    except Preempted as e:
+    except (Preempted, Diverged) as e:
         if first:
             print(f"{prog}: {e.message}", file=sys.stderr)
         return e.code

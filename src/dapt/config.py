@@ -176,6 +176,22 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class NumericsConfig:
+    max_skipped_steps: int = 10
+    """Optimizer steps skipped for a NaN/Inf loss or gradient norm (no weight, optimizer or schedule update), counted
+    over the run; one more stops it (exit 4) without a new checkpoint, so the newest one is from before. 0: stop at
+    the first. fp16 loss-scale overflows are skipped too but not counted."""
+    spike_factor: float = 3.0
+    """Loss-spike watchdog: a step whose loss is above this multiple of the running median is a spike; 0: off."""
+    spike_steps: int = 10
+    """Consecutive spike steps before the watchdog acts (it starts once the median has this many steps)."""
+    spike_window: int = 100
+    """Optimizer steps in the running median."""
+    spike_action: str = "warn"
+    """warn | stop: stop (exit 4, no new checkpoint; the message names the last checkpoint before the spike)."""
+
+
+@dataclass(kw_only=True)
 class LogConfig:
     wandb: bool = False
     """Log to Weights & Biases (honours WANDB_MODE=offline)."""
@@ -263,6 +279,7 @@ class RunConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -292,6 +309,7 @@ CHOICES = {
     "embed.pooling": ("cls", "mean"),
     "ablation.protocol": ("classify", "anomaly"),
     "checkpoint.disk_check": ("refuse", "warn", "off"),
+    "numerics.spike_action": ("warn", "stop"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
 NOT_YET: dict[str, tuple[str, ...]] = {}

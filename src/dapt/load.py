@@ -314,6 +314,13 @@ def validate(cfg: RunConfig) -> list[str]:
         _positive(p, f"train.{name}", getattr(t, name), minimum=0)
     _positive(p, "checkpoint.every", cfg.checkpoint.every, minimum=0)
     _positive(p, "checkpoint.keep", cfg.checkpoint.keep)
+    n = cfg.numerics
+    _positive(p, "numerics.max_skipped_steps", n.max_skipped_steps, minimum=0)
+    _positive(p, "numerics.spike_steps", n.spike_steps)
+    if n.spike_factor and n.spike_factor <= 1:
+        p.append(f"numerics.spike_factor: {n.spike_factor} must be > 1 (or 0 to turn the watchdog off)")
+    if n.spike_window < n.spike_steps:
+        p.append(f"numerics.spike_window: {n.spike_window} must be >= numerics.spike_steps ({n.spike_steps})")
     if t.max_steps == 0 and t.epochs <= 0:
         p.append(f"train.epochs: {t.epochs} must be > 0 when train.max_steps is 0")
     if t.lr <= 0:

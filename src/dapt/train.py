@@ -27,6 +27,7 @@ from dapt.load import save_resolved
 from dapt.masking import IGNORE, MLMCollator
 from dapt.metrics import MetricsLogger, plot_curves, read_metrics
 from dapt.model import build_model, param_groups
+from dapt.numerics import Diverged, StepGuard, engine_config
 from dapt.packing import Row
 from dapt.preempt import Preempted, PreemptionWatch
 from dapt.schedule import build_scheduler, warmup_steps
@@ -73,7 +74,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int):
         def scheduler(optimizer):
             return build_scheduler(optimizer, cfg.train, steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                           config=ds, lr_scheduler=scheduler)
+                                           config=engine_config(ds), lr_scheduler=scheduler)
     return engine
 
 
@@ -124,7 +125,7 @@ def run(cfg: RunConfig) -> dict:
                cfg.checkpoint.keep + int(cfg.checkpoint.keep_best), cfg.checkpoint.disk_check)
     engine = build_engine(cfg, model, steps)
 
-    state, streams, sample_lines = TrainState(), {}, 0
+    state, streams, sample_lines, numerics = TrainState(), {}, 0, None
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.keep_best)
     resume_from = _resume_point(cfg, ckpt)
     if resume_from:
@@ -132,6 +133,7 @@ def run(cfg: RunConfig) -> dict:
         state = TrainState(**client["train_state"])
         streams = {int(c): st for c, st in client["data"]["streams"].items()}
         sample_lines = mine.get("sample_lines", 0)
+        numerics = client.get("numerics")
         _check_same_data(client, cfg)
         log.info("resumed from %s at optimizer step %d (%d tokens seen)", resume_from, state.step, state.tokens_seen)
     metrics = MetricsLogger(out, rank == 0,
@@ -149,7 +151,7 @@ def run(cfg: RunConfig) -> dict:
         raise ValueError(f"the checkpoint consumed {state.rows} rows, which {world} ranks cannot continue evenly; "
                          "resume on a world size that divides it")
     feeder = RowFeeder(corpus.spec, rank, world, cfg.data.num_workers, streams, consumed=state.rows // world)
-    manual_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    guard = StepGuard(cfg.numerics, engine, cfg.ds_config, numerics)
     window = Counter()
     watch = PreemptionWatch()
     started = time.time() - state.elapsed
@@ -166,28 +168,35 @@ def run(cfg: RunConfig) -> dict:
         grad_norm = None
         for i, b in enumerate(micro):
             out_ = engine(**model_inputs(b, engine.module, device))
-            loss_sum = masked_loss_sum(out_.logits, b["labels"].to(device))
-            engine.backward(loss_sum * scale)
-            if manual_norm and i == t.grad_accum - 1:
-                grad_norm = _grad_norm(engine.module)
+            guard.backward(masked_loss_sum(out_.logits, b["labels"].to(device)), scale)
+            if i == t.grad_accum - 1:
+                grad_norm = guard.grad_norm()
             engine.step()
-            window["loss_sum"] += float(loss_sum.detach())
             window["tokens"] += int(b["attention_mask"].sum())
             window["slots"] += b["attention_mask"].numel()
             window["samples"] += len(b["input_ids"])
             state.micro_step += 1
+        outcome = guard.end(masked)
         if samples:
             samples.write([doc for part in rows for _, row in part for doc in row.doc_ids])
-        window["masked"] += masked
         state.step += 1
         state.rows += t.micro_batch_size * t.grad_accum * world
         bar.update(1)
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
-        window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        window["grad_norm"] = grad_norm
+        if not outcome.skipped:
+            window["loss_sum"] += outcome.loss * masked
+            window["masked"] += masked
+        stop = guard.check(state.step, outcome, grad_norm)
+        if stop:
+            bar.close()
+            watch.close()
+            raise Diverged(stop, _checkpoint_before(ckpt, guard.since))
 
         if state.step % t.log_every == 0 or state.step == steps:
-            _log_train(engine, state, window, time.time() - window_start, metrics, bar, steps, feeder)
+            _log_train(engine, state, window, time.time() - window_start, metrics, bar, steps, feeder, guard.skipped)
             window, window_start = Counter(), time.time()
         eval_loss = None
         if corpus.valid and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
@@ -195,7 +204,7 @@ def run(cfg: RunConfig) -> dict:
             _log_eval(state, eval_loss, metrics, "eval")
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == steps or stop_votes:
             state.elapsed = time.time() - started
-            saved = ckpt.save(engine, state.step, _client_state(cfg, state, feeder),
+            saved = ckpt.save(engine, state.step, _client_state(cfg, state, feeder, guard),
                               {"sample_lines": samples.lines if samples else 0}, eval_loss)
             if stop_votes and state.step < steps:
                 bar.close()
@@ -207,29 +216,24 @@ def run(cfg: RunConfig) -> dict:
     return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device, feeder)
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
 def _item(g: int, row: Row) -> dict:
     return {"input_ids": row.ids, "key": g, "index": g, "lengths": row.lengths, "words": row.words}
 
 
 def _log_train(engine, state: TrainState, window: Counter, seconds: float, metrics, bar, steps: int,
-               feeder: RowFeeder) -> None:
-    loss_sum, tokens, slots, samples = dist.all_sum(window["loss_sum"], window["tokens"], window["slots"],
-                                                    window["samples"])
+               feeder: RowFeeder, skipped: int) -> None:
+    tokens, slots, samples = dist.all_sum(window["tokens"], window["slots"], window["samples"])
     state.tokens_seen += int(tokens)
     state.slots_seen += int(slots)
     state.samples_seen += int(samples)
-    loss = loss_sum / max(window["masked"], 1.0)
+    loss = window["loss_sum"] / window["masked"] if window["masked"] else float("nan")  # nan: all steps skipped
     values = {
         "train/loss": loss, "train/perplexity": math.exp(min(loss, 50)),
         "train/learning_rate": engine.get_lr()[0], "train/grad_norm": window["grad_norm"],
         "train/tokens_per_second": tokens / max(seconds, 1e-9), "train/samples_per_second": samples / max(seconds, 1e-9),
         "train/packing_efficiency": tokens / max(slots, 1), "train/epoch": feeder.epoch(),
         "train/tokens_seen": state.tokens_seen, "train/peak_memory_gb": peak_memory_gb(),
+        "train/skipped_steps": skipped,
     }
     values |= {f"data/{k}": v for k, v in _gathered_counts(feeder).items()}
     metrics.log(state.step, values)
@@ -278,13 +282,19 @@ def evaluate(engine, rows: list[Row], collate: MLMCollator, t, device) -> float:
 
 # ---------------------------------------------------------------- checkpoint helpers
 
-def _client_state(cfg: RunConfig, state: TrainState, feeder: RowFeeder) -> dict:
+def _client_state(cfg: RunConfig, state: TrainState, feeder: RowFeeder, guard: StepGuard) -> dict:
     streams: dict[int, dict] = {}
     for part in dist.gather(feeder.states):
         streams |= part
-    return {"train_state": vars(state).copy(), "config": cfg.to_dict(),
+    return {"train_state": vars(state).copy(), "config": cfg.to_dict(), "numerics": guard.state_dict(),
             "data": {"streams": streams, "num_streams": cfg.data.streams, "files": feeder.spec.files,
                      "rows_per_step": cfg.ds_config["train_batch_size"]}}
+
+
+def _checkpoint_before(ckpt: Checkpointer, step: int) -> str | None:
+    """The newest kept checkpoint written before optimizer step `step` (tags are step_<N>)."""
+    tags = [tag for tag in ckpt.index()["saved"] if int(tag.rsplit("_", 1)[1]) < step]
+    return str(ckpt.root / tags[-1]) if tags else None
 
 
 def _resume_point(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:

@@ -1,0 +1,12 @@
+"""launch/mlm.py with a numeric fault on one rank (see faults.from_env); for the 2-rank numerics test."""
+
+import sys
+
+import faults
+
+from dapt import train
+from dapt.cli import main
+
+if __name__ == "__main__":
+    faults.from_env()
+    sys.exit(main(train.run, prog="faulty_mlm.py"))
