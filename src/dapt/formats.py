@@ -24,7 +24,10 @@ class BadRecord(ValueError):
     def __init__(self, path: str, line: int | None = None, reason: str = "bad record", detail: str = ""):
         self.path, self.line, self.reason = path, line, reason
         # One argument: an already formatted message (how DataLoader workers re-raise exceptions).
-        super().__init__(path if line is None else f"{path}:{line}: {reason}{detail}")
+        if line is None and reason == "bad record" and not detail:
+            super().__init__(path)
+        else:
+            super().__init__(f"{path}{'' if line is None else f':{line}'}: {reason}{detail}")
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,10 @@ def _decode(raw: bytes, url: str, lineno: int) -> str | BadRecord:
     if isinstance(raw, Oversize):
         return BadRecord(url, lineno, "oversize record", f" ({len(raw)} bytes; data.max_record_bytes)")
     try:
-        return raw.decode("utf-8").rstrip("\r\n")
+        text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
         return BadRecord(url, lineno, "invalid UTF-8", f" at byte {e.start}")
+    return text.removeprefix("\ufeff") if lineno == 1 else text  # a byte-order mark (files saved on Windows)
 
 
 def read_lines(url: str, start: Position, opts: FormatOptions, strip: bool = True) -> Iterator[Item]:
@@ -127,6 +131,9 @@ def read_jsonl(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]
             obj = json.loads(item.text)
         except json.JSONDecodeError as e:
             yield BadRecord(url, line, "malformed JSON", f" ({e.msg} at column {e.colno})"), after
+            continue
+        except RecursionError:
+            yield BadRecord(url, line, "malformed JSON", " (nested too deeply)"), after
             continue
         if not isinstance(obj, dict) or key not in obj:
             yield BadRecord(url, line, f"missing field {key!r}"), after
@@ -226,5 +233,37 @@ def read_parquet(url: str, start: Position, opts: FormatOptions) -> Iterator[Ite
                     yield Document(value, f"{url}:{row}", None if label is None else str(label)), after
 
 
-READERS = {"lines": read_lines, "docs": read_docs, "http": read_http, "jsonl": read_jsonl,
-           "csv": _delimited(","), "tsv": _delimited("\t"), "parquet": read_parquet}
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged file raises while it is read: I/O and decompression errors, and pyarrow's."""
+    import lzma
+    import zlib
+
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error, lzma.LZMAError]
+    for module, name in (("zstandard", "ZstdError"), ("pyarrow.lib", "ArrowException")):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+def _guarded(reader):
+    """A reader whose file turns out unreadable part-way (a truncated or fake .gz/.zst, a damaged parquet file)
+    ends with one bad record naming the file and the line it reached, instead of an exception from deep inside."""
+    def read(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+        line = start.line
+        try:
+            for item, after in reader(url, start, opts):
+                line = after.line
+                yield item, after
+        except _read_errors() as e:
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            yield BadRecord(url, line or None, "unreadable file", f" ({type(e).__name__}: {detail})"), \
+                Position(-1, 0, 0)
+    read.__doc__ = reader.__doc__
+    return read
+
+
+READERS = {name: _guarded(reader) for name, reader in {
+    "lines": read_lines, "docs": read_docs, "http": read_http, "jsonl": read_jsonl, "csv": _delimited(","),
+    "tsv": _delimited("\t"), "parquet": read_parquet}.items()}

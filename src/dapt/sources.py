@@ -7,12 +7,18 @@ it without parsing (bounded by the file's size, never by how far training has go
 
 from __future__ import annotations
 
+import errno
 import glob as globlib
 import io
+import logging
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
+
+log = logging.getLogger("dapt")
 
 GLOB_CHARS = set("*?[")
 COMPRESSED = (".gz", ".bz2", ".zst", ".zstd", ".xz")
@@ -36,21 +42,107 @@ def expand(sources: list[str]) -> list[str]:
     files: list[str] = []
     for source in sources:
         fs, path = fsspec.core.url_to_fs(source)
+        local = fs.protocol in ("file", ("file", "local"))
+        skipped: list[str] = []
         if GLOB_CHARS & set(path):
             # like glob.glob: a wildcard does not match dot-files unless the pattern itself starts with a dot
             dots = path.rsplit("/", 1)[-1].startswith(".")
-            found = sorted(p for p in fs.glob(path) if fs.isfile(p) and (dots or not _hidden(p.rsplit("/", 1)[-1])))
+            matched = [p for p in fs.glob(path) if dots or not _hidden(p.rsplit("/", 1)[-1])]
+            found = sorted(p for p in matched if (_regular(p, skipped) if local else fs.isfile(p)))
+        elif local and os.path.isdir(path):
+            found = sorted(_walk(path, skipped))
         elif fs.isdir(path):
             root = path.rstrip("/")
             found = sorted(p for p in fs.find(path) if not _hidden(p[len(root):]))
+        elif local and (os.path.exists(path) or os.path.islink(path)):
+            found = [path] if _regular(path, skipped) else []
+            if skipped:
+                raise FileNotFoundError(f"data source {source!r} is not a readable regular file: {skipped[0]}")
         elif fs.exists(path):
             found = [path]
         else:
             found = []
+        if skipped:
+            _warn_once(f"data source {source!r}: left out {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} "
+                       f"that are not readable regular files: {'; '.join(skipped[:10])}"
+                       + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
         if not found:
             raise FileNotFoundError(f"data source {source!r} matches no file")
+        for p in found:
+            if local and os.path.getsize(p) == 0:
+                _warn_once(f"data source {source!r}: {p} is empty")
         files += [source if p == path and "://" in source else _url(fs, p) for p in found]
     return files
+
+
+def _walk(root: str, skipped: list[str]) -> list[str]:
+    """Regular files below a local folder, following symlinked folders once each (a link back to a folder already
+    walked is a loop and is left out); dot-files and dot-folders are left out."""
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(folder: str) -> None:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            skipped.append(f"{folder} (a symlink loop: that folder is already read)")
+            return
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append(f"{folder} (cannot list it: {e.strerror})")
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                mode = os.stat(entry.path).st_mode
+            except OSError as e:
+                skipped.append(f"{entry.path} ({_link_problem(e)})")
+                continue
+            if stat.S_ISDIR(mode):
+                visit(entry.path)
+            elif _regular(entry.path, skipped):
+                found.append(entry.path)
+
+    visit(root)
+    return found
+
+
+def _regular(path: str, skipped: list[str]) -> bool:
+    """Whether `path` is a regular file that can be opened (not a FIFO, socket or device, which could block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        skipped.append(f"{path} ({_link_problem(e)})")
+        return False
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        skipped.append(f"{path} ({kind}, not a regular file)")
+        return False
+    if not os.access(path, os.R_OK):
+        skipped.append(f"{path} (no permission to read it)")
+        return False
+    return True
+
+
+def _link_problem(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "a symlink loop"
+    if e.errno == errno.ENOENT:
+        return "a dangling symlink"
+    return e.strerror or str(e)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _hidden(path: str) -> bool:

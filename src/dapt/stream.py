@@ -197,21 +197,30 @@ def stream_rows(spec: StreamSpec, stream: int, state: dict | None = None) -> Ite
             st.update(split=st["split"] + 1, offset=0, line=1, record=0, block=0, rows_done=0)
         empty_epochs = empty_epochs + 1 if rows_in_epoch == 0 else 0
         if empty_epochs >= 2:
+            left_out = ", ".join(f"{k} {v}" for k, v in sorted(st["counts"].items()))
             raise ValueError(f"data stream {stream} of {spec.streams} gets no documents: its source has too few "
-                             f"({len(spec.groups[spec.stream_group[stream]])} file(s)); lower data.streams or add "
-                             "data")
+                             f"({len(spec.groups[spec.stream_group[stream]])} file(s)"
+                             + (f"; records left out: {left_out}" if left_out else "")
+                             + "); lower data.streams or add data")
         st.update(epoch=st["epoch"] + 1, split=0, docs=0)
 
 
 def count_epoch_rows(spec: StreamSpec, streams: list[int]) -> int:
     """Rows the given streams yield in epoch 0 (a full pass: tokenizes their share of the corpus once)."""
-    total = 0
+    return epoch_pass(spec, streams)[0]
+
+
+def epoch_pass(spec: StreamSpec, streams: list[int]) -> tuple[int, Counter]:
+    """Rows the given streams yield in epoch 0 and the records they skip or filter in it (all of them: training
+    learns of bad records at the end of the last file only after its last row, which a run may never ask for)."""
+    total, counts = 0, Counter()
     for stream in streams:
         for _, st in stream_rows(spec, stream):
             if st["epoch"] > 0:
+                counts.update(st["seen"])
                 break
             total += 1
-    return total
+    return total, counts
 
 
 class StreamDataset(torch.utils.data.IterableDataset):

@@ -31,7 +31,7 @@ from dapt.numerics import Diverged, StepGuard, engine_config
 from dapt.packing import Row
 from dapt.preempt import Preempted, PreemptionWatch
 from dapt.schedule import build_scheduler, warmup_steps
-from dapt.stream import RowFeeder, count_epoch_rows
+from dapt.stream import RowFeeder, epoch_pass
 
 log = logging.getLogger("dapt")
 
@@ -52,19 +52,31 @@ class TrainState:
 
 # ---------------------------------------------------------------- set-up
 
-def total_steps(cfg: RunConfig, corpus: Corpus) -> int:
+@dataclass
+class EpochPass:
+    """What one pass over epoch 0 found, all ranks together (only when train.epochs sets the length)."""
+
+    rows: int
+    skipped: Counter  # every bad or filtered record of the epoch, by reason
+
+
+def total_steps(cfg: RunConfig, corpus: Corpus) -> tuple[int, EpochPass | None]:
     """train.max_steps, else train.epochs over the rows of one epoch (counted once, each rank its own streams)."""
     t = cfg.train
     if t.max_steps:
-        return t.max_steps
+        return t.max_steps, None
     started = time.time()
     mine = [c for c in range(corpus.spec.streams) if c % dist.world() == dist.rank()]
-    (rows,) = dist.all_sum(count_epoch_rows(corpus.spec, mine))
+    rows, skipped = epoch_pass(corpus.spec, mine)
+    (rows,) = dist.all_sum(rows)
+    total: Counter = Counter()
+    for part in dist.gather(dict(skipped)):
+        total.update(part)
     per_step = t.micro_batch_size * t.grad_accum * dist.world()
     steps = max(1, int(t.epochs * rows // per_step))
     log.info("one epoch is %d rows (counted in %.1f s; set train.max_steps to skip the count): %g epochs = %d "
              "optimizer steps", rows, time.time() - started, t.epochs, steps)
-    return steps
+    return steps, EpochPass(int(rows), total)
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int):
@@ -115,7 +127,7 @@ def run(cfg: RunConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     corpus = prepare_data(cfg, out)
-    steps = total_steps(cfg, corpus)
+    steps, epoch = total_steps(cfg, corpus)
     model = build_model(cfg, corpus.tokenizer, cfg.train.precision, cfg.ds_config)
     finalize_ds_config(cfg.ds_config, steps, warmup_steps(cfg.train, steps), getattr(model.config, "hidden_size", None))
     if rank == 0:
@@ -213,7 +225,7 @@ def run(cfg: RunConfig) -> dict:
                 raise Preempted(watch.signum or signal.SIGTERM, state.step, str(saved))
     bar.close()
     watch.close()
-    return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device, feeder)
+    return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device, feeder, epoch)
 
 
 def _item(g: int, row: Row) -> dict:
@@ -343,13 +355,16 @@ class _SampleLog:
 # ---------------------------------------------------------------- the end of a run
 
 def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Checkpointer, metrics, wall: float,
-           device, feeder: RowFeeder) -> dict:
+           device, feeder: RowFeeder, epoch: EpochPass | None) -> dict:
     out = Path(cfg.output_dir)
+    skipped = _gathered_counts(feeder)
+    if epoch and state.rows + cfg.ds_config["train_batch_size"] > epoch.rows:
+        skipped = epoch.skipped  # epoch 0 was read to its end (bar a last partial batch): its pass saw every record
     final = export_hf(engine, corpus.tokenizer, ckpt.latest(), out / "final")
     summary = {"steps": state.step, "micro_steps": state.micro_step, "tokens_seen": state.tokens_seen,
                "samples_seen": state.samples_seen, "best_eval_loss": state.best_eval_loss,
                "wall_seconds": round(wall, 1), "packing_efficiency": state.tokens_seen / max(1, state.slots_seen),
-               "skipped_records": dict(_gathered_counts(feeder)),
+               "skipped_records": dict(skipped),
                "eval_skipped_records": dict(corpus.skipped)}
     if corpus.test:
         k = cfg.masking
