@@ -242,7 +242,8 @@ def full_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor] | None:
 
 
 def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path, auto_class: str = "AutoModelForMaskedLM") -> Path | None:
-    """Write final weights as a Hugging Face folder (safetensors, config, tokenizer) and verify it reloads."""
+    """Write final weights as a Hugging Face folder (safetensors, config, tokenizer), verify it reloads, and only then
+    give it its name."""
     import transformers
 
     auto = getattr(transformers, auto_class)
@@ -253,10 +254,15 @@ def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path, auto_class: st
         missing = [k for k in missing if k not in _tied_keys(model)]
         if missing or unexpected:
             raise RuntimeError(f"export: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        verify_export(out_dir, state, auto)
+        # written and verified under a temporary name, then renamed: a run killed here leaves no half a model
+        tmp = out_dir.parent / f".tmp-{out_dir.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        verify_export(tmp, state, auto)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
     dist.barrier()
     return out_dir if dist.rank() == 0 else None
 

@@ -1,0 +1,117 @@
+"""Crash faults: SIGKILL at random points of a run, each followed by a rerun of the same command; the finished run
+equals an uninterrupted one (weights, consumed documents, metrics). Also a checkpoint that would unpickle code."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MLM, ROOT, child_env, launch, run_inprocess, series
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def _last_step(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1]).get("step", 0) if lines else 0
+    except (OSError, json.JSONDecodeError, IndexError):
+        return 0
+
+
+def _writing_checkpoint(out: Path) -> bool:
+    root = out / "checkpoints"
+    return root.is_dir() and any(p.name.startswith(".tmp-") for p in root.iterdir())
+
+
+def _kill_at(cmd: list[str], out: Path, step: int, delay: float, in_checkpoint: bool) -> tuple[int, str]:
+    """Run `cmd` in its own process group and SIGKILL the group once the run has logged optimizer step `step`
+    (plus `delay` seconds), or, with `in_checkpoint`, as soon as a checkpoint is being written after that step."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=ROOT,
+                            start_new_session=True)
+    deadline, where = time.time() + 240, ""
+    while time.time() < deadline and proc.poll() is None:
+        if _last_step(out) >= step:
+            if in_checkpoint:
+                give_up = time.time() + 20
+                while time.time() < give_up and proc.poll() is None and not _writing_checkpoint(out):
+                    time.sleep(0.0005)
+                where = "while writing a checkpoint" if _writing_checkpoint(out) else "after"
+            else:
+                time.sleep(delay)
+                where = f"{delay:.3f} s after"
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    return proc.wait(timeout=60), f"{where} step {_last_step(out)}"
+
+
+def test_sigkill_at_five_random_points_then_reruns_equal_an_uninterrupted_run(recipe, tmp_path):
+    """Five kills at random steps and sub-step moments (one aimed at a checkpoint being written), each followed by
+    the same command; the seed is printed so a failure can be replayed with DAPT_FAULT_SEED."""
+    seed = int(os.environ.get("DAPT_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
+    rng = random.Random(seed)
+    print(f"DAPT_FAULT_SEED={seed}")
+    steps = 60
+    args = ["--recipe", str(recipe), f"--train.max_steps={steps}", "--checkpoint.every=6", "--checkpoint.keep=2",
+            "--train.eval_every=15", "--train.log_every=1", "--model.config.hidden_dropout_prob=0.1",
+            "--data.log_sample_ids=true", "--train.micro_batch_size=16"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    launch(args + ["--output_dir", straight])
+    points = sorted(rng.sample(range(2, steps - 2), 5))
+    aimed = rng.randrange(5)
+    log = []
+    for i, step in enumerate(points):
+        code, where = _kill_at([sys.executable, str(MLM), *args, "--output_dir", str(broken)], broken, step,
+                               rng.uniform(0, 0.3), in_checkpoint=i == aimed)
+        log.append(where)
+        assert code == -signal.SIGKILL, f"kill {i + 1} came too late (the run finished): {log}"
+    launch(args + ["--output_dir", broken])
+    print("killed", "; ".join(log))
+    for key in ("train/loss", "eval/loss", "train/tokens_seen"):
+        a, b = series(straight, key), series(broken, key)
+        assert [s for s, _ in a] == [s for s, _ in b], (key, log)
+        assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6, abs=1e-7), (key, log)
+    a, b = ((d / "samples.rank0.txt").read_text().splitlines() for d in (straight, broken))
+    assert a == b and len(a) > steps, log  # the same documents, in the same order, each consumed once
+    w1, w2 = load_file(straight / "final" / "model.safetensors"), load_file(broken / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1), log
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (straight, broken))
+    assert s1["tokens_seen"] == s2["tokens_seen"] and s1["samples_seen"] == s2["samples_seen"]
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(recipe, tmp_path):
+    """Someone swaps a checkpoint file for a pickle that calls a function on load and rewrites the manifest to
+    match: resuming refuses it before DeepSpeed unpickles anything, and the function never runs."""
+    from dapt.checkpoint import UnsafeCheckpoint, write_manifest
+
+    out = tmp_path / "run"
+    args = ["--recipe", recipe, "--output_dir", out, "--train.max_steps=3", "--checkpoint.every=3"]
+    run_inprocess(args)
+    ckpt = out / "checkpoints" / "step_00000003"
+    marker = tmp_path / "code-ran"
+    model_file = ckpt / "mp_rank_00_model_states.pt"
+    state = torch.load(model_file, weights_only=True)
+    state["evil"] = _Payload(marker)
+    torch.save(state, model_file)
+    write_manifest(ckpt)
+    with pytest.raises(UnsafeCheckpoint, match=r"mp_rank_00_model_states.pt: refusing to unpickle it"):
+        run_inprocess(args[:-2] + ["--train.max_steps=6", "--checkpoint.every=3"])
+    assert not marker.exists()
