@@ -7,8 +7,10 @@ must agree; a recipe field left at its default takes the DeepSpeed value instead
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,52 @@ def resolve_ds_config(cfg, world: int, accelerator: str, problems: list[str]) ->
         if path not in DEFERRED:
             problems.append(f"ds {'.'.join(path)}: \"auto\" that dapt cannot fill; give a value")
     return ds
+
+
+# DeepSpeed's names for the pydantic models of its config blocks
+BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedZeroOffloadOptimizerConfig":
+          "zero_optimization.offload_optimizer", "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+          "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16", "DeepSpeedActivationCheckpointingConfig":
+          "activation_checkpointing", "DeepSpeedFlopsProfilerConfig": "flops_profiler", "CommsConfig": "comms_logger"}
+
+
+def check_with_deepspeed(ds: dict, problems: list[str]) -> None:
+    """Run DeepSpeed's own config parser now, so unknown keys and bad values inside its blocks (a ZeRO stage 7, a
+    misspelt overlap_comm) are reported with the rest, before any rank starts, not when deepspeed.initialize runs.
+    The batch sizes are checked by dapt for the real world size, so the trial states them for one rank."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    trial = copy.deepcopy(ds)
+    for path in _autos(trial):  # the deferred autos are all counts, filled once the model is known
+        _set(trial, path, 1)
+    micro, accum = trial.get("train_micro_batch_size_per_gpu"), trial.get("gradient_accumulation_steps")
+    if isinstance(micro, int) and isinstance(accum, int):
+        trial["train_batch_size"] = micro * accum
+    try:
+        with _quiet_deepspeed():
+            DeepSpeedConfig(trial)
+    except ValidationError as e:
+        block = BLOCKS.get(e.title, e.title)
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"])
+            problems.append(f"ds {block}.{where}: {err['msg']} (got {err.get('input')!r})")
+    except Exception as e:  # DeepSpeed's own asserts: they overlap dapt's checks, so only when those found nothing
+        if not problems:
+            problems.append(f"ds: DeepSpeed rejects the config: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+@contextlib.contextmanager
+def _quiet_deepspeed():
+    """DeepSpeed logs config warnings at import-time level; a trial parse should not print them."""
+    from deepspeed.utils import logger as ds_logger
+
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ds_logger.setLevel(level)
 
 
 def _well_formed(ds: dict, problems: list[str]) -> bool:

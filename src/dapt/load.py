@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from dapt.config import CHOICES, NOT_YET, ConfigError, RunConfig, type_name
+from dapt.redact import redact
 
 
 def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
@@ -179,7 +180,7 @@ def load_config(argv: list[str], world_size: int | None = None, accelerator: str
     explicit: set[str] = set()
     cfg = _build(RunConfig, values, "", problems, explicit)
     cfg.explicit = explicit
-    from dapt.dsconfig import resolve_ds_config
+    from dapt.dsconfig import check_with_deepspeed, resolve_ds_config
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     cfg.ds_config = resolve_ds_config(cfg, world, accelerator or _accelerator(), problems)
@@ -189,6 +190,8 @@ def load_config(argv: list[str], world_size: int | None = None, accelerator: str
     for problem in validate(cfg):
         key = problem.split(":", 1)[0]
         problems.append(f"{problem} (value taken from ds {cfg.adopted[key]})" if key in cfg.adopted else problem)
+    if cfg.ds_config:
+        check_with_deepspeed(cfg.ds_config, problems)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     return cfg
@@ -347,4 +350,4 @@ def save_resolved(cfg: RunConfig, path: Path) -> None:
     """Write the full config and the final DeepSpeed config as YAML."""
     doc = cfg.to_dict()
     doc["deepspeed"] = cfg.ds_config
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.write_text(yaml.safe_dump(redact(doc), sort_keys=False))
