@@ -11,6 +11,7 @@ from dapt.data import BadRecord
 from dapt.load import load_config, parse_argv
 from dapt.numerics import Diverged
 from dapt.preempt import Preempted
+from dapt.redact import redact_text
 
 
 def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: str = "launch/mlm.py") -> int:
@@ -25,7 +26,7 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
         cfg = load_config(argv)
     except ConfigError as e:
         if first:
-            print(f"{prog}: {e}", file=sys.stderr)
+            print(redact_text(f"{prog}: {e}"), file=sys.stderr)
         return 2
     from dapt.dist import setup_logging
 
@@ -34,15 +35,16 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
         run(cfg)
     except (Preempted, Diverged) as e:
         if first:
-            print(f"{prog}: {e.message}", file=sys.stderr)
+            print(redact_text(f"{prog}: {e.message}"), file=sys.stderr)
         return e.code
     except BadRecord as e:
-        print(f"{prog}: bad input: {e} (set --data.on_error=skip to skip and count such records)", file=sys.stderr)
+        print(redact_text(f"{prog}: bad input: {e} (set --data.on_error=skip to skip and count such records)"),
+              file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as e:  # problems with the data or model named by the config
         if cfg.log.level == "debug":
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(redact_text(f"{prog}: error: {e}"), file=sys.stderr)
         return 3
     finally:
         _close_process_group()

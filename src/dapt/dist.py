@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from dapt.redact import RedactingFilter
+
 log = logging.getLogger("dapt")
 
 
@@ -84,6 +86,11 @@ def setup_logging(level: str = "info") -> None:
     r = int(os.environ.get("RANK", "0"))
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{r}] %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(RedactingFilter())
     log.handlers[:] = [handler]
+    for name in ("DeepSpeed", "transformers"):  # their own loggers and handlers: mask secrets there too
+        other = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in other.filters):
+            other.addFilter(RedactingFilter())
     log.propagate = False
     log.setLevel(getattr(logging, level.upper()) if r == 0 else logging.WARNING)

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from dapt.redact import redact
+
 log = logging.getLogger("dapt")
 
 
@@ -18,7 +20,7 @@ class MetricsLogger:
         self.active = active
         self.wandb = None
         if active and wandb_cfg:
-            self.wandb = _start_wandb(output_dir, wandb_cfg, run_config or {})
+            self.wandb = _start_wandb(output_dir, redact(wandb_cfg), redact(run_config or {}))
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop events past the checkpoint's step so the file lists one history, not two."""

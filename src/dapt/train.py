@@ -30,6 +30,7 @@ from dapt.model import build_model, param_groups
 from dapt.numerics import Diverged, StepGuard, engine_config
 from dapt.packing import Row
 from dapt.preempt import Preempted, PreemptionWatch
+from dapt.redact import redact
 from dapt.schedule import build_scheduler, warmup_steps
 from dapt.stream import RowFeeder, epoch_pass
 
@@ -298,7 +299,7 @@ def _client_state(cfg: RunConfig, state: TrainState, feeder: RowFeeder, guard: S
     streams: dict[int, dict] = {}
     for part in dist.gather(feeder.states):
         streams |= part
-    return {"train_state": vars(state).copy(), "config": cfg.to_dict(), "numerics": guard.state_dict(),
+    return {"train_state": vars(state).copy(), "config": redact(cfg.to_dict()), "numerics": guard.state_dict(),
             "data": {"streams": streams, "num_streams": cfg.data.streams, "files": feeder.spec.files,
                      "rows_per_step": cfg.ds_config["train_batch_size"]}}
 
