@@ -78,6 +78,9 @@ def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
 def model_config(cfg, tokenizer):
     """The transformers config: pretrained, from a path, or from the recipe's mapping sized to the tokenizer."""
     m = cfg.model
+    if m.trust_remote_code:
+        log.warning("model.trust_remote_code=true: Python code that comes with %s will run on this machine",
+                    m.name_or_path or m.config)
     if m.name_or_path:
         return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
     if isinstance(m.config, str):
