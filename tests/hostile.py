@@ -154,6 +154,12 @@ def cases() -> list[Case]:
         Case("parquet without the text column", "parquet", _parquet({"body": ["x", "y"]}), names_line=False),
         Case("parquet with null texts", "parquet", _parquet({"text": [f"{GOOD} 1", None, f"{GOOD} 2"]})),
         Case("truncated parquet", "parquet", _truncated_parquet, names_line=False),
+        Case("a CSV field over the csv module's limit", "csv", _file("wide.csv", "a,b\n1,2\n3," + "x" * 300_000
+                                                                      + "\n5,6\n"), lenient="clean"),
+        Case("a bare CR inside a CSV row", "csv", _file("cr.csv", "a,b\n1,2\n3,4\r5\n6,7\n")),
+        Case("documents that tokenize to nothing", "lines", _file("blank.txt", "\u200b\u200b\n\x01\x02\n\ufeff\n"
+                                                                   + _good_lines(2)), lenient="clean"),
+        Case("one 1 MB word", "lines", _file("word.txt", _good_lines(2) + "A" * (1 << 20) + "\n"), lenient="clean"),
         Case("HTTP without a request line", "http", _file("junk.http", "hello there\nfoo: bar\n\n" + GOOD + "\n")),
         Case("HTTP header without a colon", "http", _file("hdr.http", "GET / HTTP/1.1\nHost example\n\n"),
              lenient="clean"),

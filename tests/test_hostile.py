@@ -94,3 +94,49 @@ def test_hostile_file_lenient(case, good, tmp_path, capsys, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     if case.lenient == "counted":
         assert sum(summary["skipped_records"].values()) + sum(summary["eval_skipped_records"].values()) > 0, summary
+
+
+LABEL_CASES = {  # hostile label data for launch/classify.py: (file name, content, format, extra args)
+    "missing label field": ("nolabel.jsonl", [{"text": "GET /a"}], "jsonl", []),
+    "null label": ("null.jsonl", [{"text": "GET /a", "label": None}], "jsonl", []),
+    "empty label": ("empty.jsonl", [{"text": "GET /a", "label": " "}], "jsonl", []),
+    "label is an object": ("obj.jsonl", [{"text": "GET /a", "label": {"x": 1}}], "jsonl", []),
+    "unknown label in the test set": ("test.jsonl", [{"text": "GET /a", "label": "novel"}], "jsonl", ["test"]),
+    "CSV without the label column": ("nolabel.csv", "a,b\n1,2\n", "csv", []),
+    "CSV with an empty label": ("blank.csv", "a,label\n1, \n", "csv", []),
+}
+
+
+@pytest.mark.parametrize("name", LABEL_CASES)
+@pytest.mark.parametrize("lenient", [False, True], ids=["strict", "lenient"])
+def test_hostile_labels_in_fine_tuning(name, lenient, tmp_path, capsys, monkeypatch):
+    from dapt.classify import run as classify
+
+    file_name, content, fmt, where = LABEL_CASES[name]
+    good = tmp_path / f"good.{fmt}"
+    if fmt == "jsonl":
+        good.write_text("".join(json.dumps({"text": f"{GOOD} {i}", "label": "ab"[i % 2]}) + "\n" for i in range(40)))
+        bad_text = "".join(json.dumps(r) + "\n" for r in content)
+    else:
+        good.write_text("a,label\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(40)))
+        bad_text = content
+    bad = tmp_path / file_name
+    bad.write_text(bad_text)
+    split = ["--data.train", f"[{json.dumps(str(good))}]", "--data.test", f"[{json.dumps(str(bad))}]"] if where \
+        else ["--data.train", f"[{json.dumps(str(bad))}, {json.dumps(str(good))}]"]
+    monkeypatch.setattr(dapt.cli, "_close_process_group", lambda: None)
+    code = main(classify, [*split, f"--data.format={fmt}", "--model.config={model_type: bert, hidden_size: 32, "
+                           "num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, "
+                           "max_position_embeddings: 64}", "--model.tokenizer_vocab_size=200", "--train.max_steps=2",
+                           "--log.progress=false", "--log.plots=false", f"--output_dir={tmp_path / 'run'}",
+                           f"--data.on_error={'skip' if lenient else 'raise'}",
+                           f"--classify.unseen={'skip' if lenient else 'error'}"], prog="launch/classify.py")
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "Traceback" not in text, text[-3000:]
+    if lenient:
+        assert code == 0, text[-3000:]
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert sum(summary["skipped_records"].values()) >= 1, summary
+    else:
+        assert code in (2, 3) and f"{file_name}:" in text, text[-3000:]

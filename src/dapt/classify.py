@@ -110,6 +110,11 @@ def encode_splits(cfg: RunConfig, tokenizer, train: list[Document], valid: list[
     label2id = {label: i for i, label in enumerate(labels)}
     sets = [encode(tokenizer, docs, label2id, d.max_seq_length, name, cfg.classify.unseen, skipped) if docs else None
             for docs, name in ((train, "training"), (valid, "validation"), (test, "test"))]
+    for i, (docs, name) in enumerate(((valid, "validation"), (test, "test")), start=1):
+        if docs and sets[i] is not None and len(sets[i].y) == 0:  # every record had a label never seen in training
+            log.warning("the %s set has no records left once unseen labels are skipped (%d left out): not evaluated",
+                        name, len(docs))
+            sets[i] = None
     counts = Counter(doc.label for doc in train)
     log.info("classification data: %d train / %d valid / %d test documents; labels %s", len(train), len(valid),
              len(test), ", ".join(f"{k}={counts[k]}" for k in labels))

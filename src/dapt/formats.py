@@ -143,13 +143,25 @@ def read_jsonl(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]
             yield BadRecord(url, line, f"empty field {key!r}"), after
         elif opts.label_field and opts.label_field not in obj:
             yield BadRecord(url, line, f"missing label field {opts.label_field!r}"), after
+        elif opts.label_field and obj[opts.label_field] is not None and not _label_value(obj[opts.label_field]):
+            yield BadRecord(url, line, f"label field {opts.label_field!r} is not a label",
+                            f" ({obj[opts.label_field]!r:.60}: a label is a non-empty string or a number)"), after
         else:
             label = obj.get(opts.label_field) if opts.label_field else None
-            yield Document(obj[key], item.id, None if label is None else str(label)), after
+            yield Document(obj[key], item.id, None if label is None else str(label).strip()), after
+
+
+def _label_value(value) -> bool:
+    """A usable class label: a non-empty string, an int or a bool (not an object, a list or a fraction)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 def _delimited(delimiter: str):
     def read(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+        # a field may be as long as a record (data.max_record_bytes); the csv module's own cap is 128 KiB
+        csv.field_size_limit(max(csv.field_size_limit(), opts.max_line_bytes))
         names = list(opts.column_names)
         header_line = 0
         if not names:  # the first line is the header
@@ -158,7 +170,11 @@ def _delimited(delimiter: str):
                 if isinstance(text, BadRecord):
                     yield text, Position(-1, 0, 0)
                     return
-                names, header_line = next(csv.reader([text], delimiter=delimiter)), lineno
+                try:
+                    names, header_line = next(csv.reader([text], delimiter=delimiter)), lineno
+                except csv.Error as e:
+                    yield BadRecord(url, lineno, "malformed CSV header", f" ({e})"), Position(-1, 0, 0)
+                    return
                 break
         missing = [c for c in [*opts.columns, *([opts.label_field] if opts.label_field else [])] if c not in names]
         if missing:
@@ -174,7 +190,11 @@ def _delimited(delimiter: str):
                 if isinstance(item, BadRecord):
                     yield item, after
                 continue
-            row = next(csv.reader([item.text], delimiter=delimiter))
+            try:
+                row = next(csv.reader([item.text], delimiter=delimiter))
+            except csv.Error as e:
+                yield BadRecord(url, line, "malformed CSV", f" ({e})"), after
+                continue
             used = max([*keep, label_at if label_at is not None else -1]) + 1
             if used <= len(row) < len(names):  # only unused trailing fields are missing (a dropped trailing comma)
                 row += [""] * (len(names) - len(row))
@@ -185,6 +205,9 @@ def _delimited(delimiter: str):
                 text = _value(row[keep[0]], opts.round_digits)
             else:
                 text = " ".join(f"{names[i]}:{_value(row[i], opts.round_digits)}" for i in keep)
+            if label_at is not None and not row[label_at].strip():
+                yield BadRecord(url, line, f"empty label column {opts.label_field!r}"), after
+                continue
             yield Document(text, item.id, row[label_at].strip() if label_at is not None else None), after
     return read
 
