@@ -115,3 +115,34 @@ def test_a_checkpoint_that_would_run_code_is_refused(recipe, tmp_path):
     with pytest.raises(UnsafeCheckpoint, match=r"mp_rank_00_model_states.pt: refusing to unpickle it"):
         run_inprocess(args[:-2] + ["--train.max_steps=6", "--checkpoint.every=3"])
     assert not marker.exists()
+
+
+def _main(argv, monkeypatch):
+    import dapt.cli
+    from dapt.cli import main
+    from dapt.train import run
+
+    monkeypatch.setattr(dapt.cli, "_close_process_group", lambda: None)  # DeepSpeed keeps it for later tests
+    return main(run, [str(a) for a in argv])
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(recipe, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = ["--recipe", recipe, "--output_dir", out, "--train.max_steps=6", "--checkpoint.every=3"]
+    run_inprocess(args)
+    for manifest in (out / "checkpoints").glob("step_*/manifest.json"):
+        manifest.unlink()
+    capsys.readouterr()
+    assert _main(args + ["--train.max_steps=9"], monkeypatch) == 3
+    err = capsys.readouterr()
+    assert "every checkpoint in" in err.err and "--resume=never" in err.err and "Traceback" not in err.out + err.err
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_error(recipe, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=3", "--checkpoint.every=3"])
+    capsys.readouterr()
+    code = _main(["--recipe", recipe, "--output_dir", out, "--train.max_steps=6", "--model.config.hidden_size=64",
+                  "--model.config.intermediate_size=128"], monkeypatch)
+    err = capsys.readouterr()
+    assert code == 3 and "does not fit this run" in err.err and "Traceback" not in err.out + err.err

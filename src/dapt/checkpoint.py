@@ -164,7 +164,8 @@ class Checkpointer:
                 log.error("checkpoint %s is damaged: %s; falling back to the previous one", self.root / tag, problem)
             else:
                 if self.index()["saved"]:
-                    raise RuntimeError(f"no complete checkpoint left in {self.root}")
+                    raise ValueError(f"every checkpoint in {self.root} is damaged (see above): move the folder away "
+                                     "to start over, or pass --resume=never")
         if dist.world() > 1:
             torch.distributed.broadcast_object_list(choice, src=0)
         return self.root / choice[0] if choice[0] else None
@@ -186,9 +187,15 @@ class Checkpointer:
     def load(self, engine, path: Path) -> tuple[dict, dict]:
         """Load engine state from checkpoint folder `path`; return (client state, this rank's extra state)."""
         check_unpickling(path)
-        loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        try:
+            loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        except (RuntimeError, KeyError, AssertionError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {path} does not fit this run ({type(e).__name__}: {first[:300]}); it was "
+                             "written for another model or DeepSpeed config: use a new output_dir, pass "
+                             "--resume=never to start over, or the settings it was written with") from None
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+            raise ValueError(f"DeepSpeed could not load the checkpoint {path}")
         mine = path / f"rank_state{dist.rank()}.pt"
         if not mine.exists():  # the world grew: this rank has no saved RNG streams
             log.warning("%s has no state for rank %d (saved on fewer ranks): its RNG starts fresh", path, dist.rank())
