@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -129,17 +128,6 @@ def packing(tok) -> dict:
               f"offline BFD {fig['offline_best_fit_decreasing']:.1%}, dapt packed {fig['dapt_packed_streaming']:.1%} "
               f"({fig['packed_minus_bound_points']:+.2f} points from the bound, {fig['packed_over_pad']:.2f}x pad)")
     return out
-
-
-def machine() -> dict:
-    import tokenizers
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
 
 
 def main() -> int:

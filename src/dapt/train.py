@@ -32,6 +32,7 @@ from dapt.packing import Row
 from dapt.preempt import Preempted, PreemptionWatch
 from dapt.redact import redact
 from dapt.schedule import build_scheduler, warmup_steps
+from dapt.sparse import SparsePrediction, supports_sparse
 from dapt.stream import RowFeeder, epoch_pass
 
 log = logging.getLogger("dapt")
@@ -117,6 +118,18 @@ def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[where].float(), labels[where], reduction="sum")
 
 
+def mlm_loss_sum(engine, batch: dict, device, sparse: SparsePrediction | None) -> torch.Tensor:
+    """Forward one micro-batch; the masked-token loss sum. With `sparse`, the head sees the masked positions only."""
+    labels = batch["labels"].to(device)
+    inputs = model_inputs(batch, engine.module, device)
+    if sparse is None:
+        return masked_loss_sum(engine(**inputs).logits, labels)
+    where = labels != IGNORE
+    with sparse.select(where):
+        logits = engine(**inputs).logits
+    return F.cross_entropy(logits[0].float(), labels[where], reduction="sum")
+
+
 def run(cfg: RunConfig) -> dict:
     """Train an MLM as `cfg` says; resume if a checkpoint exists; export final/; return the summary."""
     out = Path(cfg.output_dir)
@@ -130,6 +143,8 @@ def run(cfg: RunConfig) -> dict:
     corpus = prepare_data(cfg, out)
     steps, epoch = total_steps(cfg, corpus)
     model = build_model(cfg, corpus.tokenizer, cfg.train.precision, cfg.ds_config)
+    sparse = SparsePrediction(model) if cfg.train.sparse_prediction and supports_sparse(model) else None
+    log.info("MLM head: %s", "sparse (vocabulary projection at masked positions only)" if sparse else "dense")
     finalize_ds_config(cfg.ds_config, steps, warmup_steps(cfg.train, steps), getattr(model.config, "hidden_size", None))
     if rank == 0:
         save_resolved(cfg, out / "config.resolved.yaml")
@@ -180,8 +195,7 @@ def run(cfg: RunConfig) -> dict:
         scale = t.grad_accum * world / max(masked, 1.0)
         grad_norm = None
         for i, b in enumerate(micro):
-            out_ = engine(**model_inputs(b, engine.module, device))
-            guard.backward(masked_loss_sum(out_.logits, b["labels"].to(device)), scale)
+            guard.backward(mlm_loss_sum(engine, b, device, sparse), scale)
             if i == t.grad_accum - 1:
                 grad_norm = guard.grad_norm()
             engine.step()
@@ -213,7 +227,7 @@ def run(cfg: RunConfig) -> dict:
             window, window_start = Counter(), time.time()
         eval_loss = None
         if corpus.valid and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
-            eval_loss = evaluate(engine, corpus.valid, eval_collate, t, device)
+            eval_loss = evaluate(engine, corpus.valid, eval_collate, t, device, sparse)
             _log_eval(state, eval_loss, metrics, "eval")
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step == steps or stop_votes:
             state.elapsed = time.time() - started
@@ -226,7 +240,7 @@ def run(cfg: RunConfig) -> dict:
                 raise Preempted(watch.signum or signal.SIGTERM, state.step, str(saved))
     bar.close()
     watch.close()
-    return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device, feeder, epoch)
+    return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device, feeder, epoch, sparse)
 
 
 def _item(g: int, row: Row) -> dict:
@@ -277,7 +291,7 @@ def peak_memory_gb() -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, rows: list[Row], collate: MLMCollator, t, device) -> float:
+def evaluate(engine, rows: list[Row], collate: MLMCollator, t, device, sparse: SparsePrediction | None = None) -> float:
     """Masked-token loss over `rows` (fixed masks), summed over ranks. Every rank runs the same number of forwards."""
     engine.eval()
     dataset = RowDataset(rows)
@@ -285,8 +299,7 @@ def evaluate(engine, rows: list[Row], collate: MLMCollator, t, device) -> float:
     for items in eval_batches(len(rows), t.micro_batch_size, dist.world(), dist.rank(), t.eval_batches):
         weight = 1.0 if items else 0.0  # a rank with no rows left still joins the forward (ZeRO-3 gathers)
         b = collate([dataset[i] for i in (items or [(0, 0)])])
-        logits = engine(**model_inputs(b, engine.module, device)).logits
-        loss_sum += weight * float(masked_loss_sum(logits, b["labels"].to(device)))
+        loss_sum += weight * float(mlm_loss_sum(engine, b, device, sparse))
         count += weight * int((b["labels"] != IGNORE).sum())
     engine.train()
     total, n = dist.all_sum(loss_sum, count)
@@ -356,7 +369,7 @@ class _SampleLog:
 # ---------------------------------------------------------------- the end of a run
 
 def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Checkpointer, metrics, wall: float,
-           device, feeder: RowFeeder, epoch: EpochPass | None) -> dict:
+           device, feeder: RowFeeder, epoch: EpochPass | None, sparse: SparsePrediction | None = None) -> dict:
     out = Path(cfg.output_dir)
     skipped = _gathered_counts(feeder)
     if epoch and state.rows + cfg.ds_config["train_batch_size"] > epoch.rows:
@@ -370,7 +383,7 @@ def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Chec
     if corpus.test:
         k = cfg.masking
         test_collate = make_collator(cfg, corpus.tokenizer, engine.module.config, k.eval_rate or k.rate, cfg.seed + 2)
-        summary["test_loss"] = evaluate(engine, corpus.test, test_collate, cfg.train, device)
+        summary["test_loss"] = evaluate(engine, corpus.test, test_collate, cfg.train, device, sparse)
         _log_eval(state, summary["test_loss"], metrics, "test")
     if dist.rank() == 0:
         evals = [r["eval/loss"] for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
