@@ -195,6 +195,20 @@ class NumericsConfig:
 
 
 @dataclass(kw_only=True)
+class ProfileConfig:
+    warmup: int = 5
+    """launch/profile.py: optimizer steps run before timing starts."""
+    steps: int = 20
+    """launch/profile.py: optimizer steps timed after the warm-up."""
+    trace: bool = False
+    """launch/profile.py: record the timed steps with torch.profiler (output_dir/trace.rank<R>.json, for Perfetto)."""
+    ds_flops_profiler: bool = False
+    """launch/profile.py: also run DeepSpeed's flops profiler on the first timed step (it misses SDPA/flash attention)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOPS per rank for MFU; 0: the GPU's dense bf16 figure from dapt's table, or a measured CPU matmul."""
+
+
+@dataclass(kw_only=True)
 class LogConfig:
     wandb: bool = False
     """Log to Weights & Biases (honours WANDB_MODE=offline)."""
@@ -283,6 +297,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)

@@ -317,6 +317,10 @@ def validate(cfg: RunConfig) -> list[str]:
         _positive(p, f"train.{name}", getattr(t, name), minimum=0)
     _positive(p, "checkpoint.every", cfg.checkpoint.every, minimum=0)
     _positive(p, "checkpoint.keep", cfg.checkpoint.keep)
+    _positive(p, "profile.warmup", cfg.profile.warmup, minimum=0)
+    _positive(p, "profile.steps", cfg.profile.steps)
+    if cfg.profile.peak_tflops < 0:
+        p.append(f"profile.peak_tflops: {cfg.profile.peak_tflops} must be >= 0")
     n = cfg.numerics
     _positive(p, "numerics.max_skipped_steps", n.max_skipped_steps, minimum=0)
     _positive(p, "numerics.spike_steps", n.spike_steps)

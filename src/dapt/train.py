@@ -130,21 +130,32 @@ def mlm_loss_sum(engine, batch: dict, device, sparse: SparsePrediction | None) -
     return F.cross_entropy(logits[0].float(), labels[where], reduction="sum")
 
 
-def run(cfg: RunConfig) -> dict:
-    """Train an MLM as `cfg` says; resume if a checkpoint exists; export final/; return the summary."""
+def start(cfg: RunConfig) -> tuple[Path, str, torch.device]:
+    """Process group up, output folder made (by rank 0, seen by all): (output_dir, accelerator, device)."""
     out = Path(cfg.output_dir)
     dist.init()
-    rank, world = dist.rank(), dist.world()
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(accelerator, torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
-    if rank == 0:
+    if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    corpus = prepare_data(cfg, out)
-    steps, epoch = total_steps(cfg, corpus)
-    model = build_model(cfg, corpus.tokenizer, cfg.train.precision, cfg.ds_config)
+    return out, accelerator, device
+
+
+def mlm_model(cfg: RunConfig, tokenizer) -> tuple[torch.nn.Module, SparsePrediction | None]:
+    model = build_model(cfg, tokenizer, cfg.train.precision, cfg.ds_config)
     sparse = SparsePrediction(model) if cfg.train.sparse_prediction and supports_sparse(model) else None
     log.info("MLM head: %s", "sparse (vocabulary projection at masked positions only)" if sparse else "dense")
+    return model, sparse
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train an MLM as `cfg` says; resume if a checkpoint exists; export final/; return the summary."""
+    out, accelerator, device = start(cfg)
+    rank, world = dist.rank(), dist.world()
+    corpus = prepare_data(cfg, out)
+    steps, epoch = total_steps(cfg, corpus)
+    model, sparse = mlm_model(cfg, corpus.tokenizer)
     finalize_ds_config(cfg.ds_config, steps, warmup_steps(cfg.train, steps), getattr(model.config, "hidden_size", None))
     if rank == 0:
         save_resolved(cfg, out / "config.resolved.yaml")

@@ -1,0 +1,257 @@
+"""Profiling runs: warm-up, then N optimizer steps of the real MLM loop, timed in parts, with FLOPs and MFU.
+
+Step time is split into data (taking and collating rows), forward, backward and optimizer step; on a GPU each
+part ends with a synchronize, so the parts add up (and the run is a little slower than training). Throughput is
+given for real tokens (padding excluded) and for token slots separately. Achieved TFLOPS come from the analytic
+FLOPs of the encoder per token (projections, feed-forward and attention at the row length) and of the MLM head per
+predicted token (masked positions with sparse prediction, every slot without), x3 for forward and backward; MFU
+divides them by the accelerator's peak: a table of dense bf16 tensor-core figures for GPUs, a measured matmul peak
+on CPU, or profile.peak_tflops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dapt import dist
+from dapt.config import RunConfig
+
+log = logging.getLogger("dapt")
+
+# Dense (not sparse) bf16 tensor-core TFLOPS with fp32 accumulation, from NVIDIA's data sheets; matched against
+# torch.cuda.get_device_name() in this order. The RTX PRO 6000 Blackwell figure is the published FP4 sparse figure
+# halved per step (sparse -> dense -> FP8 -> BF16): set profile.peak_tflops when you know better.
+GPU_PEAK_TFLOPS = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0),
+    ("RTX PRO 6000", 500.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
+]
+
+
+def _dims(c) -> tuple[int, int, int, int]:
+    """(hidden, layers, feed-forward width, vocabulary) under BERT-style or DistilBERT-style names."""
+    hidden = getattr(c, "hidden_size", None) or c.dim
+    layers = getattr(c, "num_hidden_layers", None) or c.n_layers
+    ffn = getattr(c, "intermediate_size", None) or getattr(c, "hidden_dim", None) or 4 * hidden
+    return hidden, layers, ffn, c.vocab_size
+
+
+def forward_flops(config, seq: int) -> dict[str, float]:
+    """Forward FLOPs per token: `encoder` (all layers, attention at row length `seq`) and `head` (per predicted
+    token: transform and vocabulary projection). Multiply-adds count 2; norms, activations and softmax are left out."""
+    h, layers, ffn, vocab = _dims(config)
+    per_layer = []
+    for i in range(layers):
+        if config.model_type == "modernbert":  # gated MLP (input projection to 2 x ffn); local layers see a window
+            span = seq if i % config.global_attn_every_n_layers == 0 else min(seq, config.local_attention + 1)
+            per_layer.append(8 * h * h + 6 * h * ffn + 4 * span * h)
+        else:
+            per_layer.append(8 * h * h + 4 * h * ffn + 4 * seq * h)
+    head_width = getattr(config, "embedding_size", h) if config.model_type == "electra" else h
+    return {"encoder": float(sum(per_layer)), "head": float(2 * h * head_width + 2 * head_width * vocab)}
+
+
+def peak_tflops(accelerator: str, dtype: torch.dtype, override: float) -> tuple[float, str]:
+    if override:
+        return override, "profile.peak_tflops"
+    if accelerator == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_TFLOPS:
+            if key in name:
+                return value, f"table: {key} dense bf16"
+        return 0.0, f"unknown GPU {name!r}: set profile.peak_tflops"
+    return measured_matmul_tflops(dtype), f"measured {str(dtype).removeprefix('torch.')} matmul on this CPU"
+
+
+def measured_matmul_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+def run_profile(cfg: RunConfig) -> dict:
+    """Build the run as launch/mlm.py does (no checkpoints, no resume), time warm-up + profile.steps steps, write
+    output_dir/profile.json and profile.md."""
+    from dapt.data import prepare_data
+    from dapt.dsconfig import finalize_ds_config
+    from dapt.masking import IGNORE
+    from dapt.schedule import warmup_steps
+    from dapt.stream import RowFeeder
+    from dapt.train import (
+        _item,
+        build_engine,
+        log_choices,
+        make_collator,
+        mlm_loss_sum,
+        mlm_model,
+        peak_memory_gb,
+        start,
+    )
+
+    p, t = cfg.profile, cfg.train
+    out, accelerator, device = start(cfg)
+    rank, world = dist.rank(), dist.world()
+    corpus = prepare_data(cfg, out)
+    steps = p.warmup + p.steps
+    model, sparse = mlm_model(cfg, corpus.tokenizer)
+    finalize_ds_config(cfg.ds_config, steps, warmup_steps(t, steps), getattr(model.config, "hidden_size", None))
+    if p.ds_flops_profiler:
+        cfg.ds_config["flops_profiler"] = {"enabled": True, "profile_step": p.warmup + 1, "module_depth": -1,
+                                           "top_modules": 3, "detailed": False,
+                                           "output_file": str(out / "ds_flops_profiler.txt")}
+    log_choices(cfg, accelerator, steps)
+    engine = build_engine(cfg, model, steps)
+    collate = make_collator(cfg, corpus.tokenizer, model.config, cfg.masking.rate, cfg.seed)
+    feeder = RowFeeder(corpus.spec, rank, world, cfg.data.num_workers, {}, consumed=0)
+    sync = torch.cuda.synchronize if accelerator == "cuda" else (lambda: None)
+    parts = {k: [] for k in ("step", "data", "forward", "backward", "optimizer")}
+    counts = {k: [] for k in ("tokens", "slots", "samples", "predicted")}
+    tracer = _tracer(out, accelerator) if p.trace else None
+    for step in range(steps):
+        if tracer is not None and step == p.warmup:
+            tracer.__enter__()
+        sync()
+        start = time.perf_counter()
+        micro = [collate([_item(g, row) for g, row in feeder.take(t.micro_batch_size)]) for _ in range(t.grad_accum)]
+        masked, = dist.all_sum(sum(int((b["labels"] != IGNORE).sum()) for b in micro))
+        scale = t.grad_accum * world / max(masked, 1.0)
+        data_done = time.perf_counter()
+        fwd = bwd = opt = 0.0
+        for b in micro:
+            a = time.perf_counter()
+            loss = mlm_loss_sum(engine, b, device, sparse)
+            sync()
+            f = time.perf_counter()
+            engine.backward(loss * scale)
+            sync()
+            g = time.perf_counter()
+            engine.step()
+            sync()
+            fwd, bwd, opt = fwd + f - a, bwd + g - f, opt + time.perf_counter() - g
+        if step >= p.warmup:
+            for key, value in (("step", time.perf_counter() - start), ("data", data_done - start), ("forward", fwd),
+                               ("backward", bwd), ("optimizer", opt)):
+                parts[key].append(value)
+            counts["tokens"].append(sum(int(b["attention_mask"].sum()) for b in micro))
+            counts["slots"].append(sum(b["attention_mask"].numel() for b in micro))
+            counts["samples"].append(sum(len(b["input_ids"]) for b in micro))
+            counts["predicted"].append(sum(int((b["labels"] != IGNORE).sum()) for b in micro))
+    if tracer is not None:
+        tracer.__exit__(None, None, None)
+        tracer.export_chrome_trace(str(out / f"trace.rank{rank}.json"))
+    report = _report(cfg, model, engine, parts, counts, accelerator, sparse is not None, peak_memory_gb(), world)
+    if rank == 0:
+        (out / "profile.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "profile.md").write_text(_markdown(report))
+        log.info("profile: %.1f ms/step, %.0f real tokens/s, %.2f TFLOPS per rank, MFU %s; %s", 1000 *
+                 report["step_seconds"]["median"], report["throughput"]["real_tokens_per_second"],
+                 report["flops"]["achieved_tflops_per_rank"],
+                 f"{100 * report['flops']['mfu']:.1f}%" if report["flops"]["mfu"] is not None else "n/a",
+                 out / "profile.md")
+    dist.barrier()
+    return report
+
+
+def _tracer(out: Path, accelerator: str):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if accelerator == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities, record_shapes=True)
+
+
+def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory_gb, world) -> dict:
+    from dapt.dsconfig import describe_optimizer
+
+    t = cfg.train
+    step = statistics.median(parts["step"])
+    seq = cfg.data.max_seq_length
+    per_token = forward_flops(model.config, seq)
+    slots, predicted = statistics.mean(counts["slots"]), statistics.mean(counts["predicted"])
+    head_tokens = predicted if sparse else slots
+    step_flops = 3 * (slots * per_token["encoder"] + head_tokens * per_token["head"])
+    dtype = next(model.parameters()).dtype
+    peak, source = peak_tflops(accelerator, dtype, cfg.profile.peak_tflops)
+    achieved = step_flops / step / 1e12
+    return {
+        "machine": _machine(accelerator),
+        "model": {"type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters()),
+                  "attention": getattr(model.config, "_attn_implementation", None), "dtype": str(dtype)},
+        "settings": {"max_seq_length": seq, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
+                     "world_size": world, "packing": cfg.data.packing, "precision": t.precision,
+                     "zero_stage": cfg.ds_config.get("zero_optimization", {}).get("stage", 0),
+                     "optimizer": describe_optimizer(cfg.ds_config, accelerator), "sparse_prediction": sparse,
+                     "gradient_checkpointing": cfg.model.gradient_checkpointing, "warmup_steps": cfg.profile.warmup,
+                     "profiled_steps": len(parts["step"])},
+        "step_seconds": {"median": step, "min": min(parts["step"]), "max": max(parts["step"])},
+        "parts_seconds_median": {k: statistics.median(v) for k, v in parts.items() if k != "step"},
+        "throughput": {"real_tokens_per_second": world * statistics.mean(counts["tokens"]) / step,
+                       "slots_per_second": world * slots / step,
+                       "samples_per_second": world * statistics.mean(counts["samples"]) / step,
+                       "packing_efficiency": statistics.mean(counts["tokens"]) / slots},
+        "flops": {"forward_per_token_encoder": per_token["encoder"], "forward_per_predicted_token_head":
+                  per_token["head"], "per_step_per_rank": step_flops, "achieved_tflops_per_rank": achieved,
+                  "peak_tflops": peak or None, "peak_source": source, "mfu": achieved / peak if peak else None,
+                  "note": "analytic: matmuls only, attention at the full row length, x3 for forward + backward; "
+                          "recomputation under gradient checkpointing is not counted (the MFU convention)"},
+        "peak_memory_gb": memory_gb,
+        "ds_flops_profiler": (str(Path(cfg.output_dir) / "ds_flops_profiler.txt") + ": DeepSpeed's profiler does not "
+                              "see SDPA or flash attention, so its total misses the attention matmuls"
+                              if cfg.profile.ds_flops_profiler else None),
+    }
+
+
+def _machine(accelerator: str) -> dict:
+    import platform
+
+    import transformers
+
+    info = {"accelerator": accelerator, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+    if accelerator == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    else:
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                            if line.startswith("model name")), platform.processor())
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def _markdown(r: dict) -> str:
+    s, f, th, parts = r["settings"], r["flops"], r["throughput"], r["parts_seconds_median"]
+    mfu = f"{100 * f['mfu']:.1f}%" if f["mfu"] is not None else "n/a (no peak known)"
+    peak = f"{f['peak_tflops']:.3g}" if f["peak_tflops"] else "n/a"
+    lines = [
+        f"# Profile: {r['model']['type']}, {r['model']['parameters'] / 1e6:.1f}M parameters",
+        "",
+        f"{r['machine'].get('gpu') or r['machine'].get('cpu')}; {s['world_size']} rank(s), ZeRO {s['zero_stage']}, "
+        f"{s['precision']}, {s['optimizer']}; rows of {s['max_seq_length']} tokens, micro batch "
+        f"{s['micro_batch_size']} x {s['grad_accum']}, {s['packing']} packing; sparse prediction "
+        f"{'on' if s['sparse_prediction'] else 'off'}; {s['profiled_steps']} steps after {s['warmup_steps']} warm-up.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| step | {1000 * r['step_seconds']['median']:.1f} ms (median) |",
+        *(f"| {k} | {1000 * v:.1f} ms |" for k, v in parts.items()),
+        f"| real tokens/s | {th['real_tokens_per_second']:.0f} |",
+        f"| token slots/s | {th['slots_per_second']:.0f} (packing efficiency {100 * th['packing_efficiency']:.1f}%) |",
+        f"| samples/s | {th['samples_per_second']:.1f} |",
+        f"| achieved TFLOPS per rank | {f['achieved_tflops_per_rank']:.3f} |",
+        f"| peak TFLOPS | {peak} ({f['peak_source']}) |",
+        f"| MFU | {mfu} |",
+        f"| peak memory | {r['peak_memory_gb']:.2f} GB |",
+        "",
+        f"FLOPs: {f['note']}.",
+    ]
+    if r["ds_flops_profiler"]:
+        lines += ["", f"DeepSpeed flops profiler: {r['ds_flops_profiler']}."]
+    return "\n".join(lines) + "\n"
