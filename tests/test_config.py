@@ -23,6 +23,7 @@ from dapt.config import (
     MaskingConfig,
     ModelConfig,
     NumericsConfig,
+    PlanConfig,
     ProfileConfig,
     RunConfig,
     TrainConfig,
@@ -517,13 +518,13 @@ def test_help_text_has_design_name(name):
     assert f"  --{name}=" in help_text()
 
 
-SECTIONS = ("model", "data", "masking", "train", "checkpoint", "numerics", "profile", "log", "classify", "embed",
-            "ablation")
+SECTIONS = ("model", "data", "masking", "train", "checkpoint", "numerics", "profile", "plan", "log", "classify",
+            "embed", "ablation")
 
 
 @pytest.mark.parametrize("cls", [RunConfig, ModelConfig, DataConfig, MaskingConfig, TrainConfig, CheckpointConfig,
-                                 NumericsConfig, ProfileConfig, LogConfig, ClassifyConfig, EmbedConfig,
-                                 AblationConfig])
+                                 NumericsConfig, ProfileConfig, PlanConfig, LogConfig, ClassifyConfig,
+                                 EmbedConfig, AblationConfig])
 def test_every_field_documented_in_help(cls):
     docs = field_docs(cls)
     text = help_text()

@@ -209,6 +209,25 @@ class ProfileConfig:
 
 
 @dataclass(kw_only=True)
+class PlanConfig:
+    gpu: str = "A100-80GB"
+    """launch/plan.py: RTX-3090 | RTX-4090 | A100-40GB | A100-80GB | H100-80GB | H200 | L40S | RTX-PRO-6000."""
+    gpus: int = 1
+    """launch/plan.py: GPUs in the run (all nodes); ZeRO partitions over them."""
+    micro_batches: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    """launch/plan.py: micro-batch sizes to consider."""
+    min_micro_batch: int = 8
+    """launch/plan.py: prefer set-ups that fit at least this micro batch (a slower stage beats a tiny batch)."""
+    headroom: float = 0.9
+    """launch/plan.py: share of GPU memory the estimate may use (the rest: CUDA context, fragmentation)."""
+    write_ds: str = ""
+    """launch/plan.py: write the recommended DeepSpeed config to this path (empty: do not)."""
+    measure: bool = True
+    """launch/plan.py: measure activations on one real row on this CPU (models up to 2B parameters); false: the
+    analytic formula (Korthikanti et al.) only."""
+
+
+@dataclass(kw_only=True)
 class LogConfig:
     wandb: bool = False
     """Log to Weights & Biases (honours WANDB_MODE=offline)."""
@@ -298,6 +317,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -328,6 +348,7 @@ CHOICES = {
     "ablation.protocol": ("classify", "anomaly"),
     "checkpoint.disk_check": ("refuse", "warn", "off"),
     "numerics.spike_action": ("warn", "stop"),
+    "plan.gpu": ("RTX-3090", "RTX-4090", "A100-40GB", "A100-80GB", "H100-80GB", "H200", "L40S", "RTX-PRO-6000"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
 NOT_YET: dict[str, tuple[str, ...]] = {}

@@ -321,6 +321,11 @@ def validate(cfg: RunConfig) -> list[str]:
     _positive(p, "profile.steps", cfg.profile.steps)
     if cfg.profile.peak_tflops < 0:
         p.append(f"profile.peak_tflops: {cfg.profile.peak_tflops} must be >= 0")
+    _positive(p, "plan.gpus", cfg.plan.gpus)
+    if not cfg.plan.micro_batches or any(m < 1 for m in cfg.plan.micro_batches):
+        p.append(f"plan.micro_batches: {cfg.plan.micro_batches} must be a non-empty list of sizes >= 1")
+    if not 0 < cfg.plan.headroom <= 1:
+        p.append(f"plan.headroom: {cfg.plan.headroom} must be in (0, 1]")
     n = cfg.numerics
     _positive(p, "numerics.max_skipped_steps", n.max_skipped_steps, minimum=0)
     _positive(p, "numerics.spike_steps", n.spike_steps)

@@ -1,0 +1,241 @@
+"""Memory planner: per-GPU memory of an MLM run for ZeRO 0-3 with and without offload, micro-batch sizes and
+gradient checkpointing; the recommended DeepSpeed config and micro batch.
+
+Model states follow DeepSpeed's own accounting (its estimate_zero2/zero3_model_states_mem_needs functions, which
+the tests compare against): bf16 weights and gradients, fp32 master weights, fp32 gradient partitions and Adam
+moments. Activations are measured by default: the bytes autograd saves for one real row on this CPU, scaled by the
+micro batch. Without the measurement they follow Korthikanti et al. (2022) per layer, (15 h + 4 f) bytes per token
+in 16-bit, plus the attention scores (5 a s bytes per token) unless SDPA or flash attention keeps them out of
+memory. Gradient checkpointing keeps each layer's input and one layer's activations. The MLM head adds its transform and the logits
+of the predicted tokens (fp32 for the loss). Buffers: the ZeRO reduce bucket. The CUDA context (about 0.5-1 GB) is
+not in torch's peak figure and not in the estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dapt.config import RunConfig
+
+log = logging.getLogger("dapt")
+
+GPU_MEMORY_GB = {"RTX-3090": 24, "RTX-4090": 24, "A100-40GB": 40, "A100-80GB": 80, "H100-80GB": 80, "H200": 141,
+                 "L40S": 48, "RTX-PRO-6000": 96}
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class Setup:
+    stage: int
+    offload: str  # none | optimizer | optimizer+params
+    checkpointing: bool
+    micro_batch: int
+
+
+def model_facts(cfg: RunConfig) -> dict:
+    """Parameter count and shape of the model the config names, built on the meta device (no weights loaded)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    m = cfg.model
+    if m.name_or_path:
+        conf = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+    elif isinstance(m.config, str):
+        conf = AutoConfig.from_pretrained(m.config)
+    else:
+        fields = dict(m.config or {})
+        fields.setdefault("vocab_size", m.tokenizer_vocab_size)
+        conf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        model = AutoModelForMaskedLM.from_config(conf)
+    params = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
+    largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
+    from dapt.profiling import _dims
+
+    hidden, layers, ffn, vocab = _dims(conf)
+    heads = getattr(conf, "num_attention_heads", None) or conf.n_heads
+    return {"type": conf.model_type, "parameters": params, "largest_layer_parameters": largest, "hidden": hidden,
+            "layers": layers, "ffn": ffn, "vocab": vocab, "heads": heads, "config": conf}
+
+
+def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool) -> float:
+    """Bytes the real model saves for backward on one row of `seq` tokens (fp32, on this CPU): the tensors autograd
+    keeps, counted once each, parameters left out. Attention dropout is set to 0 so that CPU SDPA keeps no attention
+    scores, as the fused GPU kernels do not."""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForMaskedLM
+
+    from dapt.sparse import SparsePrediction
+
+    conf = copy.deepcopy(conf)
+    for name in ("attention_probs_dropout_prob", "attention_dropout"):
+        if hasattr(conf, name):
+            setattr(conf, name, 0.0)
+    model = AutoModelForMaskedLM.from_config(conf, attn_implementation="sdpa").train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, conf.vocab_size, (1, seq), generator=g)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < mask_rate, ids, torch.full_like(ids, -100))
+    where = labels != -100
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        if isinstance(t, torch.Tensor):
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        if sparse:
+            with SparsePrediction(model).select(where):
+                logits = model(input_ids=ids).logits[0]
+        else:
+            logits = model(input_ids=ids).logits[where]
+        F.cross_entropy(logits.float(), labels[where], reduction="sum")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return float(sum(n for ptr, n in saved.items() if ptr not in params))
+
+
+def model_state_bytes(params: int, largest: int, stage: int, offload: str, gpus: int, bf16: bool) -> float:
+    """Weights, gradients and optimizer states on one GPU."""
+    if offload != "none":  # the optimizer states (and with params, the weights) live in CPU memory
+        if stage < 3:
+            return (2 if bf16 else 4) * params
+        return 4 * largest + (0 if "params" in offload else (2 if bf16 else 4) * params / gpus)
+    if bf16:  # bf16 weights and gradients, fp32 master weights, fp32 gradients, Adam moments
+        return {0: 20 * params, 1: 4 * params + 16 * params / gpus, 2: 2 * params + 18 * params / gpus,
+                3: 4 * largest + 18 * params / gpus}[stage]
+    return {0: 16 * params, 1: 8 * params + 8 * params / gpus, 2: 4 * params + 12 * params / gpus,
+            3: 4 * largest + 16 * params / gpus}[stage]
+
+
+def activation_bytes(f: dict, seq: int, micro: int, checkpointing: bool, attention: str, mask_rate: float,
+                     sparse: bool, bf16: bool) -> float:
+    h, layers, ffn, vocab, heads = f["hidden"], f["layers"], f["ffn"], f["vocab"], f["heads"]
+    scale = 1.0 if bf16 else 2.0  # the 16-bit figures double in fp32
+    tokens = seq * micro
+    layer = tokens * (15 * h + 4 * ffn) * scale + (5 * heads * seq * tokens if attention == "eager" else 0)
+    body = (layers * 2 * tokens * h * scale + layer) if checkpointing else layers * layer
+    predicted = tokens * mask_rate if sparse else tokens
+    head = predicted * (3 * h * 2 * scale + vocab * (2 * scale + 8))  # transform; logits, fp32 softmax and its grad
+    return body + head + tokens * h * 2 * scale  # + the embeddings' output
+
+
+def estimate(f: dict, s: Setup, seq: int, gpus: int, bf16: bool, attention: str, mask_rate: float,
+             sparse: bool, measured_row: float | None = None) -> dict:
+    """Per-GPU memory of one set-up. With `measured_row` (bytes saved for one fp32 row, measured), activations scale
+    it by the micro batch (halved in bf16); gradient checkpointing keeps the layer inputs and one layer's share."""
+    states = model_state_bytes(f["parameters"], f["largest_layer_parameters"], s.stage, s.offload, gpus, bf16)
+    if measured_row is None:
+        acts = activation_bytes(f, seq, s.micro_batch, s.checkpointing, attention, mask_rate, sparse, bf16)
+    else:
+        row = measured_row * (0.5 if bf16 else 1.0)
+        if s.checkpointing:
+            row = f["layers"] * seq * f["hidden"] * (2 if bf16 else 4) + row / f["layers"]
+        acts = s.micro_batch * row
+    buffers = 4 * f["hidden"] ** 2 * (2 if s.stage else 0)  # reduce bucket ("auto": hidden^2 elements), x2 in flight
+    return {"model_states_gb": states / GB, "activations_gb": acts / GB, "buffers_gb": buffers / GB,
+            "total_gb": (states + acts + buffers) / GB}
+
+
+def candidates(micro_batches: list[int]) -> list[Setup]:
+    """Fastest first: no offload before offload, no recomputation before it, lower ZeRO stages first."""
+    out = []
+    for offload in ("none", "optimizer", "optimizer+params"):
+        for checkpointing in (False, True):
+            for stage in (0, 1, 2, 3):
+                if offload != "none" and stage < 2 or offload == "optimizer+params" and stage < 3:
+                    continue
+                out += [Setup(stage, offload, checkpointing, m) for m in sorted(micro_batches, reverse=True)]
+    return out
+
+
+def run_plan(cfg: RunConfig) -> dict:
+    p = cfg.plan
+    facts = model_facts(cfg)
+    # the plan is for GPUs: "auto" precision means bf16 there, whatever this machine would pick
+    bf16 = cfg.train.precision != "fp32" if "train.precision" in cfg.explicit else True
+    attention = "eager" if cfg.model.attn_implementation == "eager" else "sdpa"
+    budget = GPU_MEMORY_GB[p.gpu] * p.headroom
+    measured = None
+    if p.measure and facts["parameters"] <= 2e9:
+        measured = measured_activation_bytes(facts["config"], cfg.data.max_seq_length, cfg.masking.rate,
+                                             cfg.train.sparse_prediction)
+        log.info("activations measured on one real %d-token row on this CPU: %.1f MB (fp32)",
+                 cfg.data.max_seq_length, measured / 2**20)
+    rows = []
+    for s in candidates(p.micro_batches):
+        e = estimate(facts, s, cfg.data.max_seq_length, p.gpus, bf16, attention, cfg.masking.rate,
+                     cfg.train.sparse_prediction, measured)
+        rows.append({**s.__dict__, **{k: round(v, 3) for k, v in e.items()}, "fits": e["total_gb"] <= budget})
+    fitting = [r for r in rows if r["fits"]]
+    good = [r for r in fitting if r["micro_batch"] >= p.min_micro_batch] or fitting
+    choice = good[0] if good else None
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"model": {k: v for k, v in facts.items() if k != "config"}, "gpu": p.gpu, "gpu_memory_gb": GPU_MEMORY_GB[p.gpu], "gpus": p.gpus,
+              "headroom": p.headroom, "seq": cfg.data.max_seq_length, "precision": "bf16" if bf16 else "fp32",
+              "attention": attention, "sparse_prediction": cfg.train.sparse_prediction,
+              "activations": "measured (saved tensors of one real row, scaled)" if measured else "analytic",
+              "recommendation": choice,
+              "estimates": rows}
+    if choice and p.write_ds:
+        result["ds_config"] = str(write_ds_config(choice, Path(p.write_ds)))
+    (out / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "plan.md").write_text(_markdown(result))
+    if choice:
+        log.info("plan for %d x %s: ZeRO %d, offload %s, micro batch %d%s: %.1f GB of %d GB per GPU (%s)", p.gpus,
+                 p.gpu, choice["stage"], choice["offload"], choice["micro_batch"],
+                 ", gradient checkpointing" if choice["checkpointing"] else "", choice["total_gb"],
+                 GPU_MEMORY_GB[p.gpu], out / "plan.md")
+    else:
+        log.warning("nothing fits %d x %s at %d tokens, even ZeRO-3 with offload and micro batch %d", p.gpus, p.gpu,
+                    cfg.data.max_seq_length, min(p.micro_batches))
+    return result
+
+
+def write_ds_config(choice: dict, path: Path) -> Path:
+    """The shipped config of that stage (bf16, "auto" for the recipe's values), with offload as chosen."""
+    root = Path(__file__).resolve().parents[2] / "ds_configs"
+    name = "zero3_offload_bf16.json" if choice["offload"] != "none" and choice["stage"] == 3 else \
+        f"zero{choice['stage']}_bf16.json"
+    ds = json.loads((root / name).read_text())
+    zero = ds.setdefault("zero_optimization", {"stage": choice["stage"]})
+    if choice["offload"] == "none":
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+    else:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if "params" in choice["offload"]:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        else:
+            zero.pop("offload_param", None)
+    ds["train_micro_batch_size_per_gpu"] = "auto"  # from train.micro_batch_size, as the plan says to set it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ds, indent=2) + "\n")
+    return path
+
+
+def _markdown(r: dict) -> str:
+    m, c = r["model"], r["recommendation"]
+    lines = [f"# Memory plan: {m['type']}, {m['parameters'] / 1e6:.1f}M parameters, {r['seq']} tokens, "
+             f"{r['gpus']} x {r['gpu']} ({r['gpu_memory_gb']} GB, {100 * r['headroom']:.0f}% usable), "
+             f"{r['precision']}", ""]
+    if c:
+        lines += [f"**Recommended:** ZeRO {c['stage']}, offload {c['offload']}, micro batch {c['micro_batch']}"
+                  f"{', gradient checkpointing' if c['checkpointing'] else ''}: {c['total_gb']:.1f} GB per GPU"
+                  + (f" (DeepSpeed config written to {r['ds_config']})" if r.get("ds_config") else ""), "",
+                  f"    --train.micro_batch_size={c['micro_batch']}"
+                  + (" --model.gradient_checkpointing=true" if c["checkpointing"] else ""), ""]
+    else:
+        lines += ["**Nothing fits**, even with ZeRO-3, offload and gradient checkpointing.", ""]
+    lines += ["| ZeRO | offload | checkpointing | micro batch | model states GB | activations GB | total GB | fits |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['stage']} | {e['offload']} | {'yes' if e['checkpointing'] else 'no'} | {e['micro_batch']} | "
+              f"{e['model_states_gb']:.2f} | {e['activations_gb']:.2f} | {e['total_gb']:.2f} | "
+              f"{'yes' if e['fits'] else 'no'} |" for e in r["estimates"]]
+    return "\n".join(lines) + "\n"

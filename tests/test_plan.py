@@ -1,0 +1,111 @@
+"""Memory planner: model states agree with DeepSpeed's own estimators, activations behave as they must, the
+recommendation fits and its DeepSpeed config loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from dapt.config import CHOICES
+from dapt.load import load_config
+from dapt.plan import GPU_MEMORY_GB, Setup, activation_bytes, estimate, model_state_bytes, run_plan
+
+BERT_BASE = ("{model_type: bert, hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, "
+             "intermediate_size: 3072, max_position_embeddings: 512}")
+
+
+@pytest.mark.parametrize("gpus", [1, 4, 16])
+def test_model_states_agree_with_deepspeeds_estimators(gpus):
+    params, largest = 110_000_000, 23_000_000
+    _, z2 = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, cpu_offload=False)
+    _, z2_off = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=gpus, cpu_offload=True)
+    _, z3, _ = estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=gpus, cpu_offload=False)
+    _, z3_off, _ = estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=gpus, cpu_offload=True,
+                                                         cpu_offload_params=True)
+    _, z3_opt, _ = estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=gpus, cpu_offload=True,
+                                                         cpu_offload_params=False)
+    assert model_state_bytes(params, largest, 2, "none", gpus, True) == pytest.approx(z2, rel=1e-6)
+    assert model_state_bytes(params, largest, 2, "optimizer", gpus, True) == pytest.approx(z2_off, rel=1e-6)
+    assert model_state_bytes(params, largest, 3, "none", gpus, True) == pytest.approx(z3, rel=1e-6)
+    assert model_state_bytes(params, largest, 3, "optimizer+params", gpus, True) == pytest.approx(z3_off, rel=1e-6)
+    assert model_state_bytes(params, largest, 3, "optimizer", gpus, True) == pytest.approx(z3_opt, rel=1e-6)
+    stages = [model_state_bytes(params, largest, s, "none", gpus, True) for s in range(4)]
+    assert stages == sorted(stages, reverse=True) if gpus > 1 else stages[0] >= stages[1]
+
+
+def test_activations_scale_and_shrink_as_they_must():
+    f = {"hidden": 768, "layers": 12, "ffn": 3072, "vocab": 30522, "heads": 12}
+    base = activation_bytes(f, 512, 8, False, "sdpa", 0.15, True, True)
+    assert activation_bytes(f, 512, 16, False, "sdpa", 0.15, True, True) == pytest.approx(2 * base)
+    assert activation_bytes(f, 512, 8, True, "sdpa", 0.15, True, True) < base / 3  # checkpointing
+    assert activation_bytes(f, 512, 8, False, "eager", 0.15, True, True) > base  # attention scores kept
+    assert activation_bytes(f, 512, 8, False, "sdpa", 0.15, False, True) > base  # dense head: logits everywhere
+    assert activation_bytes(f, 512, 8, False, "sdpa", 0.15, True, False) > base  # fp32
+
+
+def test_plan_recommends_a_fitting_setup_and_writes_a_loadable_ds_config(tmp_path):
+    assert set(GPU_MEMORY_GB) == set(CHOICES["plan.gpu"])
+    ds = tmp_path / "planned.json"
+    cfg = load_config(["--model.config", BERT_BASE, "--model.tokenizer_vocab_size=30522",
+                       "--data.max_seq_length=512", "--plan.gpu=RTX-3090", f"--plan.write_ds={ds}",
+                       "--output_dir", str(tmp_path / "p")], world_size=1, accelerator="cpu")
+    result = run_plan(cfg)
+    choice = result["recommendation"]
+    assert result["model"]["parameters"] == pytest.approx(109.5e6, rel=0.01)  # BERT-base with its MLM head
+    assert choice["fits"] and choice["total_gb"] <= 24 * 0.9 and choice["micro_batch"] >= 8
+    bigger = [e for e in result["estimates"] if e["stage"] == choice["stage"] and e["offload"] == choice["offload"]
+              and e["checkpointing"] == choice["checkpointing"] and e["micro_batch"] > choice["micro_batch"]]
+    assert all(not e["fits"] for e in bigger)  # the largest micro batch that fits was chosen
+    written = json.loads(ds.read_text())
+    assert written["zero_optimization"]["stage"] == choice["stage"]
+    loaded = load_config(["--model.config", BERT_BASE, "--ds", str(ds), "--train.precision=bf16", "--output_dir",
+                          str(tmp_path / "x"), f"--train.micro_batch_size={choice['micro_batch']}"], world_size=1,
+                         accelerator="cuda")  # the config is valid as written, with the recommended micro batch
+    assert loaded.ds_config["train_micro_batch_size_per_gpu"] == choice["micro_batch"]
+    assert f"--train.micro_batch_size={choice['micro_batch']}" in (tmp_path / "p" / "plan.md").read_text()
+
+
+def test_a_model_too_big_for_one_small_gpu_moves_to_zero3_offload_or_more_gpus(tmp_path):
+    big = ("{model_type: bert, hidden_size: 2048, num_hidden_layers: 48, num_attention_heads: 16, "
+           "intermediate_size: 8192, max_position_embeddings: 512}")  # about 2.5 B parameters
+    facts = None
+    for gpus, expect in ((1, lambda c: c["offload"] != "none"), (8, lambda c: c["offload"] == "none")):
+        cfg = load_config(["--model.config", big, "--model.tokenizer_vocab_size=30522", "--plan.gpu=RTX-3090",
+                           f"--plan.gpus={gpus}", "--output_dir", str(tmp_path / f"g{gpus}")], world_size=1,
+                          accelerator="cpu")
+        result = run_plan(cfg)
+        facts = result["model"]
+        assert result["recommendation"] and expect(result["recommendation"]), result["recommendation"]
+    zero0 = estimate(facts, Setup(0, "none", False, 1), 128, 1, True, "sdpa", 0.15, True)
+    assert zero0["total_gb"] > 24  # plain data parallel cannot hold it
+
+
+def test_measured_activations_scale_with_the_batch_and_match_a_real_two_row_forward():
+    import torch
+    import torch.nn.functional as F
+    from transformers import BertConfig, BertForMaskedLM
+
+    from dapt.plan import measured_activation_bytes
+
+    conf = BertConfig(vocab_size=3000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=512, attention_probs_dropout_prob=0.0)
+    one = measured_activation_bytes(conf, 96, 0.15, sparse=False)
+    f = {"parameters": 1, "largest_layer_parameters": 1, "hidden": 128, "layers": 2, "ffn": 512, "vocab": 3000,
+         "heads": 4}
+    planned = estimate(f, Setup(0, "none", False, 2), 96, 1, False, "sdpa", 0.15, False, one)["activations_gb"]
+    model = BertForMaskedLM(conf).train()  # a real 2-row step, measured the same way
+    ids = torch.randint(5, 3000, (2, 96))
+    labels = torch.where(torch.rand(ids.shape) < 0.15, ids, torch.full_like(ids, -100))
+    seen = {}
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+            lambda t: t):
+        F.cross_entropy(model(input_ids=ids).logits[labels != -100], labels[labels != -100])
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    real = sum(n for k, n in seen.items() if k not in params) / 2**30
+    assert planned == pytest.approx(real, rel=0.1)
+    with_ckpt = estimate(f, Setup(0, "none", True, 2), 96, 1, False, "sdpa", 0.15, False, one)["activations_gb"]
+    assert with_ckpt < planned
