@@ -107,3 +107,23 @@ def test_two_ranks_under_the_launcher_stop_before_starting(tmp_path, corpus_file
         assert text.count(fragment) >= 1, fragment
     assert text.count("invalid configuration") == 1  # said once, by rank 0
     assert "Traceback" not in text and "rank0]" not in text and not out.exists()  # no rank got to log anything
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """Nine lines of anchors and aliases stand for about a billion values: refused from the count, not expanded."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\ndata:\n  train: *a8\n")
+    with pytest.raises(ConfigError, match=r"expands to 9.26e\+08 values through YAML aliases"):
+        load_config(["--recipe", str(bomb)], world_size=1, accelerator="cpu")
+    # the same on the command line: one flow sequence whose anchors nest ten-fold, six deep
+    levels = ["&a0 [" + ",".join(["x"] * 10) + "]"]
+    levels += [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    with pytest.raises(ConfigError, match="--data.train: expands to more than"):
+        load_config(["--data.train", "[" + ", ".join(levels) + "]"], world_size=1, accelerator="cpu")
+
+
+def test_a_malformed_yaml_override_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"--train.betas: not a valid value"):
+        load_config(["--train.betas", "[0.9, 0.98"], world_size=1, accelerator="cpu")

@@ -43,7 +43,14 @@ def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
         if key == "recipe":
             recipe = value
         else:
-            overrides[key] = yaml.safe_load(value) if value != "" else ""
+            try:
+                overrides[key] = yaml.safe_load(value) if value != "" else ""
+            except yaml.YAMLError as e:
+                problems.append(f"--{key}: not a valid value ({getattr(e, 'problem', e)})")
+                continue
+            if expanded_size(overrides[key]) > MAX_CONFIG_VALUES:
+                problems.append(f"--{key}: expands to more than {MAX_CONFIG_VALUES} values through YAML aliases")
+                overrides.pop(key)
     if problems:
         raise ConfigError(problems)
     return recipe, overrides, want_help
@@ -235,7 +242,28 @@ def _read_yaml(path: str, problems: list[str]) -> dict:
     if not isinstance(data, dict):
         problems.append(f"recipe {path}: the top level must be a mapping of sections, got {type(data).__name__}")
         return {}
+    size = expanded_size(data)
+    if size > MAX_CONFIG_VALUES:
+        problems.append(f"recipe {path}: expands to {size:.3g} values through YAML aliases (&anchor / *alias), more "
+                        f"than the {MAX_CONFIG_VALUES} a config can hold; refusing to read it")
+        return {}
     return data
+
+
+MAX_CONFIG_VALUES = 100_000
+
+
+def expanded_size(obj, memo: dict[int, int] | None = None) -> int:
+    """How many values `obj` holds once YAML aliases are expanded, counted without expanding them: each shared
+    list or mapping is sized once (an alias bomb of a few lines stands for billions of values)."""
+    memo = {} if memo is None else memo
+    if not isinstance(obj, dict | list):
+        return 1
+    if id(obj) not in memo:
+        memo[id(obj)] = 0  # a self-referencing structure counts as small here; the type checks reject it
+        children = obj.values() if isinstance(obj, dict) else obj
+        memo[id(obj)] = 1 + sum(expanded_size(child, memo) for child in children)
+    return memo[id(obj)]
 
 
 
