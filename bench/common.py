@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
@@ -19,3 +22,16 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def write_result(stem: str, result: dict) -> Path:
+    """bench/results/<stem>.json (<stem>_<gpu>.json on a GPU, so CPU and GPU results live side by side); the result
+    is also printed on one line, the last line a bench script prints."""
+    import torch
+
+    name = stem if not torch.cuda.is_available() else f"{stem}_{torch.cuda.get_device_name().replace(' ', '_')}"
+    out = RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return out

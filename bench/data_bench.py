@@ -23,7 +23,7 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import machine, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -145,10 +145,7 @@ def main() -> int:
                                                             "jsonl")},
             "packing_efficiency_csic": packing(tok),
         }
-    out = ROOT / "bench" / "results" / "data_bench.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result("data_bench", result)
     return 0
 
 

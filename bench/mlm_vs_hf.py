@@ -255,7 +255,7 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(ROOT / "src"))
     import torch
-    from common import machine
+    from common import machine, write_result
 
     from dapt.formats import READERS, Document, FormatOptions
     from dapt.sources import Position
@@ -289,14 +289,10 @@ def main() -> int:
         "ratio_real_tokens_dapt_over_hf_group_texts": d / results["hf_group_texts"]["real_tokens_per_second"],
         "engine_overhead_vs_bare_deepspeed": overhead,
     }
-    name = "mlm_vs_hf.json" if not torch.cuda.is_available() else \
-        f"mlm_vs_hf_{torch.cuda.get_device_name().replace(' ', '_')}.json"
-    out = ROOT / "bench" / "results" / name
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"dapt / HF pad-512: {result['ratio_real_tokens_dapt_over_hf_pad512']:.2f}x; dapt / HF group_texts: "
           f"{result['ratio_real_tokens_dapt_over_hf_group_texts']:.2f}x; dapt's step over a bare DeepSpeed loop: "
           f"{100 * overhead['overhead']:+.1f}%")
-    print(json.dumps(result))
+    write_result("mlm_vs_hf", result)
     return 0
 
 

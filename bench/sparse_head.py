@@ -13,7 +13,6 @@ Writes bench/results/sparse_head.json (bench/results/sparse_head_<gpu>.json on a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine
+from common import machine, write_result
 from transformers import BertConfig, BertForMaskedLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,14 +100,10 @@ def main() -> int:
         "dense": sides["dense"], "sparse": sides["sparse"],
         "speedup_sparse_over_dense": sides["dense"]["median_step_s"] / sides["sparse"]["median_step_s"],
     }
-    name = "sparse_head.json" if not cuda else f"sparse_head_{torch.cuda.get_device_name().replace(' ', '_')}.json"
-    out = ROOT / "bench" / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"dense {sides['dense']['tokens_per_second']:.0f} tokens/s, sparse {sides['sparse']['tokens_per_second']:.0f}"
           f" tokens/s: {result['speedup_sparse_over_dense']:.2f}x (the head is "
           f"{100 * result['head_share_of_dense_forward_flops']:.0f}% of the dense model's FLOPs)")
-    print(json.dumps(result))
+    write_result("sparse_head", result)
     return 0
 
 

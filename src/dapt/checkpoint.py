@@ -134,6 +134,11 @@ class Checkpointer:
         tag = self.index()["latest"]
         return self.root / tag if tag else None
 
+    def before(self, step: int) -> Path | None:
+        """The newest kept checkpoint written before optimizer step `step` (tags are step_<N>)."""
+        tags = [tag for tag in self.index()["saved"] if int(tag.rsplit("_", 1)[1]) < step]
+        return self.root / tags[-1] if tags else None
+
     def save(self, engine, step: int, client_state: dict, rank_extra: dict, eval_loss: float | None) -> Path:
         tag = f"step_{step:08d}"
         tmp = self.root / f".tmp-{tag}"
@@ -234,9 +239,8 @@ def full_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor] | None:
     if dist.rank() != 0:
         return None
     if engine.zero_optimization_stage() > 0:
+        # no check_unpickling here: the checkpoint is one this run wrote, or the one it resumed from (checked then)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        check_unpickling(checkpoint)
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     masters = {}

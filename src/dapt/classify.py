@@ -403,7 +403,7 @@ def run_one(cfg: RunConfig) -> dict:
         reason = guard.check(done, outcome, grad_norm if grad_norm is not None else engine.get_global_grad_norm())
         if reason:
             watch.close()
-            raise Diverged(reason, str(ckpt.latest()) if ckpt.latest() else None)
+            raise Diverged(reason, ckpt.before(guard.since))
         if done % t.log_every == 0 or done == steps:
             metrics.log(done, {"train/loss": window["loss"] / window["weight"] if window["weight"] else float("nan"),
                                "train/learning_rate": engine.get_lr()[0], "train/epoch": done / steps_per_epoch,

@@ -19,6 +19,7 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,7 @@ log = logging.getLogger("dapt")
 class Diverged(SystemExit):
     """The run stopped on a numeric problem; exit code 4."""
 
-    def __init__(self, reason: str, checkpoint: str | None):
+    def __init__(self, reason: str, checkpoint: Path | None):
         super().__init__(4)
         where = (f"the last checkpoint before it is {checkpoint}: rerunning the same command resumes from the newest "
                  f"checkpoint; to go back to this one, pass --resume={checkpoint}" if checkpoint

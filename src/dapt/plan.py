@@ -54,9 +54,9 @@ def model_facts(cfg: RunConfig) -> dict:
         model = AutoModelForMaskedLM.from_config(conf)
     params = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
-    from dapt.profiling import _dims
+    from dapt.profiling import model_dims
 
-    hidden, layers, ffn, vocab = _dims(conf)
+    hidden, layers, ffn, vocab = model_dims(conf)
     heads = getattr(conf, "num_attention_heads", None) or conf.n_heads
     return {"type": conf.model_type, "parameters": params, "largest_layer_parameters": largest, "hidden": hidden,
             "layers": layers, "ffn": ffn, "vocab": vocab, "heads": heads, "config": conf}

@@ -33,7 +33,7 @@ GPU_PEAK_TFLOPS = [
 ]
 
 
-def _dims(c) -> tuple[int, int, int, int]:
+def model_dims(c) -> tuple[int, int, int, int]:
     """(hidden, layers, feed-forward width, vocabulary) under BERT-style or DistilBERT-style names."""
     hidden = getattr(c, "hidden_size", None) or c.dim
     layers = getattr(c, "num_hidden_layers", None) or c.n_layers
@@ -44,7 +44,7 @@ def _dims(c) -> tuple[int, int, int, int]:
 def forward_flops(config, seq: int) -> dict[str, float]:
     """Forward FLOPs per token: `encoder` (all layers, attention at row length `seq`) and `head` (per predicted
     token: transform and vocabulary projection). Multiply-adds count 2; norms, activations and softmax are left out."""
-    h, layers, ffn, vocab = _dims(config)
+    h, layers, ffn, vocab = model_dims(config)
     per_layer = []
     for i in range(layers):
         if config.model_type == "modernbert":  # gated MLP (input projection to 2 x ffn); local layers see a window
@@ -88,13 +88,13 @@ def run_profile(cfg: RunConfig) -> dict:
     from dapt.schedule import warmup_steps
     from dapt.stream import RowFeeder
     from dapt.train import (
-        _item,
         build_engine,
         log_choices,
         make_collator,
         mlm_loss_sum,
         mlm_model,
         peak_memory_gb,
+        row_item,
         start,
     )
 
@@ -122,7 +122,8 @@ def run_profile(cfg: RunConfig) -> dict:
             tracer.__enter__()
         sync()
         start = time.perf_counter()
-        micro = [collate([_item(g, row) for g, row in feeder.take(t.micro_batch_size)]) for _ in range(t.grad_accum)]
+        taken = [feeder.take(t.micro_batch_size) for _ in range(t.grad_accum)]
+        micro = [collate([row_item(g, row) for g, row in part]) for part in taken]
         masked, = dist.all_sum(sum(int((b["labels"] != IGNORE).sum()) for b in micro))
         scale = t.grad_accum * world / max(masked, 1.0)
         data_done = time.perf_counter()

@@ -44,18 +44,19 @@ def expand(sources: list[str]) -> list[str]:
         fs, path = fsspec.core.url_to_fs(source)
         local = fs.protocol in ("file", ("file", "local"))
         skipped: list[str] = []
+        empty: list[str] = []
         if GLOB_CHARS & set(path):
             # like glob.glob: a wildcard does not match dot-files unless the pattern itself starts with a dot
             dots = path.rsplit("/", 1)[-1].startswith(".")
             matched = [p for p in fs.glob(path) if dots or not _hidden(p.rsplit("/", 1)[-1])]
-            found = sorted(p for p in matched if (_regular(p, skipped) if local else fs.isfile(p)))
+            found = sorted(p for p in matched if (_regular(p, skipped, empty) if local else fs.isfile(p)))
         elif local and os.path.isdir(path):
-            found = sorted(_walk(path, skipped))
+            found = sorted(_walk(path, skipped, empty))
         elif fs.isdir(path):
             root = path.rstrip("/")
             found = sorted(p for p in fs.find(path) if not _hidden(p[len(root):]))
         elif local and (os.path.exists(path) or os.path.islink(path)):
-            found = [path] if _regular(path, skipped) else []
+            found = [path] if _regular(path, skipped, empty) else []
             if skipped:
                 raise FileNotFoundError(f"data source {source!r} is not a readable regular file: {skipped[0]}")
         elif fs.exists(path):
@@ -68,14 +69,13 @@ def expand(sources: list[str]) -> list[str]:
                        + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
         if not found:
             raise FileNotFoundError(f"data source {source!r} matches no file")
-        for p in found:
-            if local and os.path.getsize(p) == 0:
-                _warn_once(f"data source {source!r}: {p} is empty")
+        for p in empty:
+            _warn_once(f"data source {source!r}: {p} is empty")
         files += [source if p == path and "://" in source else _url(fs, p) for p in found]
     return files
 
 
-def _walk(root: str, skipped: list[str]) -> list[str]:
+def _walk(root: str, skipped: list[str], empty: list[str]) -> list[str]:
     """Regular files below a local folder, following symlinked folders once each (a link back to a folder already
     walked is a loop and is left out); dot-files and dot-folders are left out."""
     found: list[str] = []
@@ -95,27 +95,32 @@ def _walk(root: str, skipped: list[str]) -> list[str]:
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            try:
-                mode = os.stat(entry.path).st_mode
-            except OSError as e:
-                skipped.append(f"{entry.path} ({_link_problem(e)})")
-                continue
-            if stat.S_ISDIR(mode):
+            st = _stat(entry.path, skipped)
+            if st is not None and stat.S_ISDIR(st.st_mode):
                 visit(entry.path)
-            elif _regular(entry.path, skipped):
+            elif st is not None and _regular(entry.path, skipped, empty, st):
                 found.append(entry.path)
 
     visit(root)
     return found
 
 
-def _regular(path: str, skipped: list[str]) -> bool:
-    """Whether `path` is a regular file that can be opened (not a FIFO, socket or device, which could block)."""
+def _stat(path: str, skipped: list[str]) -> os.stat_result | None:
+    """os.stat following links; None (and the reason in `skipped`) for a dangling link or a link loop."""
     try:
-        mode = os.stat(path).st_mode
+        return os.stat(path)
     except OSError as e:
         skipped.append(f"{path} ({_link_problem(e)})")
+        return None
+
+
+def _regular(path: str, skipped: list[str], empty: list[str], st: os.stat_result | None = None) -> bool:
+    """Whether `path` is a regular file that can be opened (not a FIFO, socket or device, which could block);
+    an empty one is also noted in `empty`."""
+    st = st or _stat(path, skipped)
+    if st is None:
         return False
+    mode = st.st_mode
     if stat.S_ISDIR(mode):
         return False
     if not stat.S_ISREG(mode):
@@ -125,6 +130,8 @@ def _regular(path: str, skipped: list[str]) -> bool:
     if not os.access(path, os.R_OK):
         skipped.append(f"{path} (no permission to read it)")
         return False
+    if st.st_size == 0:
+        empty.append(path)
     return True
 
 

@@ -198,7 +198,7 @@ def run(cfg: RunConfig) -> dict:
     window_start = time.time()
     while state.step < steps:
         rows = [feeder.take(t.micro_batch_size) for _ in range(t.grad_accum)]
-        micro = [collate([_item(g, row) for g, row in part]) for part in rows]
+        micro = [collate([row_item(g, row) for g, row in part]) for part in rows]
         # Loss of the step = sum of masked-token losses / masked tokens of the whole step (all micro-batches, all
         # ranks). DeepSpeed divides by accumulation steps and averages over ranks, so multiply those back.
         # The same all-reduce carries any rank's stop signal, so all ranks stop after this same step.
@@ -231,7 +231,7 @@ def run(cfg: RunConfig) -> dict:
         if stop:
             bar.close()
             watch.close()
-            raise Diverged(stop, _checkpoint_before(ckpt, guard.since))
+            raise Diverged(stop, ckpt.before(guard.since))
 
         if state.step % t.log_every == 0 or state.step == steps:
             _log_train(engine, state, window, time.time() - window_start, metrics, bar, steps, feeder, guard.skipped)
@@ -254,7 +254,7 @@ def run(cfg: RunConfig) -> dict:
     return finish(cfg, engine, corpus, state, ckpt, metrics, time.time() - started, device, feeder, epoch, sparse)
 
 
-def _item(g: int, row: Row) -> dict:
+def row_item(g: int, row: Row) -> dict:
     return {"input_ids": row.ids, "key": g, "index": g, "lengths": row.lengths, "words": row.words}
 
 
@@ -326,12 +326,6 @@ def _client_state(cfg: RunConfig, state: TrainState, feeder: RowFeeder, guard: S
     return {"train_state": vars(state).copy(), "config": redact(cfg.to_dict()), "numerics": guard.state_dict(),
             "data": {"streams": streams, "num_streams": cfg.data.streams, "files": feeder.spec.files,
                      "rows_per_step": cfg.ds_config["train_batch_size"]}}
-
-
-def _checkpoint_before(ckpt: Checkpointer, step: int) -> str | None:
-    """The newest kept checkpoint written before optimizer step `step` (tags are step_<N>)."""
-    tags = [tag for tag in ckpt.index()["saved"] if int(tag.rsplit("_", 1)[1]) < step]
-    return str(ckpt.root / tags[-1]) if tags else None
 
 
 def _resume_point(cfg: RunConfig, ckpt: Checkpointer) -> Path | None:
