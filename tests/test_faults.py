@@ -49,7 +49,10 @@ def _kill_at(cmd: list[str], out: Path, step: int, delay: float, in_checkpoint: 
             else:
                 time.sleep(delay)
                 where = f"{delay:.3f} s after"
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the run ended first; the caller's exit-code check reports it
+                where = "(no kill: the run had ended)"
             break
         time.sleep(0.002)
     return proc.wait(timeout=60), f"{where} step {_last_step(out)}"
@@ -61,14 +64,15 @@ def test_sigkill_at_five_random_points_then_reruns_equal_an_uninterrupted_run(re
     seed = int(os.environ.get("DAPT_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
     rng = random.Random(seed)
     print(f"DAPT_FAULT_SEED={seed}")
-    steps = 60
-    args = ["--recipe", str(recipe), f"--train.max_steps={steps}", "--checkpoint.every=6", "--checkpoint.keep=2",
+    steps, every = 60, 6
+    args = ["--recipe", str(recipe), f"--train.max_steps={steps}", f"--checkpoint.every={every}", "--checkpoint.keep=2",
             "--train.eval_every=15", "--train.log_every=1", "--model.config.hidden_dropout_prob=0.1",
             "--data.log_sample_ids=true", "--train.micro_batch_size=16"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     launch(args + ["--output_dir", straight])
-    points = sorted(rng.sample(range(2, steps - 2), 5))
-    aimed = rng.randrange(5)
+    aimed_step = rng.randrange(2, steps - 2 * every)  # a checkpoint write is still to come after it
+    points = sorted([aimed_step, *rng.sample([s for s in range(2, steps - 2) if s != aimed_step], 4)])
+    aimed = points.index(aimed_step)
     log = []
     for i, step in enumerate(points):
         code, where = _kill_at([sys.executable, str(MLM), *args, "--output_dir", str(broken)], broken, step,
