@@ -16,6 +16,7 @@ from dapt.config import (
     AblationConfig,
     CheckpointConfig,
     ClassifyConfig,
+    ClusterConfig,
     ConfigError,
     DataConfig,
     EmbedConfig,
@@ -26,6 +27,7 @@ from dapt.config import (
     PlanConfig,
     ProfileConfig,
     RunConfig,
+    SubmitConfig,
     TrainConfig,
     field_docs,
     help_text,
@@ -518,13 +520,13 @@ def test_help_text_has_design_name(name):
     assert f"  --{name}=" in help_text()
 
 
-SECTIONS = ("model", "data", "masking", "train", "checkpoint", "numerics", "profile", "plan", "log", "classify",
-            "embed", "ablation")
+SECTIONS = ("model", "data", "masking", "train", "checkpoint", "numerics", "profile", "plan", "cluster", "submit",
+            "log", "classify", "embed", "ablation")
 
 
 @pytest.mark.parametrize("cls", [RunConfig, ModelConfig, DataConfig, MaskingConfig, TrainConfig, CheckpointConfig,
-                                 NumericsConfig, ProfileConfig, PlanConfig, LogConfig, ClassifyConfig,
-                                 EmbedConfig, AblationConfig])
+                                 NumericsConfig, ProfileConfig, PlanConfig, ClusterConfig, SubmitConfig, LogConfig,
+                                 ClassifyConfig, EmbedConfig, AblationConfig])
 def test_every_field_documented_in_help(cls):
     docs = field_docs(cls)
     text = help_text()

@@ -30,7 +30,7 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
         return 2
     from dapt.dist import setup_logging
 
-    setup_logging(cfg.log.level)
+    setup_logging(cfg.log.level, cfg.log.all_ranks)
     try:
         run(cfg)
     except (Preempted, Diverged) as e:

@@ -228,6 +228,63 @@ class PlanConfig:
 
 
 @dataclass(kw_only=True)
+class ClusterConfig:
+    nodes: int = 1
+    """launch/submit.py, launch/doctor.py: nodes in the run (with cluster.hostfile: its hosts)."""
+    gpus_per_node: int = 1
+    """Ranks per node: one per GPU (on CPU nodes, processes); the world size is nodes x gpus_per_node."""
+    gpu: str = ""
+    """RTX-3090 | RTX-4090 | A100-40GB | A100-80GB | H100-80GB | H200 | L40S | RTX-PRO-6000: SkyPilot's accelerators,
+    NCCL settings for consumer cards (no P2P), doctor's GPU check; cpu: CPU nodes, no GPU requested; empty: any GPU
+    (the one of submit.instance when dapt knows it)."""
+    hostfile: str = ""
+    """DeepSpeed hostfile (`host slots=N` per line) for a pdsh launch and doctor's checks; SLURM, SkyPilot and
+    per-node jobs generate theirs from the allocation."""
+    master_addr: str = ""
+    """Address of node 0 for the rendezvous; empty: $MASTER_ADDR (per-node launch), the first node of the SLURM or
+    SkyPilot allocation, or the first host of the hostfile."""
+    master_port: int = 29500
+    """TCP port of the rendezvous on node 0."""
+    env: list[str] = field(default_factory=list)
+    """Environment variables carried to every rank besides WANDB_* and HF_*, which always go (names; the values are
+    this shell's), e.g. [NCCL_SOCKET_IFNAME, DATA_ROOT]."""
+
+
+@dataclass(kw_only=True)
+class SubmitConfig:
+    scheduler: str = "slurm"
+    """launch/submit.py: slurm (sbatch script) | skypilot (task YAML) | nodes (one script run on every node with
+    NODE_RANK and MASTER_ADDR set) | pdsh (DeepSpeed's ssh launcher over cluster.hostfile, with its env file)."""
+    entry: str = "launch/mlm.py"
+    """The entry script the job runs (launch/mlm.py, launch/classify.py, ...), with this command's other arguments."""
+    job_name: str = "dapt"
+    """Job name (SLURM --job-name, SkyPilot name): letters, digits and ._-"""
+    partition: str = ""
+    """SLURM partition; empty: the cluster's default."""
+    account: str = ""
+    """SLURM account; empty: the user's default."""
+    time: str = "24:00:00"
+    """SLURM time limit ([days-]hours:minutes:seconds); dapt checkpoints and exits cleanly on the SIGTERM before it."""
+    cpus_per_node: int = 0
+    """SLURM --cpus-per-task of the one task per node; 0: the cluster's default."""
+    instance: str = ""
+    """SkyPilot instance type, e.g. g7e.48xlarge (8 x RTX PRO 6000) or p5.48xlarge; empty: any with cluster.gpu."""
+    cloud: str = ""
+    """SkyPilot infra (aws, gcp, azure, k8s, ...); empty: any enabled one."""
+    use_spot: bool = False
+    """SkyPilot: spot instances (a reclaim is a SIGTERM: dapt checkpoints; relaunch resumes)."""
+    workdir: str = ""
+    """Folder holding this checkout on the nodes; empty: this checkout's path (SLURM, nodes, pdsh) or SkyPilot's
+    synced copy of it."""
+    venv: str = ".venv"
+    """Virtual environment (relative to workdir, or absolute) activated on each node before the launcher runs."""
+    out: str = ""
+    """Folder the job files are written to; empty: output_dir/submit."""
+    dry_run: bool = False
+    """Print the job instead of writing it (also --dry_run)."""
+
+
+@dataclass(kw_only=True)
 class LogConfig:
     wandb: bool = False
     """Log to Weights & Biases (honours WANDB_MODE=offline)."""
@@ -241,6 +298,8 @@ class LogConfig:
     """Write loss, learning-rate and perplexity curves to output_dir/plots at the end."""
     level: str = "info"
     """Log level: debug | info | warning."""
+    all_ranks: bool = False
+    """Every rank logs at log.level (each line names its rank); default: rank 0 only, other ranks warnings and errors."""
 
 
 @dataclass(kw_only=True)
@@ -318,6 +377,8 @@ class RunConfig:
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
     log: LogConfig = field(default_factory=LogConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -333,6 +394,7 @@ class RunConfig:
                 if not f.metadata.get("internal")}
 
 
+GPUS = ("RTX-3090", "RTX-4090", "A100-40GB", "A100-80GB", "H100-80GB", "H200", "L40S", "RTX-PRO-6000")
 CHOICES = {
     "model.attn_implementation": ("auto", "flash_attention_2", "sdpa", "eager"),
     "data.format": ("lines", "docs", "http", "jsonl", "csv", "tsv", "parquet"),
@@ -348,7 +410,9 @@ CHOICES = {
     "ablation.protocol": ("classify", "anomaly"),
     "checkpoint.disk_check": ("refuse", "warn", "off"),
     "numerics.spike_action": ("warn", "stop"),
-    "plan.gpu": ("RTX-3090", "RTX-4090", "A100-40GB", "A100-80GB", "H100-80GB", "H200", "L40S", "RTX-PRO-6000"),
+    "plan.gpu": GPUS,
+    "cluster.gpu": ("", "cpu", *GPUS),
+    "submit.scheduler": ("slurm", "skypilot", "nodes", "pdsh"),
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
 NOT_YET: dict[str, tuple[str, ...]] = {}

@@ -81,8 +81,8 @@ def gather(obj) -> list:
     return out
 
 
-def setup_logging(level: str = "info") -> None:
-    """stdlib logging once, with a rank prefix; ranks other than 0 log warnings and errors only."""
+def setup_logging(level: str = "info", all_ranks: bool = False) -> None:
+    """stdlib logging once, with a rank prefix; ranks other than 0 log warnings and errors only, unless all_ranks."""
     r = int(os.environ.get("RANK", "0"))
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"[%(asctime)s rank{r}] %(levelname)s %(message)s", "%H:%M:%S"))
@@ -93,4 +93,4 @@ def setup_logging(level: str = "info") -> None:
         if not any(isinstance(f, RedactingFilter) for f in other.filters):
             other.addFilter(RedactingFilter())
     log.propagate = False
-    log.setLevel(getattr(logging, level.upper()) if r == 0 else logging.WARNING)
+    log.setLevel(getattr(logging, level.upper()) if r == 0 or all_ranks else logging.WARNING)

@@ -214,7 +214,9 @@ def bf16_in_hardware(accelerator: str) -> bool:
     import torch
 
     if accelerator == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Checked from a machine without a GPU (launch/submit.py, launch/doctor.py): every GPU in dapt's tables is
+        # Ampere or newer.
+        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -173,6 +173,20 @@ def load_config(argv: list[str], world_size: int | None = None, accelerator: str
     Raises:
         ConfigError: listing every problem found.
     """
+    cfg, problems = collect_config(argv, world_size, accelerator)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def collect_config(argv: list[str], world_size: int | None = None, accelerator: str | None = None,
+                   check_files: bool = True) -> tuple[RunConfig, list[str]]:
+    """The config tree and every problem found in it, without raising for them (launch/doctor.py reports each;
+    launch/submit.py checks a run for other machines, where data files need not exist here: check_files=False).
+
+    Raises:
+        ConfigError: for command-line arguments that cannot be parsed at all.
+    """
     recipe, overrides, _ = parse_argv(argv)
     problems: list[str] = []
     if recipe:
@@ -193,15 +207,14 @@ def load_config(argv: list[str], world_size: int | None = None, accelerator: str
     cfg.ds_config = resolve_ds_config(cfg, world, accelerator or _accelerator(), problems)
     if cfg.data.streams % world:
         problems.append(f"data.streams: {cfg.data.streams} is not a multiple of the world size {world} (each rank "
-                        "reads its own streams)")
-    for problem in validate(cfg):
+                        f"reads its own streams); set --data.streams={world * -(-cfg.data.streams // world)} or "
+                        "another multiple of every world size the run will resume on")
+    for problem in validate(cfg, check_files):
         key = problem.split(":", 1)[0]
         problems.append(f"{problem} (value taken from ds {cfg.adopted[key]})" if key in cfg.adopted else problem)
     if cfg.ds_config:
         check_with_deepspeed(cfg.ds_config, problems)
-    if problems:
-        raise ConfigError(list(dict.fromkeys(problems)))
-    return cfg
+    return cfg, list(dict.fromkeys(problems))
 
 
 
@@ -267,8 +280,9 @@ def expanded_size(obj, memo: dict[int, int] | None = None) -> int:
 
 
 
-def validate(cfg: RunConfig) -> list[str]:
-    """Value and cross-field checks; returns every problem found."""
+def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
+    """Value and cross-field checks; returns every problem found. check_files=False: data files may exist only on
+    the machines the run is for."""
     p: list[str] = []
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -292,7 +306,7 @@ def validate(cfg: RunConfig) -> list[str]:
     from dapt.sources import local_exists
 
     for name in ("train", "valid", "test"):
-        for path in getattr(d, name):
+        for path in getattr(d, name) if check_files else ():
             if local_exists(path) is False:
                 p.append(f"data.{name}: {path!r} matches no file")
     if not d.train and (d.valid or d.test):
@@ -373,7 +387,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("train.warmup_ratio must be in [0, 1); train.decay_ratio and train.min_lr_ratio in [0, 1]")
     if t.warmup_steps and "train.warmup_ratio" in cfg.explicit and t.warmup_ratio:
         p.append("train.warmup_steps and train.warmup_ratio are both set; give one")
-    return p
+    from dapt.hosts import cluster_problems
+
+    return p + cluster_problems(cfg)
 
 
 

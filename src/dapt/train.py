@@ -382,7 +382,7 @@ def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Chec
     final = export_hf(engine, corpus.tokenizer, ckpt.latest(), out / "final")
     summary = {"steps": state.step, "micro_steps": state.micro_step, "tokens_seen": state.tokens_seen,
                "samples_seen": state.samples_seen, "best_eval_loss": state.best_eval_loss,
-               "wall_seconds": round(wall, 1), "packing_efficiency": state.tokens_seen / max(1, state.slots_seen),
+               "wall_seconds": round(wall, 1), "world_size": dist.world(), "packing_efficiency": state.tokens_seen / max(1, state.slots_seen),
                "skipped_records": dict(skipped),
                "eval_skipped_records": dict(corpus.skipped)}
     if corpus.test:
