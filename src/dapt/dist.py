@@ -47,6 +47,18 @@ def init() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def describe(extra_env: list[str]) -> str:
+    """Where this rank runs and what environment reached it (log.all_ranks=true prints it for every rank): NCCL
+    settings with their values, the carried variables by name only (they may hold secrets)."""
+    from dapt.hosts import carried_names
+
+    nccl = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")) or "none"
+    here = [n for n in carried_names(extra_env) if n in os.environ]
+    return (f"rank {rank()} of {world()} on {socket.gethostname()} (local rank {os.environ.get('LOCAL_RANK', '0')}), "
+            f"rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}; NCCL: {nccl}; "
+            f"carried: {', '.join(here) or 'none'}")
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
 

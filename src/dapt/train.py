@@ -139,6 +139,7 @@ def start(cfg: RunConfig) -> tuple[Path, str, torch.device]:
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    log.info("%s", dist.describe(cfg.cluster.env))
     return out, accelerator, device
 
 
