@@ -740,3 +740,55 @@ def test_rows_missing_only_unused_trailing_fields_are_padded(tmp_path):
     q = write(tmp_path / "two.csv", b"a,b\n1,2\n3\n")
     with pytest.raises(BadRecord, match="wrong number of fields"):  # a used field is missing: still an error
         read([q], "csv")
+
+
+# ---- json: a document holding a list of records (STIX bundles such as MITRE ATT&CK) ----
+
+def _bundle(tmp_path: Path, objects, name: str = "bundle.json.gz") -> Path:
+    path = tmp_path / name
+    with gzip.open(path, "wt") as f:
+        json.dump({"type": "bundle", "objects": objects}, f)
+    return path
+
+
+def test_json_records_are_read_from_the_named_field_with_counted_skips(tmp_path):
+    objects = [{"type": "attack-pattern", "description": "Adversaries may inject code."},
+               {"type": "relationship"},  # no description
+               {"type": "malware", "description": "   "},
+               {"type": "tool", "description": "A remote access tool.", "sev": "High"}]
+    path = _bundle(tmp_path, objects)
+    skipped = Counter()
+    opts = FormatOptions(text_field="description", records_field="objects")
+    docs = list(read_documents([str(path)], "json", on_error="skip", skipped=skipped, options=opts))
+    assert [d.text for d in docs] == ["Adversaries may inject code.", "A remote access tool."]
+    assert docs[1].id == f"{path}:objects[3]"
+    assert skipped == Counter({"missing field 'description'": 1, "empty field 'description'": 1})
+    with pytest.raises(BadRecord, match=r"bundle.json.gz:objects\[1\]: missing field 'description'"):
+        list(read_documents([str(path)], "json", options=opts))
+    labelled = [d for d, _ in READERS["json"](str(path), Position(), FormatOptions(
+        text_field="description", records_field="objects", label_field="sev")) if isinstance(d, Document)]
+    assert [(d.text, d.label) for d in labelled] == [("A remote access tool.", "High")]
+
+
+def test_json_positions_resume_at_the_next_record(tmp_path):
+    path = _bundle(tmp_path, [{"description": f"text {i}"} for i in range(5)])
+    opts = FormatOptions(text_field="description", records_field="objects")
+    items = list(READERS["json"](str(path), Position(), opts))
+    resumed = list(READERS["json"](str(path), items[1][1], opts))
+    assert [d.text for d, _ in resumed] == ["text 2", "text 3", "text 4"]
+
+
+def test_json_that_is_not_a_list_of_records_is_one_clear_bad_record(tmp_path):
+    good = _bundle(tmp_path, [{"description": "x"}])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"objects": [{"description": "x"}')
+    opts = FormatOptions(text_field="description", records_field="objects")
+    for path, message in ((broken, "malformed JSON"), (good, "no list of records at the document")):
+        options = opts if path == broken else FormatOptions(text_field="description")
+        items = [item for item, _ in READERS["json"](str(path), Position(), options)]
+        assert len(items) == 1 and isinstance(items[0], BadRecord) and message in str(items[0])
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"objects": [{"description": "y" * 2000}]}))
+    items = [item for item, _ in READERS["json"](str(big), Position(), FormatOptions(
+        text_field="description", records_field="objects", max_line_bytes=1000))]
+    assert len(items) == 1 and "oversize" in str(items[0]) and "data.max_record_bytes" in str(items[0])

@@ -40,13 +40,27 @@ def _evaluate(a, model: str, out: Path, overrides: list[str]) -> dict:
     from dapt.classify import run as classify
     from dapt.embed import run_anomaly
 
-    result_file = out / ("eval_test.json" if a.protocol == "classify" else "anomaly.json")
-    if not result_file.exists():
+    if _result(out, a.protocol) is None:
         log.info("ablation: evaluating %s (%s)", model, a.protocol)
         cfg = _stage_config(a.eval_recipe, ["--model.name_or_path", model, "--output_dir", str(out)], overrides)
         (classify if a.protocol == "classify" else run_anomaly)(cfg)
     dist.barrier()
-    return json.loads(result_file.read_text())
+    return _result(out, a.protocol)
+
+
+def _result(out: Path, protocol: str) -> dict | None:
+    """What an evaluation left in `out`: the anomaly result; for classifiers the mean over classify.seeds, else the
+    test set, else the best validation result. None: not run yet."""
+    if protocol == "anomaly":
+        path = out / "anomaly.json"
+        return json.loads(path.read_text()) if path.exists() else None
+    if (out / "seeds_summary.json").exists():
+        summary = json.loads((out / "seeds_summary.json").read_text())
+        return {k: v["mean"] for k, v in summary[summary.get("split", "test")].items()}
+    for name in ("eval_test.json", "eval_valid.json"):
+        if (out / name).exists() and (out / "summary.json").exists():  # summary.json: the run finished
+            return json.loads((out / name).read_text())
+    return None
 
 
 def run(cfg: RunConfig) -> dict:

@@ -63,9 +63,11 @@ def labelled_documents(cfg: RunConfig, sources: list[str], skipped: Counter) -> 
         if c.label_files and file_label is None:
             raise ValueError(f"{url}: no entry of classify.label_files matches this file "
                              f"(patterns: {', '.join(c.label_files)})")
-        for item, _ in READERS[d.format](url, Position(), opts):
+        for n, (item, _) in enumerate(READERS[d.format](url, Position(), opts)):
+            if d.max_records_per_file and n == d.max_records_per_file:
+                break
             if isinstance(item, Document) and file_label is None and item.label is None:
-                item = BadRecord(url, int(item.id.rsplit(":", 1)[1]), "no label")
+                item = BadRecord(item.id, None, "no label")
             if isinstance(item, BadRecord):
                 if d.on_error == "raise":
                     raise item
@@ -311,22 +313,25 @@ def run(cfg: RunConfig) -> dict:
 
 def summarise_seeds(cfg: RunConfig, results: dict[int, dict]) -> dict:
     keys = ["accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc", "pr_auc"]
+    split = "test" if all(r.get("test") for r in results.values()) else "valid"  # valid: the best checkpoints'
     table = {}
     for key in keys:
-        values = [r["test"][key] for r in results.values() if r.get("test") and key in r["test"]]
+        values = [r[split][key] for r in results.values() if r.get(split) and key in r[split]]
         if values:
             table[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
     if dist.rank() == 0:
         out = Path(cfg.output_dir)
-        (out / "seeds_summary.json").write_text(json.dumps({"seeds": list(results), "test": table}, indent=1))
-        lines = ["| metric | mean | std | " + " | ".join(f"seed {s}" for s in results) + " |",
+        (out / "seeds_summary.json").write_text(json.dumps({"seeds": list(results), "split": split, split: table},
+                                                           indent=1))
+        lines = [f"{split} set, best checkpoint of each seed", "",
+                 "| metric | mean | std | " + " | ".join(f"seed {s}" for s in results) + " |",
                  "|---|---|---|" + "---|" * len(results)]
         lines += [f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | " + " | ".join(f"{x:.4f}" for x in v["values"]) + " |"
                   for k, v in table.items()]
         (out / "seeds_summary.md").write_text("\n".join(lines) + "\n")
         log.info("over seeds %s: %s", list(results),
                  ", ".join(f"{k} {v['mean']:.4f} +- {v['std']:.4f}" for k, v in table.items()))
-    return {"seeds": results, "test": table}
+    return {"seeds": results, "split": split, split: table}
 
 
 def run_one(cfg: RunConfig) -> dict:
@@ -468,6 +473,8 @@ def _finish(cfg: RunConfig, engine, tokenizer, ckpt: Checkpointer, test: Labelle
             plot_confusion(result, out / "plots" / "confusion_matrix.png")
             log.info("test: accuracy %.4f macro_f1 %.4f weighted_f1 %.4f%s", result["accuracy"], result["macro_f1"],
                      result["weighted_f1"], f" roc_auc {result['roc_auc']:.4f}" if "roc_auc" in result else "")
+    if (out / "eval_valid.json").exists():  # the validation result of the best checkpoint
+        summary["valid"] = {k: v for k, v in json.loads((out / "eval_valid.json").read_text()).items() if k != "step"}
     export_hf(engine, tokenizer, chosen, out / "final", auto_class="AutoModelForSequenceClassification")
     if dist.rank() == 0:
         (out / "final" / "label_mapping.json").write_text((out / "label_mapping.json").read_text())

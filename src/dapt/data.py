@@ -24,7 +24,7 @@ log = logging.getLogger("dapt")
 
 def format_options(d) -> FormatOptions:
     return FormatOptions(text_field=d.text_field, columns=tuple(d.columns), column_names=tuple(d.column_names),
-                         round_digits=d.round_digits, max_line_bytes=d.max_record_bytes)
+                         round_digits=d.round_digits, max_line_bytes=d.max_record_bytes, records_field=d.records_field)
 
 
 def read_documents(paths: list[str], fmt: str, text_field: str = "text", on_error: str = "raise",

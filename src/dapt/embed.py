@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from dapt.config import RunConfig
 from dapt.data import in_valid_split
 from dapt.formats import Document
 from dapt.packing import pack
+from dapt.sources import expand
 
 log = logging.getLogger("dapt")
 
@@ -96,8 +98,10 @@ def splits_of(cfg: RunConfig, skipped: Counter, labelled: bool) -> dict[str, lis
 def _unlabelled(cfg: RunConfig, sources: list[str], skipped: Counter) -> list[Document]:
     from dapt.data import format_options, read_documents
 
-    return list(read_documents(sources, cfg.data.format, on_error=cfg.data.on_error, skipped=skipped,
-                               options=format_options(cfg.data)))
+    d = cfg.data
+    return [doc for url in expand(sources) for doc in islice(
+        read_documents([url], d.format, on_error=d.on_error, skipped=skipped, options=format_options(d)),
+        d.max_records_per_file or None)]
 
 
 def run_embed(cfg: RunConfig) -> dict:

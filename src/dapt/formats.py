@@ -1,4 +1,4 @@
-"""Record formats: lines, docs, http, jsonl, csv, tsv, parquet.
+"""Record formats: lines, docs, http, jsonl, json, csv, tsv, parquet.
 
 Each reader yields (Document or BadRecord, position of the next record). Yielding bad records instead of raising
 lets `data.on_error=skip` count them and go on in the same pass; the caller decides.
@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dapt.sources import Oversize, Position, lines_from
+from dapt.sources import Oversize, Position, lines_from, open_binary
 
 # Matched on raw bytes, so a request line that is not valid UTF-8 still starts a (bad) record of its own.
 HTTP_REQUEST = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|TRACE|CONNECT) \S+ HTTP/\d")
@@ -45,6 +45,7 @@ class FormatOptions:
     round_digits: int | None = None  # csv/tsv: round float values
     max_line_bytes: int = 64 << 20  # longer lines are bad records ("oversize"), never read into memory
     label_field: str = ""  # classification: the jsonl field / csv column / parquet column holding the label
+    records_field: str = ""  # json: the field of the document that holds the list of records
 
 
 Item = tuple["Document | BadRecord", Position]
@@ -121,7 +122,6 @@ def read_http(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
 
 
 def read_jsonl(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
-    key = opts.text_field
     for item, after in read_lines(url, start, opts):
         if isinstance(item, BadRecord):
             yield item, after
@@ -135,20 +135,58 @@ def read_jsonl(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]
         except RecursionError:
             yield BadRecord(url, line, "malformed JSON", " (nested too deeply)"), after
             continue
-        if not isinstance(obj, dict) or key not in obj:
-            yield BadRecord(url, line, f"missing field {key!r}"), after
-        elif not isinstance(obj[key], str):
-            yield BadRecord(url, line, f"field {key!r} is not text", f" ({type(obj[key]).__name__})"), after
-        elif not obj[key].strip():
-            yield BadRecord(url, line, f"empty field {key!r}"), after
-        elif opts.label_field and opts.label_field not in obj:
-            yield BadRecord(url, line, f"missing label field {opts.label_field!r}"), after
-        elif opts.label_field and obj[opts.label_field] is not None and not _label_value(obj[opts.label_field]):
-            yield BadRecord(url, line, f"label field {opts.label_field!r} is not a label",
-                            f" ({obj[opts.label_field]!r:.60}: a label is a non-empty string or a number)"), after
-        else:
-            label = obj.get(opts.label_field) if opts.label_field else None
-            yield Document(obj[key], item.id, None if label is None else str(label).strip()), after
+        yield _record(obj, opts, item.id, lambda reason, detail="", line=line: BadRecord(url, line, reason, detail)), after
+
+
+def read_json(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+    """A JSON document holding a list of records: the document itself, or the list under data.records_field (e.g.
+    `objects` of a STIX bundle such as MITRE ATT&CK). The file is read whole, up to data.max_record_bytes; positions
+    count records, so a resume skips the ones before it."""
+    f = open_binary(url)
+    try:
+        raw = f.read(opts.max_line_bytes + 1)
+    finally:
+        f.close()
+    if len(raw) > opts.max_line_bytes:
+        yield BadRecord(url, None, "oversize record", f": a JSON document over {opts.max_line_bytes} bytes "
+                        "(data.max_record_bytes); split it into jsonl"), Position(0, 1, start.record + 1)
+        return
+    try:
+        doc = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        yield BadRecord(url, None, "malformed JSON", f" ({getattr(e, 'msg', None) or type(e).__name__})"), \
+            Position(0, 1, start.record + 1)
+        return
+    where = opts.records_field or "the document"
+    records = doc.get(opts.records_field) if opts.records_field and isinstance(doc, dict) else \
+        doc if not opts.records_field else None
+    if not isinstance(records, list):
+        yield BadRecord(url, None, f"no list of records at {where}",
+                        " (set data.records_field to the field that holds them)"), Position(0, 1, start.record + 1)
+        return
+    name = opts.records_field or ""
+    for i in range(start.record, len(records)):
+        yield _record(records[i], opts, f"{url}:{name}[{i}]",
+                      lambda reason, detail="", i=i: BadRecord(f"{url}:{name}[{i}]", None, reason, detail)), \
+            Position(0, 1, i + 1)
+
+
+def _record(obj, opts: FormatOptions, doc_id: str, bad) -> Document | BadRecord:
+    """A parsed JSON record as a Document, or the BadRecord `bad(reason, detail)` says what is wrong with it."""
+    key, label_key = opts.text_field, opts.label_field
+    if not isinstance(obj, dict) or key not in obj:
+        return bad(f"missing field {key!r}")
+    if not isinstance(obj[key], str):
+        return bad(f"field {key!r} is not text", f" ({type(obj[key]).__name__})")
+    if not obj[key].strip():
+        return bad(f"empty field {key!r}")
+    if label_key and label_key not in obj:
+        return bad(f"missing label field {label_key!r}")
+    if label_key and obj[label_key] is not None and not _label_value(obj[label_key]):
+        return bad(f"label field {label_key!r} is not a label",
+                   f" ({obj[label_key]!r:.60}: a label is a non-empty string or a number)")
+    label = obj.get(label_key) if label_key else None
+    return Document(obj[key], doc_id, None if label is None else str(label).strip())
 
 
 def _label_value(value) -> bool:
@@ -288,5 +326,5 @@ def _guarded(reader):
 
 
 READERS = {name: _guarded(reader) for name, reader in {
-    "lines": read_lines, "docs": read_docs, "http": read_http, "jsonl": read_jsonl, "csv": _delimited(","),
+    "lines": read_lines, "docs": read_docs, "http": read_http, "jsonl": read_jsonl, "json": read_json, "csv": _delimited(","),
     "tsv": _delimited("\t"), "parquet": read_parquet}.items()}
