@@ -109,3 +109,38 @@ def test_measured_activations_scale_with_the_batch_and_match_a_real_two_row_forw
     assert planned == pytest.approx(real, rel=0.1)
     with_ckpt = estimate(f, Setup(0, "none", True, 2), 96, 1, False, "sdpa", 0.15, False, one)["activations_gb"]
     assert with_ckpt < planned
+
+
+def test_time_estimate_follows_the_flops_the_tokens_and_the_gpus(tmp_path):
+    argv = ["--model.config", BERT_BASE, "--model.tokenizer_vocab_size=30522", "--data.max_seq_length=512",
+            "--plan.gpu=A100-40GB", "--plan.tokens=1000000000", "--plan.measure=false", "--train.epochs=2",
+            "--train.max_steps=0",
+            "--output_dir", str(tmp_path / "p")]
+    one = run_plan(load_config(argv, world_size=1, accelerator="cpu"))["time"]
+    eight = run_plan(load_config(argv + ["--plan.gpus=8"], world_size=1, accelerator="cpu"))["time"]
+    assert one["train_flops_per_token"] > 6 * 85e6  # at least 6 x the encoder's parameters
+    assert one["hours"] == pytest.approx(2 * 1e9 * one["train_flops_per_token"] / (312e12 * 0.35) / 3600, rel=1e-3)
+    assert eight["hours"] == pytest.approx(one["hours"] / 8, rel=1e-3)
+    assert "Estimated time" in (tmp_path / "p" / "plan.md").read_text()
+
+
+def test_tokens_are_counted_from_the_training_files(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcd efgh\n" * 100)  # 900 characters without line ends
+    argv = ["--model.config", BERT_BASE, "--data.train", str(corpus), "--plan.measure=false", "--plan.chars_per_token=3",
+            "--train.max_steps=0",
+            "--output_dir", str(tmp_path / "p")]
+    assert run_plan(load_config(argv, world_size=1, accelerator="cpu"))["time"]["tokens_per_epoch"] == 300
+
+
+def test_a_row_too_big_for_this_machine_is_not_measured(monkeypatch, caplog):
+    import psutil
+
+    from dapt.plan import _can_measure
+
+    f = {"parameters": 400e6, "hidden": 1024, "layers": 28, "ffn": 2624, "vocab": 50368, "heads": 16}
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 8 * 2**30})())
+    with caplog.at_level("INFO", logger="dapt"):
+        assert not _can_measure(f, 8192, 0.3, True)
+    assert "activation measurement skipped" in caplog.text
+    assert _can_measure(f, 128, 0.3, True)

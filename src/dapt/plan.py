@@ -41,9 +41,12 @@ def model_facts(cfg: RunConfig) -> dict:
     """Parameter count and shape of the model the config names, built on the meta device (no weights loaded)."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
+    import dapt.canine  # noqa: F401  (CANINE's masked-LM class)
+    from dapt.archs import model_config
+
     m = cfg.model
     if m.name_or_path:
-        conf = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        conf = model_config(m.name_or_path, m.trust_remote_code)  # the seeds' models need no network
     elif isinstance(m.config, str):
         conf = AutoConfig.from_pretrained(m.config)
     else:
@@ -98,6 +101,23 @@ def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool) ->
         F.cross_entropy(logits.float(), labels[where], reduction="sum")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return float(sum(n for ptr, n in saved.items() if ptr not in params))
+
+
+def _can_measure(f: dict, seq: int, mask_rate: float, sparse: bool) -> bool:
+    """Whether one fp32 row fits comfortably in this machine's free memory (weights, saved activations, and eager-size
+    attention scores of one layer for the forward pass); otherwise the analytic estimate is used, and logged."""
+    import psutil
+
+    if f["parameters"] > 2e9:
+        return False
+    need = (4 * f["parameters"] + activation_bytes(f, seq, 1, False, "sdpa", mask_rate, sparse, bf16=False)
+            + 4 * f["heads"] * seq * seq)
+    free = psutil.virtual_memory().available
+    if need > 0.4 * free:
+        log.info("activation measurement skipped: one %d-token row needs about %.1f GB, this machine has %.1f GB "
+                 "free; the analytic estimate is used", seq, need / GB, free / GB)
+        return False
+    return True
 
 
 def model_state_bytes(params: int, largest: int, stage: int, offload: str, gpus: int, bf16: bool) -> float:
@@ -162,7 +182,7 @@ def run_plan(cfg: RunConfig) -> dict:
     attention = "eager" if cfg.model.attn_implementation == "eager" else "sdpa"
     budget = GPU_MEMORY_GB[p.gpu] * p.headroom
     measured = None
-    if p.measure and facts["parameters"] <= 2e9:
+    if p.measure and _can_measure(facts, cfg.data.max_seq_length, cfg.masking.rate, cfg.train.sparse_prediction):
         measured = measured_activation_bytes(facts["config"], cfg.data.max_seq_length, cfg.masking.rate,
                                              cfg.train.sparse_prediction)
         log.info("activations measured on one real %d-token row on this CPU: %.1f MB (fp32)",
@@ -185,6 +205,7 @@ def run_plan(cfg: RunConfig) -> dict:
               "estimates": rows}
     if choice and p.write_ds:
         result["ds_config"] = str(write_ds_config(choice, Path(p.write_ds)))
+    result["time"] = estimated_time(cfg, facts)
     (out / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "plan.md").write_text(_markdown(result))
     if choice:
@@ -196,6 +217,46 @@ def run_plan(cfg: RunConfig) -> dict:
         log.warning("nothing fits %d x %s at %d tokens, even ZeRO-3 with offload and micro batch %d", p.gpus, p.gpu,
                     cfg.data.max_seq_length, min(p.micro_batches))
     return result
+
+
+PEAK_KEY = {"RTX-3090": "RTX 3090", "RTX-4090": "RTX 4090", "A100-40GB": "A100", "A100-80GB": "A100",
+            "H100-80GB": "H100", "H200": "H200", "L40S": "L40S", "RTX-PRO-6000": "RTX PRO 6000"}
+
+
+def epoch_tokens(cfg: RunConfig, facts: dict) -> tuple[float, str]:
+    """Training tokens per epoch and how they were found (plan.tokens, the steps asked for, or the files)."""
+    p, t, d = cfg.plan, cfg.train, cfg.data
+    if p.tokens:
+        return float(p.tokens), "plan.tokens"
+    if t.max_steps:
+        return float(t.max_steps * t.micro_batch_size * t.grad_accum * p.gpus * d.max_seq_length), \
+            "train.max_steps x global batch x data.max_seq_length (one 'epoch' = the whole run)"
+    from dapt.data import format_options, read_documents
+
+    per_token = 1.0 if facts["type"] == "canine" else p.chars_per_token
+    cap = d.max_seq_length * per_token if d.packing == "pad" else float("inf")  # pad: one truncated row per document
+    chars = sum(min(len(doc.text), cap) for doc in read_documents(d.train, d.format, on_error="skip",
+                                                                  options=format_options(d)))
+    if d.max_tokens:
+        chars = min(chars, d.max_tokens * per_token)
+    return chars / per_token, f"{chars:,.0f} characters of data.train at {per_token:g} per token"
+
+
+def estimated_time(cfg: RunConfig, facts: dict) -> dict:
+    """Hours of training on plan.gpus x plan.gpu: 3 x forward FLOPs per token (forward and backward, attention at
+    data.max_seq_length, the MLM head on masked tokens only when sparse) x tokens, at plan.mfu of the dense bf16 peak."""
+    from dapt.profiling import GPU_PEAK_TFLOPS, forward_flops
+
+    p, t = cfg.plan, cfg.train
+    tokens, source = epoch_tokens(cfg, facts)
+    flops = forward_flops(facts["config"], cfg.data.max_seq_length)
+    head_share = cfg.masking.rate if t.sparse_prediction else 1.0
+    per_token = 3 * (flops["encoder"] + flops["head"] * head_share)
+    peak = dict(GPU_PEAK_TFLOPS)[PEAK_KEY[p.gpu]]
+    epochs = 1.0 if t.max_steps else t.epochs
+    hours = epochs * tokens * per_token / (p.gpus * peak * 1e12 * p.mfu) / 3600
+    return {"hours": round(hours, 3), "epochs": epochs, "tokens_per_epoch": round(tokens), "tokens_from": source,
+            "train_flops_per_token": per_token, "peak_tflops": peak, "mfu_assumed": p.mfu}
 
 
 def write_ds_config(choice: dict, path: Path) -> Path:
@@ -233,6 +294,10 @@ def _markdown(r: dict) -> str:
                   + (" --model.gradient_checkpointing=true" if c["checkpointing"] else ""), ""]
     else:
         lines += ["**Nothing fits**, even with ZeRO-3, offload and gradient checkpointing.", ""]
+    tm = r["time"]
+    lines += [f"**Estimated time:** {tm['hours']:.2f} h for {tm['epochs']:g} epoch(s) of {tm['tokens_per_epoch']:,} "
+              f"tokens ({tm['tokens_from']}), at an assumed {100 * tm['mfu_assumed']:.0f}% of {tm['peak_tflops']:g} "
+              "TFLOPS per GPU: an estimate from analytic FLOPs, not a measurement (launch/profile.py measures).", ""]
     lines += ["| ZeRO | offload | checkpointing | micro batch | model states GB | activations GB | total GB | fits |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {e['stage']} | {e['offload']} | {'yes' if e['checkpointing'] else 'no'} | {e['micro_batch']} | "

@@ -38,7 +38,8 @@ def model_dims(c) -> tuple[int, int, int, int]:
     hidden = getattr(c, "hidden_size", None) or c.dim
     layers = getattr(c, "num_hidden_layers", None) or c.n_layers
     ffn = getattr(c, "intermediate_size", None) or getattr(c, "hidden_dim", None) or 4 * hidden
-    return hidden, layers, ffn, c.vocab_size
+    vocab = getattr(c, "vocab_size", None) or getattr(c, "char_vocab", None) or 1024  # CANINE: its head's classes
+    return hidden, layers, ffn, vocab
 
 
 def forward_flops(config, seq: int) -> dict[str, float]:
@@ -47,11 +48,16 @@ def forward_flops(config, seq: int) -> dict[str, float]:
     h, layers, ffn, vocab = model_dims(config)
     per_layer = []
     for i in range(layers):
-        if config.model_type == "modernbert":  # gated MLP (input projection to 2 x ffn); local layers see a window
+        if config.model_type == "canine":  # the deep stack runs on 1 of every `rate` characters
+            rate = config.downsampling_rate
+            per_layer.append((8 * h * h + 4 * h * ffn + 4 * (seq // rate) * h) / rate)
+        elif config.model_type == "modernbert":  # gated MLP (input projection to 2 x ffn); local layers see a window
             span = seq if i % config.global_attn_every_n_layers == 0 else min(seq, config.local_attention + 1)
             per_layer.append(8 * h * h + 6 * h * ffn + 4 * span * h)
         else:
             per_layer.append(8 * h * h + 4 * h * ffn + 4 * seq * h)
+    if config.model_type == "canine":  # plus one local-attention layer at character rate before and after it
+        per_layer += [8 * h * h + 4 * h * ffn + 4 * min(seq, config.local_transformer_stride) * h] * 2
     head_width = getattr(config, "embedding_size", h) if config.model_type == "electra" else h
     return {"encoder": float(sum(per_layer)), "head": float(2 * h * head_width + 2 * head_width * vocab)}
 

@@ -1,0 +1,55 @@
+"""The architectures of the encoders the seed projects use, from their published configs (public facts), so that
+launch/plan.py and launch/doctor.py size full-scale recipes on machines that cannot reach the model hub.
+
+A local folder is read as it is; a hub id in this table needs no network; any other hub id is fetched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_BERT_BASE = {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2}
+_MODERNBERT = {"model_type": "modernbert", "max_position_embeddings": 8192, "vocab_size": 50368,
+               "global_attn_every_n_layers": 3, "local_attention": 128, "global_rope_theta": 160000.0,
+               "local_rope_theta": 10000.0, "pad_token_id": 50283, "bos_token_id": 50281, "eos_token_id": 50282,
+               "sep_token_id": 50282, "cls_token_id": 50281}
+_DISTILBERT = {"model_type": "distilbert", "dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072,
+               "vocab_size": 30522, "max_position_embeddings": 512}
+
+ARCHITECTURES: dict[str, dict] = {
+    # seed 000: SecBERT is BERT-base with its own 52k WordPiece vocabulary
+    "jackaduma/SecBERT": _BERT_BASE | {"vocab_size": 52000},
+    "bert-base-uncased": _BERT_BASE | {"vocab_size": 30522},
+    "google-bert/bert-base-uncased": _BERT_BASE | {"vocab_size": 30522},
+    # seed 001: ModernBERT (Warner et al. 2024), alternating global/local attention, 8192 tokens
+    "answerdotai/ModernBERT-base": _MODERNBERT | {"hidden_size": 768, "num_hidden_layers": 22,
+                                                   "num_attention_heads": 12, "intermediate_size": 1152},
+    "answerdotai/ModernBERT-large": _MODERNBERT | {"hidden_size": 1024, "num_hidden_layers": 28,
+                                                    "num_attention_heads": 16, "intermediate_size": 2624},
+    # seed 002: CodeBERT is RoBERTa-base with a byte-level BPE vocabulary of 50,265
+    "microsoft/codebert-base": _BERT_BASE | {"model_type": "roberta", "vocab_size": 50265,
+                                             "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1},
+    # seed 003
+    "distilbert-base-uncased": _DISTILBERT,
+    "distilbert/distilbert-base-uncased": _DISTILBERT,
+    # seed 004: CANINE-c, characters hashed into 16k buckets x 8 functions, 4x downsampling
+    "google/canine-c": {"model_type": "canine", "hidden_size": 768, "num_hidden_layers": 12,
+                        "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 16384,
+                        "num_hash_functions": 8, "num_hash_buckets": 16384, "downsampling_rate": 4,
+                        "upsampling_kernel_size": 4, "local_transformer_stride": 128},
+}
+
+
+def known(name: str) -> bool:
+    return name in ARCHITECTURES
+
+
+def model_config(name: str, trust_remote_code: bool = False):
+    """The transformers config of `name` without loading weights: a local folder, this table, or the hub."""
+    from transformers import AutoConfig
+
+    if Path(name).is_dir() or name not in ARCHITECTURES:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    fields = dict(ARCHITECTURES[name])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
