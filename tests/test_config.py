@@ -20,6 +20,7 @@ from dapt.config import (
     ConfigError,
     DataConfig,
     EmbedConfig,
+    FillConfig,
     LogConfig,
     MaskingConfig,
     ModelConfig,
@@ -520,12 +521,13 @@ def test_help_text_has_design_name(name):
     assert f"  --{name}=" in help_text()
 
 
-SECTIONS = ("model", "data", "masking", "train", "checkpoint", "numerics", "profile", "plan", "cluster", "submit",
+SECTIONS = ("model", "data", "masking", "train", "checkpoint", "numerics", "profile", "plan", "fill", "cluster", "submit",
             "log", "classify", "embed", "ablation")
 
 
 @pytest.mark.parametrize("cls", [RunConfig, ModelConfig, DataConfig, MaskingConfig, TrainConfig, CheckpointConfig,
-                                 NumericsConfig, ProfileConfig, PlanConfig, ClusterConfig, SubmitConfig, LogConfig,
+                                 NumericsConfig, ProfileConfig, PlanConfig, FillConfig, ClusterConfig, SubmitConfig,
+                                 LogConfig,
                                  ClassifyConfig, EmbedConfig, AblationConfig])
 def test_every_field_documented_in_help(cls):
     docs = field_docs(cls)

@@ -56,9 +56,13 @@ class DataConfig:
     """Test files, evaluated once at the end."""
     format: str = "lines"
     """lines (a document per line) | docs (blank-line separated) | http (raw HTTP requests, CSIC 2010) | jsonl (field
-    text_field) | csv | tsv (rows as key:value text) | parquet (column text_field)."""
+    text_field) | json (a document holding a list of records: records_field, then text_field) | csv | tsv (rows as
+    key:value text) | parquet (column text_field)."""
     text_field: str = "text"
-    """The jsonl field or parquet column that holds the document text."""
+    """The jsonl/json field or parquet column that holds the document text."""
+    records_field: str = ""
+    """json: the field of each file's JSON document that holds the list of records (objects for a STIX bundle such as
+    MITRE ATT&CK); empty: the document is the list."""
     columns: list[str] = field(default_factory=list)
     """csv/tsv: the columns written as `key:value` text, in this order (one column: its value alone); empty: all
     but the label."""
@@ -93,6 +97,9 @@ class DataConfig:
     """A line longer than this is a bad record ("oversize": raise or skip per on_error), never read into memory."""
     num_samples: int = 0
     """Use at most this many training documents per epoch (quick runs); 0: all."""
+    max_records_per_file: int = 0
+    """Classifier, embedding and anomaly runs: read only the first N records of each file (a quick run on a slice
+    of real files; for MLM runs use num_samples); 0: all."""
     dedupe: bool = False
     """Skip exact duplicate documents (first occurrence kept); one parsing pass over the corpus at start."""
     max_tokens: int = 0
@@ -225,6 +232,27 @@ class PlanConfig:
     measure: bool = True
     """launch/plan.py: measure activations on one real row on this CPU (models up to 2B parameters); false: the
     analytic formula (Korthikanti et al.) only."""
+    mfu: float = 0.35
+    """launch/plan.py: share of the GPU's dense bf16 peak assumed for the time estimate (an assumption, not a
+    measurement: launch/profile.py measures it)."""
+    tokens: int = 0
+    """launch/plan.py: training tokens per epoch for the time estimate (with train.max_steps: of the whole run); 0:
+    the training files' characters divided by plan.chars_per_token (read once), or train.max_steps x the global batch
+    x data.max_seq_length."""
+    chars_per_token: float = 4.0
+    """launch/plan.py: characters per token of the model's tokenizer for that count (about 4 for English BPE or
+    WordPiece; CANINE's tokens are characters, 1)."""
+
+
+@dataclass(kw_only=True)
+class FillConfig:
+    text: list[str] = field(default_factory=list)
+    """launch/fill_mask.py: texts to complete, each with one or more placeholders; empty: read them from standard
+    input, one per line (interactive)."""
+    top_k: int = 5
+    """launch/fill_mask.py: candidates shown for each masked position."""
+    placeholder: str = "[MASK]"
+    """What marks a masked position in the text; for a character model (CANINE) each one is one character."""
 
 
 @dataclass(kw_only=True)
@@ -377,6 +405,7 @@ class RunConfig:
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    fill: FillConfig = field(default_factory=FillConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -397,7 +426,7 @@ class RunConfig:
 GPUS = ("RTX-3090", "RTX-4090", "A100-40GB", "A100-80GB", "H100-80GB", "H200", "L40S", "RTX-PRO-6000")
 CHOICES = {
     "model.attn_implementation": ("auto", "flash_attention_2", "sdpa", "eager"),
-    "data.format": ("lines", "docs", "http", "jsonl", "csv", "tsv", "parquet"),
+    "data.format": ("lines", "docs", "http", "jsonl", "json", "csv", "tsv", "parquet"),
     "data.packing": ("concat", "packed", "pad"),
     "data.on_error": ("raise", "skip"),
     "train.lr_schedule": ("linear", "cosine", "wsd", "constant"),

@@ -314,7 +314,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     _positive(p, "data.max_seq_length", d.max_seq_length, minimum=8)
     if not 0 <= d.valid_fraction < 1:
         p.append(f"data.valid_fraction: {d.valid_fraction} must be in [0, 1)")
-    for name in ("num_workers", "min_chars", "max_chars", "num_samples", "valid_max_docs"):
+    for name in ("num_workers", "min_chars", "max_chars", "num_samples", "valid_max_docs", "max_records_per_file"):
         _positive(p, f"data.{name}", getattr(d, name), minimum=0)
     for name in ("streams", "block_docs", "tokenizer_docs", "max_record_bytes"):
         _positive(p, f"data.{name}", getattr(d, name))
@@ -364,6 +364,9 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     if cfg.profile.peak_tflops < 0:
         p.append(f"profile.peak_tflops: {cfg.profile.peak_tflops} must be >= 0")
     _positive(p, "plan.gpus", cfg.plan.gpus)
+    _positive(p, "fill.top_k", cfg.fill.top_k)
+    if not cfg.fill.placeholder:
+        p.append("fill.placeholder: must not be empty")
     if not cfg.plan.micro_batches or any(m < 1 for m in cfg.plan.micro_batches):
         p.append(f"plan.micro_batches: {cfg.plan.micro_batches} must be a non-empty list of sizes >= 1")
     if not 0 < cfg.plan.headroom <= 1:
