@@ -196,3 +196,11 @@ def test_seed_004_smoke_canine_mlm_fill_mask_then_dga_classifier(in_root, tmp_pa
     assert shown[2] == "[MASK][MASK].net" and shown[4].startswith("  [2] ")
     assert _main(classify, _smoke("dga_classifier", tmp_path, f"--model.name_or_path={final}"), monkeypatch) == 0
     assert json.loads((tmp_path / "dga_classifier" / "eval_valid.json").read_text())["accuracy"] > 0.5
+
+
+def test_an_earlier_stage_output_that_is_missing_is_named_not_fetched(tmp_path, monkeypatch):
+    from dapt.archs import model_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="runs/secbert_http_mlm/final: no such model folder"):
+        model_config("runs/secbert_http_mlm/final")

@@ -49,6 +49,9 @@ def model_config(name: str, trust_remote_code: bool = False):
     """The transformers config of `name` without loading weights: a local folder, this table, or the hub."""
     from transformers import AutoConfig
 
+    if not Path(name).exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"{name}: no such model folder (if an earlier stage writes it, run that stage "
+                                "first, or size this one from the hub model it starts from with --model.name_or_path)")
     if Path(name).is_dir() or name not in ARCHITECTURES:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     fields = dict(ARCHITECTURES[name])
