@@ -635,3 +635,14 @@ def test_a_recipe_without_a_model_is_a_config_error(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("train:\n  lr: 3.0e-4\n")
     one_matching(problems_of(["--recipe", str(path)]), "model.name_or_path", "model.config")
+
+
+def test_off_on_yes_no_stay_words_as_in_yaml_1_2(tmp_path):
+    """YAML 1.1 reads off/on/yes/no as booleans, which made --checkpoint.disk_check=off a type error."""
+    cfg = load(["--checkpoint.disk_check=off", "--train.compile=off", "--log.wandb=true"])
+    assert (cfg.checkpoint.disk_check, cfg.train.compile, cfg.log.wandb) == ("off", "off", True)
+    path = Path(recipe(tmp_path))
+    assert "checkpoint:" not in path.read_text()
+    path.write_text(path.read_text() + "checkpoint:\n  disk_check: off\n")  # unquoted, as people write it
+    assert load(["--recipe", str(path)]).checkpoint.disk_check == "off"
+    one_matching(problems_of(["--log.wandb=yes"]), "log.wandb", "expected bool")

@@ -173,20 +173,25 @@ def test_wandb_offline_gets_seed_metric_names(recipe, tmp_path, monkeypatch):
         assert name in data, name
 
 
-def test_log_states_batch_arithmetic_and_choices(recipe, tmp_path, caplog):
+def _run_logged(argv: list, caplog) -> None:
+    """One in-process MLM run with dapt's info log captured by caplog."""
     import logging
 
     from dapt.dist import setup_logging
     from dapt.train import run
 
-    cfg = load_config(["--recipe", str(recipe), "--output_dir", str(tmp_path / "r"), "--train.max_steps=2",
-                       "--train.grad_accum=2", "--train.micro_batch_size=4"], world_size=1, accelerator="cpu")
+    cfg = load_config([str(a) for a in argv], world_size=1, accelerator="cpu")
     setup_logging("info")
     logging.getLogger("dapt").addHandler(caplog.handler)
     try:
         run(cfg)
     finally:
         logging.getLogger("dapt").removeHandler(caplog.handler)
+
+
+def test_log_states_batch_arithmetic_and_choices(recipe, tmp_path, caplog):
+    _run_logged(["--recipe", recipe, "--output_dir", tmp_path / "r", "--train.max_steps=2", "--train.grad_accum=2",
+                 "--train.micro_batch_size=4"], caplog)
     text = caplog.text
     assert "global batch = micro x accumulation x world size = 4 x 2 x 1 = 8" in text
     assert "attention implementation: sdpa" in text
@@ -298,3 +303,17 @@ def test_real_checkpoint_is_no_larger_than_the_estimate(recipe, tmp_path):
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     params = sum(t.numel() for t in AutoModelForMaskedLM.from_pretrained(out / "final").parameters())
     assert size <= expected_bytes(params, "fp32") * 1.5 + 2**20  # fp32 run; 1 MiB of metadata and RNG state
+
+
+@pytest.mark.parametrize("packing", ["concat", "packed"])
+def test_a_compiled_model_trains_like_the_eager_one(packing, recipe, tmp_path, caplog):
+    """train.compile goes through DeepSpeed's engine.compile; aot_eager (no C compiler needed) traces the same math,
+    so the losses match the eager run; packed rows add per-document attention masks and varying shapes."""
+    losses = {}
+    for mode in ("off", "aot_eager"):
+        out = tmp_path / mode
+        _run_logged(["--recipe", recipe, "--output_dir", out, "--train.max_steps=4", f"--data.packing={packing}",
+                     f"--train.compile={mode}"], caplog)
+        losses[mode] = [v for _, v in series(out, "train/loss")]
+    assert "model compiled with torch.compile, backend aot_eager" in caplog.text
+    assert len(losses["off"]) == 4 and losses["aot_eager"] == pytest.approx(losses["off"], rel=1e-4)

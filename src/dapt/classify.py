@@ -31,7 +31,7 @@ from dapt.dsconfig import finalize_ds_config
 from dapt.formats import READERS, BadRecord, Document
 from dapt.load import save_resolved
 from dapt.metrics import MetricsLogger
-from dapt.model import load_tokenizer
+from dapt.model import compiled, load_tokenizer
 from dapt.numerics import Diverged, StepGuard, engine_config
 from dapt.packing import pack
 from dapt.preempt import Preempted, PreemptionWatch
@@ -368,6 +368,7 @@ def run_one(cfg: RunConfig) -> dict:
     groups = classifier_groups(model, t.lr, t.weight_decay, c.head_lr_mult)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=engine_config(cfg.ds_config),
                                            lr_scheduler=lambda opt: build_scheduler(opt, t, steps))
+    engine = compiled(engine, t.compile)
     ckpt = Checkpointer(out / "checkpoints", cfg.checkpoint.keep, keep_best=True)
     metrics = MetricsLogger(out, rank == 0)
     pad_id = tokenizer.pad_token_id or 0

@@ -168,6 +168,10 @@ class TrainConfig:
     """Cap on evaluation batches per rank; 0: the whole validation set."""
     log_every: int = 10
     """Log training metrics every N optimizer steps."""
+    compile: str = "off"
+    """off | inductor | aot_eager | cudagraphs: torch.compile the model through DeepSpeed's engine.compile with this
+    backend. inductor needs a C compiler (and Triton on GPU); the first steps are slow while graphs compile, and
+    rows of new lengths compile again until shapes are treated as dynamic."""
     sparse_prediction: bool = True
     """MLM: run the head (transform + vocabulary projection) only at masked positions, as MosaicBERT/ModernBERT do;
     the same loss, and for a small encoder with a large vocabulary about half the compute. false: the dense head."""
@@ -432,6 +436,7 @@ CHOICES = {
     "train.lr_schedule": ("linear", "cosine", "wsd", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.optimizer_impl": ("auto", "deepspeed", "torch"),
+    "train.compile": ("off", "inductor", "aot_eager", "cudagraphs"),
     "log.level": ("debug", "info", "warning"),
     "classify.metric": ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc"),
     "classify.unseen": ("error", "skip"),

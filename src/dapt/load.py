@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,6 +15,22 @@ import yaml
 
 from dapt.config import CHOICES, NOT_YET, ConfigError, RunConfig, type_name
 from dapt.redact import redact
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's booleans: only true/false. YAML 1.1 also reads on/off/yes/no/y/n as booleans, which would turn
+    --checkpoint.disk_check=off or --train.compile=off into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def read_yaml_value(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
@@ -44,7 +61,7 @@ def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
             recipe = value
         else:
             try:
-                overrides[key] = yaml.safe_load(value) if value != "" else ""
+                overrides[key] = read_yaml_value(value) if value != "" else ""
             except yaml.YAMLError as e:
                 problems.append(f"--{key}: not a valid value ({getattr(e, 'problem', e)})")
                 continue
@@ -246,7 +263,7 @@ def _read_yaml(path: str, problems: list[str]) -> dict:
         problems.append(f"recipe {path}: cannot read ({e.strerror})")
         return {}
     try:
-        data = yaml.safe_load(text) or {}
+        data = read_yaml_value(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -170,3 +170,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions leave p itself empty
             (decay if len(shape) >= 2 else plain).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def compiled(engine, backend: str):
+    """The engine with its module compiled by torch.compile (train.compile), or as it is ("off")."""
+    if backend != "off":
+        engine.compile(backend=backend)
+        log.info("model compiled with torch.compile, backend %s (the first steps include compiling)", backend)
+    return engine

@@ -26,7 +26,7 @@ from dapt.dsconfig import bf16_in_hardware, describe_optimizer, finalize_ds_conf
 from dapt.load import save_resolved
 from dapt.masking import IGNORE, MLMCollator
 from dapt.metrics import MetricsLogger, plot_curves, read_metrics
-from dapt.model import build_model, param_groups
+from dapt.model import build_model, compiled, param_groups
 from dapt.numerics import Diverged, StepGuard, engine_config
 from dapt.packing import Row
 from dapt.preempt import Preempted, PreemptionWatch
@@ -89,7 +89,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int):
             return build_scheduler(optimizer, cfg.train, steps)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                            config=engine_config(ds), lr_scheduler=scheduler)
-    return engine
+    return compiled(engine, cfg.train.compile)
 
 
 def log_choices(cfg: RunConfig, accelerator: str, steps: int) -> None:
