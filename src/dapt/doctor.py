@@ -170,7 +170,8 @@ def check_launcher(cfg: RunConfig) -> Item:
                                           "--submit.scheduler=nodes)")
         return Item(OK, "launcher", "pdsh found (every host also needs passwordless ssh from this one, or run the "
                                     "launcher on each node without ssh)")
-    return Item(OK, "launcher", f"{cfg.submit.scheduler}: the DeepSpeed launcher on each node, --no_ssh")
+    how = f"{cfg.submit.scheduler} job" if "submit.scheduler" in cfg.explicit else "launch/submit.py's jobs"
+    return Item(OK, "launcher", f"{how}: the DeepSpeed launcher on each node, --no_ssh (no ssh or pdsh needed)")
 
 
 def diagnose(argv: list[str]) -> list[Item]:
