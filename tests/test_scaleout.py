@@ -229,6 +229,13 @@ def test_pdsh_job_writes_deepspeeds_env_file_and_refuses_values_it_would_expand(
         runner.add_export(*line.split("=", 1))
     assert runner.exports["HF_HOME"] == '"/data/hf cache"'
 
+    assert "2 hosts of" in launch_sh and "world size 16" in launch_sh
+    monkeypatch.setenv("WANDB_API_KEY", "sk-secret-value-123456")
+    code, out = _submit(base + ["--dry_run", f"--output_dir={tmp_path / 'dry'}"], capsys)
+    assert code == 0 and "WANDB_API_KEY=***" in out.out and "sk-secret" not in out.out  # printed masked
+    assert not (tmp_path / "dry").exists()
+    monkeypatch.delenv("WANDB_API_KEY")
+
     monkeypatch.setenv("WANDB_NOTES", "run $(touch /tmp/x)")
     code, out = _submit(base + [f"--output_dir={tmp_path / 'run2'}"], capsys)
     assert code == 2 and "WANDB_NOTES holds $" in out.err and not (tmp_path / "run2").exists()

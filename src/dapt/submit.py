@@ -30,6 +30,7 @@ from dapt.hosts import (
     read_hostfile,
 )
 from dapt.load import collect_config, parse_argv
+from dapt.redact import redact_text
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {"slurm": "job.sbatch", "skypilot": "task.yaml", "nodes": "node.sh", "pdsh": "launch.sh"}
@@ -142,8 +143,10 @@ def _train(cfg: RunConfig, argv: list[str]) -> str:
 
 def _header(cfg: RunConfig, world: int) -> list[str]:
     c = cfg.cluster
-    return [f"# dapt job {cfg.submit.job_name}: {c.nodes} nodes x {gpus_per_node(cfg)} ranks = world size {world}, "
-            f"written by launch/submit.py (every value quoted; edit with care)"]
+    shape = (f"{len(read_hostfile(c.hostfile).hosts)} hosts of {c.hostfile}" if c.hostfile else
+             f"{c.nodes} nodes x {gpus_per_node(cfg)} ranks")
+    return [f"# dapt job {cfg.submit.job_name}: {shape} = world size {world}, written by launch/submit.py (every "
+            "value quoted; edit with care)"]
 
 
 def render_slurm(cfg: RunConfig, argv: list[str], world: int, out: Path) -> str:
@@ -283,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = (f"{s.scheduler} job {s.job_name}: world size {world}, global batch = {t.micro_batch_size} x "
                f"{t.grad_accum} x {world} = {t.micro_batch_size * t.grad_accum * world} rows")
     if s.dry_run:
-        for name, text in files.items():
-            print(f"# ---- {name} ----\n{text}")
+        for name, text in files.items():  # the pdsh env file may hold secrets: shown masked
+            print(f"# ---- {name} ----\n{redact_text(text)}")
         print(f"# {summary} (dry run: nothing written)")
         return 0
     out = job_folder(cfg)
