@@ -209,11 +209,8 @@ def render_skypilot(cfg: RunConfig, argv: list[str], world: int) -> str:
         'hostfile="$(mktemp)"',
         f"echo \"$SKYPILOT_NODE_IPS\" | awk 'NF {{print $1 \" slots={g}\"}}' > \"$hostfile\"",
         f"{LAUNCH} {_train(cfg, argv)}", ""])
-    task = {"name": s.job_name, "num_nodes": c.nodes, "resources": resources}
-    if s.workdir:
-        task["workdir"] = s.workdir
-    else:
-        task["workdir"] = str(ROOT)
+    # workdir: a folder on this machine that SkyPilot syncs to every node (this checkout unless given)
+    task = {"name": s.job_name, "num_nodes": c.nodes, "resources": resources, "workdir": s.workdir or str(ROOT)}
     task |= {"envs": envs} | ({"secrets": secrets} if secrets else {})
     task["setup"] = f"python3 -m venv {venv}\n{venv}/bin/pip install -e .\n"
     task["run"] = run
