@@ -214,15 +214,19 @@ def expected_bytes(n_params: int, precision: str) -> int:
     return n_params * (12 + (2 if precision in ("bf16", "fp16") else 4))
 
 
+def disk_room(root: Path, n_params: int, precision: str, keep: int) -> tuple[int, int, Path]:
+    """(bytes that keep + 1 checkpoints need, bytes free, the existing folder measured) for checkpoints under root."""
+    probe = root.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return (keep + 1) * expected_bytes(n_params, precision), shutil.disk_usage(probe).free, probe  # + the one written
+
+
 def check_disk(root: Path, n_params: int, precision: str, keep: int, mode: str) -> None:
     """Refuse (or warn) before training when keep + 1 checkpoints cannot fit on the disk that will hold them."""
     if mode == "off":
         return
-    need = (keep + 1) * expected_bytes(n_params, precision)  # keep + the one being written
-    probe = root
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    need, free, probe = disk_room(root, n_params, precision, keep)
     if free >= need:
         return
     message = (f"checkpoints need about {need / 2**30:.1f} GiB ({keep} kept + 1 being written, "

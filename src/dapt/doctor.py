@@ -34,7 +34,7 @@ def check_config(cfg: RunConfig, problems: list[str]) -> list[Item]:
     """Config problems that depend on the world size are the world-size item; the rest are the config item."""
     sized = [p for p in problems if "world size" in p]
     other = [p for p in problems if p not in sized]
-    source = " + ".join(x for x in (cfg.ds and f"ds {cfg.ds}",) if x) or "the built-in ds config"
+    source = f"ds {cfg.ds}" if cfg.ds else "the built-in ds config"
     world, t = world_size(cfg), cfg.train
     items = [Item(FAIL, "recipe and ds config", "; ".join(other)) if other else
              Item(OK, "recipe and ds config", f"valid ({source}, ZeRO {cfg.ds_config.get('zero_optimization', {}).get('stage', 0)})")]
@@ -86,21 +86,16 @@ def check_gpus(cfg: RunConfig, expected: int) -> list[Item]:
 
 
 def check_disk(cfg: RunConfig) -> Item:
-    from dapt.checkpoint import expected_bytes
+    from dapt.checkpoint import disk_room, expected_bytes
     from dapt.plan import model_facts
 
     try:
         params = model_facts(cfg)["parameters"]
     except (OSError, ValueError, KeyError) as e:
         return Item(WARN, "disk", f"cannot size the model here ({str(e).splitlines()[0][:160]})")
-    k = cfg.checkpoint
-    kept = k.keep + int(k.keep_best)
+    kept = cfg.checkpoint.keep + int(cfg.checkpoint.keep_best)
+    need, free, probe = disk_room(Path(cfg.output_dir) / "checkpoints", params, cfg.train.precision, kept)
     each = expected_bytes(params, cfg.train.precision)
-    need = (kept + 1) * each
-    probe = Path(cfg.output_dir).resolve()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
     detail = (f"{kept} kept + 1 being written x {each / 2**30:.2f} GiB ({params / 1e6:.1f}M parameters) = "
               f"{need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free at {probe}")
     return Item(OK if free >= need else FAIL, "disk", detail)

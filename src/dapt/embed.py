@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -99,9 +98,8 @@ def _unlabelled(cfg: RunConfig, sources: list[str], skipped: Counter) -> list[Do
     from dapt.data import format_options, read_documents
 
     d = cfg.data
-    return [doc for url in expand(sources) for doc in islice(
-        read_documents([url], d.format, on_error=d.on_error, skipped=skipped, options=format_options(d)),
-        d.max_records_per_file or None)]
+    return [doc for url in expand(sources) for doc in read_documents(
+        [url], d.format, on_error=d.on_error, skipped=skipped, options=format_options(d), limit=d.max_records_per_file)]
 
 
 def run_embed(cfg: RunConfig) -> dict:

@@ -33,28 +33,38 @@ def read_yaml_value(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
-    """Split argv into (recipe path, dotted overrides, help asked). Accepts `--k=v` and `--k v`."""
-    recipe, overrides, want_help, problems = None, {}, False, []
-    i = 0
+def split_options(argv: list[str]) -> list[tuple[str | None, str, list[str]]]:
+    """(key, value, tokens) per option: `--k=v`, `--k v`, a bare `--flag` (value "true"); key "help" for -h/--help,
+    None for a stray argument."""
+    groups, i = [], 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            want_help = True
-            i += 1
-            continue
-        if not arg.startswith("--"):
-            problems.append(f"unexpected argument {arg!r}: options look like --section.field=value")
-            i += 1
-            continue
-        key, sep, value = arg[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                value = "true"  # a bare flag such as --log.wandb
-            else:
+            groups.append(("help", "", [arg]))
+        elif not arg.startswith("--"):
+            groups.append((None, arg, [arg]))
+        else:
+            key, sep, value = arg[2:].partition("=")
+            if not sep and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                groups.append((key, value, argv[i:i + 2]))
                 i += 1
-                value = argv[i]
+            else:
+                groups.append((key, value if sep else "true", [arg]))  # "true": a bare flag such as --log.wandb
         i += 1
+    return groups
+
+
+def parse_argv(argv: list[str]) -> tuple[str | None, dict[str, Any], bool]:
+    """Split argv into (recipe path, dotted overrides, help asked). Accepts `--k=v` and `--k v`."""
+    recipe, overrides, want_help, problems = None, {}, False, []
+    for key, value, _ in split_options(argv):
+        if key == "help":
+            want_help = True
+            continue
+        if key is None:
+            problems.append(f"unexpected argument {value!r}: options look like --section.field=value")
+            continue
         if key == "local_rank":  # the DeepSpeed launcher appends it; LOCAL_RANK carries the same
             continue
         if key == "recipe":

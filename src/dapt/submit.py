@@ -29,7 +29,7 @@ from dapt.hosts import (
     nccl_settings,
     read_hostfile,
 )
-from dapt.load import collect_config, parse_argv
+from dapt.load import collect_config, parse_argv, split_options
 from dapt.redact import redact_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,22 +38,10 @@ LAUNCH = ('deepspeed --hostfile "$hostfile" --no_ssh --node_rank="$NODE_RANK" --
           '--master_port="$MASTER_PORT"')
 
 
-def split_args(argv: list[str]) -> list[tuple[str, list[str]]]:
-    """(key, tokens) per option, grouped as dapt.load.parse_argv reads them (`--k=v`, `--k v`, a bare `--flag`)."""
-    groups, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        key, sep, _ = arg.lstrip("-").partition("=")
-        take = 2 if arg.startswith("--") and not sep and i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1
-        groups.append((key, argv[i:i + take]))
-        i += take
-    return groups
-
-
 def job_args(argv: list[str]) -> list[str]:
     """This command's arguments minus the cluster and submit sections: what each rank of the job is given."""
-    return [t for key, tokens in split_args(argv) if not key.startswith(("cluster.", "submit.", "dry_run"))
-            for t in tokens]
+    return [t for key, _, tokens in split_options(argv)
+            if not (key or "").startswith(("cluster.", "submit.", "dry_run")) for t in tokens]
 
 
 def gpus_per_node(cfg: RunConfig) -> int:
@@ -210,7 +198,7 @@ def render_skypilot(cfg: RunConfig, argv: list[str], world: int) -> str:
         f"echo \"$SKYPILOT_NODE_IPS\" | awk 'NF {{print $1 \" slots={g}\"}}' > \"$hostfile\"",
         f"{LAUNCH} {_train(cfg, argv)}", ""])
     # workdir: a folder on this machine that SkyPilot syncs to every node (this checkout unless given)
-    task = {"name": s.job_name, "num_nodes": c.nodes, "resources": resources, "workdir": s.workdir or str(ROOT)}
+    task = {"name": s.job_name, "num_nodes": c.nodes, "resources": resources, "workdir": _workdir(cfg)}
     task |= {"envs": envs} | ({"secrets": secrets} if secrets else {})
     task["setup"] = f"python3 -m venv {venv}\n{venv}/bin/pip install -e .\n"
     task["run"] = run
