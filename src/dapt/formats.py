@@ -135,7 +135,8 @@ def read_jsonl(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]
         except RecursionError:
             yield BadRecord(url, line, "malformed JSON", " (nested too deeply)"), after
             continue
-        yield _record(obj, opts, item.id, lambda reason, detail="", line=line: BadRecord(url, line, reason, detail)), after
+        doc = _record(obj, opts, item.id)
+        yield (doc if isinstance(doc, Document) else BadRecord(url, line, *doc)), after
 
 
 def read_json(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
@@ -166,25 +167,25 @@ def read_json(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
         return
     name = opts.records_field or ""
     for i in range(start.record, len(records)):
-        yield _record(records[i], opts, f"{url}:{name}[{i}]",
-                      lambda reason, detail="", i=i: BadRecord(f"{url}:{name}[{i}]", None, reason, detail)), \
-            Position(0, 1, i + 1)
+        doc_id = f"{url}:{name}[{i}]"
+        doc = _record(records[i], opts, doc_id)
+        yield (doc if isinstance(doc, Document) else BadRecord(doc_id, None, *doc)), Position(0, 1, i + 1)
 
 
-def _record(obj, opts: FormatOptions, doc_id: str, bad) -> Document | BadRecord:
-    """A parsed JSON record as a Document, or the BadRecord `bad(reason, detail)` says what is wrong with it."""
+def _record(obj, opts: FormatOptions, doc_id: str) -> Document | tuple[str, str]:
+    """A parsed JSON record as a Document, or (reason, detail) saying what is wrong with it."""
     key, label_key = opts.text_field, opts.label_field
     if not isinstance(obj, dict) or key not in obj:
-        return bad(f"missing field {key!r}")
+        return f"missing field {key!r}", ""
     if not isinstance(obj[key], str):
-        return bad(f"field {key!r} is not text", f" ({type(obj[key]).__name__})")
+        return f"field {key!r} is not text", f" ({type(obj[key]).__name__})"
     if not obj[key].strip():
-        return bad(f"empty field {key!r}")
+        return f"empty field {key!r}", ""
     if label_key and label_key not in obj:
-        return bad(f"missing label field {label_key!r}")
+        return f"missing label field {label_key!r}", ""
     if label_key and obj[label_key] is not None and not _label_value(obj[label_key]):
-        return bad(f"label field {label_key!r} is not a label",
-                   f" ({obj[label_key]!r:.60}: a label is a non-empty string or a number)")
+        return (f"label field {label_key!r} is not a label",
+                f" ({obj[label_key]!r:.60}: a label is a non-empty string or a number)")
     label = obj.get(label_key) if label_key else None
     return Document(obj[key], doc_id, None if label is None else str(label).strip())
 
