@@ -3,12 +3,14 @@ gradient checkpointing; the recommended DeepSpeed config and micro batch.
 
 Model states follow DeepSpeed's own accounting (its estimate_zero2/zero3_model_states_mem_needs functions, which
 the tests compare against): bf16 weights and gradients, fp32 master weights, fp32 gradient partitions and Adam
-moments. Activations are measured by default: the bytes autograd saves for one real row on this CPU, scaled by the
-micro batch. Without the measurement they follow Korthikanti et al. (2022) per layer, (15 h + 4 f) bytes per token
-in 16-bit, plus the attention scores (5 a s bytes per token) unless SDPA or flash attention keeps them out of
-memory. Gradient checkpointing keeps each layer's input and one layer's activations. The MLM head adds its transform and the logits
-of the predicted tokens (fp32 for the loss). Buffers: the ZeRO reduce bucket. The CUDA context (about 0.5-1 GB) is
-not in torch's peak figure and not in the estimate.
+moments. Activations are measured by default: the bytes autograd saves for one real row on this CPU, scaled by
+the micro batch. A row longer than MEASURE_MAX_TOKENS, or too big for this machine, is measured shorter and scaled:
+linearly, and its square attention tensors (SDPA masks, eager scores) by the square of the ratio; flash attention
+keeps none of those. Without the measurement they follow Korthikanti et al. (2022) per layer, (15 h + 4 f) bytes
+per token in 16-bit, plus the attention scores (5 a s bytes per token) unless SDPA or flash attention keeps them
+out of memory. Gradient checkpointing keeps each layer's input and one layer's activations. The MLM head adds its
+transform and the logits of the predicted tokens (fp32 for the loss). Buffers: the ZeRO reduce bucket. The CUDA
+context (about 0.5-1 GB) is not in torch's peak figure and not in the estimate.
 """
 
 from __future__ import annotations
@@ -65,7 +67,40 @@ def model_facts(cfg: RunConfig) -> dict:
             "layers": layers, "ffn": ffn, "vocab": vocab, "heads": heads, "config": conf}
 
 
-def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool) -> float:
+MEASURE_MAX_TOKENS = 2048  # longer rows are measured at a shorter length and scaled (exact: see RowMeasure)
+
+
+@dataclass(frozen=True)
+class RowMeasure:
+    """The bytes one real row saved for backward (fp32, this CPU), split by how they grow with the row length:
+    `linear` (hidden states, projections, the head's rows) and `attention`: square (tokens x tokens) tensors such as
+    SDPA's materialized attention masks (ModernBERT's sliding window) or eager attention's probabilities, which grow
+    with its square and which flash attention never keeps. `embed` and `head` are the parts of `linear` saved before
+    the first encoder layer and after the last (MLM head and loss): gradient checkpointing recomputes neither."""
+
+    tokens: int
+    implementation: str  # the attention implementation measured: sdpa, or eager where the model has no SDPA
+    linear: float
+    attention: float
+    embed: float = 0.0
+    head: float = 0.0
+
+    def at(self, seq: int, flash: bool = False) -> float:
+        r = seq / self.tokens
+        return self.linear * r + (0.0 if flash else self.attention * r * r)
+
+    def checkpointed(self, seq: int, flash: bool, layers: int, layer_inputs: float, head_gradient: float,
+                     hidden_bytes: float) -> float:
+        """The larger of two moments under gradient checkpointing: backward starting at the loss (embeddings, layer
+        inputs, the head's tensors and its logits' gradient), and one layer recomputed later (embeddings, layer
+        inputs, that layer's own share and the gradients of its input and output)."""
+        r = seq / self.tokens
+        embed, head = self.embed * r, self.head * r
+        layer = (self.at(seq, flash) - embed - head) / layers
+        return embed + layer_inputs + max(head + head_gradient, layer + 2 * hidden_bytes)
+
+
+def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool, attention: str = "sdpa") -> RowMeasure:
     """Bytes the real model saves for backward on one row of `seq` tokens (fp32, on this CPU): the tensors autograd
     keeps, counted once each, parameters left out. Attention dropout is set to 0 so that CPU SDPA keeps no attention
     scores, as the fused GPU kernels do not."""
@@ -73,6 +108,7 @@ def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool) ->
 
     import torch.nn.functional as F
     from transformers import AutoModelForMaskedLM
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     from dapt.sparse import SparsePrediction
 
@@ -80,18 +116,37 @@ def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool) ->
     for name in ("attention_probs_dropout_prob", "attention_dropout"):
         if hasattr(conf, name):
             setattr(conf, name, 0.0)
-    model = AutoModelForMaskedLM.from_config(conf, attn_implementation="sdpa").train()
+    for impl in ["eager"] if attention == "eager" else ["sdpa", "eager"]:  # CANINE has no SDPA: eager, as it runs
+        try:
+            model = AutoModelForMaskedLM.from_config(conf, attn_implementation=impl).train()
+            break
+        except (ValueError, ImportError):
+            if impl == "eager":
+                raise
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, conf.vocab_size, (1, seq), generator=g)
+    classes = getattr(model.config, "char_vocab", None) or conf.vocab_size  # CANINE: code points below its classes
+    ids = torch.randint(5, classes, (1, seq), generator=g)
     labels = torch.where(torch.rand(ids.shape, generator=g) < mask_rate, ids, torch.full_like(ids, -100))
     where = labels != -100
-    saved: dict[int, int] = {}
+    saved: dict[int, tuple[int, bool, str]] = {}
+    where_now = {"depth": 0, "layers_done": 0}  # in the layers gradient checkpointing recomputes, and how many ran
 
     def keep(t):
         if isinstance(t, torch.Tensor):
-            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            square = t.dim() == 4 and t.shape[-1] == t.shape[-2] > 1  # (rows, heads or 1, tokens, tokens)
+            part = "layer" if where_now["depth"] else "head" if where_now["layers_done"] else "embed"
+            saved.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), square, part))
         return t
 
+    def enter(*_):
+        where_now["depth"] += 1
+
+    def leave(*_):
+        where_now["depth"] -= 1
+        where_now["layers_done"] += 1
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         if sparse:
             with SparsePrediction(model).select(where):
@@ -99,25 +154,35 @@ def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool) ->
         else:
             logits = model(input_ids=ids).logits[where]
         F.cross_entropy(logits.float(), labels[where], reduction="sum")
+    for h in hooks:
+        h.remove()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return float(sum(n for ptr, n in saved.items() if ptr not in params))
+    kept = [v for ptr, v in saved.items() if ptr not in params]
+    return RowMeasure(seq, impl, linear=float(sum(n for n, sq, _ in kept if not sq)),
+                      attention=float(sum(n for n, sq, _ in kept if sq)),
+                      embed=float(sum(n for n, sq, part in kept if not sq and part == "embed")),
+                      head=float(sum(n for n, sq, part in kept if not sq and part == "head")))
 
 
-def _can_measure(f: dict, seq: int, mask_rate: float, sparse: bool) -> bool:
-    """Whether one fp32 row fits comfortably in this machine's free memory (weights, saved activations, and eager-size
-    attention scores of one layer for the forward pass); otherwise the analytic estimate is used, and logged."""
+def measure_length(f: dict, seq: int, mask_rate: float, sparse: bool) -> int | None:
+    """The row length to measure: `seq` up to MEASURE_MAX_TOKENS, else halved until one fp32 row fits comfortably in
+    this machine's free memory (weights, saved activations, and eager-size attention scores of one layer for the
+    forward pass); None when no row of 64 tokens or more fits (the analytic estimate is used, and logged)."""
     import psutil
 
     if f["parameters"] > 2e9:
-        return False
-    need = (4 * f["parameters"] + activation_bytes(f, seq, 1, False, "sdpa", mask_rate, sparse, bf16=False)
-            + 4 * f["heads"] * seq * seq)
+        return None
     free = psutil.virtual_memory().available
-    if need > 0.4 * free:
-        log.info("activation measurement skipped: one %d-token row needs about %.1f GB, this machine has %.1f GB "
-                 "free; the analytic estimate is used", seq, need / GB, free / GB)
-        return False
-    return True
+    tokens = seq
+    while tokens >= min(seq, 64):
+        need = (4 * f["parameters"] + activation_bytes(f, tokens, 1, False, "sdpa", mask_rate, sparse, bf16=False)
+                + 4 * f["heads"] * tokens * tokens)
+        if tokens <= MEASURE_MAX_TOKENS and need <= 0.4 * free:
+            return tokens
+        tokens //= 2
+    log.info("activation measurement skipped: even a %d-token row needs about %.1f GB, this machine has %.1f GB "
+             "free; the analytic estimate is used", tokens * 2, need / GB, free / GB)
+    return None
 
 
 def model_state_bytes(params: int, largest: int, stage: int, offload: str, gpus: int, bf16: bool) -> float:
@@ -145,18 +210,32 @@ def activation_bytes(f: dict, seq: int, micro: int, checkpointing: bool, attenti
     return body + head + tokens * h * 2 * scale  # + the embeddings' output
 
 
+def head_gradient_bytes(seq: int, vocab: int, mask_rate: float, sparse: bool, bf16: bool) -> float:
+    """What one row adds, beyond its saved tensors, when backward starts at the loss: the fp32 gradient of the
+    predicted tokens' logits, its 16-bit copy, and for the dense head two full-size gradients of all the row's logits
+    (the one the selection of masked tokens scatters into, and the output projection's working copy; measured with
+    torch's MemTracker on CPU)."""
+    predicted = seq * mask_rate * vocab
+    return predicted * (4 + (2 if bf16 else 0)) + (0 if sparse else 2 * seq * vocab * (2 if bf16 else 4))
+
+
 def estimate(f: dict, s: Setup, seq: int, gpus: int, bf16: bool, attention: str, mask_rate: float,
-             sparse: bool, measured_row: float | None = None) -> dict:
-    """Per-GPU memory of one set-up. With `measured_row` (bytes saved for one fp32 row, measured), activations scale
-    it by the micro batch (halved in bf16); gradient checkpointing keeps the layer inputs and one layer's share."""
+             sparse: bool, measured: RowMeasure | None = None) -> dict:
+    """Per-GPU memory of one set-up. With a `measured` row (fp32 bytes, scaled to `seq`; its square attention tensors
+    left out under flash attention), activations are that row times the micro batch (halved in bf16); gradient
+    checkpointing keeps the layer inputs and one layer's share."""
     states = model_state_bytes(f["parameters"], f["largest_layer_parameters"], s.stage, s.offload, gpus, bf16)
-    if measured_row is None:
+    if measured is None:
         acts = activation_bytes(f, seq, s.micro_batch, s.checkpointing, attention, mask_rate, sparse, bf16)
     else:
-        row = measured_row * (0.5 if bf16 else 1.0)
+        flash, half = attention == "flash_attention_2", 0.5 if bf16 else 1.0
+        head_gradient = head_gradient_bytes(seq, f["vocab"], mask_rate, sparse, bf16) / half  # scaled back below
         if s.checkpointing:
-            row = f["layers"] * seq * f["hidden"] * (2 if bf16 else 4) + row / f["layers"]
-        acts = s.micro_batch * row
+            hidden = seq * f["hidden"] * 4
+            row = measured.checkpointed(seq, flash, f["layers"], f["layers"] * hidden, head_gradient, hidden)
+        else:
+            row = measured.at(seq, flash) + head_gradient
+        acts = s.micro_batch * half * row
     buffers = 4 * f["hidden"] ** 2 * (2 if s.stage else 0)  # reduce bucket ("auto": hidden^2 elements), x2 in flight
     return {"model_states_gb": states / GB, "activations_gb": acts / GB, "buffers_gb": buffers / GB,
             "total_gb": (states + acts + buffers) / GB}
@@ -179,18 +258,24 @@ def run_plan(cfg: RunConfig) -> dict:
     facts = model_facts(cfg)
     # the plan is for GPUs: "auto" precision means bf16 there, whatever this machine would pick
     bf16 = cfg.train.precision != "fp32" if "train.precision" in cfg.explicit else True
-    attention = "eager" if cfg.model.attn_implementation == "eager" else "sdpa"
+    attention = cfg.model.attn_implementation if cfg.model.attn_implementation in ("eager", "flash_attention_2") \
+        else "sdpa"  # auto may find no flash-attn on the GPU: plan for SDPA, which can keep attention masks
     budget = GPU_MEMORY_GB[p.gpu] * p.headroom
+    seq = cfg.data.max_seq_length
+    tokens = measure_length(facts, seq, cfg.masking.rate, cfg.train.sparse_prediction) if p.measure else None
     measured = None
-    if p.measure and _can_measure(facts, cfg.data.max_seq_length, cfg.masking.rate, cfg.train.sparse_prediction):
-        measured = measured_activation_bytes(facts["config"], cfg.data.max_seq_length, cfg.masking.rate,
-                                             cfg.train.sparse_prediction)
-        log.info("activations measured on one real %d-token row on this CPU: %.1f MB (fp32)",
-                 cfg.data.max_seq_length, measured / 2**20)
+    if tokens:
+        measured = measured_activation_bytes(facts["config"], tokens, cfg.masking.rate, cfg.train.sparse_prediction,
+                                             attention)
+        attention = "eager" if measured.implementation == "eager" else attention  # the model has no SDPA
+        log.info("activations measured on one real %d-token row on this CPU: %.1f MB (fp32), %.1f MB of it square "
+                 "attention tensors%s", tokens, (measured.linear + measured.attention) / 2**20,
+                 measured.attention / 2**20,
+                 "" if tokens == seq else f"; scaled to {seq} tokens: {measured.at(seq) / 2**20:.1f} MB")
     rows = []
     for s in candidates(p.micro_batches):
-        e = estimate(facts, s, cfg.data.max_seq_length, p.gpus, bf16, attention, cfg.masking.rate,
-                     cfg.train.sparse_prediction, measured)
+        e = estimate(facts, s, seq, p.gpus, bf16, attention, cfg.masking.rate, cfg.train.sparse_prediction,
+                     measured)
         rows.append({**s.__dict__, **{k: round(v, 3) for k, v in e.items()}, "fits": e["total_gb"] <= budget})
     fitting = [r for r in rows if r["fits"]]
     good = [r for r in fitting if r["micro_batch"] >= p.min_micro_batch] or fitting
@@ -200,7 +285,7 @@ def run_plan(cfg: RunConfig) -> dict:
     result = {"model": {k: v for k, v in facts.items() if k != "config"}, "gpu": p.gpu, "gpu_memory_gb": GPU_MEMORY_GB[p.gpu], "gpus": p.gpus,
               "headroom": p.headroom, "seq": cfg.data.max_seq_length, "precision": "bf16" if bf16 else "fp32",
               "attention": attention, "sparse_prediction": cfg.train.sparse_prediction,
-              "activations": "measured (saved tensors of one real row, scaled)" if measured else "analytic",
+              "activations": _activation_source(measured, seq, attention),
               "recommendation": choice,
               "estimates": rows}
     if choice and p.write_ds:
@@ -217,6 +302,17 @@ def run_plan(cfg: RunConfig) -> dict:
         log.warning("nothing fits %d x %s at %d tokens, even ZeRO-3 with offload and micro batch %d", p.gpus, p.gpu,
                     cfg.data.max_seq_length, min(p.micro_batches))
     return result
+
+
+def _activation_source(m: RowMeasure | None, seq: int, attention: str) -> dict:
+    if m is None:
+        return {"source": "analytic (Korthikanti et al.)"}
+    return {"source": "measured: saved tensors of one real row on this CPU, scaled by the micro batch",
+            "measured_tokens": m.tokens, "measured_attention": m.implementation, "linear_mb_fp32": round(m.linear / 2**20, 2),
+            "square_attention_mb_fp32": round(m.attention / 2**20, 2),
+            "row_mb_fp32": round(m.at(seq, attention == "flash_attention_2") / 2**20, 2),
+            "scaling": "not scaled" if m.tokens == seq else f"scaled: linear part x {seq / m.tokens:g}, square part x "
+                                                       f"{(seq / m.tokens) ** 2:g}"}
 
 
 PEAK_KEY = {"RTX-3090": "RTX 3090", "RTX-4090": "RTX 4090", "A100-40GB": "A100", "A100-80GB": "A100",
@@ -294,6 +390,15 @@ def _markdown(r: dict) -> str:
                   + (" --model.gradient_checkpointing=true" if c["checkpointing"] else ""), ""]
     else:
         lines += ["**Nothing fits**, even with ZeRO-3, offload and gradient checkpointing.", ""]
+    a = r["activations"]
+    if "measured_tokens" in a:
+        lines += [f"**Activations** measured on one real {a['measured_tokens']}-token row on this CPU: "
+                  f"{a['linear_mb_fp32']:.1f} MB growing with the tokens, {a['square_attention_mb_fp32']:.1f} MB of "
+                  f"square attention tensors (masks or scores; none under flash attention); "
+                  f"{a['row_mb_fp32']:.1f} MB per {r['seq']}-token row in fp32 ({a['scaling']}); "
+                  f"measured with {a['measured_attention']} attention, planned for {r['attention']}.", ""]
+    else:
+        lines += [f"**Activations** from the analytic formula: {a['source']}.", ""]
     tm = r["time"]
     lines += [f"**Estimated time:** {tm['hours']:.2f} h for {tm['epochs']:g} epoch(s) of {tm['tokens_per_epoch']:,} "
               f"tokens ({tm['tokens_from']}), at an assumed {100 * tm['mfu_assumed']:.0f}% of {tm['peak_tflops']:g} "

@@ -99,7 +99,6 @@ def run_profile(cfg: RunConfig) -> dict:
         make_collator,
         mlm_loss_sum,
         mlm_model,
-        peak_memory_gb,
         row_item,
         start,
     )
@@ -110,22 +109,22 @@ def run_profile(cfg: RunConfig) -> dict:
     corpus = prepare_data(cfg, out)
     steps = p.warmup + p.steps
     model, sparse = mlm_model(cfg, corpus.tokenizer)
-    finalize_ds_config(cfg.ds_config, steps, warmup_steps(t, steps), getattr(model.config, "hidden_size", None))
+    # one step more than timed: the last is run alone for its peak memory
+    finalize_ds_config(cfg.ds_config, steps + 1, warmup_steps(t, steps), getattr(model.config, "hidden_size", None))
     if p.ds_flops_profiler:
         cfg.ds_config["flops_profiler"] = {"enabled": True, "profile_step": p.warmup + 1, "module_depth": -1,
                                            "top_modules": 3, "detailed": False,
                                            "output_file": str(out / "ds_flops_profiler.txt")}
-    log_choices(cfg, accelerator, steps)
-    engine = build_engine(cfg, model, steps)
+    log_choices(cfg, accelerator, steps + 1)
+    engine = build_engine(cfg, model, steps + 1)
     collate = make_collator(cfg, corpus.tokenizer, model.config, cfg.masking.rate, cfg.seed)
     feeder = RowFeeder(corpus.spec, rank, world, cfg.data.num_workers, {}, consumed=0)
     sync = torch.cuda.synchronize if accelerator == "cuda" else (lambda: None)
     parts = {k: [] for k in ("step", "data", "forward", "backward", "optimizer")}
     counts = {k: [] for k in ("tokens", "slots", "samples", "predicted")}
     tracer = _tracer(out, accelerator) if p.trace else None
-    for step in range(steps):
-        if tracer is not None and step == p.warmup:
-            tracer.__enter__()
+
+    def one_step() -> tuple[dict, list[dict]]:
         sync()
         start = time.perf_counter()
         taken = [feeder.take(t.micro_batch_size) for _ in range(t.grad_accum)]
@@ -145,9 +144,15 @@ def run_profile(cfg: RunConfig) -> dict:
             engine.step()
             sync()
             fwd, bwd, opt = fwd + f - a, bwd + g - f, opt + time.perf_counter() - g
+        return {"step": time.perf_counter() - start, "data": data_done - start, "forward": fwd, "backward": bwd,
+                "optimizer": opt}, micro
+
+    for step in range(steps):
+        if tracer is not None and step == p.warmup:
+            tracer.__enter__()
+        timed, micro = one_step()
         if step >= p.warmup:
-            for key, value in (("step", time.perf_counter() - start), ("data", data_done - start), ("forward", fwd),
-                               ("backward", bwd), ("optimizer", opt)):
+            for key, value in timed.items():
                 parts[key].append(value)
             counts["tokens"].append(sum(int(b["attention_mask"].sum()) for b in micro))
             counts["slots"].append(sum(b["attention_mask"].numel() for b in micro))
@@ -156,7 +161,8 @@ def run_profile(cfg: RunConfig) -> dict:
     if tracer is not None:
         tracer.__exit__(None, None, None)
         tracer.export_chrome_trace(str(out / f"trace.rank{rank}.json"))
-    report = _report(cfg, model, engine, parts, counts, accelerator, sparse is not None, peak_memory_gb(), world)
+    memory = step_peak_memory(engine, accelerator, one_step)
+    report = _report(cfg, model, engine, parts, counts, accelerator, sparse is not None, memory, world)
     if rank == 0:
         (out / "profile.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / "profile.md").write_text(_markdown(report))
@@ -169,6 +175,32 @@ def run_profile(cfg: RunConfig) -> dict:
     return report
 
 
+def step_peak_memory(engine, accelerator: str, step) -> dict:
+    """Peak memory of one more training step, run alone after the timed ones (optimizer states already exist). CUDA:
+    the caching allocator's peak of allocated bytes. CPU has no such counter: torch's MemTracker follows every
+    tensor alive during the step (parameters, gradients, optimizer states, activations, temporaries), for a figure
+    comparable with the GPU's and with launch/plan.py's estimate."""
+    if accelerator == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return {"peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+                "how": "torch.cuda.max_memory_allocated over one training step"}
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    optimizer = engine.optimizer if isinstance(engine.optimizer, torch.optim.Optimizer) else None
+    tracker.track_external(*[x for x in (engine.module, optimizer) if x is not None])
+    with tracker:
+        step()
+    peak = tracker.get_tracker_snapshot("peak")
+    by_kind = {str(k.value if hasattr(k, "value") else k).lower(): v / 2**30
+               for k, v in next(iter(peak.values())).items()}
+    total = by_kind.pop("total")
+    return {"peak_gb": total, "parts_gb": {k: round(v, 4) for k, v in by_kind.items()},
+            "how": "torch MemTracker over one training step on CPU (tensors only, no allocator overhead)"}
+
+
 def _tracer(out: Path, accelerator: str):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if accelerator == "cuda":
@@ -176,7 +208,7 @@ def _tracer(out: Path, accelerator: str):
     return torch.profiler.profile(activities=activities, record_shapes=True)
 
 
-def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory_gb, world) -> dict:
+def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory: dict, world) -> dict:
     from dapt.dsconfig import describe_optimizer
 
     t = cfg.train
@@ -210,7 +242,8 @@ def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory_gb, w
                   "peak_tflops": peak or None, "peak_source": source, "mfu": achieved / peak if peak else None,
                   "note": "analytic: matmuls only, attention at the full row length, x3 for forward + backward; "
                           "recomputation under gradient checkpointing is not counted (the MFU convention)"},
-        "peak_memory_gb": memory_gb,
+        "peak_memory_gb": memory["peak_gb"],
+        "peak_memory": memory,
         "ds_flops_profiler": (str(Path(cfg.output_dir) / "ds_flops_profiler.txt") + ": DeepSpeed's profiler does not "
                               "see SDPA or flash attention, so its total misses the attention matmuls"
                               if cfg.profile.ds_flops_profiler else None),
@@ -255,7 +288,7 @@ def _markdown(r: dict) -> str:
         f"| achieved TFLOPS per rank | {f['achieved_tflops_per_rank']:.3f} |",
         f"| peak TFLOPS | {peak} ({f['peak_source']}) |",
         f"| MFU | {mfu} |",
-        f"| peak memory | {r['peak_memory_gb']:.2f} GB |",
+        f"| peak memory of one step | {r['peak_memory_gb']:.3f} GB ({r['peak_memory']['how']}) |",
         "",
         f"FLOPs: {f['note']}.",
     ]
