@@ -201,14 +201,15 @@ def test_plan_is_within_15_percent_of_the_peak_measured_in_a_real_step_on_cpu(re
 def test_measure_length_halves_a_row_too_long_and_gives_up_when_nothing_fits(monkeypatch, caplog):
     import psutil
 
-    from dapt.plan import MEASURE_MAX_TOKENS, measure_length
+    from dapt.plan import measure_length
 
     f = {"parameters": 400e6, "hidden": 1024, "layers": 28, "ffn": 2624, "vocab": 50368, "heads": 16}
     free = {"available": 8 * 2**30}
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), free)())
     assert measure_length(f, 512, 0.3, True) == 512
     tokens = measure_length(f, 8192, 0.3, True)
-    assert tokens and tokens <= MEASURE_MAX_TOKENS and 8192 % tokens == 0
+    assert tokens and tokens <= 2048 and 8192 % tokens == 0
+    assert measure_length(f, 512, 0.3, True, longest=128) == 128
     free["available"] = 2**30  # not even the weights fit
     with caplog.at_level("INFO", logger="dapt"):
         assert measure_length(f, 8192, 0.3, True) is None

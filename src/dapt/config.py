@@ -236,6 +236,10 @@ class PlanConfig:
     measure: bool = True
     """launch/plan.py: measure activations on one real row on this CPU (models up to 2B parameters); false: the
     analytic formula (Korthikanti et al.) only."""
+    measure_tokens: int = 2048
+    """launch/plan.py: the longest row measured; a longer one is measured at a half, a quarter, ... of its length (also
+    while it would not fit in this machine's memory) and scaled: linearly, and attention masks or scores by the
+    square of the ratio."""
     mfu: float = 0.35
     """launch/plan.py: share of the GPU's dense bf16 peak assumed for the time estimate (an assumption, not a
     measurement: launch/profile.py measures it)."""

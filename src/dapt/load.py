@@ -391,6 +391,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     if cfg.profile.peak_tflops < 0:
         p.append(f"profile.peak_tflops: {cfg.profile.peak_tflops} must be >= 0")
     _positive(p, "plan.gpus", cfg.plan.gpus)
+    _positive(p, "plan.measure_tokens", cfg.plan.measure_tokens, minimum=16)
     _positive(p, "fill.top_k", cfg.fill.top_k)
     if not cfg.fill.placeholder:
         p.append("fill.placeholder: must not be empty")

@@ -4,7 +4,7 @@ gradient checkpointing; the recommended DeepSpeed config and micro batch.
 Model states follow DeepSpeed's own accounting (its estimate_zero2/zero3_model_states_mem_needs functions, which
 the tests compare against): bf16 weights and gradients, fp32 master weights, fp32 gradient partitions and Adam
 moments. Activations are measured by default: the bytes autograd saves for one real row on this CPU, scaled by
-the micro batch. A row longer than MEASURE_MAX_TOKENS, or too big for this machine, is measured shorter and scaled:
+the micro batch. A row longer than plan.measure_tokens, or too big for this machine, is measured shorter and scaled:
 linearly, and its square attention tensors (SDPA masks, eager scores) by the square of the ratio; flash attention
 keeps none of those. Without the measurement they follow Korthikanti et al. (2022) per layer, (15 h + 4 f) bytes
 per token in 16-bit, plus the attention scores (5 a s bytes per token) unless SDPA or flash attention keeps them
@@ -53,8 +53,12 @@ def model_facts(cfg: RunConfig) -> dict:
         conf = AutoConfig.from_pretrained(m.config)
     else:
         fields = dict(m.config or {})
-        fields.setdefault("vocab_size", m.tokenizer_vocab_size)
         conf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if not m.name_or_path:  # sized as the run sizes it (dapt.model.model_config): to the tokenizer
+        if conf.model_type == "canine":
+            conf.char_vocab = m.char_vocab
+        else:
+            conf.vocab_size = _tokenizer_size(m)
     with torch.device("meta"):
         model = AutoModelForMaskedLM.from_config(conf)
     params = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
@@ -65,9 +69,6 @@ def model_facts(cfg: RunConfig) -> dict:
     heads = getattr(conf, "num_attention_heads", None) or conf.n_heads
     return {"type": conf.model_type, "parameters": params, "largest_layer_parameters": largest, "hidden": hidden,
             "layers": layers, "ffn": ffn, "vocab": vocab, "heads": heads, "config": conf}
-
-
-MEASURE_MAX_TOKENS = 2048  # longer rows are measured at a shorter length and scaled (exact: see RowMeasure)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,16 @@ class RowMeasure:
         embed, head = self.embed * r, self.head * r
         layer = (self.at(seq, flash) - embed - head) / layers
         return embed + layer_inputs + max(head + head_gradient, layer + 2 * hidden_bytes)
+
+
+def _tokenizer_size(m) -> int:
+    """The vocabulary a from-config model gets: the named tokenizer's, or the one dapt trains (at most
+    model.tokenizer_vocab_size tokens; a small corpus may give fewer)."""
+    if not m.tokenizer:
+        return m.tokenizer_vocab_size
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(m.tokenizer))
 
 
 def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool, attention: str = "sdpa") -> RowMeasure:
@@ -164,8 +175,8 @@ def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool, at
                       head=float(sum(n for n, sq, part in kept if not sq and part == "head")))
 
 
-def measure_length(f: dict, seq: int, mask_rate: float, sparse: bool) -> int | None:
-    """The row length to measure: `seq` up to MEASURE_MAX_TOKENS, else halved until one fp32 row fits comfortably in
+def measure_length(f: dict, seq: int, mask_rate: float, sparse: bool, longest: int = 2048) -> int | None:
+    """The row length to measure: `seq` up to `longest`, else halved until one fp32 row fits comfortably in
     this machine's free memory (weights, saved activations, and eager-size attention scores of one layer for the
     forward pass); None when no row of 64 tokens or more fits (the analytic estimate is used, and logged)."""
     import psutil
@@ -177,7 +188,7 @@ def measure_length(f: dict, seq: int, mask_rate: float, sparse: bool) -> int | N
     while tokens >= min(seq, 64):
         need = (4 * f["parameters"] + activation_bytes(f, tokens, 1, False, "sdpa", mask_rate, sparse, bf16=False)
                 + 4 * f["heads"] * tokens * tokens)
-        if tokens <= MEASURE_MAX_TOKENS and need <= 0.4 * free:
+        if tokens <= longest and need <= 0.4 * free:
             return tokens
         tokens //= 2
     log.info("activation measurement skipped: even a %d-token row needs about %.1f GB, this machine has %.1f GB "
@@ -211,12 +222,13 @@ def activation_bytes(f: dict, seq: int, micro: int, checkpointing: bool, attenti
 
 
 def head_gradient_bytes(seq: int, vocab: int, mask_rate: float, sparse: bool, bf16: bool) -> float:
-    """What one row adds, beyond its saved tensors, when backward starts at the loss: the fp32 gradient of the
-    predicted tokens' logits, its 16-bit copy, and for the dense head two full-size gradients of all the row's logits
-    (the one the selection of masked tokens scatters into, and the output projection's working copy; measured with
-    torch's MemTracker on CPU)."""
-    predicted = seq * mask_rate * vocab
-    return predicted * (4 + (2 if bf16 else 0)) + (0 if sparse else 2 * seq * vocab * (2 if bf16 else 4))
+    """What one row adds, beyond its saved tensors, when backward starts at the loss. Sparse head: the fp32 gradient
+    of the predicted tokens' logits and its 16-bit copy. Dense head: two full-size gradients of all the row's
+    logits (the one the selection of masked tokens scatters into, and the output projection's working copy), which
+    outlast the small one. Both measured with torch's MemTracker on CPU (bench/plan_vs_measured.py)."""
+    if not sparse:
+        return 2 * seq * vocab * (2 if bf16 else 4)
+    return seq * mask_rate * vocab * (4 + (2 if bf16 else 0))
 
 
 def estimate(f: dict, s: Setup, seq: int, gpus: int, bf16: bool, attention: str, mask_rate: float,
@@ -262,7 +274,8 @@ def run_plan(cfg: RunConfig) -> dict:
         else "sdpa"  # auto may find no flash-attn on the GPU: plan for SDPA, which can keep attention masks
     budget = GPU_MEMORY_GB[p.gpu] * p.headroom
     seq = cfg.data.max_seq_length
-    tokens = measure_length(facts, seq, cfg.masking.rate, cfg.train.sparse_prediction) if p.measure else None
+    tokens = measure_length(facts, seq, cfg.masking.rate, cfg.train.sparse_prediction, p.measure_tokens) \
+        if p.measure else None
     measured = None
     if tokens:
         measured = measured_activation_bytes(facts["config"], tokens, cfg.masking.rate, cfg.train.sparse_prediction,
