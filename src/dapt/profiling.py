@@ -179,7 +179,8 @@ def step_peak_memory(engine, accelerator: str, step) -> dict:
     """Peak memory of one more training step, run alone after the timed ones (optimizer states already exist). CUDA:
     the caching allocator's peak of allocated bytes. CPU has no such counter: torch's MemTracker follows every
     tensor alive during the step (parameters, gradients, optimizer states, activations, temporaries), for a figure
-    comparable with the GPU's and with launch/plan.py's estimate."""
+    comparable with the GPU's and with launch/plan.py's estimate. It does not see tensors made before the step and
+    held outside the module and a torch optimizer: ZeRO 1-3's flat partitions, so on CPU the figure is ZeRO 0's."""
     if accelerator == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
