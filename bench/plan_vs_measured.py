@@ -94,7 +94,8 @@ def one_case(work: Path, model: dict, seq: int, micro: int, sparse: bool, checkp
             "planned_gb": row["total_gb"], "planned_parts_gb": {k: row[k] for k in ("model_states_gb",
                                                                                     "activations_gb", "buffers_gb")},
             "plan_activations": plan["activations"], "measured_gb": round(peak, 4),
-            "measured_parts_gb": measured["peak_memory"].get("parts_gb"), "measured_how": measured["peak_memory"]["how"],
+            "measured_parts_gb": measured["peak_memory"].get("parts_gb"),
+            "measured_how": measured["peak_memory"]["how"],
             "planned_over_measured": round(row["total_gb"] / peak, 3)}
 
 

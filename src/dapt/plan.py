@@ -295,7 +295,8 @@ def run_plan(cfg: RunConfig) -> dict:
     choice = good[0] if good else None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"model": {k: v for k, v in facts.items() if k != "config"}, "gpu": p.gpu, "gpu_memory_gb": GPU_MEMORY_GB[p.gpu], "gpus": p.gpus,
+    result = {"model": {k: v for k, v in facts.items() if k != "config"}, "gpu": p.gpu,
+              "gpu_memory_gb": GPU_MEMORY_GB[p.gpu], "gpus": p.gpus,
               "headroom": p.headroom, "seq": cfg.data.max_seq_length, "precision": "bf16" if bf16 else "fp32",
               "attention": attention, "sparse_prediction": cfg.train.sparse_prediction,
               "activations": _activation_source(measured, seq, attention),
@@ -321,7 +322,8 @@ def _activation_source(m: RowMeasure | None, seq: int, attention: str) -> dict:
     if m is None:
         return {"source": "analytic (Korthikanti et al.)"}
     return {"source": "measured: saved tensors of one real row on this CPU, scaled by the micro batch",
-            "measured_tokens": m.tokens, "measured_attention": m.implementation, "linear_mb_fp32": round(m.linear / 2**20, 2),
+            "measured_tokens": m.tokens, "measured_attention": m.implementation,
+            "linear_mb_fp32": round(m.linear / 2**20, 2),
             "square_attention_mb_fp32": round(m.attention / 2**20, 2),
             "row_mb_fp32": round(m.at(seq, attention == "flash_attention_2") / 2**20, 2),
             "scaling": "not scaled" if m.tokens == seq else f"scaled: linear part x {seq / m.tokens:g}, square part x "
