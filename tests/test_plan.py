@@ -169,6 +169,9 @@ def test_the_mlm_head_and_embeddings_are_measured_apart_from_the_layers():
     assert dense.head - sparse.head == pytest.approx(dense.linear - sparse.linear, rel=1e-6)
     assert dense.embed == sparse.embed > 0 and sparse.head > 0
     assert sparse.embed + sparse.head < sparse.linear / 2  # most of it is in the 3 layers
+    rows = sparse.loss / (1000 * 4)  # the loss keeps its fp32 log-softmax: one row of the vocabulary per masked token
+    assert rows == pytest.approx(round(rows), abs=0.1) and 0.05 * 128 < rows < 0.3 * 128  # and the targets
+    assert sparse.loss < sparse.head
 
 
 @pytest.mark.parametrize("sparse", [True, False])

@@ -77,7 +77,8 @@ class RowMeasure:
     `linear` (hidden states, projections, the head's rows) and `attention`: square (tokens x tokens) tensors such as
     SDPA's materialized attention masks (ModernBERT's sliding window) or eager attention's probabilities, which grow
     with its square and which flash attention never keeps. `embed` and `head` are the parts of `linear` saved before
-    the first encoder layer and after the last (MLM head and loss): gradient checkpointing recomputes neither."""
+    the first encoder layer and after the last (MLM head and loss): gradient checkpointing recomputes neither.
+    `loss` stays fp32 in bf16 training; the rest halves."""
 
     tokens: int
     implementation: str  # the attention implementation measured: sdpa, or eager where the model has no SDPA
@@ -85,6 +86,7 @@ class RowMeasure:
     attention: float
     embed: float = 0.0
     head: float = 0.0
+    loss: float = 0.0  # the part of `head` the loss saves in fp32 whatever the training precision (its log-softmax)
 
     def at(self, seq: int, flash: bool = False) -> float:
         r = seq / self.tokens
@@ -140,12 +142,13 @@ def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool, at
     labels = torch.where(torch.rand(ids.shape, generator=g) < mask_rate, ids, torch.full_like(ids, -100))
     where = labels != -100
     saved: dict[int, tuple[int, bool, str]] = {}
-    where_now = {"depth": 0, "layers_done": 0}  # in the layers gradient checkpointing recomputes, and how many ran
+    where_now = {"depth": 0, "layers_done": 0, "loss": False}  # in a layer checkpointing recomputes; layers run
 
     def keep(t):
         if isinstance(t, torch.Tensor):
             square = t.dim() == 4 and t.shape[-1] == t.shape[-2] > 1  # (rows, heads or 1, tokens, tokens)
-            part = "layer" if where_now["depth"] else "head" if where_now["layers_done"] else "embed"
+            part = "layer" if where_now["depth"] else "loss" if where_now["loss"] else \
+                "head" if where_now["layers_done"] else "embed"
             saved.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), square, part))
         return t
 
@@ -164,6 +167,7 @@ def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool, at
                 logits = model(input_ids=ids).logits[0]
         else:
             logits = model(input_ids=ids).logits[where]
+        where_now["loss"] = True
         F.cross_entropy(logits.float(), labels[where], reduction="sum")
     for h in hooks:
         h.remove()
@@ -172,7 +176,8 @@ def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool, at
     return RowMeasure(seq, impl, linear=float(sum(n for n, sq, _ in kept if not sq)),
                       attention=float(sum(n for n, sq, _ in kept if sq)),
                       embed=float(sum(n for n, sq, part in kept if not sq and part == "embed")),
-                      head=float(sum(n for n, sq, part in kept if not sq and part == "head")))
+                      head=float(sum(n for n, sq, part in kept if not sq and part in ("head", "loss"))),
+                      loss=float(sum(n for n, sq, part in kept if not sq and part == "loss")))
 
 
 def measure_length(f: dict, seq: int, mask_rate: float, sparse: bool, longest: int = 2048) -> int | None:
@@ -247,7 +252,7 @@ def estimate(f: dict, s: Setup, seq: int, gpus: int, bf16: bool, attention: str,
             row = measured.checkpointed(seq, flash, f["layers"], f["layers"] * hidden, head_gradient, hidden)
         else:
             row = measured.at(seq, flash) + head_gradient
-        acts = s.micro_batch * half * row
+        acts = s.micro_batch * (half * row + (1 - half) * measured.loss * seq / measured.tokens)  # the loss: fp32
     buffers = 4 * f["hidden"] ** 2 * (2 if s.stage else 0)  # reduce bucket ("auto": hidden^2 elements), x2 in flight
     return {"model_states_gb": states / GB, "activations_gb": acts / GB, "buffers_gb": buffers / GB,
             "total_gb": (states + acts + buffers) / GB}
