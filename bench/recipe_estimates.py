@@ -2,15 +2,19 @@
 
 For each recipe and set-up (1 x RTX 3090, 1 x A100 40 GB, 2 x g7e.48xlarge = 16 x RTX PRO 6000) this runs
 launch/plan.py's planner from dapt's architecture table (no hub access): the recommended ZeRO stage and micro batch,
-and the hours for the recipe's epochs from analytic FLOPs at an assumed MFU. These are estimates, not measurements;
-seed 001's own report (13.5 h for 500M tokens on an RTX 3090) is printed beside the estimate for the same work.
+and the hours for the recipe's epochs from analytic FLOPs at an assumed MFU. Activations are measured on one real row
+of at most 512 tokens on this CPU and scaled to the recipe's length (plan.measure_tokens=512). These are estimates,
+not measurements; seed 001's own report (13.5 h for 500M tokens on an RTX 3090, and the GPU memory it saw at micro
+batch 4) is printed beside the estimate for the same work.
 
     python bench/recipe_estimates.py          # writes bench/results/recipe_estimates.json and .md
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,15 +36,19 @@ SETUPS = {"1 x RTX 3090": ("RTX-3090", 1), "1 x A100 40GB": ("A100-40GB", 1), "2
 
 
 def plan(recipe: str, start: str | None, gpu: str, gpus: int, extra: list[str] = ()) -> dict:
-    from dapt.load import load_config
-    from dapt.plan import run_plan
-
+    """launch/plan.py in its own process, as a user runs it: each measurement starts with this machine's memory free
+    (in one long process, freed memory is not always returned, and a later plan would fall back to the formula)."""
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--recipe", f"recipes/{recipe}.yaml", f"--output_dir={tmp}", f"--plan.gpu={gpu}",
-                f"--plan.gpus={gpus}", "--plan.measure=false", "--data.streams=16", *extra]
+                f"--plan.gpus={gpus}", "--plan.measure_tokens=512", "--data.streams=16", *extra]
         if start:
             argv.append(f"--model.name_or_path={start}")
-        return run_plan(load_config(argv, world_size=gpus, accelerator="cpu"))
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WORLD_SIZE": str(gpus)}
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), *argv], capture_output=True,
+                              text=True, env=env, cwd=ROOT)
+        if proc.returncode:
+            raise SystemExit(f"plan for {recipe} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads((Path(tmp) / "plan.json").read_text())
 
 
 def _duration(hours: float) -> str:
@@ -64,9 +72,18 @@ def main() -> None:
                 "setup": c and f"ZeRO {c['stage']}, offload {c['offload']}, micro {c['micro_batch']}"
                                f"{', ckpt' if c['checkpointing'] else ''} ({c['total_gb']:.1f} GB)"}
     seed001 = plan("modernbert_dapt", None, "RTX-3090", 1, ["--plan.tokens=500000000"])["time"]["hours"]
+    # seed 001's own set-up: HF Trainer's dense MLM head, micro batch 4, gradient checkpointing
+    dense = plan("modernbert_dapt", None, "RTX-3090", 1, ["--plan.tokens=1", "--train.sparse_prediction=false",
+                                                          "--plan.micro_batches=[4]"])
+    seed001_gb = next(e["total_gb"] for e in dense["estimates"]
+                      if (e["stage"], e["offload"], e["checkpointing"]) == (0, "none", True))
     result = {"machine": machine(), "mfu_assumed": 0.35, "estimates": rows,
               "check_against_seed_001": {"work": "ModernBERT-large DAPT, 500M tokens at 8192, 1 x RTX 3090",
-                                         "seed_reported_hours": 13.5, "estimated_hours": round(seed001, 2)}}
+                                         "seed_reported_hours": 13.5, "estimated_hours": round(seed001, 2),
+                                         "seed_reported_gb_micro_4": 18.5, "estimated_gb_micro_4_dense_head":
+                                         round(seed001_gb, 2), "memory_note": "seed 001 ran HF Trainer (AMP, "
+                                         "torch.compile, flash attention) and reports GPU memory in use; the plan "
+                                         "is DeepSpeed ZeRO 0 bf16, SDPA, allocated bytes"}}
     lines = ["Estimated training time (analytic FLOPs at an assumed 35% MFU; 2 x g7e assumes perfect scaling over 16 "
              "GPUs; classifier seeds counted, early stopping not) and the planner's set-up (memory per GPU).", "",
              "| recipe | " + " | ".join(SETUPS) + " |", "|---|" + "---|" * len(SETUPS)]
@@ -74,7 +91,9 @@ def main() -> None:
         cells = [f"{_duration(v['hours'])}: {v['setup']}" if v["fits"] else "does not fit" for v in by_setup.values()]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     lines += ["", f"Seed 001's report for ModernBERT-large DAPT on 500M tokens on one RTX 3090: 13.5 h; this "
-              f"estimate for the same work: {seed001:.1f} h (assumed MFU 35%)."]
+              f"estimate for the same work: {seed001:.1f} h (assumed MFU 35%). Its GPU memory at micro batch 4 with "
+              f"gradient checkpointing and the dense head: about 18.5 GB reported (HF Trainer, torch.compile, flash "
+              f"attention); the plan for that set-up under DeepSpeed ZeRO 0 in bf16: {seed001_gb:.1f} GB."]
     (ROOT / "bench" / "results" / "recipe_estimates.md").write_text("\n".join(lines) + "\n")
     write_result("recipe_estimates", result)
 
