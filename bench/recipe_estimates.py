@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import machine, write_result  # noqa: E402
+from common import child_env, machine, write_result  # noqa: E402
+
+from dapt.plan import estimate_for  # noqa: E402
 
 RECIPES = {  # recipe: (the hub model it starts from when the recipe starts from an earlier stage, runs: seeds)
     "secbert_http_mlm": (None, 1), "modernbert_dapt": (None, 1),
@@ -43,9 +45,8 @@ def plan(recipe: str, start: str | None, gpu: str, gpus: int, extra: list[str] =
                 f"--plan.gpus={gpus}", "--plan.measure_tokens=512", "--data.streams=16", *extra]
         if start:
             argv.append(f"--model.name_or_path={start}")
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WORLD_SIZE": str(gpus)}
         proc = subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), *argv], capture_output=True,
-                              text=True, env=env, cwd=ROOT)
+                              text=True, env=child_env(WORLD_SIZE=str(gpus)), cwd=ROOT)
         if proc.returncode:
             raise SystemExit(f"plan for {recipe} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return json.loads((Path(tmp) / "plan.json").read_text())
@@ -75,8 +76,7 @@ def main() -> None:
     # seed 001's own set-up: HF Trainer's dense MLM head, micro batch 4, gradient checkpointing
     dense = plan("modernbert_dapt", None, "RTX-3090", 1, ["--plan.tokens=1", "--train.sparse_prediction=false",
                                                           "--plan.micro_batches=[4]"])
-    seed001_gb = next(e["total_gb"] for e in dense["estimates"]
-                      if (e["stage"], e["offload"], e["checkpointing"]) == (0, "none", True))
+    seed001_gb = estimate_for(dense, checkpointing=True)["total_gb"]
     result = {"machine": machine(), "mfu_assumed": 0.35, "estimates": rows,
               "check_against_seed_001": {"work": "ModernBERT-large DAPT, 500M tokens at 8192, 1 x RTX 3090",
                                          "seed_reported_hours": 13.5, "estimated_hours": round(seed001, 2),

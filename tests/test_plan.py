@@ -11,7 +11,15 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 
 from dapt.config import CHOICES
 from dapt.load import load_config
-from dapt.plan import GPU_MEMORY_GB, Setup, activation_bytes, estimate, model_state_bytes, run_plan
+from dapt.plan import (
+    GPU_MEMORY_GB,
+    Setup,
+    activation_bytes,
+    estimate,
+    estimate_for,
+    model_state_bytes,
+    run_plan,
+)
 
 BERT_BASE = ("{model_type: bert, hidden_size: 768, num_hidden_layers: 12, num_attention_heads: 12, "
              "intermediate_size: 3072, max_position_embeddings: 512}")
@@ -194,8 +202,7 @@ def test_plan_is_within_15_percent_of_the_peak_measured_in_a_real_step_on_cpu(re
                                        accelerator="cpu"))
     plan = run_plan(load_config(argv + ["--output_dir", str(tmp_path / "plan"), "--plan.micro_batches=[8]"],
                                 world_size=1, accelerator="cpu"))
-    row = next(r for r in plan["estimates"] if (r["stage"], r["offload"], r["checkpointing"]) == (0, "none",
-                                                                                                 checkpointing))
+    row = estimate_for(plan, checkpointing)
     assert plan["activations"]["measured_tokens"] == 128 and plan["precision"] == "fp32"
     assert "MemTracker" in measured["peak_memory"]["how"]
     assert row["total_gb"] == pytest.approx(measured["peak_memory_gb"], rel=0.15), (row, measured["peak_memory"])

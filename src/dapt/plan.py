@@ -58,7 +58,7 @@ def model_facts(cfg: RunConfig) -> dict:
         if conf.model_type == "canine":
             conf.char_vocab = m.char_vocab
         else:
-            conf.vocab_size = _tokenizer_size(m)
+            conf.vocab_size = _tokenizer_size(cfg)
     with torch.device("meta"):
         model = AutoModelForMaskedLM.from_config(conf)
     params = sum({id(p): p.numel() for p in model.parameters()}.values())  # tied weights once
@@ -103,14 +103,14 @@ class RowMeasure:
         return embed + layer_inputs + max(head + head_gradient, layer + 2 * hidden_bytes)
 
 
-def _tokenizer_size(m) -> int:
+def _tokenizer_size(cfg: RunConfig) -> int:
     """The vocabulary a from-config model gets: the named tokenizer's, or the one dapt trains (at most
     model.tokenizer_vocab_size tokens; a small corpus may give fewer)."""
-    if not m.tokenizer:
-        return m.tokenizer_vocab_size
-    from transformers import AutoTokenizer
+    if not cfg.model.tokenizer:
+        return cfg.model.tokenizer_vocab_size
+    from dapt.model import load_tokenizer
 
-    return len(AutoTokenizer.from_pretrained(m.tokenizer))
+    return len(load_tokenizer(cfg, Path(cfg.output_dir)))
 
 
 def measured_activation_bytes(conf, seq: int, mask_rate: float, sparse: bool, attention: str = "sdpa") -> RowMeasure:
@@ -256,6 +256,12 @@ def estimate(f: dict, s: Setup, seq: int, gpus: int, bf16: bool, attention: str,
     buffers = 4 * f["hidden"] ** 2 * (2 if s.stage else 0)  # reduce bucket ("auto": hidden^2 elements), x2 in flight
     return {"model_states_gb": states / GB, "activations_gb": acts / GB, "buffers_gb": buffers / GB,
             "total_gb": (states + acts + buffers) / GB}
+
+
+def estimate_for(result: dict, checkpointing: bool, stage: int = 0, offload: str = "none") -> dict:
+    """The row of a plan's estimates for one set-up (at the first micro batch planned for it)."""
+    return next(r for r in result["estimates"]
+                if (r["stage"], r["offload"], r["checkpointing"]) == (stage, offload, checkpointing))
 
 
 def candidates(micro_batches: list[int]) -> list[Setup]:
