@@ -7,6 +7,7 @@ lets `data.on_error=skip` count them and go on in the same pass; the caller deci
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -295,6 +296,7 @@ def read_parquet(url: str, start: Position, opts: FormatOptions) -> Iterator[Ite
                     yield Document(value, f"{url}:{row}", None if label is None else str(label)), after
 
 
+@functools.cache
 def _read_errors() -> tuple[type[BaseException], ...]:
     """What a damaged file raises while it is read: I/O and decompression errors, and pyarrow's."""
     import lzma
@@ -313,12 +315,15 @@ def _guarded(reader):
     """A reader whose file turns out unreadable part-way (a truncated or fake .gz/.zst, a damaged parquet file)
     ends with one bad record naming the file and the line it reached, instead of an exception from deep inside."""
     def read(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+        # Looked up before the try, not in the except clause: that clause is also evaluated for the GeneratorExit
+        # of a reader closed at interpreter shutdown, when nothing can be imported any more.
+        errors = _read_errors()
         line = start.line
         try:
             for item, after in reader(url, start, opts):
                 line = after.line
                 yield item, after
-        except _read_errors() as e:
+        except errors as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             yield BadRecord(url, line or None, "unreadable file", f" ({type(e).__name__}: {detail})"), \
                 Position(-1, 0, 0)
