@@ -32,3 +32,72 @@ def test_a_crash_while_readers_are_open_prints_no_shutdown_tracebacks(tmp_path):
     assert proc.returncode == 1
     assert "RuntimeError: the real error" in proc.stderr
     assert "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the config a first command gives
+
+def test_epochs_on_the_command_line_beat_the_defaults_max_steps(recipe):
+    from dapt.load import load_config
+
+    default = load_config(["--train.epochs=1"], world_size=1, accelerator="cpu")
+    assert default.train.max_steps == 0 and default.train.epochs == 1
+    assert any("replaces the train.max_steps=300 of the embedded default" in n for n in default.notes)
+    assert load_config([], world_size=1, accelerator="cpu").train.max_steps == 300  # the default keeps its length
+    from_recipe = load_config(["--recipe", str(recipe), "--train.epochs=2"], world_size=1, accelerator="cpu")
+    assert from_recipe.train.max_steps == 0 and from_recipe.train.epochs == 2
+    both = load_config(["--recipe", str(recipe), "--train.epochs=2", "--train.max_steps=4"], world_size=1,
+                       accelerator="cpu")
+    assert both.train.max_steps == 4 and not both.notes  # both typed: max_steps decides, as documented
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line_before_any_rank_starts(tmp_path):
+    from conftest import launch
+
+    proc = launch(["--model.name_or_path=nobody-here/no-such-encoder", "--output_dir", tmp_path / "r"], check=False,
+                  timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    line = next(x for x in proc.stderr.splitlines() if "no-such-encoder" in x)
+    assert "model.name_or_path 'nobody-here/no-such-encoder' cannot be loaded" in line and "HF_HUB_OFFLINE" in line
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_rows_longer_than_a_pretrained_models_positions_are_a_config_error(tmp_path, corpus_file):
+    from conftest import TINY_MODEL
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from dapt.load import collect_config
+    from dapt.model import train_wordpiece
+
+    folder = tmp_path / "pretrained"
+    fields = dict(TINY_MODEL)
+    AutoModelForMaskedLM.from_config(AutoConfig.for_model(fields.pop("model_type"), vocab_size=300, **fields)
+                                     ).save_pretrained(folder)
+    train_wordpiece(["a small corpus"], 300, 64).save_pretrained(folder)
+    _, problems = collect_config(["--model.name_or_path", str(folder), "--data.train", str(corpus_file),
+                                  "--data.max_seq_length=128"], world_size=1, accelerator="cpu")
+    assert problems == [f"data.max_seq_length: 128 is longer than {folder} has position embeddings for (64 tokens); "
+                        "set --data.max_seq_length=64 or less"]
+    _, fits = collect_config(["--model.name_or_path", str(folder), "--data.train", str(corpus_file),
+                              "--data.max_seq_length=64"], world_size=1, accelerator="cpu")
+    assert fits == []
+
+
+def test_a_from_scratch_model_gets_positions_for_its_rows(tmp_path, recipe):
+    """The tiny recipe's model has 64 positions; rows of 96 tokens grow the table instead of crashing inside the
+    embeddings (RoBERTa counts from pad_token_id + 1, so it needs two more)."""
+    from conftest import run_inprocess
+
+    out = tmp_path / "r"
+    run_inprocess(["--recipe", recipe, "--output_dir", out, "--data.max_seq_length=96", "--train.max_steps=2"])
+    saved = __import__("json").loads((out / "final" / "config.json").read_text())
+    assert saved["max_position_embeddings"] == 96
+
+    from transformers import AutoConfig
+
+    from dapt.archs import position_limit
+    from dapt.model import grow_positions
+
+    roberta = AutoConfig.for_model("roberta", max_position_embeddings=64, pad_token_id=1)
+    grow_positions(roberta, 96)
+    assert roberta.max_position_embeddings == 98 and position_limit(roberta) == 96

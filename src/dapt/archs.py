@@ -53,6 +53,22 @@ def model_config(name: str, trust_remote_code: bool = False):
         raise FileNotFoundError(f"{name}: no such model folder (if an earlier stage writes it, run that stage "
                                 "first, or size this one from the hub model it starts from with --model.name_or_path)")
     if Path(name).is_dir() or name not in ARCHITECTURES:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        from dapt.hub import pretrained
+
+        return pretrained(AutoConfig.from_pretrained, name, trust_remote_code=trust_remote_code)
     fields = dict(ARCHITECTURES[name])
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+# RoBERTa-style embeddings count positions from pad_token_id + 1, so that many positions are never used for tokens.
+OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text"}
+
+
+def position_limit(conf) -> int | None:
+    """The longest row a model can embed (None: no table of positions to outgrow, e.g. rotary-only models)."""
+    n = getattr(conf, "max_position_embeddings", None)
+    if not n or conf.model_type == "modernbert":  # rotary: no table; max_position_embeddings is only advisory
+        return None
+    if conf.model_type in OFFSET_POSITION_MODELS:
+        return n - (getattr(conf, "pad_token_id", None) or 0) - 1
+    return n

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text"}
+from dapt.archs import OFFSET_POSITION_MODELS
 
 
 def segment_inputs(lengths: list[tuple[int, ...]], width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,9 +29,10 @@ from dapt.config import RunConfig
 from dapt.data import format_options, in_valid_split
 from dapt.dsconfig import finalize_ds_config
 from dapt.formats import READERS, BadRecord, Document
+from dapt.hub import HubError, pretrained
 from dapt.load import save_resolved
 from dapt.metrics import MetricsLogger
-from dapt.model import compiled, load_tokenizer
+from dapt.model import compiled, grow_positions, load_tokenizer
 from dapt.numerics import Diverged, StepGuard, engine_config
 from dapt.packing import pack
 from dapt.preempt import Preempted, PreemptionWatch
@@ -165,13 +166,16 @@ def build_classifier(cfg: RunConfig, tokenizer, labels: list[str]):
     if m.name_or_path:
         for impl in ("sdpa", "eager"):
             try:
-                return AutoModelForSequenceClassification.from_pretrained(
-                    m.name_or_path, attn_implementation=impl, trust_remote_code=m.trust_remote_code, **maps)
+                return pretrained(AutoModelForSequenceClassification.from_pretrained, m.name_or_path,
+                                  attn_implementation=impl, trust_remote_code=m.trust_remote_code, **maps)
+            except HubError:
+                raise
             except ValueError:
                 continue
     fields = dict(m.config) if isinstance(m.config, dict) else {}
     conf = AutoConfig.for_model(fields.pop("model_type"), **fields, **maps, vocab_size=len(tokenizer),
                                 pad_token_id=tokenizer.pad_token_id)
+    grow_positions(conf, cfg.data.max_seq_length)
     return AutoModelForSequenceClassification.from_config(conf)
 
 
@@ -361,6 +365,8 @@ def run_one(cfg: RunConfig) -> dict:
         (out / "label_mapping.json").write_text(json.dumps({"id2label": dict(enumerate(labels)),
                                                             "label2id": {v: i for i, v in enumerate(labels)}}))
     weights = class_weights(c.class_weights, train.y, len(labels))
+    for note in cfg.notes:
+        log.info("%s", note)
     log.info("classifier %s, %d labels, %d optimizer steps (%d per epoch); head lr x%g; class weights %s; "
              "label smoothing %g; global batch = %d x %d x %d", type(model).__name__, len(labels), steps,
              steps_per_epoch, c.head_lr_mult, None if weights is None else [round(float(w), 3) for w in weights],

@@ -425,6 +425,7 @@ class RunConfig:
     ds_config: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
     explicit: set = field(default_factory=set, repr=False, metadata={"internal": True})
     adopted: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
+    notes: list = field(default_factory=list, repr=False, metadata={"internal": True})  # choices made for the user
 
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)

@@ -64,13 +64,16 @@ def load_encoder(cfg: RunConfig, device):
     from transformers import AutoModel, AutoTokenizer
 
     import dapt.canine  # noqa: F401  (so a dapt CANINE folder loads)
+    from dapt.hub import pretrained
 
     source = cfg.model.name_or_path
     if not source:
         raise ValueError("model.name_or_path is required: the encoder to embed with (a hub id, a folder, or a dapt "
                          "run's final/)")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or source)
-    model = AutoModel.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code).to(device).eval()
+    tokenizer = pretrained(AutoTokenizer.from_pretrained, cfg.model.tokenizer or source,
+                           "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    model = pretrained(AutoModel.from_pretrained, source, trust_remote_code=cfg.model.trust_remote_code)
+    model = model.to(device).eval()
     return model, tokenizer
 
 

@@ -18,13 +18,17 @@ def load(cfg: RunConfig):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     import dapt.canine  # noqa: F401  (CANINE's masked-LM class)
+    from dapt.hub import pretrained
 
     m = cfg.model
     if not m.name_or_path:
         raise ValueError("launch/fill_mask.py needs --model.name_or_path (a trained model folder such as "
                          "runs/NAME/final, or a hub id)")
-    model = AutoModelForMaskedLM.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code).eval()
-    tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+    model = pretrained(AutoModelForMaskedLM.from_pretrained, m.name_or_path,
+                       trust_remote_code=m.trust_remote_code).eval()
+    tokenizer = pretrained(AutoTokenizer.from_pretrained, m.tokenizer or m.name_or_path,
+                           "model.tokenizer" if m.tokenizer else "model.name_or_path",
+                           trust_remote_code=m.trust_remote_code)
     return model, tokenizer
 
 

@@ -224,10 +224,11 @@ def collect_config(argv: list[str], world_size: int | None = None, accelerator: 
             values["model"] = {k: v for k, v in model.items() if k not in ("config", "tokenizer_vocab_size")}
     else:
         values = embedded_default(overrides)
+    notes = _epochs_over_steps(values, overrides, recipe)
     values = _merge(values, _nest(overrides))
     explicit: set[str] = set()
     cfg = _build(RunConfig, values, "", problems, explicit)
-    cfg.explicit = explicit
+    cfg.explicit, cfg.notes = explicit, notes
     from dapt.dsconfig import check_with_deepspeed, resolve_ds_config
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -243,6 +244,18 @@ def collect_config(argv: list[str], world_size: int | None = None, accelerator: 
         check_with_deepspeed(cfg.ds_config, problems)
     return cfg, list(dict.fromkeys(problems))
 
+
+
+def _epochs_over_steps(values: dict, overrides: dict[str, Any], recipe: str | None) -> list[str]:
+    """--train.epochs on the command line beats the recipe's (or the embedded default's) train.max_steps, which would
+    otherwise win silently (max_steps > 0 decides the length)."""
+    train = values.get("train")
+    if "train.epochs" not in overrides or "train.max_steps" in overrides or not isinstance(train, dict) \
+            or not train.get("max_steps"):
+        return []
+    values["train"] = {k: v for k, v in train.items() if k != "max_steps"}
+    return [f"--train.epochs={overrides['train.epochs']} replaces the train.max_steps={train['max_steps']} of "
+            f"{recipe or 'the embedded default'}: the run's length is counted in epochs"]
 
 
 def embedded_default(overrides: dict[str, Any]) -> dict:
@@ -328,6 +341,8 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
         p.append("model: give model.name_or_path (a hub id or folder) or model.config (to build one from scratch)")
     if isinstance(m.config, dict) and "model_type" not in m.config:
         p.append("model.config: a mapping needs model_type (bert, roberta, distilbert, modernbert, ...)")
+    if m.name_or_path and check_files:
+        p += _pretrained_problems(cfg)
     if m.tokenizer_vocab_size < 100:
         p.append(f"model.tokenizer_vocab_size: {m.tokenizer_vocab_size} is too small (at least 100)")
     from dapt.sources import local_exists
@@ -422,6 +437,27 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
 
     return p + cluster_problems(cfg)
 
+
+
+def _pretrained_problems(cfg: RunConfig) -> list[str]:
+    """A pretrained model that cannot be fetched, or rows longer than its position embeddings (a from-scratch model
+    is given enough positions instead). Its config comes from a folder, dapt's table of the seeds' models (no
+    network) or the hub; an earlier stage's output that does not exist yet is left for the run to name."""
+    from dapt.archs import model_config, position_limit
+    from dapt.hub import HubError
+
+    m, max_len = cfg.model, cfg.data.max_seq_length
+    try:
+        conf = model_config(m.name_or_path, m.trust_remote_code)
+    except HubError as e:
+        return [str(e)]
+    except (FileNotFoundError, ValueError):
+        return []  # not written yet, or not a config transformers knows: the run reports it with its context
+    limit = position_limit(conf)
+    if limit is not None and max_len > limit:
+        return [f"data.max_seq_length: {max_len} is longer than {m.name_or_path} has position embeddings for "
+                f"({limit} tokens); set --data.max_seq_length={limit} or less"]
+    return []
 
 
 def _positive(problems: list[str], key: str, value: int, minimum: int = 1) -> None:

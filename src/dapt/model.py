@@ -12,6 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import dapt.canine  # noqa: F401  (registers CANINE's masked-LM class with AutoModelForMaskedLM)
+from dapt.archs import position_limit
+from dapt.hub import HubError, pretrained
 
 log = logging.getLogger("dapt")
 
@@ -60,7 +62,8 @@ def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
     m = cfg.model
     source = m.tokenizer or m.name_or_path
     if source:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code)
+        return pretrained(AutoTokenizer.from_pretrained, source, "model.tokenizer" if m.tokenizer else
+                          "model.name_or_path", trust_remote_code=m.trust_remote_code)
     if isinstance(m.config, dict) and m.config.get("model_type") == "canine":
         from transformers import CanineTokenizer
 
@@ -82,21 +85,33 @@ def model_config(cfg, tokenizer):
         log.warning("model.trust_remote_code=true: Python code that comes with %s will run on this machine",
                     m.name_or_path or m.config)
     if m.name_or_path:
-        return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        return pretrained(AutoConfig.from_pretrained, m.name_or_path, trust_remote_code=m.trust_remote_code)
     if isinstance(m.config, str):
-        conf = AutoConfig.from_pretrained(m.config, trust_remote_code=m.trust_remote_code)
+        conf = pretrained(AutoConfig.from_pretrained, m.config, "model.config", trust_remote_code=m.trust_remote_code)
     else:
         fields = dict(m.config or {})
         conf = AutoConfig.for_model(fields.pop("model_type"), **fields)
     if conf.model_type == "canine":
         conf.char_vocab = m.char_vocab
+        grow_positions(conf, cfg.data.max_seq_length)
         return conf
     conf.vocab_size = len(tokenizer)
     for name in ("pad", "bos", "eos", "cls", "sep"):
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None and hasattr(conf, f"{name}_token_id"):
             setattr(conf, f"{name}_token_id", token_id)
+    grow_positions(conf, cfg.data.max_seq_length)
     return conf
+
+
+def grow_positions(conf, max_seq_length: int) -> None:
+    """A from-scratch model gets position embeddings for rows of data.max_seq_length (a pretrained one cannot: that is
+    a config error, found by dapt.load before any rank starts)."""
+    limit = position_limit(conf)
+    if limit is not None and limit < max_seq_length:
+        log.info("model.config: max_position_embeddings raised from %d to %d for rows of data.max_seq_length=%d",
+                 conf.max_position_embeddings, conf.max_position_embeddings + max_seq_length - limit, max_seq_length)
+        conf.max_position_embeddings += max_seq_length - limit
 
 
 def attention_candidates(requested: str, precision: str) -> list[str]:
@@ -130,6 +145,8 @@ def build_model(cfg, tokenizer, precision: str, ds_config: dict | None = None) -
         try:
             model = _instantiate(cfg, conf, impl, ds_config)
             break
+        except HubError:
+            raise
         except (ValueError, ImportError) as e:
             errors.append(f"{impl}: {str(e).splitlines()[0]}")
     else:
@@ -156,8 +173,8 @@ def _instantiate(cfg, conf, impl: str, ds_config: dict | None):
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # must live while from_pretrained runs, and not longer
     try:
-        return AutoModelForMaskedLM.from_pretrained(m.name_or_path, attn_implementation=impl,
-                                                    trust_remote_code=m.trust_remote_code)
+        return pretrained(AutoModelForMaskedLM.from_pretrained, m.name_or_path, attn_implementation=impl,
+                          trust_remote_code=m.trust_remote_code)
     finally:
         del keep_alive
 

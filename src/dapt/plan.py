@@ -45,12 +45,13 @@ def model_facts(cfg: RunConfig) -> dict:
 
     import dapt.canine  # noqa: F401  (CANINE's masked-LM class)
     from dapt.archs import model_config
+    from dapt.hub import pretrained
 
     m = cfg.model
     if m.name_or_path:
         conf = model_config(m.name_or_path, m.trust_remote_code)  # the seeds' models need no network
     elif isinstance(m.config, str):
-        conf = AutoConfig.from_pretrained(m.config)
+        conf = pretrained(AutoConfig.from_pretrained, m.config, "model.config")
     else:
         fields = dict(m.config or {})
         conf = AutoConfig.for_model(fields.pop("model_type"), **fields)

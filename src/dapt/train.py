@@ -94,6 +94,8 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int):
 
 def log_choices(cfg: RunConfig, accelerator: str, steps: int) -> None:
     t, ds = cfg.train, cfg.ds_config
+    for note in cfg.notes:
+        log.info("%s", note)
     log.info("global batch = micro x accumulation x world size = %d x %d x %d = %d rows of %d tokens",
              t.micro_batch_size, t.grad_accum, dist.world(), ds["train_batch_size"], cfg.data.max_seq_length)
     log.info("ZeRO stage %d, precision %s, optimizer %s, lr %g, schedule %s (warmup %d of %d optimizer steps)",
