@@ -237,32 +237,113 @@ def check_disk(root: Path, n_params: int, precision: str, keep: int, mode: str) 
     log.warning(message)
 
 
-def full_state_dict(engine, checkpoint: Path) -> dict[str, torch.Tensor] | None:
-    """fp32 weights on rank 0 (None elsewhere): from ZeRO partitions of `checkpoint` for stages 1-3, else the
-    module (its fp32 master copies under bf16)."""
+def masters(optimizer, module: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """The fp32 master copy of every trainable parameter of `module`, on the CPU, keyed by id(param), whatever wrapper
+    DeepSpeed put around the engine's `optimizer` (rank 0 gets them all; every rank must call, since partitions are
+    gathered):
+
+    - FP16_Optimizer (DeepSpeed's FusedAdam in bf16/fp16 at ZeRO 0): one flat fp32 buffer per group;
+    - FP16_UnfusedOptimizer (any other optimizer there, torch's AdamW included): one fp32 tensor per parameter;
+    - BF16_Optimizer and ZeRO 1/2: this rank's slice of a flat fp32 buffer per group (ZeRO 1/2 in its round-robin
+      order), gathered;
+    - ZeRO 3: DeepSpeed's safe_get_full_fp32_param, parameter by parameter;
+    - no wrapper (fp32 at ZeRO 0): the parameters are the masters.
+    """
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+    from torch._utils import _unflatten_dense_tensors
+
+    opt, out, device = optimizer, {}, next(module.parameters()).device
+    if isinstance(opt, FP16_Optimizer):
+        for low, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+            out |= {id(p): m for p, m in zip(low, _unflatten_dense_tensors(flat.detach(), low))}
+    elif isinstance(opt, FP16_UnfusedOptimizer):
+        for low, high in zip(opt.fp16_groups, opt.fp32_groups):
+            out |= {id(p): m.detach() for p, m in zip(low, high)}
+    elif isinstance(opt, BF16_Optimizer):
+        for i, low in enumerate(opt.bf16_groups):
+            flat = _gathered(opt.fp32_groups_flat_partition[i].to(device), opt.real_dp_process_group[i])
+            offsets = np.cumsum([0] + [p.numel() for p in low])
+            out |= {id(p): flat[a:a + p.numel()].view(p.shape) for p, a in zip(low, offsets)}
+    elif isinstance(opt, DeepSpeedZeroOptimizer):
+        for i in range(len(opt.bit16_groups)):
+            flat = _gathered(opt.single_partition_of_fp32_groups[i].to(device),  # offloaded: on the CPU
+                              opt.real_dp_process_group[i])
+            for p, meta, at in zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_meta[i],
+                                   opt.round_robin_bit16_offsets[i]):
+                out[id(p)] = flat[at:at + meta.numel()].view(meta.shape)
+    elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        out = {id(p): safe_get_full_fp32_param(p).detach() for p in module.parameters() if p.requires_grad}
+    elif isinstance(opt, torch.optim.Optimizer):  # ZeRO always wraps: a bare torch optimizer is fp32 at ZeRO 0
+        out = {id(p): p.detach() for group in opt.param_groups for p in group["params"]}
+    else:
+        raise TypeError(f"export: dapt does not know where {type(opt).__name__} keeps the fp32 master weights")
+    return {k: v.to("cpu", torch.float32) for k, v in out.items()} if dist.rank() == 0 else {}
+
+
+def _gathered(part: torch.Tensor, group) -> torch.Tensor:
+    """Equal-sized flat partitions of all ranks of `group`, concatenated in rank order."""
+    n = torch.distributed.get_world_size(group=group) if torch.distributed.is_initialized() else 1
+    if n == 1:
+        return part.detach()
+    parts = [torch.empty_like(part) for _ in range(n)]
+    torch.distributed.all_gather(parts, part.detach().contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def named(engine, by_id: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module's state dict with each parameter replaced by its tensor in `by_id` (tied names share one); buffers
+    as they are. All on the CPU in fp32."""
+    # keep_vars keeps Parameter objects, so tied names (embeddings and decoder) both find their master.
+    return {name: by_id.get(id(t), t).detach().to("cpu", torch.float32).clone()
+            for name, t in engine.module.state_dict(keep_vars=True).items()}
+
+
+def saved_masters(engine, checkpoint: Path) -> dict[int, torch.Tensor]:
+    """ZeRO 0: the fp32 masters as DeepSpeed wrote them into `checkpoint` (its optimizer's fp32 groups, flat or
+    per parameter; without a wrapper the saved module weights are the fp32 masters), keyed like masters()."""
+    from torch._utils import _unflatten_dense_tensors
+
+    saved = safe_load(checkpoint / "mp_rank_00_model_states.pt")
+    state = saved.get("optimizer") or {}
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    if "fp32_groups_flat" in state:
+        return {id(p): m for low, flat in zip(groups, state["fp32_groups_flat"])
+                for p, m in zip(low, _unflatten_dense_tensors(flat.float(), low))}
+    if "fp32_groups" in state:
+        return {id(p): m.float() for low, high in zip(groups, state["fp32_groups"]) for p, m in zip(low, high)}
+    params = dict(engine.module.named_parameters())
+    return {id(params[name]): t.float() for name, t in saved["module"].items() if name in params}
+
+
+def export_state(engine, checkpoint: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """(what final/ holds, an independent reference to check it against), fp32 on the CPU on rank 0 (None elsewhere);
+    every rank must call. ZeRO 1-3: DeepSpeed's zero_to_fp32 over the checkpoint's partitions, checked against the
+    live optimizer's masters. ZeRO 0: the live optimizer's masters, checked against those the checkpoint holds. So a
+    wrong reading of either (bf16 weights for fp32 masters, a missed optimizer layout) fails the check."""
+    live = masters(engine.optimizer, engine.module)
     if dist.rank() != 0:
-        return None
+        return None, None
     if engine.zero_optimization_stage() > 0:
         # no check_unpickling here: the checkpoint is one this run wrote, or the one it resumed from (checked then)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    masters = {}
-    opt = engine.optimizer
-    for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
-        masters |= {id(p): m for p, m in zip(low, high)}
-    # keep_vars keeps Parameter objects, so tied names (embeddings and decoder) both find the fp32 master.
-    return {name: masters.get(id(t), t).detach().float().clone()
-            for name, t in engine.module.state_dict(keep_vars=True).items()}
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        return {k: v.to("cpu", torch.float32) for k, v in state.items()}, named(engine, live)
+    return named(engine, live), named(engine, saved_masters(engine, checkpoint))
 
 
 def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path, auto_class: str = "AutoModelForMaskedLM") -> Path | None:
-    """Write final weights as a Hugging Face folder (safetensors, config, tokenizer), verify it reloads, and only then
-    give it its name."""
+    """Write final weights as a Hugging Face folder (safetensors, config, tokenizer), verify that it reloads with the
+    fp32 masters, and only then give it its name."""
     import transformers
 
     auto = getattr(transformers, auto_class)
-    state = full_state_dict(engine, checkpoint)
+    state, reference = export_state(engine, checkpoint)
     if dist.rank() == 0:
         model = auto.from_config(engine.module.config)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -275,7 +356,8 @@ def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path, auto_class: st
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        verify_export(tmp, state, auto)
+        params = {name for name, _ in engine.module.named_parameters(remove_duplicate=False)}
+        verify_export(tmp, {k: v for k, v in reference.items() if k in params}, auto)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     dist.barrier()
@@ -288,15 +370,21 @@ def _tied_keys(model) -> set[str]:
 
 
 def verify_export(out_dir: Path, expected: dict[str, torch.Tensor], auto=None) -> None:
-    """Reload the folder with Auto classes; fail on empty tensors or weights that differ from `expected`."""
+    """Reload the folder with Auto classes; fail on empty tensors, or on weights that are missing or not exactly
+    `expected` (fp32 masters). The comparison is on the CPU, whatever device trained them."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     AutoTokenizer.from_pretrained(out_dir)
-    reloaded = (auto or AutoModelForMaskedLM).from_pretrained(out_dir).state_dict()
+    model = (auto or AutoModelForMaskedLM).from_pretrained(out_dir, dtype=torch.float32)
+    reloaded = model.state_dict()
     empty = [k for k, v in reloaded.items() if v.numel() == 0]
     if empty:
         raise RuntimeError(f"export {out_dir}: empty tensors {empty[:5]} (ZeRO-3 weights not gathered?)")
+    missing = [k for k in expected if k not in reloaded and k not in _tied_keys(model)]
+    if missing:
+        raise RuntimeError(f"export {out_dir}: {missing[:5]} missing after reload")
     for key, value in expected.items():
-        if key in reloaded and not torch.allclose(reloaded[key].float(), value.float(), atol=1e-6):
-            raise RuntimeError(f"export {out_dir}: {key} differs from the trained weights after reload")
-    log.info("exported %s (%d tensors, reload verified)", out_dir, len(reloaded))
+        if key in reloaded and not torch.equal(reloaded[key].to("cpu", torch.float32), value.to("cpu", torch.float32)):
+            raise RuntimeError(f"export {out_dir}: {key} is not the trained fp32 master weights after reload (largest "
+                               f"difference {float((reloaded[key].float().cpu() - value.float().cpu()).abs().max()):.3g})")
+    log.info("exported %s (%d tensors; reloaded, equal to the fp32 masters)", out_dir, len(reloaded))
