@@ -107,3 +107,34 @@ def shared_slice(src: Path, dst: Path, lines: int) -> Path:
                 break
             g.write(line)
     return dst
+
+
+FLASH_STUB = Path(__file__).resolve().parent / "flash_stub"
+
+
+@pytest.fixture
+def flash_stub(monkeypatch):
+    """transformers' real flash_attention_2 integration on this CPU, over tests/flash_stub's pure-PyTorch kernels.
+    transformers refuses flash attention without CUDA: only the CUDA check it makes for flash-attn is answered yes
+    (torch.cuda itself is untouched), and dapt's own gate (a GPU of compute capability 8.0+, bf16/fp16) is opened."""
+    import importlib
+
+    from transformers.utils import import_utils
+
+    import dapt.model
+
+    monkeypatch.syspath_prepend(str(FLASH_STUB))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(import_utils, "is_torch_cuda_available", lambda: True)
+    monkeypatch.setattr(dapt.model, "flash_attention_problem", lambda precision: None)
+    for cached in (import_utils._package_distribution_mapping, import_utils.is_flash_attn_2_available):
+        cached.cache_clear()
+    import flash_attn
+
+    flash_attn.CALLS.clear()
+    monkeypatch.setattr(flash_attn, "FAIL", None)
+    assert import_utils.is_flash_attn_2_available()
+    yield flash_attn
+    monkeypatch.undo()
+    for cached in (import_utils._package_distribution_mapping, import_utils.is_flash_attn_2_available):
+        cached.cache_clear()

@@ -48,21 +48,31 @@ def _docs() -> list[torch.Tensor]:
             for n in (21, 9, 30, 5)]
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flash_attention_2"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_packed_row_equals_each_document_alone(name, impl):
+def test_packed_row_equals_each_document_alone(name, impl, request):
+    """flash_attention_2 runs transformers' real integration over pure-PyTorch kernels (tests/flash_stub): the packed
+    rows reach flash-attn's varlen kernel as one row of real tokens with each document's boundaries."""
+    stub = request.getfixturevalue("flash_stub") if impl == "flash_attention_2" else None
     torch.manual_seed(0)
     model = MODELS[name](impl).eval()
+    torch.manual_seed(0)
+    reference = MODELS[name]("sdpa").eval()  # the same weights (same seed), each document alone
     docs = _docs()
     rows = [torch.cat(docs[:3]), docs[3]]  # row 0 packs three documents, row 1 holds one and is padded
     items = [{"input_ids": r.numpy(), "key": i, "index": i, "lengths": tuple(len(d) for d in part)}
              for i, (r, part) in enumerate(zip(rows, [docs[:3], docs[3:]]))]
     batch = MLMCollator(_Tok(), rate=1e-9, seed=0)(items)  # (no masking: compare the raw outputs)
     assert "segment_ids" in batch
+    inputs, keep = model_inputs(batch, model, torch.device("cpu"))
     with torch.no_grad():
-        packed = model(**model_inputs(batch, model, torch.device("cpu"))).logits
-        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        alone = [model(input_ids=d[None]).logits[0] for d in docs]
+        packed = model(**inputs).logits
+        if keep is not None:  # flattened real tokens: back to (rows, width)
+            full = torch.zeros(*keep.shape, packed.shape[-1])
+            full[keep] = packed[0]
+            packed = full
+        plain = model(input_ids=batch["input_ids"]).logits  # no mask, no positions: documents see each other
+        alone = [reference(input_ids=d[None]).logits[0] for d in docs]
     assert torch.isfinite(packed).all()
     at, worst, leaked = 0, 0.0, 0.0
     for d, ref in zip(docs[:3], alone[:3]):
@@ -72,10 +82,14 @@ def test_packed_row_equals_each_document_alone(name, impl):
     worst = max(worst, (packed[1, :len(docs[3])] - alone[3]).abs().max().item())
     assert worst < 1e-5, worst
     assert leaked > 1e-4  # guard: without the block mask and positions the documents do see each other
+    if stub is not None:
+        varlen = [info for kernel, info in stub.CALLS if kernel == "flash_attn_varlen_func"]
+        assert varlen and all(info["cu_seqlens"] == [0, 23, 34, 66, 73] for info in varlen), stub.CALLS[:3]
 
 
 def test_unpacked_batches_keep_the_plain_inputs():
     batch = MLMCollator(_Tok(), rate=0.15, seed=0)([{"input_ids": d.numpy(), "key": 0, "index": 0} for d in _docs()])
     assert "segment_ids" not in batch
     model = MODELS["bert"]("sdpa")
-    assert set(model_inputs(batch, model, torch.device("cpu"))) == {"input_ids", "attention_mask"}
+    inputs, keep = model_inputs(batch, model, torch.device("cpu"))
+    assert set(inputs) == {"input_ids", "attention_mask"} and keep is None

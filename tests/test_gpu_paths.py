@@ -71,3 +71,86 @@ def test_bf16_training_exports_the_fp32_masters_and_the_check_refuses_the_bf16_w
     with pytest.raises(RuntimeError, match="is not the trained fp32 master weights"):
         verify_export(bad, final)
     verify_export(out / "final", final)
+
+
+def test_parameters_are_counted_under_zero3_partitioning(tmp_path, corpus_file, recipe):
+    """zero.Init leaves p.numel() == 0: the count (disk check, logs, profiles) comes from ds_numel."""
+    from conftest import TINY_MODEL
+
+    from dapt.load import load_config
+    from dapt.model import build_model, parameter_count, train_wordpiece
+    from dapt.profiling import run_profile
+
+    init()
+    tok = train_wordpiece(corpus_file.read_text().splitlines(), 300, 32)
+    src = tmp_path / "pretrained"
+    fields = {k: v for k, v in TINY_MODEL.items() if k != "model_type"}
+    reference = BertForMaskedLM(BertConfig(**fields, vocab_size=len(tok)))
+    reference.save_pretrained(src)
+    tok.save_pretrained(src)
+    expected = sum(p.numel() for p in reference.parameters())
+    cfg = load_config(["--model.name_or_path", str(src), "--data.train", str(corpus_file), "--ds",
+                       str(DS / "zero3_bf16.json"), "--data.max_seq_length=32"], world_size=1, accelerator="cpu")
+    model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
+    assert all(p.numel() == 0 for p in model.parameters())  # really partitioned
+    assert parameter_count(model) == expected
+
+    cfg = load_config([str(a) for a in ["--recipe", recipe, "--ds", DS / "zero3_bf16.json", "--output_dir",
+                                        tmp_path / "prof", "--profile.warmup=0", "--profile.steps=1"]],
+                      world_size=1, accelerator="cpu")
+    report = run_profile(cfg)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tmp_path / "prof" / "tokenizer"))
+    same = BertForMaskedLM(BertConfig(**fields, vocab_size=vocab))
+    assert report["model"]["parameters"] == sum(p.numel() for p in same.parameters())
+
+
+def _losses(out):
+    from conftest import series
+
+    return [v for _, v in series(out, "train/loss")]
+
+
+def test_flash_attention_trains_packed_rows_like_sdpa_and_falls_back_when_its_kernels_fail(recipe, tmp_path,
+                                                                                          flash_stub, capsys):
+    """Through the real engine and loop: packed rows under flash_attention_2 (transformers' integration over the
+    pure-PyTorch kernels) give sdpa's losses; a flash-attn build whose kernels fail at run time (no kernel image
+    for this GPU) is caught at the first forward and replaced by sdpa, with the same losses."""
+    import random
+
+    rng = random.Random(0)  # short documents (3-20 words): several per packed row
+    words = recipe.parent.joinpath("recipe.yaml").read_text().split() * 20
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(" ".join(rng.sample(words, rng.randint(3, 20))) for _ in range(600)) + "\n")
+    argv = ["--recipe", recipe, "--data.train", short, "--data.packing=packed", "--train.max_steps=3",
+            "--train.eval_every=0", "--checkpoint.every=0"]
+    run_inprocess(argv + ["--output_dir", tmp_path / "sdpa", "--model.attn_implementation=sdpa"])
+    run_inprocess(argv + ["--output_dir", tmp_path / "flash", "--model.attn_implementation=flash_attention_2"])
+    assert any(kernel == "flash_attn_varlen_func" for kernel, _ in flash_stub.CALLS), [k for k, _ in flash_stub.CALLS][:5]
+    assert _losses(tmp_path / "flash") == pytest.approx(_losses(tmp_path / "sdpa"), rel=1e-4)
+
+    flash_stub.FAIL = "CUDA error: no kernel image is available for execution on the device"
+    flash_stub.CALLS.clear()
+    capsys.readouterr()
+    run_inprocess(argv + ["--output_dir", tmp_path / "broken", "--model.attn_implementation=flash_attention_2"])
+    logged = capsys.readouterr().out
+    assert "flash_attention_2 failed at its first forward" in logged and "no kernel image" in logged
+    assert len(flash_stub.CALLS) == 1  # the failed first call; every later forward ran sdpa
+    assert _losses(tmp_path / "broken") == pytest.approx(_losses(tmp_path / "sdpa"), rel=1e-6)
+
+
+@pytest.mark.parametrize("gpu, capability, precision, flash", [
+    ("V100", (7, 0), "fp16", False), ("T4", (7, 5), "fp16", False), ("RTX 3090", (8, 6), "bf16", True),
+    ("A100", (8, 0), "bf16", True), ("H100/H200", (9, 0), "bf16", True), ("RTX PRO 6000", (12, 0), "bf16", True),
+    ("P100", (6, 0), "fp32", False)])
+def test_precision_auto_and_flash_attention_follow_the_compute_capability(gpu, capability, precision, flash):
+    """torch.cuda.is_bf16_supported() says yes on V100/T4 (emulated bf16): the rule reads the capability instead."""
+    from dapt.dsconfig import auto_precision, bf16_native, flash_attention_capable
+
+    chosen, why = auto_precision("cuda", capability)
+    assert chosen == precision and f"{capability[0]}.{capability[1]}" in why
+    assert bf16_native(capability) == (precision == "bf16")
+    assert flash_attention_capable(capability) == flash
+    assert auto_precision("cpu", None)[0] == "fp32"
+    assert auto_precision("cuda", None)[0] == "bf16"  # sized from a machine without the GPU: the tables' GPUs

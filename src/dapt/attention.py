@@ -1,6 +1,10 @@
 """Model inputs for packed rows: attention never crosses a document, and positions restart at every document.
 
-- flash_attention_2: no mask, position_ids only; transformers' varlen path finds document starts from them.
+- flash_attention_2: the batch's real tokens as one flattened row, with position_ids and the document boundaries
+  (cu_seq_lens_q/k, max_length_q/k) that transformers hands to flash-attn's varlen kernel. position_ids alone are
+  not enough: transformers reads packing from them only for a batch of one row, and ModernBERT and DistilBERT do
+  not pass them to their attention at all; without a mask and boundaries flash attention attends across documents
+  and into padding.
 - sdpa: a (B, 1, L, L) boolean block-diagonal mask; eager: the same as an additive float mask (a boolean mask is
   not exact under eager attention).
 - ModernBERT: a dict of masks per layer kind, the sliding layers' cut to the window; in transformers 5.23 it
@@ -10,9 +14,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dapt.archs import OFFSET_POSITION_MODELS
+
+log = logging.getLogger("dapt")
 
 
 def segment_inputs(lengths: list[tuple[int, ...]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,19 +36,21 @@ def segment_inputs(lengths: list[tuple[int, ...]], width: int) -> tuple[torch.Te
     return seg, pos
 
 
-def model_inputs(batch: dict, model: torch.nn.Module, device: torch.device) -> dict:
-    """Keyword arguments for the model's forward from a collated batch."""
+def model_inputs(batch: dict, model: torch.nn.Module, device: torch.device) -> tuple[dict, torch.Tensor | None]:
+    """Keyword arguments for the model's forward from a collated batch, and `keep`: None when the outputs have the
+    batch's (rows, width) shape, else the (rows, width) mask of the positions they hold, in order (flash attention's
+    flattened packed rows hold the real tokens only: labels are `labels[keep][None]`)."""
     ids = batch["input_ids"].to(device)
     if "segment_ids" not in batch:
-        return {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}
+        return {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}, None
     config = model.config
     pos = batch["position_ids"].to(device)
+    seg = batch["segment_ids"].to(device)
     if config.model_type in OFFSET_POSITION_MODELS:
         pos = pos + (config.pad_token_id or 0) + 1
     impl = getattr(config, "_attn_implementation", "sdpa")
     if impl == "flash_attention_2":
-        return {"input_ids": ids, "position_ids": pos}
-    seg = batch["segment_ids"].to(device)
+        return _flattened(ids, pos, seg, batch["position_ids"].to(device))
     width = seg.shape[1]
     eye = torch.eye(width, dtype=torch.bool, device=device)
     # Padding positions see only themselves: no row of the mask is empty (an empty row gives NaN in softmax).
@@ -52,7 +62,39 @@ def model_inputs(batch: dict, model: torch.nn.Module, device: torch.device) -> d
         mask = {"full_attention": _as(block, impl, model), "sliding_attention": _as(block & window, impl, model)}
     else:
         mask = _as(block, impl, model)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}, None
+
+
+def _flattened(ids: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, starts_at: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """All documents of the batch in one row of real tokens, with their boundaries for flash-attn's varlen kernel."""
+    keep = seg > 0
+    first = (starts_at[keep] == 0).nonzero().flatten()  # every document starts at position 0
+    total = int(keep.sum())
+    cu = torch.cat([first, first.new_tensor([total])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"input_ids": ids[keep][None], "position_ids": pos[keep][None], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": longest, "max_length_k": longest}, keep
+
+
+def forward(engine, batch: dict, device: torch.device, call):
+    """`call(inputs, keep)` with model_inputs for `batch` (call runs the forward); flash attention that fails at its
+    first forward (a flash-attn build without kernels for this GPU, such as sm_120 on an RTX PRO 6000 with an older
+    wheel) is replaced by sdpa, logged, and the forward run again. Failures after a successful first forward, and
+    those of other implementations, are raised as they are."""
+    module = engine.module
+    try:
+        out = call(*model_inputs(batch, module, device))
+    except RuntimeError as e:
+        if getattr(module.config, "_attn_implementation", None) != "flash_attention_2" or \
+                getattr(module, "_dapt_attention_ran", False):
+            raise
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        log.warning("flash_attention_2 failed at its first forward on this device (%s: %s); falling back to sdpa "
+                    "(set model.attn_implementation=sdpa to skip the attempt)", type(e).__name__, first[:300])
+        module.set_attn_implementation("sdpa")
+        out = call(*model_inputs(batch, module, device))
+    module._dapt_attention_ran = True
+    return out
 
 
 def _as(block: torch.Tensor, impl: str, model: torch.nn.Module) -> torch.Tensor:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from dapt.config import ConfigError, RunConfig, help_text
 from dapt.data import BadRecord
+from dapt.dist import LaunchError, adopt_scheduler_env
 from dapt.load import load_config, parse_argv
 from dapt.numerics import Diverged
 from dapt.preempt import Preempted
@@ -18,16 +19,17 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
     """Exit codes: 0 done, 2 configuration error (nothing started), 3 bad input data, 4 numeric blow-up (NaN/Inf
     steps over the limit, or a loss spike with numerics.spike_action=stop), 128 + N stopped by signal N."""
     argv = sys.argv[1:] if argv is None else argv
-    first = os.environ.get("RANK", "0") == "0"
     try:
         if parse_argv(argv)[2]:
             print(help_text(prog))
             return 0
+        adopt_scheduler_env()  # ranks started by srun/mpirun: the world size must be known to check the config
         cfg = load_config(argv)
-    except ConfigError as e:
-        if first:
+    except (ConfigError, LaunchError) as e:
+        if os.environ.get("RANK", "0") == "0":
             print(redact_text(f"{prog}: {e}"), file=sys.stderr)
         return 2
+    first = os.environ.get("RANK", "0") == "0"
     from dapt.dist import setup_logging
 
     setup_logging(cfg.log.level, cfg.log.all_ranks)

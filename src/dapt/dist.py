@@ -14,8 +14,84 @@ from dapt.redact import RedactingFilter
 log = logging.getLogger("dapt")
 
 
+class LaunchError(ValueError):
+    """Ranks started by a scheduler without the facts to find each other; nothing has started."""
+
+
+# One process per rank started by a scheduler, with no torch launcher: (name, rank, world size, local rank, local
+# world size) variables. srun sets SLURM_STEP_NUM_TASKS in a job step only, not in an sbatch script's own body, so a
+# plain `python launch/mlm.py` in a batch script stays one process.
+SCHEDULERS = [
+    ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
+    ("mpirun (Open MPI)", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("mpirun (MPICH / Intel MPI)", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+]
+
+
+def scheduler_env(env: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+    """The torch.distributed variables for ranks that srun or mpirun started one process each: (launcher, RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT to set), or None when a launcher already set RANK and WORLD_SIZE
+    (deepspeed, torchrun, accelerate launch) or no scheduler started this process.
+
+    Raises:
+        LaunchError: ranks on several nodes with no way to know the first one.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return None
+    for spec in SCHEDULERS:
+        name, rank, size, local, _ = spec
+        if rank not in env or size not in env:
+            continue
+        return name, {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0"),
+                      "MASTER_ADDR": env.get("MASTER_ADDR") or _first_node(spec, env),
+                      "MASTER_PORT": env.get("MASTER_PORT") or _agreed_port(env)}
+    return None
+
+
+def _first_node(spec: tuple[str, ...], env: dict[str, str]) -> str:
+    name, rank, size, _, local_size = spec
+    if name == "srun" and (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")):
+        return first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    if name != "srun" and env.get(local_size) == env[size]:
+        return "127.0.0.1"  # every rank on this node
+    raise LaunchError(f"{name} started this process as rank {env[rank]} of {env[size]} on several nodes, and nothing "
+                      "says which node is the first: export MASTER_ADDR=<the first node's address> (and MASTER_PORT) "
+                      "where the job starts (mpirun -x MASTER_ADDR -x MASTER_PORT), or start the ranks with the "
+                      "deepspeed launcher or torchrun")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu-[03-05,9],cpu1" -> "gpu-03" (what `scontrol show hostnames` gives
+    first)."""
+    head = nodelist.strip().split(",")[0]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.split("-")[0].rstrip("]")
+
+
+def _agreed_port(env: dict[str, str]) -> str:
+    """The same port on every rank without talking: from the SLURM job id, else PyTorch's usual 29500."""
+    job = env.get("SLURM_JOB_ID", "")
+    return str(20000 + int(job) % 20000) if job.isdigit() else "29500"
+
+
+def adopt_scheduler_env() -> str | None:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous for srun/mpirun-started ranks (see scheduler_env); the
+    launcher's name, or None."""
+    found = scheduler_env(dict(os.environ))
+    if found is None:
+        return None
+    name, values = found
+    os.environ.update(values)
+    os.environ["DAPT_LAUNCHER"] = name
+    return name
+
+
 def single_process_env() -> None:
     """Without a launcher, set the environment DeepSpeed needs for a world of one (else it looks for MPI)."""
+    adopt_scheduler_env()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.setdefault("RANK", "0")
@@ -54,7 +130,9 @@ def describe(extra_env: list[str]) -> str:
 
     nccl = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")) or "none"
     here = [n for n in carried_names(extra_env) if n in os.environ]
-    return (f"rank {rank()} of {world()} on {socket.gethostname()} (local rank {os.environ.get('LOCAL_RANK', '0')}), "
+    started = os.environ.get("DAPT_LAUNCHER", "a launcher" if "RANK" in os.environ else "one plain process")
+    return (f"rank {rank()} of {world()} on {socket.gethostname()} (local rank {os.environ.get('LOCAL_RANK', '0')}, "
+            f"started by {started}), "
             f"rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}; NCCL: {nccl}; "
             f"carried: {', '.join(here) or 'none'}")
 

@@ -209,14 +209,44 @@ def _fill_batch(ds: dict, cfg, world: int, problems: list[str]) -> None:
                         f"{t.micro_batch_size} x {t.grad_accum} x {world} = {expected}")
 
 
-def bf16_in_hardware(accelerator: str) -> bool:
-    """True when bf16 math runs natively (CUDA Ampere+, or a CPU with AVX512-BF16 or AMX)."""
+def gpu_capability() -> tuple[int, int] | None:
+    """This machine's first CUDA device's compute capability (8, 0 for an A100), or None without one."""
     import torch
 
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def bf16_native(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores: Ampere (sm_80) and newer. torch.cuda.is_bf16_supported() also says yes on V100/T4, where bf16
+    is emulated (it counts emulation unless told not to)."""
+    return tuple(capability) >= (8, 0)
+
+
+def flash_attention_capable(capability: tuple[int, int]) -> bool:
+    """flash-attn 2's kernels: Ampere (sm_80) and newer; Turing and Volta are not supported."""
+    return tuple(capability) >= (8, 0)
+
+
+def auto_precision(accelerator: str, capability: tuple[int, int] | None) -> tuple[str, str]:
+    """train.precision=auto: (precision, why). bf16 where the hardware has it; fp16 with loss scaling on Volta and
+    Turing tensor cores (V100, T4); fp32 otherwise, CPUs included (bf16 is ~10x slower there without AVX512-BF16)."""
+    if accelerator != "cuda":
+        return "fp32", "CPU"
+    if capability is None:  # checked from a machine without a GPU (submit, doctor): dapt's GPU tables are Ampere+
+        return "bf16", "the cluster's GPUs are Ampere or newer"
+    if bf16_native(capability):
+        return "bf16", f"compute capability {capability[0]}.{capability[1]} has bf16 tensor cores"
+    if tuple(capability) >= (7, 0):
+        return "fp16", (f"compute capability {capability[0]}.{capability[1]} has no bf16 tensor cores (bf16 would be "
+                        "emulated): fp16 with dynamic loss scaling")
+    return "fp32", f"compute capability {capability[0]}.{capability[1]} has no half-precision tensor cores"
+
+
+def bf16_in_hardware(accelerator: str) -> bool:
+    """True when bf16 math runs natively (CUDA Ampere+, or a CPU with AVX512-BF16 or AMX)."""
     if accelerator == "cuda":
-        # Checked from a machine without a GPU (launch/submit.py, launch/doctor.py): every GPU in dapt's tables is
-        # Ampere or newer.
-        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+        capability = gpu_capability()
+        return capability is None or bf16_native(capability)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -239,8 +269,8 @@ def _fill_precision(ds: dict, cfg, accelerator: str, problems: list[str]) -> Non
     if fixed:
         t.precision = fixed
     elif t.precision == "auto":
-        # On CPU fp32 is the safe default: bf16 is emulated (~10x slower) on CPUs without AVX512-BF16/AMX.
-        t.precision = "bf16" if accelerator == "cuda" and bf16_in_hardware("cuda") else "fp32"
+        t.precision, why = auto_precision(accelerator, gpu_capability() if accelerator == "cuda" else None)
+        cfg.notes.append(f"train.precision=auto: {t.precision} ({why})")
     if bf16 is not None or t.precision == "bf16":
         _set(ds, ("bf16", "enabled"), t.precision == "bf16")
     if fp16 is not None or t.precision == "fp16":

@@ -114,15 +114,30 @@ def grow_positions(conf, max_seq_length: int) -> None:
         conf.max_position_embeddings += max_seq_length - limit
 
 
+def flash_attention_problem(precision: str) -> str | None:
+    """Why flash_attention_2 cannot run here (None: it can): flash-attn installed, a CUDA GPU of compute capability
+    8.0 (Ampere) or newer, training in bf16 or fp16."""
+    from dapt.dsconfig import flash_attention_capable, gpu_capability
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed"
+    capability = gpu_capability()
+    if capability is None:
+        return "no CUDA GPU"
+    if not flash_attention_capable(capability):
+        return f"compute capability {capability[0]}.{capability[1]} (flash-attn 2 needs 8.0, Ampere, or newer)"
+    if precision not in ("bf16", "fp16"):
+        return f"precision {precision} (flash-attn computes in bf16/fp16)"
+    return None
+
+
 def attention_candidates(requested: str, precision: str) -> list[str]:
-    """Implementations to try in order: flash_attention_2 when installed on CUDA in half precision, sdpa, eager."""
-    flash_ok = (importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-                and precision in ("bf16", "fp16"))
+    """Implementations to try in order: flash_attention_2 when it can run here, sdpa, eager."""
+    problem = flash_attention_problem(precision) if requested in ("auto", "flash_attention_2") else None
     if requested == "auto":
-        return (["flash_attention_2"] if flash_ok else []) + ["sdpa", "eager"]
-    if requested == "flash_attention_2" and not flash_ok:
-        log.warning("flash_attention_2 asked for but not usable here (needs the flash-attn package, CUDA and "
-                    "bf16/fp16); falling back")
+        return (["flash_attention_2"] if problem is None else []) + ["sdpa", "eager"]
+    if requested == "flash_attention_2" and problem:
+        log.warning("flash_attention_2 asked for but not usable here (%s); falling back", problem)
         return ["sdpa", "eager"]
     return [requested] + [c for c in ("sdpa", "eager") if c != requested]
 
@@ -153,7 +168,7 @@ def build_model(cfg, tokenizer, precision: str, ds_config: dict | None = None) -
         raise ValueError(f"no attention implementation works for {conf.model_type}: " + "; ".join(errors))
     chosen = getattr(model.config, "_attn_implementation", impl)
     log.info("model %s (%s, %.1fM parameters), attention implementation: %s%s", type(model).__name__,
-             m.name_or_path or "from config", sum(p.numel() for p in model.parameters()) / 1e6, chosen,
+             m.name_or_path or "from config", parameter_count(model) / 1e6, chosen,
              f" (tried: {'; '.join(errors)})" if errors else "")
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -177,6 +192,12 @@ def _instantiate(cfg, conf, impl: str, ds_config: dict | None):
                           trust_remote_code=m.trust_remote_code)
     finally:
         del keep_alive
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of `model`, also when ZeRO-3 has partitioned it (zero.Init leaves p.numel() == 0 and keeps the real
+    count in ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

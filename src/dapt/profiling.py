@@ -226,6 +226,7 @@ def _tracer(out: Path, accelerator: str):
 
 def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory: dict, world) -> dict:
     from dapt.dsconfig import describe_optimizer
+    from dapt.model import parameter_count
 
     t = cfg.train
     step = statistics.median(parts["step"])
@@ -239,7 +240,7 @@ def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory: dict
     achieved = step_flops / step / 1e12
     return {
         "machine": _machine(accelerator),
-        "model": {"type": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters()),
+        "model": {"type": model.config.model_type, "parameters": parameter_count(model),
                   "attention": getattr(model.config, "_attn_implementation", None), "dtype": str(dtype)},
         "settings": {"max_seq_length": seq, "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
                      "world_size": world, "packing": cfg.data.packing, "precision": t.precision,

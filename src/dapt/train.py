@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dapt import dist
-from dapt.attention import model_inputs
+from dapt.attention import forward
 from dapt.checkpoint import Checkpointer, check_disk, export_hf, verify
 from dapt.config import RunConfig
 from dapt.data import Corpus, RowDataset, eval_batches, prepare_data
@@ -26,7 +26,7 @@ from dapt.dsconfig import bf16_in_hardware, describe_optimizer, finalize_ds_conf
 from dapt.load import save_resolved
 from dapt.masking import IGNORE, MLMCollator
 from dapt.metrics import MetricsLogger, plot_curves, read_metrics
-from dapt.model import build_model, compiled, param_groups
+from dapt.model import build_model, compiled, param_groups, parameter_count
 from dapt.numerics import Diverged, StepGuard, engine_config
 from dapt.packing import Row
 from dapt.preempt import Preempted, PreemptionWatch
@@ -122,14 +122,18 @@ def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def mlm_loss_sum(engine, batch: dict, device, sparse: SparsePrediction | None) -> torch.Tensor:
     """Forward one micro-batch; the masked-token loss sum. With `sparse`, the head sees the masked positions only."""
-    labels = batch["labels"].to(device)
-    inputs = model_inputs(batch, engine.module, device)
-    if sparse is None:
-        return masked_loss_sum(engine(**inputs).logits, labels)
-    where = labels != IGNORE
-    with sparse.select(where):
-        logits = engine(**inputs).logits
-    return F.cross_entropy(logits[0].float(), labels[where], reduction="sum")
+    def call(inputs: dict, keep: torch.Tensor | None) -> torch.Tensor:
+        labels = batch["labels"].to(device)
+        if keep is not None:  # flash attention's packed rows, flattened to their real tokens
+            labels = labels[keep][None]
+        if sparse is None:
+            return masked_loss_sum(engine(**inputs).logits, labels)
+        where = labels != IGNORE
+        with sparse.select(where):
+            logits = engine(**inputs).logits
+        return F.cross_entropy(logits[0].float(), labels[where], reduction="sum")
+
+    return forward(engine, batch, device, call)
 
 
 def start(cfg: RunConfig) -> tuple[Path, str, torch.device]:
@@ -163,7 +167,7 @@ def run(cfg: RunConfig) -> dict:
     if rank == 0:
         save_resolved(cfg, out / "config.resolved.yaml")
     log_choices(cfg, accelerator, steps)
-    check_disk(out / "checkpoints", sum(p.numel() for p in model.parameters()), cfg.train.precision,
+    check_disk(out / "checkpoints", parameter_count(model), cfg.train.precision,
                cfg.checkpoint.keep + int(cfg.checkpoint.keep_best), cfg.checkpoint.disk_check)
     engine = build_engine(cfg, model, steps)
 
