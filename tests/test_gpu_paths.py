@@ -154,3 +154,39 @@ def test_precision_auto_and_flash_attention_follow_the_compute_capability(gpu, c
     assert flash_attention_capable(capability) == flash
     assert auto_precision("cpu", None)[0] == "fp32"
     assert auto_precision("cuda", None)[0] == "bf16"  # sized from a machine without the GPU: the tables' GPUs
+
+
+def test_the_default_optimizer_is_torchs_fused_adamw_which_needs_no_build(recipe, tmp_path, monkeypatch):
+    """FusedAdam/CPUAdam are JIT-built inside deepspeed.initialize (ninja, a C++ compiler, nvcc): a machine without a
+    CUDA toolkit died in DeepSpeed's builder. The default is torch's fused AdamW, the same on CPU and GPU; DeepSpeed's
+    ops only when asked (or for an offloaded optimizer on CUDA where CPUAdam can be built), and checked first."""
+    from dapt.dsconfig import deepspeed_op
+    from dapt.load import collect_config, load_config
+    from dapt.train import build_engine
+
+    init()
+    cfg = load_config(["--recipe", str(recipe), "--output_dir", str(tmp_path)], world_size=1, accelerator="cpu")
+    params = cfg.ds_config["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True and "foreach" not in params
+    from dapt.model import build_model, train_wordpiece
+
+    tok = train_wordpiece(["a few words for a tokenizer"], 200, 32)
+    from dapt.dsconfig import finalize_ds_config
+
+    model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
+    finalize_ds_config(cfg.ds_config, 10, 1, model.config.hidden_size)
+    engine = build_engine(cfg, model, 10)
+    assert type(engine.optimizer) is torch.optim.AdamW and engine.optimizer.defaults["fused"] is True
+
+    assert deepspeed_op("fused_adam", "cpu")[0]  # this machine has ninja and g++
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr("dapt.dsconfig._python_ninja", lambda: False)
+    ok, why = deepspeed_op("fused_adam", "cpu")
+    assert not ok and why == "missing ninja, a C++ compiler"
+    _, problems = collect_config(["--recipe", str(recipe), "--train.optimizer_impl=deepspeed"], 1, "cpu")
+    assert problems == ["train.optimizer_impl=deepspeed: DeepSpeed's FusedAdam op is neither prebuilt nor buildable "
+                        "here (missing ninja, a C++ compiler); use train.optimizer_impl=torch, or install what it needs"]
+    offload, problems = collect_config(["--recipe", str(recipe), "--ds", str(DS / "zero3_offload_bf16.json")], 1,
+                                       "cpu")
+    assert not problems and offload.ds_config["zero_force_ds_cpu_optimizer"] is False
+    assert offload.ds_config["optimizer"]["params"]["torch_adam"] is True

@@ -195,7 +195,7 @@ def test_log_states_batch_arithmetic_and_choices(recipe, tmp_path, caplog):
     text = caplog.text
     assert "global batch = micro x accumulation x world size = 4 x 2 x 1 = 8" in text
     assert "attention implementation: sdpa" in text
-    assert "optimizer torch.optim.AdamW (foreach)" in text
+    assert "optimizer torch.optim.AdamW (fused)" in text
 
 
 def test_retention_keeps_last_k_plus_best_and_resume_from_a_path(recipe, tmp_path):

@@ -161,7 +161,9 @@ class TrainConfig:
     precision: str = "auto"
     """auto | bf16 | fp16 | fp32; fills bf16/fp16 "auto" in the ds config. auto: bf16 where the hardware has it, else fp32."""
     optimizer_impl: str = "auto"
-    """auto | deepspeed | torch. auto: DeepSpeed FusedAdam on CUDA, DeepSpeedCPUAdam with offload on CUDA, torch AdamW (foreach) on CPU."""
+    """auto | deepspeed | torch. auto: torch's fused AdamW (nothing to compile), or DeepSpeedCPUAdam for an offloaded
+    optimizer on CUDA when it can be built here. deepspeed: DeepSpeed's FusedAdam/CPUAdam (JIT-built with ninja, a C++
+    compiler and nvcc unless prebuilt; checked before the run starts)."""
     eval_every: int = 100
     """Evaluate every N optimizer steps (and at the end); 0: only at the end."""
     eval_batches: int = 0

@@ -156,6 +156,23 @@ def check_environment(cfg: RunConfig) -> Item:
     return Item(OK, "environment", detail)
 
 
+def check_optimizer(cfg: RunConfig) -> Item:
+    """The optimizer the run will build; a DeepSpeed op (FusedAdam, CPUAdam) must be prebuilt or buildable here."""
+    import torch
+
+    from dapt.dsconfig import deepspeed_op, describe_optimizer, offload_device
+
+    described = describe_optimizer(cfg.ds_config, "cuda")
+    if not described.startswith(("DeepSpeed FusedAdam", "DeepSpeedCPUAdam")):
+        return Item(OK, "optimizer", f"{described}: nothing to compile")
+    if not torch.cuda.is_available():
+        return Item(SKIP, "optimizer", f"{described}: run doctor on a GPU node to check that it can be built there")
+    name = "cpu_adam" if offload_device(cfg.ds_config, "offload_optimizer") else "fused_adam"
+    ok, how = deepspeed_op(name, "cuda")
+    return Item(OK if ok else FAIL, "optimizer", f"{described}: {how}" + (
+        "" if ok else "; set train.optimizer_impl=torch (torch's fused AdamW needs no build)"))
+
+
 def check_launcher(cfg: RunConfig) -> Item:
     c = cfg.cluster
     if cfg.submit.scheduler == "pdsh" or c.hostfile and len(read_hostfile(c.hostfile).hosts) > 1:
@@ -175,7 +192,7 @@ def diagnose(argv: list[str]) -> list[Item]:
     items = check_config(cfg, problems)
     items.append(check_hostfile(cfg))
     items += check_gpus(cfg, gpus_per_node(cfg))
-    items += [check_disk(cfg), check_master(cfg), check_environment(cfg), check_launcher(cfg)]
+    items += [check_disk(cfg), check_optimizer(cfg), check_master(cfg), check_environment(cfg), check_launcher(cfg)]
     items.insert(0, Item(OK, "cluster", f"{cfg.cluster.nodes} nodes x {gpus_per_node(cfg)} ranks = world size {world}"
                                         if not cfg.cluster.hostfile else f"world size {world} from the hostfile"))
     return items

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -298,15 +299,68 @@ def _fill_optimizer(ds: dict, cfg, accelerator: str, problems: list[str]) -> Non
         keys |= {"betas": "train.betas", "eps": "train.eps"}
     for name, key in keys.items():
         _fill(ds, ("optimizer", "params", name), cfg, key, problems)
-    impl = cfg.train.optimizer_impl
-    if impl == "auto":
-        impl = "deepspeed" if accelerator == "cuda" else "torch"
-    if is_adam and impl == "torch":
-        # torch.optim.AdamW through DeepSpeed: no JIT-built op (FusedAdam/CPUAdam take ~60 s to compile on CPU).
+    if not is_adam:
+        return
+    impl, offloaded = cfg.train.optimizer_impl, offload_device(ds, "offload_optimizer")
+    here = _runs_here(accelerator)  # submit and doctor check a GPU run from a machine without one
+    if impl == "auto" and offloaded and accelerator == "cuda":
+        ok, how = deepspeed_op("cpu_adam", accelerator) if here else (True, "where the job runs")
+        impl = "deepspeed" if ok else "torch"
+        cfg.notes.append("train.optimizer_impl=auto: " + (
+            f"DeepSpeedCPUAdam for the offloaded optimizer ({how})" if ok else
+            f"torch AdamW on the CPU for the offloaded optimizer: DeepSpeedCPUAdam cannot be built here ({how}); "
+            "it is several times faster, so install ninja and the CUDA toolkit"))
+    if impl in ("auto", "torch"):
+        # torch's AdamW through DeepSpeed (its own kernels, nothing to compile): fused where it may be, the same path
+        # on a GPU and in the CPU tests. DeepSpeed's FusedAdam/CPUAdam are JIT-built with ninja, a C++ compiler and
+        # nvcc inside deepspeed.initialize (minutes, and a crash where the toolkit is missing).
         params.setdefault("torch_adam", True)
-        params.setdefault("foreach", True)
-        if offload_device(ds, "offload_optimizer"):
+        if not params.get("foreach"):
+            params.setdefault("fused", True)
+        if offloaded:
             ds.setdefault("zero_force_ds_cpu_optimizer", False)
+        return
+    ok, how = deepspeed_op("cpu_adam" if offloaded else "fused_adam", accelerator) if here else (True, "")
+    if not ok:
+        problems.append(f"train.optimizer_impl=deepspeed: DeepSpeed's {'CPUAdam' if offloaded else 'FusedAdam'} op "
+                        f"is neither prebuilt nor buildable here ({how}); use train.optimizer_impl=torch, or install "
+                        "what it needs")
+
+
+def deepspeed_op(name: str, accelerator: str) -> tuple[bool, str]:
+    """Can DeepSpeed's op `name` (fused_adam, cpu_adam) load here: prebuilt into the installed DeepSpeed
+    (DS_BUILD_OPS=1), or JIT-buildable (ninja, a C++ compiler, and on CUDA machines nvcc)? (answer, how or why not)."""
+    import shutil
+
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(name):
+        return True, "prebuilt into the installed DeepSpeed"
+    missing = [] if shutil.which("ninja") or _python_ninja() else ["ninja"]
+    if not shutil.which(os.environ.get("CXX", "c++")) and not shutil.which("g++"):
+        missing.append("a C++ compiler")
+    if accelerator == "cuda":
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        if not CUDA_HOME or not Path(CUDA_HOME, "bin", "nvcc").exists():
+            missing.append("nvcc (the CUDA toolkit, CUDA_HOME)")
+    if missing:
+        return False, "missing " + ", ".join(missing)
+    return True, "JIT-built on first use (a few minutes once, then cached in TORCH_EXTENSIONS_DIR)"
+
+
+def _runs_here(accelerator: str) -> bool:
+    import torch
+
+    return accelerator == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _python_ninja() -> bool:
+    try:
+        import ninja  # noqa: F401  (pip's ninja puts its binary next to the interpreter's scripts)
+    except ImportError:
+        return False
+    return True
 
 
 def offload_device(ds: dict, block: str) -> str | None:
@@ -364,8 +418,10 @@ def describe_optimizer(ds: dict, accelerator: str) -> str:
     kind = str(opt.get("type", "?"))
     if kind.lower() not in ADAM_TYPES:
         return f"DeepSpeed {kind}"
-    if opt.get("params", {}).get("torch_adam"):
-        return "torch.optim.AdamW (foreach)"
+    params = opt.get("params", {})
+    if params.get("torch_adam"):
+        return "torch.optim.AdamW (" + ("fused" if params.get("fused") else "foreach" if params.get("foreach")
+                                         else "for-loop") + ")"
     if offload_device(ds, "offload_optimizer"):
-        return "DeepSpeedCPUAdam (optimizer offloaded to CPU)"
-    return "DeepSpeed FusedAdam" + (" (CPU op, JIT-built on first use)" if accelerator == "cpu" else "")
+        return "DeepSpeedCPUAdam (optimizer offloaded to CPU; JIT-built on first use unless prebuilt)"
+    return "DeepSpeed FusedAdam (JIT-built on first use unless prebuilt)"
