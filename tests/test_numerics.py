@@ -97,3 +97,54 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(recipe, tmp_path, monkeypatch)
     skipped = dict(series(out, "train/skipped_steps"))
     assert skipped[2] == 0 and skipped[3] == 1 and skipped[4] == 1
     assert all(math.isfinite(v) for s, v in series(out, "train/loss") if s != 3)
+
+
+def test_fp16_loss_scale_state_with_deepspeeds_own_scalers():
+    """fp16 needs a GPU (DeepSpeed refuses it on this CPU), so the guard's fp16 rules are checked on DeepSpeed's own
+    scaler objects: ZeRO 0's FP16_Optimizer (built here around a real fp16 model) and ZeRO 1-3's DynamicLossScaler.
+    A NaN loss made on purpose must not lower the scale (its state is put back), and an overflow at the minimum
+    scale counts as a skipped step instead of ending in DeepSpeed's bare exception."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from transformers import BertConfig, BertForMaskedLM
+
+    from dapt.dist import init
+    from dapt.numerics import at_minimum, loss_scaler, skip_verdict
+
+    init()
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=16)).half()
+    opt = FP16_Optimizer(torch.optim.AdamW(model.parameters()), low_precision_dtype=torch.float16,
+                         dynamic_loss_scale=True, initial_dynamic_scale=2**8,
+                         dynamic_loss_args={"init_scale": 2**8, "scale_window": 1000, "min_scale": 1,
+                                            "delayed_shift": 1, "consecutive_hysteresis": False})
+    scaler = loss_scaler(opt)
+    assert scaler is opt.loss_scale_config and scaler.cur_scale == 2**8 and not at_minimum(scaler)
+    saved = dict(vars(scaler))
+    ids = torch.randint(5, 60, (2, 8))
+    opt.backward(model(input_ids=ids, labels=ids).loss * float("nan"))  # the guard's deliberate NaN
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.overflow and scaler.cur_scale == 2**7  # DeepSpeed skipped the step and halved the scale ...
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+    scaler.__dict__.update(saved)  # ... which the guard puts back, as StepGuard.end does
+    assert scaler.cur_scale == 2**8 and scaler.cur_iter == saved["cur_iter"]
+
+    zero = DynamicLossScaler(init_scale=2.0, scale_window=1000, min_scale=1.0, delayed_shift=1,
+                             consecutive_hysteresis=False)
+    assert loss_scaler(type("Z", (), {"loss_scaler": zero})()) is zero
+    zero.update_scale(True)
+    assert at_minimum(zero)
+    with pytest.raises(Exception, match="already at minimum"):
+        zero.update_scale(True)  # DeepSpeed's own ending: a bare Exception
+    zero.raise_error_at_min_scale = False  # what StepGuard sets
+    zero.update_scale(True)
+    assert zero.cur_scale == 1.0
+
+    # (skipped, counted): fp16 overflows the scale handles are not counted; at the minimum, or a NaN loss, they are
+    assert skip_verdict(False, True, 0, True, False) == (True, False)
+    assert skip_verdict(False, True, 0, True, True) == (True, True)
+    assert skip_verdict(False, True, 1, True, False) == (True, True)
+    assert skip_verdict(False, True, 0, False, False) == (True, True)  # bf16: any discarded step counts
+    assert skip_verdict(False, False, 0, True, True) == (False, False)

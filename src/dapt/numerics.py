@@ -8,6 +8,12 @@ reduction carries the NaN to all of them. Only ZeRO 0 in fp32 steps a plain torc
 there the guard takes over gradient clipping (`engine_config` hands DeepSpeed gradient_clipping 0), drops
 non-finite gradients so the optimizer leaves every parameter alone, and restores the learning-rate schedule.
 
+Under fp16 DeepSpeed's dynamic loss scaling skips overflowing steps and halves the scale; those skips are not
+counted. Two cases are: a non-finite loss (made NaN on purpose, which would also lower the scale: the scaler's
+state is put back), and an overflow with the scale already at its minimum, which no scale can fix (a real NaN
+gradient; DeepSpeed would otherwise end the run with a bare "loss scale already at minimum" exception at ZeRO 1-3,
+or skip forever at ZeRO 0).
+
 Both the skip limit and the watchdog stop the run with exit code 4 before writing a checkpoint, so the newest one
 on disk is from before the trouble.
 """
@@ -47,6 +53,30 @@ class StepOutcome:
     loss: float  # the step's loss over all ranks (NaN when some loss was not finite)
 
 
+def loss_scaler(optimizer):
+    """fp16's dynamic loss-scale state: ZeRO 1-3's DynamicLossScaler, or ZeRO 0's LossScaleConfig (FP16_Optimizer and
+    FP16_UnfusedOptimizer); None without dynamic loss scaling (bf16, fp32, a static scale)."""
+    for name in ("loss_scaler", "loss_scale_config"):
+        scaler = getattr(optimizer, name, None)
+        if scaler is not None and (getattr(scaler, "dynamic", False) or getattr(scaler, "dynamic_loss_scale", False)):
+            return scaler
+    return None
+
+
+def at_minimum(scaler) -> bool:
+    """The scale cannot go lower: an overflow now is not one that a smaller scale fixes."""
+    floor = getattr(scaler, "min_scale", None)
+    return scaler.cur_scale <= (floor if floor is not None else scaler.min_loss_scale)
+
+
+def skip_verdict(dropped: bool, ds_skipped: bool, bad_losses: float, fp16: bool, scale_at_min: bool) -> tuple[bool, bool]:
+    """(skipped, counted) for one optimizer step: a step is skipped when dapt dropped its gradients or DeepSpeed
+    discarded it; it counts against numerics.max_skipped_steps unless it is an fp16 overflow that the loss scale
+    handles (a finite loss, the scale still above its minimum)."""
+    skipped = dropped or ds_skipped
+    return skipped, skipped and (bad_losses > 0 or not fp16 or scale_at_min)
+
+
 def plain_fp32(ds: dict) -> bool:
     """ZeRO 0 without bf16/fp16: DeepSpeed steps a plain torch optimizer and never checks the gradients."""
     return (ds.get("zero_optimization", {}).get("stage", 0) == 0 and not ds.get("bf16", {}).get("enabled")
@@ -72,6 +102,9 @@ class StepGuard:
         self.spike_run = int(state.get("spike_run", 0))
         self.spike_onset = state.get("spike_onset")
         self.since: int | None = None  # once check() says stop: the first optimizer step of the trouble
+        self.scaler = loss_scaler(engine.optimizer) if self.fp16 else None
+        if self.scaler is not None and hasattr(self.scaler, "raise_error_at_min_scale"):
+            self.scaler.raise_error_at_min_scale = False  # counted here instead, ending in exit 4
         self._begin()
 
     def state_dict(self) -> dict:
@@ -86,6 +119,8 @@ class StepGuard:
         sched = self.engine.lr_scheduler
         self._schedule = sched.state_dict() if self.manual and sched is not None else None
         self._lrs = [g["lr"] for g in self.engine.optimizer.param_groups] if self.manual else []
+        self._scale = dict(vars(self.scaler)) if self.scaler is not None else None
+        self._scale_at_min = self.scaler is not None and at_minimum(self.scaler)
 
     def backward(self, loss_sum: torch.Tensor, factor: float) -> float:
         """engine.backward(loss_sum * factor); a non-finite loss is made NaN so every gradient is NaN and the
@@ -125,8 +160,10 @@ class StepGuard:
             for group, lr in zip(self.engine.optimizer.param_groups, self._lrs):
                 group["lr"] = lr
         loss_sum, bad = dist.all_sum(self._loss, self._bad)
-        skipped = self._dropped or self.engine.skipped_steps > self._ds_skipped
-        counted = skipped and (bad > 0 or not self.fp16)
+        skipped, counted = skip_verdict(self._dropped, self.engine.skipped_steps > self._ds_skipped, bad, self.fp16,
+                                        self._scale_at_min)
+        if bad and self._scale is not None:  # the NaN was ours: it says nothing about the loss scale
+            self.scaler.__dict__.update(self._scale)
         loss = float("nan") if bad else loss_sum / max(denominator, 1e-12)
         self._begin()
         return StepOutcome(skipped, counted, loss)
@@ -136,9 +173,11 @@ class StepGuard:
         c = self.cfg
         if outcome.counted:
             self.skipped += 1
-            log.warning("step %d skipped: loss %s, gradient norm %s (%d skipped so far, numerics.max_skipped_steps=%d)",
-                        step, f"{outcome.loss:.4g}", "n/a" if grad_norm is None else f"{grad_norm:.4g}", self.skipped,
-                        c.max_skipped_steps)
+            why = " (fp16 gradients overflow with the loss scale at its minimum)" if self.fp16 and \
+                math.isfinite(outcome.loss) else ""
+            log.warning("step %d skipped: loss %s, gradient norm %s%s (%d skipped so far, "
+                        "numerics.max_skipped_steps=%d)", step, f"{outcome.loss:.4g}",
+                        "n/a" if grad_norm is None else f"{grad_norm:.4g}", why, self.skipped, c.max_skipped_steps)
             if self.skipped > c.max_skipped_steps:
                 self.since = step
                 return (f"{self.skipped} optimizer steps had a NaN/Inf loss or gradient norm, more than "
