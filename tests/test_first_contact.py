@@ -101,3 +101,45 @@ def test_a_from_scratch_model_gets_positions_for_its_rows(tmp_path, recipe):
     roberta = AutoConfig.for_model("roberta", max_position_embeddings=64, pad_token_id=1)
     grow_positions(roberta, 96)
     assert roberta.max_position_embeddings == 98 and position_limit(roberta) == 96
+
+
+# ---------------------------------------------------------------- a first corpus
+
+def test_one_epoch_trains_every_document(recipe, tmp_path):
+    """Streams of unequal length finish their pass at different global rows, and the last global batch is rarely
+    full: stopping at floor(rows / batch) steps left documents untrained without a word (29 of ~5,000 CSIC requests).
+    One epoch now runs until every stream's rows are trained; the last step is completed from the next pass."""
+    import json
+
+    from conftest import run_inprocess
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"request {i} asks for page {i % 7} of the shop\n" for i in range(203)))
+    out = tmp_path / "r"
+    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, "--data.train", docs, "--data.packing=pad",
+                             "--train.epochs=1", "--data.valid_fraction=0", "--data.log_sample_ids=true",
+                             "--train.micro_batch_size=8", "--train.eval_every=0", "--checkpoint.every=0"])
+    trained = {line.rsplit(":", 1)[1] for line in (out / "samples.rank0.txt").read_text().split()}
+    assert trained == {str(i) for i in range(1, 204)}  # every line of the file, by line number
+    assert summary["epoch_rows"] == 203 and summary["rows_trained"] == summary["steps"] * 8 >= 203
+    assert summary["steps"] == 26  # ceil(203 / 8) with 8 streams of 25-26 rows: the pass ends at row 203
+    assert json.loads((out / "summary.json").read_text())["rows_trained"] == 208
+
+
+def test_a_corpus_smaller_than_the_stream_count_trains_with_fewer_streams(recipe, tmp_path):
+    """Five documents and data.streams=8 stopped with "data stream 5 of 8 gets no documents": the stream count is now
+    derived from the data (the largest divisor of data.streams with a record run for each), the same on any world
+    size, and logged."""
+    from conftest import run_inprocess, series
+
+    docs = tmp_path / "five.txt"
+    docs.write_text("".join(f"document {i} says the attacker used the login form\n" for i in range(5)))
+    args = ["--recipe", recipe, "--data.train", docs, "--data.valid_fraction=0", "--train.max_steps=3",
+            "--train.eval_every=0", "--checkpoint.every=0", "--train.micro_batch_size=2"]
+    run_inprocess(args + ["--output_dir", tmp_path / "derived"])
+    run_inprocess(args + ["--output_dir", tmp_path / "explicit", "--data.streams=4"])
+    assert series(tmp_path / "derived", "train/loss") == series(tmp_path / "explicit", "train/loss")
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "derived" / "config.resolved.yaml").read_text())
+    assert resolved["data"]["streams"] == 4

@@ -15,7 +15,7 @@ import torch
 from dapt.formats import READERS, BadRecord, Document, FormatOptions
 from dapt.packing import Row, pack
 from dapt.sources import Position, expand
-from dapt.stream import StreamSpec, in_valid_split
+from dapt.stream import StreamSpec, fitting_streams, in_valid_split
 
 __all__ = ["BadRecord", "Document", "Row", "in_valid_split"]
 
@@ -62,12 +62,30 @@ def stream_spec(cfg, tokenizer) -> StreamSpec:
         files, starts = budget_start(files, d.format, opts, tokenizer, d.max_tokens)
         groups = [files]
     skip = duplicate_records(files, d.format, opts) if d.dedupe else {}
-    return StreamSpec(files=files, format=d.format, options=opts, streams=d.streams, seed=cfg.seed,
-                      block_docs=d.block_docs, packing=d.packing, max_len=d.max_seq_length, tokenizer=tokenizer,
-                      on_error=d.on_error, valid_fraction=0.0 if d.valid else d.valid_fraction,
-                      min_chars=d.min_chars, max_chars=d.max_chars, num_samples=d.num_samples,
-                      whole_word=cfg.masking.whole_word, groups=groups, weights=list(d.train_weights),
-                      starts=starts, skip=skip)
+
+    def spec(streams: int) -> StreamSpec:
+        return StreamSpec(files=files, format=d.format, options=opts, streams=streams, seed=cfg.seed,
+                          block_docs=d.block_docs, packing=d.packing, max_len=d.max_seq_length, tokenizer=tokenizer,
+                          on_error=d.on_error, valid_fraction=0.0 if d.valid else d.valid_fraction,
+                          min_chars=d.min_chars, max_chars=d.max_chars, num_samples=d.num_samples,
+                          whole_word=cfg.masking.whole_word, groups=groups, weights=list(d.train_weights),
+                          starts=starts, skip=skip)
+
+    made = spec(d.streams)
+    fitting = fitting_streams(made)
+    if fitting == d.streams:
+        return made
+    from dapt import dist
+
+    log.info("data.streams: %d -> %d: the corpus has %d record run(s) to share out, fewer than %d streams (the "
+             "count follows the data, not the world size, so the row order is the same on any number of ranks)",
+             d.streams, fitting, len(made.splits), d.streams)
+    if fitting % dist.world():
+        raise ValueError(f"data.train: the corpus has too few records for {dist.world()} ranks (it fills "
+                         f"{fitting} data stream(s), a number that {dist.world()} ranks cannot share); train it on "
+                         "fewer ranks or add data")
+    d.streams = fitting  # what the checkpoints record and a resume compares
+    return spec(fitting)
 
 
 def rows_of(tokenizer, docs: list[Document], packing: str, max_len: int, words: bool = False) -> list[Row]:

@@ -207,20 +207,41 @@ def stream_rows(spec: StreamSpec, stream: int, state: dict | None = None) -> Ite
 
 def count_epoch_rows(spec: StreamSpec, streams: list[int]) -> int:
     """Rows the given streams yield in epoch 0 (a full pass: tokenizes their share of the corpus once)."""
-    return epoch_pass(spec, streams)[0]
+    return sum(epoch_pass(spec, streams)[0].values())
 
 
-def epoch_pass(spec: StreamSpec, streams: list[int]) -> tuple[int, Counter]:
-    """Rows the given streams yield in epoch 0 and the records they skip or filter in it (all of them: training
-    learns of bad records at the end of the last file only after its last row, which a run may never ask for)."""
-    total, counts = 0, Counter()
+def epoch_pass(spec: StreamSpec, streams: list[int]) -> tuple[dict[int, int], Counter]:
+    """Rows each of the given streams yields in epoch 0, and the records they skip or filter in it (all of them:
+    training learns of bad records at the end of the last file only after its last row, which a run may never ask
+    for)."""
+    rows, counts = {}, Counter()
     for stream in streams:
+        rows[stream] = 0
         for _, st in stream_rows(spec, stream):
             if st["epoch"] > 0:
                 counts.update(st["seen"])
                 break
-            total += 1
-    return total, counts
+            rows[stream] += 1
+    return rows, counts
+
+
+def rows_for_passes(per_stream: dict[int, int], streams: int, epochs: float) -> int:
+    """Global rows after which every stream has given `epochs` passes over its rows (rounded up to whole rows).
+
+    Global row g comes from stream g % streams, so streams of unequal length finish a pass at different global rows:
+    stopping after sum(rows) would leave the longer streams' last rows untrained, while the shorter ones have
+    started their next pass."""
+    return max((c + 1 + (math.ceil(epochs * n) - 1) * streams for c, n in per_stream.items() if n), default=0)
+
+
+def fitting_streams(spec: StreamSpec) -> int:
+    """The most streams, dividing data.streams, that each get a part of the corpus: a corpus of fewer records than
+    data.streams (a first try on a small file) would leave streams with nothing to read. The count depends on the
+    data only, not on the world size, so the row order stays the same on any number of ranks."""
+    if len(spec.groups) > 1:
+        return spec.streams  # weighted mixing: each source's streams are checked as they read
+    usable = len(spec.group_splits[0])
+    return max(d for d in range(1, spec.streams + 1) if spec.streams % d == 0 and d <= max(usable, 1))
 
 
 class StreamDataset(torch.utils.data.IterableDataset):

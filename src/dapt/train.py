@@ -33,7 +33,7 @@ from dapt.preempt import Preempted, PreemptionWatch
 from dapt.redact import redact
 from dapt.schedule import build_scheduler, warmup_steps
 from dapt.sparse import SparsePrediction, supports_sparse
-from dapt.stream import RowFeeder, epoch_pass
+from dapt.stream import RowFeeder, epoch_pass, rows_for_passes
 
 log = logging.getLogger("dapt")
 
@@ -63,21 +63,30 @@ class EpochPass:
 
 
 def total_steps(cfg: RunConfig, corpus: Corpus) -> tuple[int, EpochPass | None]:
-    """train.max_steps, else train.epochs over the rows of one epoch (counted once, each rank its own streams)."""
+    """train.max_steps, else enough optimizer steps for every row of the corpus to be trained train.epochs times
+    (its rows counted once, each rank its own streams). The last step is not dropped when it is short of a full
+    global batch: it is completed with rows of the next pass."""
     t = cfg.train
     if t.max_steps:
         return t.max_steps, None
     started = time.time()
-    mine = [c for c in range(corpus.spec.streams) if c % dist.world() == dist.rank()]
-    rows, skipped = epoch_pass(corpus.spec, mine)
-    (rows,) = dist.all_sum(rows)
+    streams = corpus.spec.streams
+    mine = [c for c in range(streams) if c % dist.world() == dist.rank()]
+    counted, skipped = epoch_pass(corpus.spec, mine)
+    per_stream: dict[int, int] = {}
     total: Counter = Counter()
-    for part in dist.gather(dict(skipped)):
-        total.update(part)
+    for rows_of_rank, skipped_of_rank in dist.gather((counted, dict(skipped))):
+        per_stream |= rows_of_rank
+        total.update(skipped_of_rank)
+    rows = sum(per_stream.values())
     per_step = t.micro_batch_size * t.grad_accum * dist.world()
-    steps = max(1, int(t.epochs * rows // per_step))
-    log.info("one epoch is %d rows (counted in %.1f s; set train.max_steps to skip the count): %g epochs = %d "
-             "optimizer steps", rows, time.time() - started, t.epochs, steps)
+    needed = rows_for_passes(per_stream, streams, t.epochs)
+    steps = max(1, -(-needed // per_step))
+    log.info("one epoch is %d rows in %d streams (%d to %d each; counted in %.1f s, set train.max_steps to skip the "
+             "count); %g epoch(s): every row trained after %d global rows = %d optimizer steps of %d rows (%d rows "
+             "beyond %g x %d come from the next pass)", rows, streams, min(per_stream.values(), default=0),
+             max(per_stream.values(), default=0), time.time() - started, t.epochs, needed, steps, per_step,
+             steps * per_step - round(t.epochs * rows), t.epochs, rows)
     return steps, EpochPass(int(rows), total)
 
 
@@ -384,11 +393,12 @@ def finish(cfg: RunConfig, engine, corpus: Corpus, state: TrainState, ckpt: Chec
            device, feeder: RowFeeder, epoch: EpochPass | None, sparse: SparsePrediction | None = None) -> dict:
     out = Path(cfg.output_dir)
     skipped = _gathered_counts(feeder)
-    if epoch and state.rows + cfg.ds_config["train_batch_size"] > epoch.rows:
-        skipped = epoch.skipped  # epoch 0 was read to its end (bar a last partial batch): its pass saw every record
+    if epoch and state.rows >= epoch.rows:
+        skipped = epoch.skipped  # epoch 0 was read to its end: its pass saw every record
     final = export_hf(engine, corpus.tokenizer, ckpt.latest(), out / "final")
     summary = {"steps": state.step, "micro_steps": state.micro_step, "tokens_seen": state.tokens_seen,
-               "samples_seen": state.samples_seen, "best_eval_loss": state.best_eval_loss,
+               "samples_seen": state.samples_seen, "rows_trained": state.rows,
+               "epoch_rows": epoch.rows if epoch else None, "best_eval_loss": state.best_eval_loss,
                "wall_seconds": round(wall, 1), "world_size": dist.world(), "packing_efficiency": state.tokens_seen / max(1, state.slots_seen),
                "skipped_records": dict(skipped),
                "eval_skipped_records": dict(corpus.skipped)}
