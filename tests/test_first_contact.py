@@ -143,3 +143,25 @@ def test_a_corpus_smaller_than_the_stream_count_trains_with_fewer_streams(recipe
 
     resolved = yaml.safe_load((tmp_path / "derived" / "config.resolved.yaml").read_text())
     assert resolved["data"]["streams"] == 4
+
+
+# ---------------------------------------------------------------- launchers
+
+def test_a_non_editable_install_runs_the_first_command_from_a_copy_of_launch(tmp_path):
+    """pip install . (not -e) puts dapt in site-packages, away from launch/: the guard that keeps launch/profile.py
+    from shadowing the standard library's profile must find the launch folder wherever it is."""
+    import shutil
+
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--target", str(site), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    shutil.copytree(ROOT / "launch", tmp_path / "launch")
+    env = {**child_env(), "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import dapt; print(dapt.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=60)
+    assert where.stdout.strip().startswith(str(site))  # the installed copy, not this checkout
+    proc = subprocess.run([sys.executable, "launch/mlm.py", "--train.max_steps=2", "--output_dir", "run",
+                           "--log.progress=false"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()

@@ -5,7 +5,14 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
+
+def _is_launch_folder(entry: str) -> bool:
+    folder = Path(entry or ".")
+    return (folder / "profile.py").is_file() and (folder / "mlm.py").is_file()
+
+
 # `python launch/<script>.py` puts launch/ first on the import path, and launch/profile.py is named like the standard
-# library module that cProfile (imported by torch) loads: every launch script imports dapt first, so drop it here.
-_LAUNCH = (Path(__file__).resolve().parents[2] / "launch").resolve()
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _LAUNCH]
+# library module that cProfile (imported by torch) loads. Every launch script imports dapt first, so its folder is
+# dropped here: wherever it is (a checkout, or a copy of launch/ beside a non-editable install of dapt), it is the
+# folder that holds both profile.py and mlm.py.
+sys.path[:] = [p for p in sys.path if not _is_launch_folder(p)]

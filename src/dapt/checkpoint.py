@@ -360,6 +360,7 @@ def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path, auto_class: st
         verify_export(tmp, {k: v for k, v in reference.items() if k in params}, auto)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
+        log.info("exported %s (reloaded with %s: every weight equal to the fp32 masters)", out_dir, auto.__name__)
     dist.barrier()
     return out_dir if dist.rank() == 0 else None
 
@@ -387,4 +388,4 @@ def verify_export(out_dir: Path, expected: dict[str, torch.Tensor], auto=None) -
         if key in reloaded and not torch.equal(reloaded[key].to("cpu", torch.float32), value.to("cpu", torch.float32)):
             raise RuntimeError(f"export {out_dir}: {key} is not the trained fp32 master weights after reload (largest "
                                f"difference {float((reloaded[key].float().cpu() - value.float().cpu()).abs().max()):.3g})")
-    log.info("exported %s (%d tensors; reloaded, equal to the fp32 masters)", out_dir, len(reloaded))
+
