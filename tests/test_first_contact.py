@@ -165,3 +165,89 @@ def test_a_non_editable_install_runs_the_first_command_from_a_copy_of_launch(tmp
                            "--log.progress=false"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def _two_rank_run(tmp_path, recipe, cmd_prefix: list[str], envs: list[dict], name: str) -> list[str]:
+    """Run launch/mlm.py on two CPU ranks as `cmd_prefix` starts it (one command, or one process per env in `envs`),
+    and return the logs; the run must be one world of 2."""
+    import json
+
+    out = tmp_path / name
+    args = [str(ROOT / "launch" / "mlm.py"), "--recipe", str(recipe), "--output_dir", str(out),
+            "--train.max_steps=3", "--train.eval_every=0", "--checkpoint.every=0"]
+    procs = [subprocess.Popen(cmd_prefix + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**child_env(), **env}, cwd=tmp_path) for env in envs]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert (out / "final" / "model.safetensors").exists()
+    return logs
+
+
+def test_torchrun_makes_one_two_rank_run(tmp_path, recipe):
+    from dapt.dist import free_port
+
+    logs = _two_rank_run(tmp_path, recipe, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                            "--master_port", str(free_port())], [{}], "torchrun")
+    assert "rank 0 of 2" in logs[0] and "started by torchrun" in logs[0]
+
+
+def test_srun_and_mpirun_style_ranks_find_each_other(tmp_path, recipe):
+    """One plain `python launch/mlm.py` per rank, as `srun` or `mpirun -np 2` start them (no torch launcher): the
+    scheduler's variables give rank, world size, local rank and the first node; before, each process made itself
+    rank 0 of 1 and two runs wrote one output_dir."""
+    from dapt.dist import free_port
+
+    slurm = [{"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "4242",
+              "SLURM_STEP_NODELIST": "localhost", "MASTER_PORT": str(free_port())} for r in range(2)]
+    slurm[1]["MASTER_PORT"] = slurm[0]["MASTER_PORT"]
+    logs = _two_rank_run(tmp_path, recipe, [sys.executable], slurm, "srun")
+    assert "rank 0 of 2" in logs[0] and "started by srun" in logs[0] and "rendezvous localhost:" in logs[0]
+    port = str(free_port())
+    ompi = [{"OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
+             "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_PORT": port} for r in range(2)]
+    logs = _two_rank_run(tmp_path, recipe, [sys.executable], ompi, "mpirun")
+    assert "started by mpirun (Open MPI)" in logs[0] and "rendezvous 127.0.0.1:" in logs[0]
+
+
+def test_scheduler_variables_map_to_ranks_or_a_clear_refusal():
+    import pytest
+
+    from dapt.dist import LaunchError, first_host, scheduler_env
+
+    assert first_host("gpu-[03-05,9],cpu1") == "gpu-03" and first_host("node7") == "node7"
+    name, env = scheduler_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5",
+                               "SLURM_STEP_NODELIST": "a100-[12-13]", "SLURM_JOB_ID": "987654"})
+    assert name == "srun" and env == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "MASTER_ADDR": "a100-12",
+                                      "MASTER_PORT": str(20000 + 987654 % 20000)}
+    # an sbatch script's own body (no srun step) and launcher-started ranks are left alone
+    assert scheduler_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) is None
+    assert scheduler_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}) is None
+    with pytest.raises(LaunchError, match="export MASTER_ADDR"):  # mpirun over two nodes, nothing names the first
+        scheduler_env({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"})
+    assert scheduler_env({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"})[1][
+        "MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_accelerate_launch_is_honoured(tmp_path, recipe):
+    """accelerate launch's DeepSpeed config file and mixed precision, or its ZeRO flags without a file, reach the run
+    (it starts the ranks through torchrun); contradictions with the command line are config errors."""
+    from dapt.dist import free_port
+
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                  "--main_process_port", str(free_port()), "--use_deepspeed"]
+    logs = _two_rank_run(tmp_path, recipe, accelerate + ["--deepspeed_config_file", str(ROOT / "ds_configs" /
+                                                                                         "zero2_bf16.json")],
+                         [{}], "file")
+    assert "ds config from accelerate launch --deepspeed_config_file" in logs[0]
+    assert "ZeRO stage 2, precision bf16" in logs[0] and "started by accelerate launch" in logs[0]
+    logs = _two_rank_run(tmp_path, recipe, accelerate + ["--zero_stage", "3", "--gradient_accumulation_steps", "2",
+                                                         "--mixed_precision", "no"], [{}], "flags")
+    assert "ZeRO stage 3, precision fp32" in logs[0] and "= 8 x 2 x 2 = 32" in logs[0]
+
+    from dapt.accelerate_launch import accelerate_settings
+
+    _, _, _, problems = accelerate_settings({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "fp8",
+                                             "ACCELERATE_DEEPSPEED_CONFIG_FILE": "a.json"}, {"ds": "b.json"})
+    assert problems == ["contradiction: --ds b.json but accelerate launch --deepspeed_config_file a.json; give one",
+                        "accelerate launch --mixed_precision fp8: dapt trains in bf16, fp16 or fp32 (no)"]

@@ -428,6 +428,7 @@ class RunConfig:
     explicit: set = field(default_factory=set, repr=False, metadata={"internal": True})
     adopted: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
     notes: list = field(default_factory=list, repr=False, metadata={"internal": True})  # choices made for the user
+    ds_set: dict = field(default_factory=dict, repr=False, metadata={"internal": True})  # ds entries from the launcher
 
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)

@@ -77,6 +77,17 @@ def _agreed_port(env: dict[str, str]) -> str:
     return str(20000 + int(job) % 20000) if job.isdigit() else "29500"
 
 
+def launcher_name(env) -> str:
+    """Which launcher started this rank, from the variables each sets."""
+    if "ACCELERATE_MIXED_PRECISION" in env:
+        return "accelerate launch"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return "torchrun"
+    if "CROSS_RANK" in env:
+        return "the deepspeed launcher"
+    return "a launcher" if "RANK" in env else "one plain process"
+
+
 def adopt_scheduler_env() -> str | None:
     """Set RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous for srun/mpirun-started ranks (see scheduler_env); the
     launcher's name, or None."""
@@ -130,7 +141,7 @@ def describe(extra_env: list[str]) -> str:
 
     nccl = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")) or "none"
     here = [n for n in carried_names(extra_env) if n in os.environ]
-    started = os.environ.get("DAPT_LAUNCHER", "a launcher" if "RANK" in os.environ else "one plain process")
+    started = os.environ.get("DAPT_LAUNCHER") or launcher_name(os.environ)
     return (f"rank {rank()} of {world()} on {socket.gethostname()} (local rank {os.environ.get('LOCAL_RANK', '0')}, "
             f"started by {started}), "
             f"rendezvous {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}; NCCL: {nccl}; "

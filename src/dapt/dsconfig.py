@@ -63,6 +63,8 @@ def resolve_ds_config(cfg, world: int, accelerator: str, problems: list[str]) ->
     ds = load_ds_json(cfg.ds, problems)
     if not ds or not _well_formed(ds, problems):
         return ds
+    for path, value in cfg.ds_set.items():  # accelerate launch's DeepSpeed flags, when it gave no config file
+        _set(ds, path, value)
     _fill_batch(ds, cfg, world, problems)
     _fill(ds, ("gradient_clipping",), cfg, "train.grad_clip", problems)
     _fill_precision(ds, cfg, accelerator, problems)

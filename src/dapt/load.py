@@ -215,7 +215,10 @@ def collect_config(argv: list[str], world_size: int | None = None, accelerator: 
         ConfigError: for command-line arguments that cannot be parsed at all.
     """
     recipe, overrides, _ = parse_argv(argv)
-    problems: list[str] = []
+    from dapt.accelerate_launch import accelerate_settings
+
+    added, ds_set, launch_notes, problems = accelerate_settings(dict(os.environ), overrides)
+    overrides = {**overrides, **added}
     if recipe:
         values = _read_yaml(recipe, problems)
         model = values.get("model")
@@ -228,7 +231,7 @@ def collect_config(argv: list[str], world_size: int | None = None, accelerator: 
     values = _merge(values, _nest(overrides))
     explicit: set[str] = set()
     cfg = _build(RunConfig, values, "", problems, explicit)
-    cfg.explicit, cfg.notes = explicit, notes
+    cfg.explicit, cfg.notes, cfg.ds_set = explicit, launch_notes + notes, ds_set
     from dapt.dsconfig import check_with_deepspeed, resolve_ds_config
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
