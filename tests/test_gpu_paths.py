@@ -190,3 +190,29 @@ def test_the_default_optimizer_is_torchs_fused_adamw_which_needs_no_build(recipe
                                        "cpu")
     assert not problems and offload.ds_config["zero_force_ds_cpu_optimizer"] is False
     assert offload.ds_config["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_the_prepared_gpu_check_runs_its_plumbing_on_cpu(tmp_path):
+    """bench/gpu_check.py is what a GPU machine runs; here its CPU-capable parts run at tiny sizes (the export
+    against the masters, packed rows in bf16) so that the one GPU run does not fail on plumbing."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, child_env
+
+    script = [sys.executable, str(ROOT / "bench" / "gpu_check.py")]
+    listed = subprocess.run(script + ["--list"], capture_output=True, text=True, env=child_env(), timeout=60)
+    assert listed.returncode == 0 and "packed_zero0" in listed.stdout and "mlm_vs_hf" in listed.stdout
+    refused = subprocess.run(script, capture_output=True, text=True, env=child_env(), timeout=120)
+    assert refused.returncode == 2 and "no CUDA GPU here" in refused.stdout
+    proc = subprocess.run(script + ["--tiny", "--only", "environment,default_zero0,packed_zero3,packed_rows",
+                                    "--out", str(tmp_path)], capture_output=True, text=True, env=child_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
+    assert [r["status"] for r in results.values()] == ["passed"] * 4
+    assert results["default_zero0"]["final_equals_masters"] and results["packed_zero3"]["final_equals_masters"]
+    assert "zero_to_fp32" in results["packed_zero3"]["method"]
+    assert results["packed_rows"]["bert/sdpa"]["ok"] and "| packed_rows | passed |" in (tmp_path /
+                                                                                     "gpu_check.md").read_text()
