@@ -324,11 +324,16 @@ def test_finalize_fills_scheduler_steps_and_refuses_leftovers():
         finalize_ds_config(ds, total_steps=1, warmup_steps=0, hidden_size=None)
 
 
-def test_cuda_accelerator_keeps_deepspeed_optimizer(tmp_path):
-    """Pure: with accelerator="cuda" and a fixed precision nothing touches the device."""
-    cfg = load_config(["--recipe", recipe(tmp_path, train=TRAIN, ds=str(DS_DIR / "zero2_bf16.json"))],
-                      world_size=2, accelerator="cuda")
-    assert "torch_adam" not in cfg.ds_config["optimizer"]["params"]
+def test_cuda_gets_torchs_fused_adamw_and_deepspeeds_only_when_asked(tmp_path):
+    """Pure: with accelerator="cuda" and a fixed precision nothing touches the device. The default needs no build;
+    optimizer_impl=deepspeed leaves DeepSpeed to build FusedAdam (its buildability is checked where the run starts,
+    not on this machine without a GPU)."""
+    argv = ["--recipe", recipe(tmp_path, train=TRAIN, ds=str(DS_DIR / "zero2_bf16.json"))]
+    params = load_config(argv, world_size=2, accelerator="cuda").ds_config["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+    params = load_config(argv + ["--train.optimizer_impl=deepspeed"], world_size=2,
+                         accelerator="cuda").ds_config["optimizer"]["params"]
+    assert "torch_adam" not in params and "fused" not in params
 
 
 def test_default_ds_config_on_cpu_runs_fp32(tmp_path):

@@ -4,6 +4,7 @@ DeepSpeed JSON. Every problem is collected and raised once, as a ConfigError, be
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -128,7 +129,8 @@ def _coerce(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
             if not tmp:
                 return out
             errs += tmp
-        problems.append(f"{key}: expected {type_name(typ)}, got {value!r}")
+        finite = [e for e in errs if "expected a finite number" in e]
+        problems.append(finite[0] if finite else f"{key}: expected {type_name(typ)}, got {value!r}")
         return value
     if origin is list:
         items = value if isinstance(value, list) else ([value] if isinstance(value, str | int | float) else None)
@@ -143,13 +145,19 @@ def _coerce(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:  # NaN passes every `x <= 0` check; infinities are no setting either
+            problems.append(f"{key}: expected a finite number, got {value!r}")
+            return value
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -335,7 +343,9 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
         elif value in NOT_YET.get(key, ()):
             p.append(f"{key}: {value!r} comes with the streaming data layer and is not implemented yet; "
                      f"use one of {', '.join(v for v in allowed if v not in NOT_YET[key])}")
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+    if not cfg.output_dir.strip():
+        p.append("output_dir: empty (where should the run write?)")
+    if cfg.resume not in ("auto", "never") and (not cfg.resume or not Path(cfg.resume).is_dir()):
         p.append(f"resume: {cfg.resume!r} is neither auto, never nor an existing checkpoint folder")
     m, d, t, k = cfg.model, cfg.data, cfg.train, cfg.masking
     if m.name_or_path and m.config is not None:
@@ -345,7 +355,11 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     if isinstance(m.config, dict) and "model_type" not in m.config:
         p.append("model.config: a mapping needs model_type (bert, roberta, distilbert, modernbert, ...)")
     if m.name_or_path and check_files:
-        p += _pretrained_problems(cfg)
+        p += _pretrained_problems(cfg, m.name_or_path)
+    elif isinstance(m.config, str) and check_files:
+        p += _pretrained_problems(cfg, m.config, "model.config") if m.config else ["model.config: empty"]
+    if m.char_vocab < 2:
+        p.append(f"model.char_vocab: {m.char_vocab} must be >= 2 (the classes of CANINE's character head)")
     if m.tokenizer_vocab_size < 100:
         p.append(f"model.tokenizer_vocab_size: {m.tokenizer_vocab_size} is too small (at least 100)")
     from dapt.sources import local_exists
@@ -409,6 +423,29 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     if cfg.profile.peak_tflops < 0:
         p.append(f"profile.peak_tflops: {cfg.profile.peak_tflops} must be >= 0")
     _positive(p, "plan.gpus", cfg.plan.gpus)
+    _positive(p, "plan.min_micro_batch", cfg.plan.min_micro_batch)
+    _positive(p, "plan.tokens", cfg.plan.tokens, minimum=0)
+    if not 0 < cfg.plan.mfu <= 1:
+        p.append(f"plan.mfu: {cfg.plan.mfu} must be in (0, 1]")
+    if cfg.plan.chars_per_token <= 0:
+        p.append(f"plan.chars_per_token: {cfg.plan.chars_per_token} must be > 0")
+    _positive(p, "seed", cfg.seed, minimum=0)  # numpy's generators refuse negative seeds
+    if k.mask_token_id is not None:
+        _positive(p, "masking.mask_token_id", k.mask_token_id, minimum=0)
+    c = cfg.classify
+    _positive(p, "classify.patience", c.patience, minimum=0)
+    if any(seed < 0 for seed in c.seeds):
+        p.append(f"classify.seeds: {c.seeds} must all be >= 0")
+    if not 0 <= c.collapse_warn <= 1:
+        p.append(f"classify.collapse_warn: {c.collapse_warn} must be in [0, 1]")
+    if c.class_weights not in ("none", "inverse"):
+        try:
+            ok = all(0 < float(w) < math.inf for w in c.class_weights.split(","))
+        except ValueError:
+            ok = False
+        if not ok:
+            p.append(f"classify.class_weights: {c.class_weights!r} must be none, inverse or comma-separated weights "
+                     "> 0 in label order")
     _positive(p, "plan.measure_tokens", cfg.plan.measure_tokens, minimum=16)
     _positive(p, "fill.top_k", cfg.fill.top_k)
     if not cfg.fill.placeholder:
@@ -424,8 +461,8 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
         p.append(f"numerics.spike_factor: {n.spike_factor} must be > 1 (or 0 to turn the watchdog off)")
     if n.spike_window < n.spike_steps:
         p.append(f"numerics.spike_window: {n.spike_window} must be >= numerics.spike_steps ({n.spike_steps})")
-    if t.max_steps == 0 and t.epochs <= 0:
-        p.append(f"train.epochs: {t.epochs} must be > 0 when train.max_steps is 0")
+    if t.epochs <= 0:
+        p.append(f"train.epochs: {t.epochs} must be > 0")
     if t.lr <= 0:
         p.append(f"train.lr: {t.lr} must be > 0")
     if t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0:
@@ -442,23 +479,23 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
 
 
 
-def _pretrained_problems(cfg: RunConfig) -> list[str]:
-    """A pretrained model that cannot be fetched, or rows longer than its position embeddings (a from-scratch model
-    is given enough positions instead). Its config comes from a folder, dapt's table of the seeds' models (no
-    network) or the hub; an earlier stage's output that does not exist yet is left for the run to name."""
+def _pretrained_problems(cfg: RunConfig, name: str, field: str = "model.name_or_path") -> list[str]:
+    """A pretrained model (or a model.config path) that cannot be fetched, or rows longer than a pretrained model's
+    position embeddings (a from-scratch model is given enough positions instead). Its config comes from a folder,
+    dapt's table of the seeds' models (no network) or the hub; an earlier stage's output that does not exist yet is
+    left for the run to name."""
     from dapt.archs import model_config, position_limit
     from dapt.hub import HubError
 
-    m, max_len = cfg.model, cfg.data.max_seq_length
     try:
-        conf = model_config(m.name_or_path, m.trust_remote_code)
+        conf = model_config(name, cfg.model.trust_remote_code)
     except HubError as e:
-        return [str(e)]
+        return [str(e).replace("model.name_or_path", field, 1)]
     except (FileNotFoundError, ValueError):
         return []  # not written yet, or not a config transformers knows: the run reports it with its context
-    limit = position_limit(conf)
-    if limit is not None and max_len > limit:
-        return [f"data.max_seq_length: {max_len} is longer than {m.name_or_path} has position embeddings for "
+    limit, max_len = position_limit(conf), cfg.data.max_seq_length
+    if field == "model.name_or_path" and limit is not None and max_len > limit:
+        return [f"data.max_seq_length: {max_len} is longer than {name} has position embeddings for "
                 f"({limit} tokens); set --data.max_seq_length={limit} or less"]
     return []
 
