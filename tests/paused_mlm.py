@@ -1,0 +1,36 @@
+"""launch/mlm.py that pauses inside one chosen write, so a test can SIGKILL it there for certain (a kill aimed by
+polling for the write's temporary folder misses a write of a few milliseconds).
+
+    PAUSE_IN=checkpoint:12   inside the write of checkpoint step_00000012, before its manifest and rename
+    PAUSE_IN=export          inside the export of final/, after writing .tmp-final and before it is verified
+    PAUSE_MARKER=<file>      written when the pause begins
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import dapt.checkpoint as checkpoint
+from dapt import train
+from dapt.cli import main
+
+
+def _pause_before(fn, aimed):
+    def wrapped(folder, *args, **kwargs):
+        if aimed(Path(folder)):
+            Path(os.environ["PAUSE_MARKER"]).write_text(str(folder))
+            time.sleep(120)  # the test kills the process group here
+        return fn(folder, *args, **kwargs)
+
+    return wrapped
+
+
+if __name__ == "__main__":
+    where = os.environ["PAUSE_IN"]
+    if where.startswith("checkpoint:"):
+        tag = f".tmp-step_{int(where.split(':')[1]):08d}"
+        checkpoint.write_manifest = _pause_before(checkpoint.write_manifest, lambda f: f.name == tag)
+    else:
+        checkpoint.verify_export = _pause_before(checkpoint.verify_export, lambda f: f.name == ".tmp-final")
+    sys.exit(main(train.run, prog="paused_mlm.py"))
