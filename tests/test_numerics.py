@@ -14,10 +14,32 @@ from dapt.numerics import Diverged
 
 
 def module_weights(checkpoint) -> dict[str, torch.Tensor]:
-    """The module weights of a ZeRO-0 DeepSpeed checkpoint, read without unpickling anything but tensors and data."""
+    """The module weights of a DeepSpeed checkpoint, read without unpickling anything but tensors and data."""
     from dapt.checkpoint import safe_load
 
     return safe_load(checkpoint / "mp_rank_00_model_states.pt")["module"]
+
+
+def optimizer_state(checkpoint) -> dict[str, torch.Tensor]:
+    """Adam's moments and step counts, and (ZeRO 1-3) the fp32 master partitions, flattened to named tensors: at ZeRO
+    0 the torch optimizer's state in the model file, else the ZeRO optimizer file's."""
+    from dapt.checkpoint import safe_load
+
+    files = sorted(checkpoint.glob("*optim_states.pt"))
+    if files:
+        state = safe_load(files[0])["optimizer_state_dict"]
+        out = {f"master{i}": t for i, t in enumerate(state["single_partition_of_fp32_groups"])}
+        base = state["base_optimizer_state"]
+    else:
+        base = safe_load(checkpoint / "mp_rank_00_model_states.pt")["optimizer"]
+        out = {}
+    out |= {f"{i}.{name}": t for i, moments in base["state"].items() for name, t in moments.items()}
+    assert any(".exp_avg_sq" in k for k in out), out.keys()
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
@@ -29,8 +51,9 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(kind, recipe, tmp_path
     assert summary["steps"] == 6
     ckpts = out / "checkpoints"
     w2, w3, w4 = (module_weights(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
-    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 was skipped: no update
-    assert any(not torch.equal(w3[k], w4[k]) for k in w3)  # step 4 trained again
+    o2, o3, o4 = (optimizer_state(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
+    assert _same(w2, w3) and _same(o2, o3)  # step 3 was skipped: no weight, moment or step count moved
+    assert not _same(w3, w4) and not _same(o3, o4)  # step 4 trained again
     assert all(torch.isfinite(v).all() for v in w4.values())
     lrs = dict(series(out, "train/learning_rate"))
     assert lrs[3] == lrs[2] and lrs[4] < lrs[3]  # the skipped step did not advance the (linear decay) schedule
@@ -40,14 +63,21 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(kind, recipe, tmp_path
 
 
 def test_ds_skips_under_zero2_bf16(recipe, tmp_path, monkeypatch):
-    """Past ZeRO 0 fp32, DeepSpeed's own overflow check discards the NaN-poisoned step."""
+    """Past ZeRO 0 fp32, DeepSpeed's own overflow check discards the NaN-poisoned step: the bf16 weights, the fp32
+    master partitions and Adam's moments are those of the step before."""
     inject(monkeypatch, {3}, "inf")
     out = tmp_path / "run"
     run_inprocess(["--recipe", recipe, "--ds", DS / "zero2_bf16.json", "--output_dir", out, "--train.max_steps=4",
-                   "--train.eval_every=0", "--checkpoint.every=0"])
+                   "--train.eval_every=0", "--checkpoint.every=1", "--checkpoint.keep=10"])
     skipped = dict(series(out, "train/skipped_steps"))
     lrs = dict(series(out, "train/learning_rate"))
     assert skipped[2] == 0 and skipped[3] == 1 and lrs[3] == lrs[2] and math.isfinite(dict(series(out, "train/loss"))[4])
+    ckpts = out / "checkpoints"
+    w2, w3, w4 = (module_weights(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
+    o2, o3, o4 = (optimizer_state(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
+    assert any(k.startswith("master") for k in o2)
+    assert _same(w2, w3) and _same(o2, o3)
+    assert not _same(w3, w4) and not _same(o3, o4)
 
 
 def test_too_many_skipped_steps_stop_without_a_new_checkpoint(recipe, tmp_path, monkeypatch):
