@@ -340,7 +340,7 @@ def _client_state(cfg: RunConfig, state: TrainState, feeder: RowFeeder, guard: S
     for part in dist.gather(feeder.states):
         streams |= part
     return {"train_state": vars(state).copy(), "config": redact(cfg.to_dict()), "numerics": guard.state_dict(),
-            "data": {"streams": streams, "num_streams": cfg.data.streams, "files": feeder.spec.files,
+            "data": {"streams": streams, "num_streams": cfg.data.streams, "files": redact(feeder.spec.files),
                      "rows_per_step": cfg.ds_config["train_batch_size"]}}
 
 
