@@ -52,7 +52,7 @@ def run_case(case, good, tmp_path, capsys, lenient: bool, monkeypatch):
             "intermediate_size: 64, max_position_embeddings: 64}", "--model.tokenizer_vocab_size=200",
             "--data.max_seq_length=32", "--train.micro_batch_size=4", "--train.max_steps=0", "--train.epochs=1", "--train.eval_every=0",
             "--checkpoint.every=0", "--log.progress=false", "--log.plots=false", "--data.valid_fraction=0",
-            "--data.streams=1",
+            "--data.streams=1", "--data.log_sample_ids=true",
             f"--output_dir={folder / 'run'}", f"--data.on_error={'skip' if lenient else 'raise'}", *case.args]
     # main() closes the process group when it ends; DeepSpeed keeps a handle to it, so in one process keep it open
     monkeypatch.setattr(dapt.cli, "_close_process_group", lambda: None)
@@ -75,6 +75,7 @@ def test_hostile_file_strict(case, good, tmp_path, capsys, monkeypatch):
     assert "Traceback" not in text, text[-3000:]
     if case.lenient == "clean":  # odd but readable, or links and pipes in a folder: left out with a warning
         assert code == 0 and case.warns in text, text[-3000:]
+        _check_trained(case, source, tmp_path / "raise" / "run")
         return
     assert code in (2, 3), text[-3000:]
     name = source.name.encode("unicode_escape").decode()
@@ -94,6 +95,20 @@ def test_hostile_file_lenient(case, good, tmp_path, capsys, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     if case.lenient == "counted":
         assert sum(summary["skipped_records"].values()) + sum(summary["eval_skipped_records"].values()) > 0, summary
+    else:
+        _check_trained(case, source, out)
+
+
+def _check_trained(case, source, out) -> None:
+    """A clean case trains exactly the records it names from the hostile file (an epoch trains every row), and
+    drops nothing."""
+    if case.docs is None:
+        return
+    ids = (out / "samples.rank0.txt").read_text().splitlines()
+    mine = sorted({int(i.rsplit(":", 1)[1]) for i in ids if i.rsplit(":", 1)[0] == str(source)})
+    assert mine == list(case.docs), (case.name, mine)
+    assert any(i.rsplit(":", 1)[0] != str(source) for i in ids)  # the good file trained too
+    assert json.loads((out / "summary.json").read_text())["skipped_records"] == {}
 
 
 LABEL_CASES = {  # hostile label data for launch/classify.py: (file name, content, format, extra args)
