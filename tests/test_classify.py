@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,7 +114,7 @@ def test_classify_end_to_end_binary(labelled_jsonl, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(["--data.train", str(labelled_jsonl), "--data.test", str(labelled_jsonl), "--data.format=jsonl",
                        "--model.config", TINY, "--model.tokenizer_vocab_size=400", "--data.max_seq_length=48",
-                       "--output_dir", str(out), "--train.max_steps=30", "--train.eval_every=10",
+                       "--output_dir", str(out), "--train.max_steps=40", "--train.eval_every=10",
                        "--train.lr=2e-3", "--classify.head_lr_mult=5", "--classify.class_weights=inverse",
                        "--classify.label_smoothing=0.05", "--log.progress=false"], world_size=1, accelerator="cpu")
     summary = run(cfg)
@@ -123,6 +124,38 @@ def test_classify_end_to_end_binary(labelled_jsonl, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert model.config.id2label == {0: "http", 1: "report"}
     assert json.loads((out / "final" / "label_mapping.json").read_text())["label2id"] == {"http": 0, "report": 1}
+    _test_set_used_the_best_weights(out, summary, model)
+
+
+def _test_set_used_the_best_weights(out, summary, model):
+    """The test set is evaluated with the best checkpoint's weights, not the last step's: the best (ties keep the
+    earliest) is not the latest here, final/ holds the best's weights, and the test predictions written are those of
+    final/, recomputed here example by example."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from dapt.checkpoint import safe_load
+    from dapt.packing import pack
+
+    best, latest = summary["best_checkpoint"], json.loads((out / "checkpoints" / "index.json").read_text())["latest"]
+    assert best != latest, "this run's best checkpoint is its latest: the checks below would not tell them apart"
+    final = load_file(out / "final" / "model.safetensors")
+    weights = {tag: safe_load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt")["module"]
+               for tag in (best, latest)}
+    assert all(torch.equal(final[k], weights[best][k]) for k in final)
+    assert any(not torch.equal(final[k], weights[latest][k]) for k in final)
+    rows = [json.loads(x) for x in (out / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(map(sum, summary["test"]["confusion_matrix"]))
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    model.eval()
+    files: dict[str, list[str]] = {}
+    for r in rows[:40]:
+        path, line = r["id"].rsplit(":", 1)
+        text = json.loads(files.setdefault(path, Path(path).read_text().splitlines())[int(line) - 1])["text"]
+        ids = pack("pad", tokenizer, [text], [r["id"]], 48)[0].ids
+        with torch.no_grad():
+            probs = torch.softmax(model(input_ids=torch.as_tensor(ids)[None]).logits.float(), -1)[0]
+        assert probs.tolist() == pytest.approx([r["probabilities"][k] for k in ("http", "report")], abs=1e-5), r
 
 
 def test_unseen_test_label_is_a_clear_error_or_a_counted_skip(labelled_jsonl, tmp_path):

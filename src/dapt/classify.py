@@ -449,6 +449,14 @@ def run_one(cfg: RunConfig) -> dict:
     return _finish(cfg, engine, tokenizer, ckpt, test, labels, skipped, pad_id, device, time.time() - started, stop)
 
 
+def write_predictions(path: Path, data: Labelled, probs: np.ndarray, labels: list[str]) -> None:
+    """One JSON line per example: its id (file:line), true and predicted label, and every class probability."""
+    with path.open("w") as f:
+        for doc_id, y, p in zip(data.doc_ids, data.y, probs):
+            f.write(json.dumps({"id": doc_id, "label": labels[y], "predicted": labels[int(p.argmax())],
+                                "probabilities": {label: float(q) for label, q in zip(labels, p)}}) + "\n")
+
+
 def _should_stop(c, result: dict, stale: int, done: int, steps_per_epoch: int) -> str | None:
     rare, never = collapse(result, c.collapse_warn)
     if rare:
@@ -472,11 +480,12 @@ def _finish(cfg: RunConfig, engine, tokenizer, ckpt: Checkpointer, test: Labelle
                "metric": cfg.classify.metric, "stopped": stop, "wall_seconds": round(wall, 1),
                "skipped_records": dict(skipped)}
     if test is not None:
-        result = classification_metrics(test.y, predict(engine, test, cfg.train.micro_batch_size, pad_id, device),
-                                        labels)
+        probs = predict(engine, test, cfg.train.micro_batch_size, pad_id, device)
+        result = classification_metrics(test.y, probs, labels)
         summary["test"] = result
         if dist.rank() == 0:
             (out / "eval_test.json").write_text(json.dumps(result, indent=1))
+            write_predictions(out / "predictions_test.jsonl", test, probs, labels)
             plot_confusion(result, out / "plots" / "confusion_matrix.png")
             log.info("test: accuracy %.4f macro_f1 %.4f weighted_f1 %.4f%s", result["accuracy"], result["macro_f1"],
                      result["weighted_f1"], f" roc_auc {result['roc_auc']:.4f}" if "roc_auc" in result else "")
