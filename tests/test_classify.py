@@ -308,3 +308,35 @@ def test_a_nan_step_in_fine_tuning_is_skipped_and_counted(labelled_jsonl, tmp_pa
     assert [records[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 1, 1]
     assert records[2]["train/learning_rate"] == records[1]["train/learning_rate"]
     assert math.isnan(records[2]["train/loss"]) and math.isfinite(records[4]["train/loss"])
+
+
+def test_a_compiled_classifier_trains_like_the_eager_one(labelled_jsonl, tmp_path):
+    """train.compile for fine-tuning (DeepSpeed's engine.compile, aot_eager here): the same losses as eager."""
+    import dapt.model
+    from dapt.classify import run
+    from dapt.load import load_config
+
+    compiled = []
+    original = dapt.model.compiled
+
+    def spy(engine, backend):
+        compiled.append(backend)
+        return original(engine, backend)
+
+    import dapt.classify
+
+    dapt.classify.compiled = spy
+    try:
+        losses = {}
+        for mode in ("off", "aot_eager"):
+            out = tmp_path / mode
+            run(load_config(["--data.train", str(labelled_jsonl), "--data.format=jsonl", "--model.config", TINY,
+                             "--model.tokenizer_vocab_size=400", "--data.max_seq_length=48", "--output_dir", str(out),
+                             "--train.max_steps=4", "--train.eval_every=4", "--train.log_every=1",
+                             f"--train.compile={mode}", "--log.progress=false"], world_size=1, accelerator="cpu"))
+            losses[mode] = [json.loads(x)["train/loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                            if '"train/loss"' in x]
+    finally:
+        dapt.classify.compiled = original
+    assert compiled == ["off", "aot_eager"]
+    assert len(losses["off"]) == 4 and losses["aot_eager"] == pytest.approx(losses["off"], rel=1e-4)

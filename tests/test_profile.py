@@ -19,7 +19,8 @@ ARCHS = {
     "bert": {},
     "roberta": {"pad_token_id": 1},
     "distilbert": {"dim": 64, "n_layers": 3, "n_heads": 2, "hidden_dim": 96},
-    "modernbert": {"global_attn_every_n_layers": 2, "local_attention": 128, "pad_token_id": 0},
+    # a window of 16 over 48 tokens: the local layers' attention term is the window's, not the row's
+    "modernbert": {"global_attn_every_n_layers": 2, "local_attention": 16, "pad_token_id": 0},
 }
 
 
@@ -34,6 +35,13 @@ def test_analytic_flops_match_torchs_flop_counter(kind):
         model(input_ids=torch.randint(5, 500, (2, seq)))
     counted = counter.get_total_flops() / (2 * seq)
     mine = forward_flops(config, seq)
+    if kind == "modernbert":
+        # eager attention computes every score and masks those outside the window; the analytic count is the
+        # useful work (what a sliding-window kernel does): 4 x hidden per token for each key outside the window
+        local = [i for i in range(config.num_hidden_layers) if i % config.global_attn_every_n_layers]
+        outside = seq - (config.local_attention + 1)
+        counted -= len(local) * 4 * config.hidden_size * outside
+        assert local and outside > 0
     assert mine["encoder"] + mine["head"] == pytest.approx(counted, rel=0.01)
 
 
@@ -112,3 +120,22 @@ def test_profile_run_inprocess_contract(recipe, tmp_path):
     summary = run_inprocess(["--recipe", recipe, "--output_dir", tmp_path / "r", "--train.max_steps=2",
                              "--profile.steps=3"])
     assert summary["steps"] == 2  # profile fields do not disturb a training run
+
+
+def test_a_compiled_profiling_run_times_the_compiled_step(recipe, tmp_path):
+    """train.compile in profiling runs: the engine is compiled before the timed steps (aot_eager here); the report
+    reads it from the engine (DeepSpeed's is_compiled), not from the config."""
+    from dapt.dist import setup_logging
+    from dapt.load import load_config
+    from dapt.profiling import run_profile
+
+    reports = {}
+    for mode in ("off", "aot_eager"):
+        cfg = load_config([str(a) for a in ["--recipe", recipe, "--output_dir", tmp_path / mode, "--profile.warmup=1",
+                                            "--profile.steps=2", f"--train.compile={mode}"]],
+                          world_size=1, accelerator="cpu")
+        setup_logging("warning")
+        reports[mode] = run_profile(cfg)
+    assert reports["aot_eager"]["settings"]["compile"] == "aot_eager" and reports["off"]["settings"]["compile"] == "off"
+    for report in reports.values():
+        assert report["throughput"]["real_tokens_per_second"] > 0

@@ -246,6 +246,7 @@ def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory: dict
                      "world_size": world, "packing": cfg.data.packing, "precision": t.precision,
                      "zero_stage": cfg.ds_config.get("zero_optimization", {}).get("stage", 0),
                      "optimizer": describe_optimizer(cfg.ds_config, accelerator), "sparse_prediction": sparse,
+                     "compile": t.compile if getattr(engine, "is_compiled", False) else "off",  # as the engine is
                      "gradient_checkpointing": cfg.model.gradient_checkpointing, "warmup_steps": cfg.profile.warmup,
                      "profiled_steps": len(parts["step"])},
         "step_seconds": {"median": step, "min": min(parts["step"]), "max": max(parts["step"])},
