@@ -1,6 +1,7 @@
 """launch/mlm.py that pauses inside one chosen write, so a test can SIGKILL it there for certain (a kill aimed by
 polling for the write's temporary folder misses a write of a few milliseconds).
 
+    PAUSE_IN=startup         in start-up, once config.resolved.yaml is written, before the engine and any step
     PAUSE_IN=checkpoint:12   inside the write of checkpoint step_00000012, before its manifest and rename
     PAUSE_IN=export          inside the export of final/, after writing .tmp-final and before it is verified
     PAUSE_MARKER=<file>      written when the pause begins
@@ -28,7 +29,14 @@ def _pause_before(fn, aimed):
 
 if __name__ == "__main__":
     where = os.environ["PAUSE_IN"]
-    if where.startswith("checkpoint:"):
+    if where == "startup":
+        def resolved_then_pause(cfg, path):
+            save_resolved(cfg, path)
+            _pause_before(lambda folder: None, lambda folder: True)(path)
+
+        save_resolved = train.save_resolved
+        train.save_resolved = resolved_then_pause
+    elif where.startswith("checkpoint:"):
         tag = f".tmp-step_{int(where.split(':')[1]):08d}"
         checkpoint.write_manifest = _pause_before(checkpoint.write_manifest, lambda f: f.name == tag)
     else:

@@ -62,19 +62,21 @@ def _kill_inside(args: list[str], out: Path, pause_in: str, tmp_path: Path) -> P
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     left = Path(marker.read_text())
-    assert left.is_dir(), f"killed inside {pause_in}, yet {left} is gone"
+    assert left.exists(), f"killed inside {pause_in}, yet {left} is gone"
     return left
 
 
 def test_sigkill_inside_a_checkpoint_write_and_inside_the_export_then_reruns_equal_an_uninterrupted_run(recipe,
                                                                                                     tmp_path):
-    """The two writes that must be atomic, each killed for certain while it is half done (the run pauses there):
-    the reruns of the same command skip the half-written checkpoint, redo the export, and end as an uninterrupted
-    run ends."""
+    """A kill in start-up, and the two writes that must be atomic, each killed for certain while it is half done
+    (the run pauses there): the reruns of the same command start again, skip the half-written checkpoint, redo the
+    export, and end as an uninterrupted run ends."""
     args = ["--recipe", str(recipe), "--train.max_steps=24", "--checkpoint.every=6", "--checkpoint.keep=2",
             "--train.eval_every=12", "--data.log_sample_ids=true"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     launch(args + ["--output_dir", straight])
+    _kill_inside(args + ["--output_dir", str(broken)], broken, "startup", tmp_path)
+    assert not (broken / "metrics.jsonl").exists() and not (broken / "checkpoints").exists()  # before any step
     left = _kill_inside(args + ["--output_dir", str(broken)], broken, "checkpoint:12", tmp_path)
     assert left.name == ".tmp-step_00000012"
     index = json.loads((broken / "checkpoints" / "index.json").read_text())
