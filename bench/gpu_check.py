@@ -168,58 +168,29 @@ class Check:
         return result
 
     def packed_rows(self) -> dict:
+        """tests/test_attention.py's models and documents, in bf16 on the GPU."""
         import torch
-        from transformers import (
-            BertConfig,
-            BertForMaskedLM,
-            DistilBertConfig,
-            DistilBertForMaskedLM,
-            ModernBertConfig,
-            ModernBertForMaskedLM,
-            RobertaConfig,
-            RobertaForMaskedLM,
-        )
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_attention import MODELS, _docs, _Tok
 
         from dapt.attention import model_inputs
         from dapt.masking import MLMCollator
 
-        small = {"vocab_size": 120, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "intermediate_size": 128}
-        models = {
-            "bert": lambda impl: BertForMaskedLM._from_config(BertConfig(**small), attn_implementation=impl),
-            "roberta": lambda impl: RobertaForMaskedLM._from_config(RobertaConfig(**small, pad_token_id=1),
-                                                                    attn_implementation=impl),
-            "distilbert": lambda impl: DistilBertForMaskedLM._from_config(
-                DistilBertConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4, hidden_dim=128),
-                attn_implementation=impl),
-            "modernbert": lambda impl: ModernBertForMaskedLM._from_config(
-                ModernBertConfig(**small, local_attention=16, global_attn_every_n_layers=2, pad_token_id=0,
-                                 bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3),
-                attn_implementation=impl)}
         device = torch.device("cuda" if self.cuda else "cpu")
-        dtype = torch.bfloat16
         impls = ["sdpa"] + (["flash_attention_2"] if self.cuda and importlib.util.find_spec("flash_attn") else [])
-
-        class Tok:
-            mask_token_id, pad_token_id, all_special_ids = 4, 0, [0, 1, 2, 3, 4]
-
-            def __len__(self):
-                return 120
-
-        g = torch.Generator().manual_seed(0)
-        docs = [torch.cat([torch.tensor([2]), torch.randint(5, 120, (n,), generator=g), torch.tensor([3])])
-                for n in (21, 9, 30, 5)]
+        docs = _docs()
         rows = [torch.cat(docs[:3]), docs[3]]
         items = [{"input_ids": r.numpy(), "key": i, "index": i, "lengths": tuple(len(d) for d in part)}
                  for i, (r, part) in enumerate(zip(rows, [docs[:3], docs[3:]]))]
-        batch = MLMCollator(Tok(), rate=1e-9, seed=0)(items)
+        batch = MLMCollator(_Tok(), rate=1e-9, seed=0)(items)
         result = {"impls": impls, "note": None if len(impls) > 1 else "flash-attn not importable: sdpa only"}
-        for name, make in models.items():
+        for name, make in MODELS.items():
             for impl in impls:
                 torch.manual_seed(0)
-                model = make(impl).to(device, dtype).eval()
+                model = make(impl).to(device, torch.bfloat16).eval()
                 torch.manual_seed(0)
-                reference = make("sdpa").to(device, dtype).eval()
+                reference = make("sdpa").to(device, torch.bfloat16).eval()
                 inputs, keep = model_inputs(batch, model, device)
                 with torch.no_grad():
                     packed = model(**inputs).logits.float()
@@ -229,14 +200,13 @@ class Check:
                         packed = full
                     plain = model(input_ids=batch["input_ids"].to(device)).logits.float()
                     alone = [reference(input_ids=d[None].to(device)).logits[0].float() for d in docs]
-                at, worst, leaked = 0, 0.0, 0.0
-                for d, ref in zip(docs[:3], alone[:3]):
-                    worst = max(worst, (packed[0, at:at + len(d)] - ref).abs().max().item())
-                    leaked = max(leaked, (plain[0, at:at + len(d)] - ref).abs().max().item())
-                    at += len(d)
-                worst = max(worst, (packed[1, :len(docs[3])] - alone[3]).abs().max().item())
-                ok = worst < 0.05 and leaked > 5 * worst
-                result[f"{name}/{impl}"] = {"max_abs_diff_vs_alone": worst, "without_mask_diff": leaked, "ok": ok}
+                starts = [0, len(docs[0]), len(docs[0]) + len(docs[1])]
+                worst = max([(packed[0, a:a + len(d)] - ref).abs().max().item() for a, d, ref in
+                             zip(starts, docs[:3], alone)] + [(packed[1, :len(docs[3])] - alone[3]).abs().max().item()])
+                leaked = max((plain[0, a:a + len(d)] - ref).abs().max().item() for a, d, ref in
+                             zip(starts, docs[:3], alone))
+                result[f"{name}/{impl}"] = {"max_abs_diff_vs_alone": worst, "without_mask_diff": leaked,
+                                            "ok": worst < 0.05 and leaked > 5 * worst}
         bad = [k for k, v in result.items() if isinstance(v, dict) and not v["ok"]]
         if bad:
             raise RuntimeError(f"packed rows differ from each document alone: {bad}: {result}")
