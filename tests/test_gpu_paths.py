@@ -216,3 +216,27 @@ def test_the_prepared_gpu_check_runs_its_plumbing_on_cpu(tmp_path):
     assert "zero_to_fp32" in results["packed_zero3"]["method"]
     assert results["packed_rows"]["bert/sdpa"]["ok"] and "| packed_rows | passed |" in (tmp_path /
                                                                                      "gpu_check.md").read_text()
+
+
+def test_a_pretrained_model_saved_in_bf16_trains_and_exports_in_fp32(tmp_path, corpus_file):
+    """Hub checkpoints are often saved in bf16 (config.json dtype: bfloat16): the model is loaded in fp32 (DeepSpeed
+    keeps fp32 masters from it; an fp32 run must not train bf16 weights), and final/ is built in fp32, not in the
+    config's dtype, so that it holds the masters exactly."""
+    from conftest import TINY_MODEL
+
+    from dapt.model import train_wordpiece
+
+    tok = train_wordpiece(corpus_file.read_text().splitlines(), 300, 32)
+    src = tmp_path / "bf16"
+    fields = {k: v for k, v in TINY_MODEL.items() if k != "model_type"}
+    BertForMaskedLM(BertConfig(**fields, vocab_size=len(tok))).to(torch.bfloat16).save_pretrained(src)
+    tok.save_pretrained(src)
+    assert '"dtype": "bfloat16"' in (src / "config.json").read_text()
+    out = tmp_path / "run"
+    run_inprocess(["--model.name_or_path", src, "--data.train", corpus_file, "--output_dir", out,
+                   "--data.max_seq_length=32", "--train.max_steps=2", "--train.micro_batch_size=4",
+                   "--log.progress=false"])
+    final = load_file(out / "final" / "model.safetensors")
+    module = safe_load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt")["module"]
+    assert all(t.dtype == torch.float32 for t in module.values() if t.is_floating_point())  # trained in fp32
+    assert all(torch.equal(final[k], module[k]) for k in final if k in module)

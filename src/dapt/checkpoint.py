@@ -345,7 +345,7 @@ def export_hf(engine, tokenizer, checkpoint: Path, out_dir: Path, auto_class: st
     auto = getattr(transformers, auto_class)
     state, reference = export_state(engine, checkpoint)
     if dist.rank() == 0:
-        model = auto.from_config(engine.module.config)
+        model = auto.from_config(engine.module.config, dtype=torch.float32)  # not the config's (maybe bf16) dtype
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in _tied_keys(model)]
         if missing or unexpected:

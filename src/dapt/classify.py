@@ -167,7 +167,8 @@ def build_classifier(cfg: RunConfig, tokenizer, labels: list[str]):
         for impl in ("sdpa", "eager"):
             try:
                 return pretrained(AutoModelForSequenceClassification.from_pretrained, m.name_or_path,
-                                  attn_implementation=impl, trust_remote_code=m.trust_remote_code, **maps)
+                                  attn_implementation=impl, trust_remote_code=m.trust_remote_code,
+                                  dtype=torch.float32, **maps)
             except HubError:
                 raise
             except ValueError:
@@ -176,7 +177,7 @@ def build_classifier(cfg: RunConfig, tokenizer, labels: list[str]):
     conf = AutoConfig.for_model(fields.pop("model_type"), **fields, **maps, vocab_size=len(tokenizer),
                                 pad_token_id=tokenizer.pad_token_id)
     grow_positions(conf, cfg.data.max_seq_length)
-    return AutoModelForSequenceClassification.from_config(conf)
+    return AutoModelForSequenceClassification.from_config(conf, dtype=torch.float32)
 
 
 def classifier_groups(model: torch.nn.Module, lr: float, weight_decay: float, head_mult: float) -> list[dict]:

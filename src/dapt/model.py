@@ -180,7 +180,8 @@ def _instantiate(cfg, conf, impl: str, ds_config: dict | None):
     m = cfg.model
     if not m.name_or_path:
         torch.manual_seed(cfg.seed)
-        return AutoModelForMaskedLM.from_config(conf, attn_implementation=impl, trust_remote_code=m.trust_remote_code)
+        return AutoModelForMaskedLM.from_config(conf, attn_implementation=impl, trust_remote_code=m.trust_remote_code,
+                                                dtype=torch.float32)
     zero3 = ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3
     keep_alive = None
     if zero3:
@@ -188,8 +189,10 @@ def _instantiate(cfg, conf, impl: str, ds_config: dict | None):
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # must live while from_pretrained runs, and not longer
     try:
+        # fp32 whatever the hub config says (transformers 5 loads dtype="auto"): DeepSpeed keeps fp32 masters from
+        # these weights in bf16/fp16, and an fp32 run must not train bf16 weights without masters
         return pretrained(AutoModelForMaskedLM.from_pretrained, m.name_or_path, attn_implementation=impl,
-                          trust_remote_code=m.trust_remote_code)
+                          trust_remote_code=m.trust_remote_code, dtype=torch.float32)
     finally:
         del keep_alive
 
