@@ -101,6 +101,9 @@ def test_a_from_scratch_model_gets_positions_for_its_rows(tmp_path, recipe):
     roberta = AutoConfig.for_model("roberta", max_position_embeddings=64, pad_token_id=1)
     grow_positions(roberta, 96)
     assert roberta.max_position_embeddings == 98 and position_limit(roberta) == 96
+    # no table of absolute positions to outgrow: rotary ModernBERT, DeBERTa-v3's relative positions
+    assert position_limit(AutoConfig.for_model("modernbert")) is None
+    assert position_limit(AutoConfig.for_model("deberta-v2", position_biased_input=False)) is None
 
 
 # ---------------------------------------------------------------- a first corpus
@@ -216,6 +219,15 @@ def test_scheduler_variables_map_to_ranks_or_a_clear_refusal():
     from dapt.dist import LaunchError, first_host, scheduler_env
 
     assert first_host("gpu-[03-05,9],cpu1") == "gpu-03" and first_host("node7") == "node7"
+    assert first_host("node[01-04]-ib") == "node01-ib" and first_host("rack[1-2]-n[01-04],x") == "rack1-n01"
+    # srun --gpus-per-task=1: each task sees one GPU, whatever its local rank
+    assert scheduler_env({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "3",
+                          "SLURM_STEP_NODELIST": "n1"}, devices=1)[1]["LOCAL_RANK"] == "0"
+    # mpirun inside a SLURM allocation: its ranks also carry the srun step's variables, which are not theirs
+    inside = scheduler_env({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0",
+                            "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
+                            "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "MASTER_ADDR": "n1"})
+    assert inside[0] == "mpirun (Open MPI)" and inside[1]["RANK"] == "5" and inside[1]["WORLD_SIZE"] == "8"
     name, env = scheduler_env({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "5",
                                "SLURM_STEP_NODELIST": "a100-[12-13]", "SLURM_JOB_ID": "987654"})
     assert name == "srun" and env == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "MASTER_ADDR": "a100-12",
@@ -251,3 +263,27 @@ def test_accelerate_launch_is_honoured(tmp_path, recipe):
                                              "ACCELERATE_DEEPSPEED_CONFIG_FILE": "a.json"}, {"ds": "b.json"})
     assert problems == ["contradiction: --ds b.json but accelerate launch --deepspeed_config_file a.json; give one",
                         "accelerate launch --mixed_precision fp8: dapt trains in bf16, fp16 or fp32 (no)"]
+
+
+def test_accelerate_settings_meet_the_recipe(recipe, monkeypatch):
+    """What accelerate launch sets fills what the recipe and command line leave open; a disagreement is a config
+    error, not a silent override either way. Its default mixed_precision 'no' is not taken as a choice."""
+    import pytest
+
+    from dapt.config import ConfigError
+    from dapt.load import load_config
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    cfg = load_config(["--recipe", str(recipe)], world_size=1, accelerator="cpu")
+    assert cfg.train.grad_accum == 2 and cfg.ds_config["zero_optimization"]["stage"] == 3
+    assert cfg.ds_config["gradient_accumulation_steps"] == 2
+    assert any("mixed_precision is 'no' (its default)" in n for n in cfg.notes)
+    with pytest.raises(ConfigError, match="train.grad_accum = 3 in the recipe or command line, but accelerate"):
+        load_config(["--recipe", str(recipe), "--train.grad_accum=3"], world_size=1, accelerator="cpu")
+    with pytest.raises(ConfigError, match=r"zero3_bf16.json has zero_optimization.stage = 3, accelerate launch says 2"):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        load_config(["--recipe", str(recipe), "--ds", str(ROOT / "ds_configs" / "zero3_bf16.json")], world_size=1,
+                    accelerator="cpu")

@@ -186,6 +186,16 @@ def test_the_default_optimizer_is_torchs_fused_adamw_which_needs_no_build(recipe
     _, problems = collect_config(["--recipe", str(recipe), "--train.optimizer_impl=deepspeed"], 1, "cpu")
     assert problems == ["train.optimizer_impl=deepspeed: DeepSpeed's FusedAdam op is neither prebuilt nor buildable "
                         "here (missing ninja, a C++ compiler); use train.optimizer_impl=torch, or install what it needs"]
+    import json as _json
+
+    own = tmp_path / "own_adam.json"  # a ds file asking for DeepSpeed's own optimizer gets no torch-only flag
+    own.write_text(_json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": False}}}))
+    monkeypatch.undo()
+    cfg_own, problems = collect_config(["--recipe", str(recipe), "--ds", str(own)], 1, "cpu")
+    assert not problems and "fused" not in cfg_own.ds_config["optimizer"]["params"]
+    own.write_text(_json.dumps({"optimizer": {"type": "AdamW", "params": {"fused": True, "foreach": True}}}))
+    assert "fused and foreach are both true" in collect_config(["--recipe", str(recipe), "--ds", str(own)], 1,
+                                                               "cpu")[1][0]
     offload, problems = collect_config(["--recipe", str(recipe), "--ds", str(DS / "zero3_offload_bf16.json")], 1,
                                        "cpu")
     assert not problems and offload.ds_config["zero_force_ds_cpu_optimizer"] is False

@@ -22,9 +22,10 @@ TRAIN = {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "train.grad_accum", "ACCELERA
 
 
 def accelerate_settings(env: dict[str, str], overrides: dict[str, Any]) -> tuple[dict, dict, list[str], list[str]]:
-    """(overrides to add, ds config entries to set, notes for the log, problems) from accelerate's variables; all
-    empty when accelerate did not start this process. `overrides` are the command line's: they win when they agree,
-    and a disagreement is a problem."""
+    """(settings to add, ds config entries to set, notes for the log, problems) from accelerate's variables; all
+    empty when accelerate did not start this process. `overrides` are the command line's. The settings must agree
+    with what the recipe and the command line say (dapt.load checks: a disagreement is a config error), and the ds
+    entries with a --ds file."""
     add: dict[str, Any] = {}
     ds_set: dict[tuple, Any] = {}
     notes: list[str] = []
@@ -51,13 +52,9 @@ def accelerate_settings(env: dict[str, str], overrides: dict[str, Any]) -> tuple
                 ds_set[path] = int(env[name]) if path[-1] == "stage" else env[name]
                 notes.append(f"ds {'.'.join(path)} = {env[name]} from accelerate launch")
     for name, key in TRAIN.items():
-        if name in env:
-            value = float(env[name]) if key == "train.grad_clip" else int(env[name])
-            if key in overrides and overrides[key] != value:
-                problems.append(f"contradiction: --{key}={overrides[key]} but accelerate launch set {name}={env[name]}")
-            elif not config_file:
-                add[key] = value
-                notes.append(f"{key} = {env[name]} from accelerate launch")
+        if name in env and not config_file:
+            add[key] = float(env[name]) if key == "train.grad_clip" else int(env[name])
+            notes.append(f"{key} = {env[name]} from accelerate launch")
     if env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "false":
         notes.append("accelerate launch --zero3_init_flag false: dapt still loads a pretrained model partitioned under "
                      "ZeRO-3 (zero.Init), so that a model larger than one GPU loads")
@@ -78,8 +75,10 @@ def _precision(mixed: str | None, config_file: bool, overrides: dict, add: dict,
     if mixed not in PRECISION:
         problems.append(f"accelerate launch --mixed_precision {mixed}: dapt trains in bf16, fp16 or fp32 (no)")
         return
-    if mixed == "no" and config_file:
-        return  # accelerate's default, and the DeepSpeed config file says what it runs
+    if mixed == "no":  # accelerate's default, set whether or not --mixed_precision was given: not a choice
+        notes.append("accelerate launch's mixed_precision is 'no' (its default): train.precision and the ds config "
+                     "decide")
+        return
     precision = PRECISION[mixed]
     given = overrides.get("train.precision")
     if given not in (None, "auto", precision):

@@ -61,13 +61,16 @@ def model_config(name: str, trust_remote_code: bool = False):
 
 
 # RoBERTa-style embeddings count positions from pad_token_id + 1, so that many positions are never used for tokens.
-OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text"}
+OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "xmod", "data2vec-text",
+                          "mpnet", "longformer"}
 
 
 def position_limit(conf) -> int | None:
     """The longest row a model can embed (None: no table of positions to outgrow, e.g. rotary-only models)."""
     n = getattr(conf, "max_position_embeddings", None)
     if not n or conf.model_type == "modernbert":  # rotary: no table; max_position_embeddings is only advisory
+        return None
+    if getattr(conf, "position_biased_input", True) is False:  # DeBERTa-v2/v3: relative positions only
         return None
     if conf.model_type in OFFSET_POSITION_MODELS:
         return n - (getattr(conf, "pad_token_id", None) or 0) - 1

@@ -15,10 +15,14 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 import torch
 
 from dapt.archs import OFFSET_POSITION_MODELS
+
+# Models whose forward hands cu_seq_lens and position_ids down to flash attention (each tested packed == alone)
+FLASH_PACKED_MODELS = {"bert", "roberta", "distilbert", "modernbert"}
 
 log = logging.getLogger("dapt")
 
@@ -50,6 +54,9 @@ def model_inputs(batch: dict, model: torch.nn.Module, device: torch.device) -> t
         pos = pos + (config.pad_token_id or 0) + 1
     impl = getattr(config, "_attn_implementation", "sdpa")
     if impl == "flash_attention_2":
+        if config.model_type not in FLASH_PACKED_MODELS:  # build_model does not choose flash for them
+            raise ValueError(f"packed rows under flash_attention_2 are checked for {sorted(FLASH_PACKED_MODELS)} "
+                             f"only, not {config.model_type}; use model.attn_implementation=sdpa")
         return _flattened(ids, pos, seg, batch["position_ids"].to(device))
     width = seg.shape[1]
     eye = torch.eye(width, dtype=torch.bool, device=device)
@@ -86,8 +93,8 @@ def forward(engine, batch: dict, device: torch.device, call):
         out = call(*model_inputs(batch, module, device))
     except RuntimeError as e:
         if getattr(module.config, "_attn_implementation", None) != "flash_attention_2" or \
-                getattr(module, "_dapt_attention_ran", False):
-            raise
+                getattr(module, "_dapt_attention_ran", False) or not _raised_in_flash_attention(e):
+            raise  # out of memory, a collective, a compile error...: not flash-attn's kernels
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         log.warning("flash_attention_2 failed at its first forward on this device (%s: %s); falling back to sdpa "
                     "(set model.attn_implementation=sdpa to skip the attempt)", type(e).__name__, first[:300])
@@ -95,6 +102,14 @@ def forward(engine, batch: dict, device: torch.device, call):
         out = call(*model_inputs(batch, module, device))
     module._dapt_attention_ran = True
     return out
+
+
+def _raised_in_flash_attention(error: BaseException) -> bool:
+    """The error came out of flash-attn or transformers' flash integration, and is no out-of-memory error."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return any("flash_attn" in f.filename or "flash_attention" in f.filename for f in frames)
 
 
 def _as(block: torch.Tensor, impl: str, model: torch.nn.Module) -> torch.Tensor:

@@ -257,42 +257,60 @@ def masters(optimizer, module: torch.nn.Module) -> dict[int, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param
     from torch._utils import _unflatten_dense_tensors
 
-    opt, out, device = optimizer, {}, next(module.parameters()).device
+    opt, device, first = optimizer, next(module.parameters()).device, dist.rank() == 0
+    out: dict[int, torch.Tensor] = {}
+
+    def keep(param, master: torch.Tensor) -> None:  # on the CPU at once, and on rank 0 only: the GPUs stay free
+        if first:
+            out[id(param)] = master.detach().to("cpu", torch.float32)
+
     if isinstance(opt, FP16_Optimizer):
         for low, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
-            out |= {id(p): m for p, m in zip(low, _unflatten_dense_tensors(flat.detach(), low))}
+            for p, m in zip(low, _unflatten_dense_tensors(flat.detach(), low)):
+                keep(p, m)
     elif isinstance(opt, FP16_UnfusedOptimizer):
         for low, high in zip(opt.fp16_groups, opt.fp32_groups):
-            out |= {id(p): m.detach() for p, m in zip(low, high)}
+            for p, m in zip(low, high):
+                keep(p, m)
     elif isinstance(opt, BF16_Optimizer):
         for i, low in enumerate(opt.bf16_groups):
             flat = _gathered(opt.fp32_groups_flat_partition[i].to(device), opt.real_dp_process_group[i])
-            offsets = np.cumsum([0] + [p.numel() for p in low])
-            out |= {id(p): flat[a:a + p.numel()].view(p.shape) for p, a in zip(low, offsets)}
+            for p, a in zip(low, np.cumsum([0] + [p.numel() for p in low])) if flat is not None else ():
+                keep(p, flat[a:a + p.numel()].view(p.shape))
     elif isinstance(opt, DeepSpeedZeroOptimizer):
         for i in range(len(opt.bit16_groups)):
             flat = _gathered(opt.single_partition_of_fp32_groups[i].to(device),  # offloaded: on the CPU
-                              opt.real_dp_process_group[i])
-            for p, meta, at in zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_meta[i],
-                                   opt.round_robin_bit16_offsets[i]):
-                out[id(p)] = flat[at:at + meta.numel()].view(meta.shape)
+                             opt.real_dp_process_group[i])
+            params, metas = opt.round_robin_bit16_groups[i], opt.round_robin_bit16_meta[i]
+            # DeepSpeed releases before round_robin_bit16_offsets packed the parameters with no alignment padding
+            offsets = getattr(opt, "round_robin_bit16_offsets", None)
+            starts = offsets[i] if offsets else np.cumsum([0] + [m.numel() for m in metas])
+            for p, meta, at in zip(params, metas, starts) if flat is not None else ():
+                keep(p, flat[at:at + meta.numel()].view(meta.shape))
     elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        out = {id(p): safe_get_full_fp32_param(p).detach() for p in module.parameters() if p.requires_grad}
+        for p in module.parameters():
+            if p.requires_grad:
+                keep(p, safe_get_full_fp32_param(p))  # collective, one parameter at a time
     elif isinstance(opt, torch.optim.Optimizer):  # ZeRO always wraps: a bare torch optimizer is fp32 at ZeRO 0
-        out = {id(p): p.detach() for group in opt.param_groups for p in group["params"]}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                keep(p, p)
     else:
         raise TypeError(f"export: dapt does not know where {type(opt).__name__} keeps the fp32 master weights")
-    return {k: v.to("cpu", torch.float32) for k, v in out.items()} if dist.rank() == 0 else {}
+    return out
 
 
-def _gathered(part: torch.Tensor, group) -> torch.Tensor:
-    """Equal-sized flat partitions of all ranks of `group`, concatenated in rank order."""
+def _gathered(part: torch.Tensor, group) -> torch.Tensor | None:
+    """Equal-sized flat partitions of all ranks of `group`, concatenated in rank order, on rank 0 (None elsewhere):
+    gathered to one rank, so that the full fp32 model never sits on every GPU at the end of a run."""
     n = torch.distributed.get_world_size(group=group) if torch.distributed.is_initialized() else 1
     if n == 1:
         return part.detach()
-    parts = [torch.empty_like(part) for _ in range(n)]
-    torch.distributed.all_gather(parts, part.detach().contiguous(), group=group)
-    return torch.cat(parts)
+    part = part.detach().contiguous()
+    first = dist.rank() == 0
+    parts = [torch.empty_like(part) for _ in range(n)] if first else None
+    torch.distributed.gather(part, parts, dst=0, group=group)
+    return torch.cat(parts) if first else None
 
 
 def named(engine, by_id: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 
@@ -21,18 +22,21 @@ class LaunchError(ValueError):
 # One process per rank started by a scheduler, with no torch launcher: (name, rank, world size, local rank, local
 # world size) variables. srun sets SLURM_STEP_NUM_TASKS in a job step only, not in an sbatch script's own body, so a
 # plain `python launch/mlm.py` in a batch script stays one process.
+# The MPI launchers come first: an mpirun inside a SLURM allocation starts its daemons with srun, so its ranks also
+# carry SLURM_PROCID and SLURM_STEP_NUM_TASKS, of that step (one task per node), not theirs.
 SCHEDULERS = [
-    ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
     ("mpirun (Open MPI)", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
      "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("mpirun (MPICH / Intel MPI)", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
 ]
 
 
-def scheduler_env(env: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+def scheduler_env(env: dict[str, str], devices: int = 0) -> tuple[str, dict[str, str]] | None:
     """The torch.distributed variables for ranks that srun or mpirun started one process each: (launcher, RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT to set), or None when a launcher already set RANK and WORLD_SIZE
-    (deepspeed, torchrun, accelerate launch) or no scheduler started this process.
+    (deepspeed, torchrun, accelerate launch) or no scheduler started this process. `devices`: the GPUs this process
+    sees; with fewer than the node's ranks (srun --gpus-per-task=1 binds one to each) the local rank indexes those.
 
     Raises:
         LaunchError: ranks on several nodes with no way to know the first one.
@@ -43,7 +47,9 @@ def scheduler_env(env: dict[str, str]) -> tuple[str, dict[str, str]] | None:
         name, rank, size, local, _ = spec
         if rank not in env or size not in env:
             continue
-        return name, {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0"),
+        local_rank = int(env.get(local, "0"))
+        return name, {"RANK": env[rank], "WORLD_SIZE": env[size],
+                      "LOCAL_RANK": str(local_rank % devices if devices else local_rank),
                       "MASTER_ADDR": env.get("MASTER_ADDR") or _first_node(spec, env),
                       "MASTER_PORT": env.get("MASTER_PORT") or _agreed_port(env)}
     return None
@@ -64,11 +70,14 @@ def _first_node(spec: tuple[str, ...], env: dict[str, str]) -> str:
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu-[03-05,9],cpu1" -> "gpu-03" (what `scontrol show hostnames` gives
     first)."""
-    head = nodelist.strip().split(",")[0]
-    if "[" not in head:
-        return head
-    prefix, ranges = head.split("[", 1)
-    return prefix + ranges.split("-")[0].rstrip("]")
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):  # the first host expression: up to a comma outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    # each bracket stands for its first number: "rack[1-2]-n[01-04]-ib" -> "rack1-n01-ib"
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist[:end].strip())
 
 
 def _agreed_port(env: dict[str, str]) -> str:
@@ -91,7 +100,7 @@ def launcher_name(env) -> str:
 def adopt_scheduler_env() -> str | None:
     """Set RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous for srun/mpirun-started ranks (see scheduler_env); the
     launcher's name, or None."""
-    found = scheduler_env(dict(os.environ))
+    found = scheduler_env(dict(os.environ), torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if found is None:
         return None
     name, values = found
@@ -130,7 +139,8 @@ def init() -> None:
         # The shm op serves only inference_all_reduce, never training; skipping it avoids a ~45 s JIT build.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # a launcher that binds one GPU to each process leaves one visible: the local rank indexes what is visible
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 

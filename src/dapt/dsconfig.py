@@ -64,6 +64,10 @@ def resolve_ds_config(cfg, world: int, accelerator: str, problems: list[str]) ->
     if not ds or not _well_formed(ds, problems):
         return ds
     for path, value in cfg.ds_set.items():  # accelerate launch's DeepSpeed flags, when it gave no config file
+        given = _get(ds, path)
+        if cfg.ds and given is not None and given != value:
+            problems.append(f"contradiction: ds {cfg.ds} has {'.'.join(path)} = {given!r}, accelerate launch says "
+                            f"{value!r}")
         _set(ds, path, value)
     _fill_batch(ds, cfg, world, problems)
     _fill(ds, ("gradient_clipping",), cfg, "train.grad_clip", problems)
@@ -312,16 +316,21 @@ def _fill_optimizer(ds: dict, cfg, accelerator: str, problems: list[str]) -> Non
             f"DeepSpeedCPUAdam for the offloaded optimizer ({how})" if ok else
             f"torch AdamW on the CPU for the offloaded optimizer: DeepSpeedCPUAdam cannot be built here ({how}); "
             "it is several times faster, so install ninja and the CUDA toolkit"))
-    if impl in ("auto", "torch"):
+    if params.get("fused") and params.get("foreach"):
+        problems.append("ds optimizer.params: fused and foreach are both true; torch's AdamW takes one")
+    if impl in ("auto", "torch") and params.get("torch_adam", True):
         # torch's AdamW through DeepSpeed (its own kernels, nothing to compile): fused where it may be, the same path
         # on a GPU and in the CPU tests. DeepSpeed's FusedAdam/CPUAdam are JIT-built with ninja, a C++ compiler and
         # nvcc inside deepspeed.initialize (minutes, and a crash where the toolkit is missing).
-        params.setdefault("torch_adam", True)
+        params["torch_adam"] = True
         if not params.get("foreach"):
             params.setdefault("fused", True)
         if offloaded:
             ds.setdefault("zero_force_ds_cpu_optimizer", False)
         return
+    if params.get("fused"):  # DeepSpeed's own optimizers (the ds file says torch_adam: false) take no such flag
+        problems.append("ds optimizer.params.fused is torch's AdamW's flag; DeepSpeed's FusedAdam/CPUAdam (torch_adam: "
+                        "false, or train.optimizer_impl=deepspeed) do not take it")
     ok, how = deepspeed_op("cpu_adam" if offloaded else "fused_adam", accelerator) if here else (True, "")
     if not ok:
         problems.append(f"train.optimizer_impl=deepspeed: DeepSpeed's {'CPUAdam' if offloaded else 'FusedAdam'} op "
@@ -346,9 +355,28 @@ def deepspeed_op(name: str, accelerator: str) -> tuple[bool, str]:
 
         if not CUDA_HOME or not Path(CUDA_HOME, "bin", "nvcc").exists():
             missing.append("nvcc (the CUDA toolkit, CUDA_HOME)")
+        elif (mismatch := _cuda_mismatch(Path(CUDA_HOME, "bin", "nvcc"))):
+            missing.append(mismatch)
     if missing:
         return False, "missing " + ", ".join(missing)
     return True, "JIT-built on first use (a few minutes once, then cached in TORCH_EXTENSIONS_DIR)"
+
+
+def _cuda_mismatch(nvcc: Path) -> str | None:
+    """DeepSpeed refuses to build with a CUDA toolkit of another major version than torch's."""
+    import re
+    import subprocess
+
+    import torch
+
+    try:
+        found = re.search(r"release (\d+)\.", subprocess.run([str(nvcc), "--version"], capture_output=True,
+                                                              text=True, timeout=30).stdout)
+    except (OSError, subprocess.SubprocessError):
+        return "a working nvcc"
+    if found and torch.version.cuda and found.group(1) != torch.version.cuda.split(".")[0]:
+        return f"nvcc of CUDA {torch.version.cuda.split('.')[0]} (this nvcc is CUDA {found.group(1)})"
+    return None
 
 
 def _runs_here(accelerator: str) -> bool:

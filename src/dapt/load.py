@@ -226,7 +226,8 @@ def collect_config(argv: list[str], world_size: int | None = None, accelerator: 
     from dapt.accelerate_launch import accelerate_settings
 
     added, ds_set, launch_notes, problems = accelerate_settings(dict(os.environ), overrides)
-    overrides = {**overrides, **added}
+    if "ds" in added:
+        overrides = {**overrides, "ds": added.pop("ds")}
     if recipe:
         values = _read_yaml(recipe, problems)
         model = values.get("model")
@@ -240,6 +241,7 @@ def collect_config(argv: list[str], world_size: int | None = None, accelerator: 
     explicit: set[str] = set()
     cfg = _build(RunConfig, values, "", problems, explicit)
     cfg.explicit, cfg.notes, cfg.ds_set = explicit, launch_notes + notes, ds_set
+    problems += _adopt_launcher_settings(cfg, added)
     from dapt.dsconfig import check_with_deepspeed, resolve_ds_config
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -255,6 +257,22 @@ def collect_config(argv: list[str], world_size: int | None = None, accelerator: 
         check_with_deepspeed(cfg.ds_config, problems)
     return cfg, list(dict.fromkeys(problems))
 
+
+
+def _adopt_launcher_settings(cfg: RunConfig, settings: dict[str, Any]) -> list[str]:
+    """accelerate launch's settings (precision, accumulation, clipping) where the recipe and the command line say
+    nothing; where they say something else, a contradiction."""
+    problems = []
+    for key, value in settings.items():
+        section, name = key.split(".")
+        mine = getattr(getattr(cfg, section), name)
+        if key in cfg.explicit and mine != value and not (key == "train.precision" and mine == "auto"):
+            problems.append(f"contradiction: {key} = {mine!r} in the recipe or command line, but accelerate launch "
+                            f"says {value!r}; make them agree")
+        else:
+            setattr(getattr(cfg, section), name, value)
+            cfg.explicit.add(key)
+    return problems
 
 
 def _epochs_over_steps(values: dict, overrides: dict[str, Any], recipe: str | None) -> list[str]:

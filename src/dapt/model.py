@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTra
 
 import dapt.canine  # noqa: F401  (registers CANINE's masked-LM class with AutoModelForMaskedLM)
 from dapt.archs import position_limit
+from dapt.attention import FLASH_PACKED_MODELS
 from dapt.hub import HubError, pretrained
 
 log = logging.getLogger("dapt")
@@ -156,7 +157,13 @@ def build_model(cfg, tokenizer, precision: str, ds_config: dict | None = None) -
             raise ValueError("data.packing=packed does not work with CANINE (its downsampling attention cannot keep "
                              "packed documents apart); use pad or concat")
     errors = []
-    for impl in attention_candidates(m.attn_implementation, precision):
+    candidates = attention_candidates(m.attn_implementation, precision)
+    if cfg.data.packing == "packed" and conf.model_type not in FLASH_PACKED_MODELS and "flash_attention_2" in candidates:
+        log.warning("flash_attention_2 is not used for %s with packed rows: dapt passes packed documents' boundaries to "
+                    "flash attention only for %s (each tested); sdpa keeps the documents apart", conf.model_type,
+                    ", ".join(sorted(FLASH_PACKED_MODELS)))
+        candidates = [c for c in candidates if c != "flash_attention_2"]
+    for impl in candidates:
         try:
             model = _instantiate(cfg, conf, impl, ds_config)
             break

@@ -120,7 +120,8 @@ class StepGuard:
         self._schedule = sched.state_dict() if self.manual and sched is not None else None
         self._lrs = [g["lr"] for g in self.engine.optimizer.param_groups] if self.manual else []
         self._scale = dict(vars(self.scaler)) if self.scaler is not None else None
-        self._scale_at_min = self.scaler is not None and at_minimum(self.scaler)
+        # a static fp16 loss scale never lowers: every overflow under it is one no scale fixes
+        self._scale_at_min = self.fp16 and (self.scaler is None or at_minimum(self.scaler))
 
     def backward(self, loss_sum: torch.Tensor, factor: float) -> float:
         """engine.backward(loss_sum * factor); a non-finite loss is made NaN so every gradient is NaN and the
