@@ -45,7 +45,7 @@ def known(name: str) -> bool:
     return name in ARCHITECTURES
 
 
-def model_config(name: str, trust_remote_code: bool = False):
+def model_config(name: str, trust_remote_code: bool = False, field: str = "model.name_or_path"):
     """The transformers config of `name` without loading weights: a local folder, this table, or the hub."""
     from transformers import AutoConfig
 
@@ -55,7 +55,7 @@ def model_config(name: str, trust_remote_code: bool = False):
     if Path(name).is_dir() or name not in ARCHITECTURES:
         from dapt.hub import pretrained
 
-        return pretrained(AutoConfig.from_pretrained, name, trust_remote_code=trust_remote_code)
+        return pretrained(AutoConfig.from_pretrained, name, field, trust_remote_code=trust_remote_code)
     fields = dict(ARCHITECTURES[name])
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 

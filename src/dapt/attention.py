@@ -42,22 +42,20 @@ def segment_inputs(lengths: list[tuple[int, ...]], width: int) -> tuple[torch.Te
 
 def model_inputs(batch: dict, model: torch.nn.Module, device: torch.device) -> tuple[dict, torch.Tensor | None]:
     """Keyword arguments for the model's forward from a collated batch, and `keep`: None when the outputs have the
-    batch's (rows, width) shape, else the (rows, width) mask of the positions they hold, in order (flash attention's
-    flattened packed rows hold the real tokens only: labels are `labels[keep][None]`)."""
-    ids = batch["input_ids"].to(device)
+    batch's (rows, width) shape, else the (rows, width) CPU mask of the positions they hold, in order (flash
+    attention's flattened packed rows hold the real tokens only: labels are `labels[keep][None]`)."""
     if "segment_ids" not in batch:
-        return {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}, None
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}, None
     config = model.config
-    pos = batch["position_ids"].to(device)
-    seg = batch["segment_ids"].to(device)
-    if config.model_type in OFFSET_POSITION_MODELS:
-        pos = pos + (config.pad_token_id or 0) + 1
+    offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITION_MODELS else 0
     impl = getattr(config, "_attn_implementation", "sdpa")
     if impl == "flash_attention_2":
         if config.model_type not in FLASH_PACKED_MODELS:  # build_model does not choose flash for them
             raise ValueError(f"packed rows under flash_attention_2 are checked for {sorted(FLASH_PACKED_MODELS)} "
                              f"only, not {config.model_type}; use model.attn_implementation=sdpa")
-        return _flattened(ids, pos, seg, batch["position_ids"].to(device))
+        return _flattened(batch, offset, device)
+    ids, pos, seg = (batch[k].to(device) for k in ("input_ids", "position_ids", "segment_ids"))
+    pos = pos + offset
     width = seg.shape[1]
     eye = torch.eye(width, dtype=torch.bool, device=device)
     # Padding positions see only themselves: no row of the mask is empty (an empty row gives NaN in softmax).
@@ -72,15 +70,17 @@ def model_inputs(batch: dict, model: torch.nn.Module, device: torch.device) -> t
     return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}, None
 
 
-def _flattened(ids: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor, starts_at: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """All documents of the batch in one row of real tokens, with their boundaries for flash-attn's varlen kernel."""
-    keep = seg > 0
-    first = (starts_at[keep] == 0).nonzero().flatten()  # every document starts at position 0
-    total = int(keep.sum())
-    cu = torch.cat([first, first.new_tensor([total])]).to(torch.int32)
+def _flattened(batch: dict, offset: int, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """All documents of the batch in one row of real tokens, with their boundaries for flash-attn's varlen kernel.
+    The boundaries are found on the CPU, where the collator made the batch: no device sync per micro-batch."""
+    keep = batch["segment_ids"] > 0
+    pos = batch["position_ids"][keep]
+    first = (pos == 0).nonzero().flatten()  # every document starts at position 0
+    cu = torch.cat([first, first.new_tensor([len(pos)])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
-    return {"input_ids": ids[keep][None], "position_ids": pos[keep][None], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-            "max_length_q": longest, "max_length_k": longest}, keep
+    return {"input_ids": batch["input_ids"][keep][None].to(device), "position_ids": (pos + offset)[None].to(device),
+            "cu_seq_lens_q": cu.to(device), "cu_seq_lens_k": cu.to(device), "max_length_q": longest,
+            "max_length_k": longest}, keep
 
 
 def forward(engine, batch: dict, device: torch.device, call):

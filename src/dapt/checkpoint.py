@@ -255,7 +255,6 @@ def masters(optimizer, module: torch.nn.Module) -> dict[int, torch.Tensor]:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     from deepspeed.utils import safe_get_full_fp32_param
-    from torch._utils import _unflatten_dense_tensors
 
     opt, device, first = optimizer, next(module.parameters()).device, dist.rank() == 0
     out: dict[int, torch.Tensor] = {}
@@ -264,14 +263,9 @@ def masters(optimizer, module: torch.nn.Module) -> dict[int, torch.Tensor]:
         if first:
             out[id(param)] = master.detach().to("cpu", torch.float32)
 
-    if isinstance(opt, FP16_Optimizer):
-        for low, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
-            for p, m in zip(low, _unflatten_dense_tensors(flat.detach(), low)):
-                keep(p, m)
-    elif isinstance(opt, FP16_UnfusedOptimizer):
-        for low, high in zip(opt.fp16_groups, opt.fp32_groups):
-            for p, m in zip(low, high):
-                keep(p, m)
+    if isinstance(opt, FP16_Optimizer | FP16_UnfusedOptimizer):
+        for p, m in _zero0_pairs(opt.fp16_groups, vars(opt)):
+            keep(p, m)
     elif isinstance(opt, BF16_Optimizer):
         for i, low in enumerate(opt.bf16_groups):
             flat = _gathered(opt.fp32_groups_flat_partition[i].to(device), opt.real_dp_process_group[i])
@@ -300,6 +294,20 @@ def masters(optimizer, module: torch.nn.Module) -> dict[int, torch.Tensor]:
     return out
 
 
+def _zero0_pairs(groups: list[list[torch.Tensor]], state: dict):
+    """(parameter, fp32 master) of DeepSpeed's ZeRO-0 half-precision wrappers, from the wrapper itself or the state it
+    saved: FP16_Optimizer keeps one flat buffer per group (fp32_groups_flat), FP16_UnfusedOptimizer one tensor per
+    parameter (fp32_groups); `groups` are the wrapper's fp16_groups, whose order both follow."""
+    from torch._utils import _unflatten_dense_tensors
+
+    if "fp32_groups_flat" in state:
+        for low, flat in zip(groups, state["fp32_groups_flat"]):
+            yield from zip(low, _unflatten_dense_tensors(flat.detach(), low))
+    else:
+        for low, high in zip(groups, state["fp32_groups"]):
+            yield from zip(low, high)
+
+
 def _gathered(part: torch.Tensor, group) -> torch.Tensor | None:
     """Equal-sized flat partitions of all ranks of `group`, concatenated in rank order, on rank 0 (None elsewhere):
     gathered to one rank, so that the full fp32 model never sits on every GPU at the end of a run."""
@@ -324,16 +332,10 @@ def named(engine, by_id: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
 def saved_masters(engine, checkpoint: Path) -> dict[int, torch.Tensor]:
     """ZeRO 0: the fp32 masters as DeepSpeed wrote them into `checkpoint` (its optimizer's fp32 groups, flat or
     per parameter; without a wrapper the saved module weights are the fp32 masters), keyed like masters()."""
-    from torch._utils import _unflatten_dense_tensors
-
     saved = safe_load(checkpoint / "mp_rank_00_model_states.pt")
     state = saved.get("optimizer") or {}
-    groups = getattr(engine.optimizer, "fp16_groups", None)
-    if "fp32_groups_flat" in state:
-        return {id(p): m for low, flat in zip(groups, state["fp32_groups_flat"])
-                for p, m in zip(low, _unflatten_dense_tensors(flat.float(), low))}
-    if "fp32_groups" in state:
-        return {id(p): m.float() for low, high in zip(groups, state["fp32_groups"]) for p, m in zip(low, high)}
+    if "fp32_groups_flat" in state or "fp32_groups" in state:
+        return {id(p): m.float() for p, m in _zero0_pairs(engine.optimizer.fp16_groups, state)}
     params = dict(engine.module.named_parameters())
     return {id(params[name]): t.float() for name, t in saved["module"].items() if name in params}
 

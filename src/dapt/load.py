@@ -506,9 +506,9 @@ def _pretrained_problems(cfg: RunConfig, name: str, field: str = "model.name_or_
     from dapt.hub import HubError
 
     try:
-        conf = model_config(name, cfg.model.trust_remote_code)
+        conf = model_config(name, cfg.model.trust_remote_code, field)
     except HubError as e:
-        return [str(e).replace("model.name_or_path", field, 1)]
+        return [str(e)]
     except (FileNotFoundError, ValueError):
         return []  # not written yet, or not a config transformers knows: the run reports it with its context
     limit, max_len = position_limit(conf), cfg.data.max_seq_length

@@ -132,9 +132,10 @@ def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def mlm_loss_sum(engine, batch: dict, device, sparse: SparsePrediction | None) -> torch.Tensor:
     """Forward one micro-batch; the masked-token loss sum. With `sparse`, the head sees the masked positions only."""
     def call(inputs: dict, keep: torch.Tensor | None) -> torch.Tensor:
-        labels = batch["labels"].to(device)
+        labels = batch["labels"]
         if keep is not None:  # flash attention's packed rows, flattened to their real tokens
             labels = labels[keep][None]
+        labels = labels.to(device)
         if sparse is None:
             return masked_loss_sum(engine(**inputs).logits, labels)
         where = labels != IGNORE
