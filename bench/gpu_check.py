@@ -46,17 +46,45 @@ from pathlib import Path
 
 from common import ROOT, child_env, machine
 
-MINILM = {"model_type": "bert", "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-          "intermediate_size": 1536, "max_position_embeddings": 512}
-BERT_BASE = {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-             "intermediate_size": 3072, "max_position_embeddings": 512}
-TINY = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "max_position_embeddings": 128}
+MINILM = {
+    "model_type": "bert",
+    "hidden_size": 384,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 512,
+}
+BERT_BASE = {
+    "model_type": "bert",
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+}
+TINY = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+}
 # name: expected seconds on an H200, guessed, not yet measured (the time budget skips what no longer fits); in this
 # order of importance: the export of every stage first, FusedAdam's JIT build (the flat masters) among them
-CHECKS = {"environment": 10, "default_zero0": 25, "default_zero2": 25, "default_zero3": 30, "packed_zero0": 120,
-          "packed_zero2": 30, "packed_zero3": 35, "packed_rows": 15, "profile_bert_base": 35, "plan_vs_measured": 60,
-          "mlm_vs_hf": 80}
+CHECKS = {
+    "environment": 10,
+    "default_zero0": 25,
+    "default_zero2": 25,
+    "default_zero3": 30,
+    "packed_zero0": 120,
+    "packed_zero2": 30,
+    "packed_zero3": 35,
+    "packed_rows": 15,
+    "profile_bert_base": 35,
+    "plan_vs_measured": 60,
+    "mlm_vs_hf": 80,
+}
 
 
 class Skip(Exception):
@@ -78,8 +106,9 @@ class Check:
         """Run a command; its output goes to <out>/<name>/log.txt; a failure raises with the output's tail."""
         (self.out / name).mkdir(parents=True, exist_ok=True)
         start = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                              env={**child_env(), **(env or {})})
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**child_env(), **(env or {})}
+        )
         seconds = time.time() - start
         log = proc.stdout + proc.stderr
         (self.out / name / "log.txt").write_text(log[-200_000:])
@@ -114,7 +143,7 @@ class Check:
         if not path.exists():
             import random
 
-            from dapt.corpus import http_request
+            from dapt.data.corpus import http_request
 
             rng = random.Random(0)
             path.write_text("\n".join(http_request(rng) for _ in range(3000)) + "\n")
@@ -126,13 +155,19 @@ class Check:
         import torch
         import transformers
 
-        from dapt.dsconfig import auto_precision, gpu_capability
-        from dapt.model import flash_attention_problem
+        from dapt.config.dsconfig import auto_precision, gpu_capability
+        from dapt.model.build import flash_attention_problem
 
         capability = gpu_capability()
-        info = {"machine": machine(), "torch": torch.__version__, "transformers": transformers.__version__,
-                "cuda": torch.version.cuda, "capability": capability,
-                "deepspeed": _version("deepspeed"), "flash_attn": _version("flash_attn")}
+        info = {
+            "machine": machine(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cuda": torch.version.cuda,
+            "capability": capability,
+            "deepspeed": _version("deepspeed"),
+            "flash_attn": _version("flash_attn"),
+        }
         if self.cuda:
             info["precision_auto"] = auto_precision("cuda", capability)
             info["flash_attention_2"] = flash_attention_problem("bf16") or "usable"
@@ -143,26 +178,54 @@ class Check:
         if importlib.util.find_spec("deepspeed") is None:
             raise Skip("deepspeed is not importable: bring it as a wheel (see this script's docstring)")
         out = self.work / name
-        args = [sys.executable, str(ROOT / "launch" / "mlm.py"), "--ds", str(ROOT / "ds_configs" /
-                f"zero{stage}_bf16.json"), "--output_dir", str(out), "--log.progress=false"]
+        args = [
+            sys.executable,
+            str(ROOT / "launch" / "mlm.py"),
+            "--ds",
+            str(ROOT / "ds_configs" / f"zero{stage}_bf16.json"),
+            "--output_dir",
+            str(out),
+            "--log.progress=false",
+        ]
         if packed:
-            args += ["--model.config", json.dumps(TINY if self.tiny else MINILM), "--data.train", str(self.corpus()),
-                     "--data.format=lines", "--data.packing=packed", f"--data.max_seq_length={64 if self.tiny else 256}",
-                     "--model.tokenizer_vocab_size=8000", f"--train.max_steps={4 if self.tiny else 60}",
-                     "--train.micro_batch_size=16", "--train.eval_every=30", "--checkpoint.every=30",
-                     "--data.valid_fraction=0.02"]
-            if stage == 0 and self.cuda:  # FusedAdam: FP16_Optimizer's flat fp32 masters (its CPU build takes minutes)
+            args += [
+                "--model.config",
+                json.dumps(TINY if self.tiny else MINILM),
+                "--data.train",
+                str(self.corpus()),
+                "--data.format=lines",
+                "--data.packing=packed",
+                f"--data.max_seq_length={64 if self.tiny else 256}",
+                "--model.tokenizer_vocab_size=8000",
+                f"--train.max_steps={4 if self.tiny else 60}",
+                "--train.micro_batch_size=16",
+                "--train.eval_every=30",
+                "--checkpoint.every=30",
+                "--data.valid_fraction=0.02",
+            ]
+            if (
+                stage == 0 and self.cuda
+            ):  # FusedAdam: FP16_Optimizer's flat fp32 masters (its CPU build takes minutes)
                 args.append("--train.optimizer_impl=deepspeed")
         elif self.tiny:
             args.append("--train.max_steps=4")
         log, seconds = self.run(name, args, timeout=420)
-        result = {"seconds": round(seconds, 1), "optimizer": _grep(log, "optimizer "),
-                  "attention": _grep(log, "attention implementation"), "export": _grep(log, "exported ")}
+        result = {
+            "seconds": round(seconds, 1),
+            "optimizer": _grep(log, "optimizer "),
+            "attention": _grep(log, "attention implementation"),
+            "export": _grep(log, "exported "),
+        }
         result |= final_against_masters(out, stage)
         summary = json.loads((out / "summary.json").read_text())
-        result |= {k: summary.get(k) for k in ("steps", "tokens_seen", "best_eval_loss", "packing_efficiency")}
-        losses = [json.loads(x)["train/loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
-                  if '"train/loss"' in x]
+        result |= {
+            k: summary.get(k) for k in ("steps", "tokens_seen", "best_eval_loss", "packing_efficiency")
+        }
+        losses = [
+            json.loads(x)["train/loss"]
+            for x in (out / "metrics.jsonl").read_text().splitlines()
+            if '"train/loss"' in x
+        ]
         result["loss_first_last"] = [losses[0], losses[-1]]
         if not result["final_equals_masters"]:
             raise RuntimeError(f"final/ does not hold the fp32 masters: {result}")
@@ -175,15 +238,19 @@ class Check:
         sys.path.insert(0, str(ROOT / "tests"))
         from test_attention import MODELS, _docs, _Tok
 
-        from dapt.attention import model_inputs
-        from dapt.masking import MLMCollator
+        from dapt.data.masking import MLMCollator
+        from dapt.model.attention import model_inputs
 
         device = torch.device("cuda" if self.cuda else "cpu")
-        impls = ["sdpa"] + (["flash_attention_2"] if self.cuda and importlib.util.find_spec("flash_attn") else [])
+        impls = ["sdpa"] + (
+            ["flash_attention_2"] if self.cuda and importlib.util.find_spec("flash_attn") else []
+        )
         docs = _docs()
         rows = [torch.cat(docs[:3]), docs[3]]
-        items = [{"input_ids": r.numpy(), "key": i, "index": i, "lengths": tuple(len(d) for d in part)}
-                 for i, (r, part) in enumerate(zip(rows, [docs[:3], docs[3:]]))]
+        items = [
+            {"input_ids": r.numpy(), "key": i, "index": i, "lengths": tuple(len(d) for d in part)}
+            for i, (r, part) in enumerate(zip(rows, [docs[:3], docs[3:]]))
+        ]
         batch = MLMCollator(_Tok(), rate=1e-9, seed=0)(items)
         result = {"impls": impls, "note": None if len(impls) > 1 else "flash-attn not importable: sdpa only"}
         for name, make in MODELS.items():
@@ -202,12 +269,22 @@ class Check:
                     plain = model(input_ids=batch["input_ids"].to(device)).logits.float()
                     alone = [reference(input_ids=d[None].to(device)).logits[0].float() for d in docs]
                 starts = [0, len(docs[0]), len(docs[0]) + len(docs[1])]
-                worst = max([(packed[0, a:a + len(d)] - ref).abs().max().item() for a, d, ref in
-                             zip(starts, docs[:3], alone)] + [(packed[1, :len(docs[3])] - alone[3]).abs().max().item()])
-                leaked = max((plain[0, a:a + len(d)] - ref).abs().max().item() for a, d, ref in
-                             zip(starts, docs[:3], alone))
-                result[f"{name}/{impl}"] = {"max_abs_diff_vs_alone": worst, "without_mask_diff": leaked,
-                                            "ok": worst < 0.05 and leaked > 5 * worst}
+                worst = max(
+                    [
+                        (packed[0, a : a + len(d)] - ref).abs().max().item()
+                        for a, d, ref in zip(starts, docs[:3], alone)
+                    ]
+                    + [(packed[1, : len(docs[3])] - alone[3]).abs().max().item()]
+                )
+                leaked = max(
+                    (plain[0, a : a + len(d)] - ref).abs().max().item()
+                    for a, d, ref in zip(starts, docs[:3], alone)
+                )
+                result[f"{name}/{impl}"] = {
+                    "max_abs_diff_vs_alone": worst,
+                    "without_mask_diff": leaked,
+                    "ok": worst < 0.05 and leaked > 5 * worst,
+                }
         bad = [k for k, v in result.items() if isinstance(v, dict) and not v["ok"]]
         if bad:
             raise RuntimeError(f"packed rows differ from each document alone: {bad}: {result}")
@@ -218,34 +295,63 @@ class Check:
             raise Skip("deepspeed is not importable")
         out = self.work / "profile"
         model = TINY if self.tiny else BERT_BASE
-        self.run("profile_bert_base", [
-            sys.executable, str(ROOT / "launch" / "profile.py"), "--model.config", json.dumps(model),
-            "--model.tokenizer", self.minilm_tokenizer(), "--data.train", str(self.corpus()),
-            f"--data.max_seq_length={64 if self.tiny else 512}", f"--train.micro_batch_size={2 if self.tiny else 32}",
-            "--ds", str(ROOT / "ds_configs" / "zero0_bf16.json"), "--profile.warmup=3",
-            f"--profile.steps={2 if self.tiny else 10}", "--data.valid_fraction=0", "--output_dir", str(out),
-            "--log.progress=false"], timeout=300)
+        self.run(
+            "profile_bert_base",
+            [
+                sys.executable,
+                str(ROOT / "launch" / "profile.py"),
+                "--model.config",
+                json.dumps(model),
+                "--model.tokenizer",
+                self.minilm_tokenizer(),
+                "--data.train",
+                str(self.corpus()),
+                f"--data.max_seq_length={64 if self.tiny else 512}",
+                f"--train.micro_batch_size={2 if self.tiny else 32}",
+                "--ds",
+                str(ROOT / "ds_configs" / "zero0_bf16.json"),
+                "--profile.warmup=3",
+                f"--profile.steps={2 if self.tiny else 10}",
+                "--data.valid_fraction=0",
+                "--output_dir",
+                str(out),
+                "--log.progress=false",
+            ],
+            timeout=300,
+        )
         shutil.copy(out / "profile.json", self.out / "profile_bert_base" / "profile.json")
         report = json.loads((out / "profile.json").read_text())
-        return {"step_ms": 1000 * report["step_seconds"]["median"], **report["throughput"],
-                "mfu": report["flops"]["mfu"], "peak_tflops": report["flops"]["peak_tflops"],
-                "peak_memory_gb": report["peak_memory_gb"], "optimizer": report["settings"]["optimizer"],
-                "attention": report["model"]["attention"]}
+        return {
+            "step_ms": 1000 * report["step_seconds"]["median"],
+            **report["throughput"],
+            "mfu": report["flops"]["mfu"],
+            "peak_tflops": report["flops"]["peak_tflops"],
+            "peak_memory_gb": report["peak_memory_gb"],
+            "optimizer": report["settings"]["optimizer"],
+            "attention": report["model"]["attention"],
+        }
 
     def bench(self, name: str, args: list[str]) -> dict:
         if importlib.util.find_spec("deepspeed") is None:
             raise Skip("deepspeed is not importable")
-        log, seconds = self.run(name, [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args], timeout=420,
-                                env={"DAPT_BENCH_TOKENIZER": self.minilm_tokenizer(),
-                                     "DAPT_BENCH_RESULTS": str(self.out / name)})
-        last = [line for line in log.splitlines() if line.startswith("{")]  # write_result prints the result last
+        log, seconds = self.run(
+            name,
+            [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args],
+            timeout=420,
+            env={"DAPT_BENCH_TOKENIZER": self.minilm_tokenizer(), "DAPT_BENCH_RESULTS": str(self.out / name)},
+        )
+        last = [
+            line for line in log.splitlines() if line.startswith("{")
+        ]  # write_result prints the result last
         return {"seconds": round(seconds, 1), **(json.loads(last[-1]) if last else {})}
 
     def plan_vs_measured(self) -> dict:
         return self.bench("plan_vs_measured", ["--cases", "minilm128" if not self.cuda else "bert_base512"])
 
     def mlm_vs_hf(self) -> dict:
-        return self.bench("mlm_vs_hf", ["--docs", "400", "--warmup", "2", "--steps", "4" if not self.tiny else "1"])
+        return self.bench(
+            "mlm_vs_hf", ["--docs", "400", "--warmup", "2", "--steps", "4" if not self.tiny else "1"]
+        )
 
 
 def final_against_masters(out: Path, stage: int) -> dict:
@@ -255,7 +361,7 @@ def final_against_masters(out: Path, stage: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from dapt.checkpoint import safe_load
+    from dapt.runtime.checkpoint import safe_load
 
     final = load_file(out / "final" / "model.safetensors")
     tag = json.loads((out / "checkpoints" / "index.json").read_text())["latest"]
@@ -265,14 +371,19 @@ def final_against_masters(out: Path, stage: int) -> dict:
         keys = [k for k in final if k in module and module[k].is_floating_point()]
         rounded = all(torch.equal(final[k].to(module[k].dtype), module[k]) for k in keys)
         finer = sum(not torch.equal(final[k], module[k].float()) for k in keys)
-        return {"final_equals_masters": rounded and finer > len(keys) // 2, "method": "bf16 module weights are the "
-                f"final weights rounded ({rounded}); final differs from them in {finer} of {len(keys)} tensors"}
+        return {
+            "final_equals_masters": rounded and finer > len(keys) // 2,
+            "method": "bf16 module weights are the "
+            f"final weights rounded ({rounded}); final differs from them in {finer} of {len(keys)} tensors",
+        }
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     masters = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=tag)
     equal = [torch.equal(final[k], v.float().cpu()) for k, v in masters.items() if k in final]
-    return {"final_equals_masters": bool(equal) and all(equal),
-            "method": f"DeepSpeed's zero_to_fp32 over {tag}: {sum(equal)} of {len(equal)} tensors equal"}
+    return {
+        "final_equals_masters": bool(equal) and all(equal),
+        "method": f"DeepSpeed's zero_to_fp32 over {tag}: {sum(equal)} of {len(equal)} tensors equal",
+    }
 
 
 def _grep(log: str, needle: str) -> str | None:
@@ -289,13 +400,35 @@ def _version(name: str) -> str | None:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# dapt GPU check: {results['device']}", "", f"{results['when']}; {results['seconds']:.0f} s in all.", "",
-             "| check | status | seconds | what it found |", "|---|---|---|---|"]
+    lines = [
+        f"# dapt GPU check: {results['device']}",
+        "",
+        f"{results['when']}; {results['seconds']:.0f} s in all.",
+        "",
+        "| check | status | seconds | what it found |",
+        "|---|---|---|---|",
+    ]
     for name, r in results["checks"].items():
-        found = r.get("reason") or r.get("error") or ", ".join(
-            f"{k} {v}" for k, v in r.items() if k in ("final_equals_masters", "real_tokens_per_second", "mfu",
-                                                      "ratio_min", "ratio_max", "steps", "optimizer", "impls",
-                                                      "ratio_real_tokens_dapt_over_hf_pad512"))
+        found = (
+            r.get("reason")
+            or r.get("error")
+            or ", ".join(
+                f"{k} {v}"
+                for k, v in r.items()
+                if k
+                in (
+                    "final_equals_masters",
+                    "real_tokens_per_second",
+                    "mfu",
+                    "ratio_min",
+                    "ratio_max",
+                    "steps",
+                    "optimizer",
+                    "impls",
+                    "ratio_real_tokens_dapt_over_hf_pad512",
+                )
+            )
+        )
         lines.append(f"| {name} | {r['status']} | {r.get('check_seconds', '')} | {str(found)[:300]} |")
     return "\n".join(lines) + "\n"
 
@@ -304,9 +437,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="folder for the results (default bench/results/gpu/<device>)")
     ap.add_argument("--only", help=f"comma-separated subset of: {', '.join(CHECKS)}")
-    ap.add_argument("--budget", type=float, default=420, help="seconds (7 minutes); checks that no longer fit are "
-                    "skipped, with the reason; --budget 540 under a 10-minute limit leaves room for all of them")
-    ap.add_argument("--tiny", action="store_true", help="tiny sizes: the plumbing on a CPU, not a measurement")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=420,
+        help="seconds (7 minutes); checks that no longer fit are "
+        "skipped, with the reason; --budget 540 under a 10-minute limit leaves room for all of them",
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="tiny sizes: the plumbing on a CPU, not a measurement"
+    )
     ap.add_argument("--list", action="store_true", help="print the checks and exit")
     args = ap.parse_args()
     if args.list:
@@ -323,9 +463,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     chosen = args.only.split(",") if args.only else list(CHECKS)
     check = Check(out, args.tiny)
-    runs = {"environment": check.environment, "packed_rows": check.packed_rows,
-            "profile_bert_base": check.profile_bert_base, "plan_vs_measured": check.plan_vs_measured,
-            "mlm_vs_hf": check.mlm_vs_hf}
+    runs = {
+        "environment": check.environment,
+        "packed_rows": check.packed_rows,
+        "profile_bert_base": check.profile_bert_base,
+        "plan_vs_measured": check.plan_vs_measured,
+        "mlm_vs_hf": check.mlm_vs_hf,
+    }
     for stage in (0, 2, 3):
         runs[f"default_zero{stage}"] = lambda s=stage: check.mlm_run(f"default_zero{s}", s, packed=False)
         runs[f"packed_zero{stage}"] = lambda s=stage: check.mlm_run(f"packed_zero{s}", s, packed=True)
@@ -342,8 +486,11 @@ def main() -> int:
             except Skip as e:
                 r = {"status": "skipped", "reason": str(e)}
             except Exception as e:  # one check's failure is recorded; the others still run
-                r = {"status": "failed", "error": f"{type(e).__name__}: {str(e)[-2000:]}",
-                     "traceback": traceback.format_exc()[-3000:]}
+                r = {
+                    "status": "failed",
+                    "error": f"{type(e).__name__}: {str(e)[-2000:]}",
+                    "traceback": traceback.format_exc()[-3000:],
+                }
             r["check_seconds"] = round(time.time() - t0, 1)
         results["checks"][name] = r
         (out / name).mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from transformers import BertConfig, BertForMaskedLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from dapt.sparse import SparsePrediction  # noqa: E402
+from dapt.model.sparse import SparsePrediction  # noqa: E402
 
 IGNORE = -100
 
@@ -48,9 +48,16 @@ def main() -> int:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=1536, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     model = BertForMaskedLM(config).to(device=device, dtype=dtype).train()
     sparse = SparsePrediction(model)
@@ -58,7 +65,9 @@ def main() -> int:
     batches = []
     for _ in range(4):
         ids = torch.randint(1000, config.vocab_size, (args.batch, args.seq), generator=g)
-        labels = torch.where(torch.rand(ids.shape, generator=g) < args.mask, ids, torch.full_like(ids, IGNORE))
+        labels = torch.where(
+            torch.rand(ids.shape, generator=g) < args.mask, ids, torch.full_like(ids, IGNORE)
+        )
         batches.append((ids.to(device), labels.to(device)))
 
     def step(kind: str, ids, labels) -> float:
@@ -88,21 +97,32 @@ def main() -> int:
         for kind in order:
             times[kind].append(step(kind, *batches[i % len(batches)]))
     tokens = args.batch * args.seq
-    sides = {kind: {"median_step_s": statistics.median(t), "tokens_per_second": tokens / statistics.median(t)}
-             for kind, t in times.items()}
+    sides = {
+        kind: {"median_step_s": statistics.median(t), "tokens_per_second": tokens / statistics.median(t)}
+        for kind, t in times.items()
+    }
     result = {
         "machine": machine(),
-        "settings": {"model": "MiniLM-size BERT (6 x 384, 12 heads, vocab 30522) from a config", "seq": args.seq,
-                     "batch": args.batch, "mask_rate": args.mask, "steps": args.steps,
-                     "dtype": str(dtype).removeprefix("torch."), "step": "forward + backward, no optimizer",
-                     "threads": torch.get_num_threads()},
+        "settings": {
+            "model": "MiniLM-size BERT (6 x 384, 12 heads, vocab 30522) from a config",
+            "seq": args.seq,
+            "batch": args.batch,
+            "mask_rate": args.mask,
+            "steps": args.steps,
+            "dtype": str(dtype).removeprefix("torch."),
+            "step": "forward + backward, no optimizer",
+            "threads": torch.get_num_threads(),
+        },
         "head_share_of_dense_forward_flops": round(flops_share_of_head(config, args.seq), 3),
-        "dense": sides["dense"], "sparse": sides["sparse"],
+        "dense": sides["dense"],
+        "sparse": sides["sparse"],
         "speedup_sparse_over_dense": sides["dense"]["median_step_s"] / sides["sparse"]["median_step_s"],
     }
-    print(f"dense {sides['dense']['tokens_per_second']:.0f} tokens/s, sparse {sides['sparse']['tokens_per_second']:.0f}"
-          f" tokens/s: {result['speedup_sparse_over_dense']:.2f}x (the head is "
-          f"{100 * result['head_share_of_dense_forward_flops']:.0f}% of the dense model's FLOPs)")
+    print(
+        f"dense {sides['dense']['tokens_per_second']:.0f} tokens/s, sparse {sides['sparse']['tokens_per_second']:.0f}"
+        f" tokens/s: {result['speedup_sparse_over_dense']:.2f}x (the head is "
+        f"{100 * result['head_share_of_dense_forward_flops']:.0f}% of the dense model's FLOPs)"
+    )
     write_result("sparse_head", result)
     return 0
 

@@ -10,8 +10,8 @@ rerunning the command continues where it stopped.
 
 import sys
 
-from dapt.ablation import run
-from dapt.cli import main
+from dapt.cli.main import main
+from dapt.tools.ablation import run
 
 if __name__ == "__main__":
     sys.exit(main(run, prog="launch/ablation.py"))

@@ -12,8 +12,8 @@ Fits mean and shrinkage covariance on normal training embeddings, sets the thres
 
 import sys
 
-from dapt.cli import main
-from dapt.embed import run_anomaly
+from dapt.cli.main import main
+from dapt.tasks.anomaly import run
 
 if __name__ == "__main__":
-    sys.exit(main(run_anomaly, prog="launch/anomaly.py"))
+    sys.exit(main(run, prog="launch/anomaly.py"))

@@ -11,8 +11,8 @@ Any field can be overridden as --section.field=value; --help lists them all.
 
 import sys
 
-from dapt.classify import run
-from dapt.cli import main
+from dapt.cli.main import main
+from dapt.tasks.classify import run
 
 if __name__ == "__main__":
     sys.exit(main(run, prog="launch/classify.py"))

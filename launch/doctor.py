@@ -11,7 +11,7 @@ ranks. Writes nothing, starts nothing; exit 0 when no item failed, 2 otherwise. 
 
 import sys
 
-from dapt.doctor import main
+from dapt.tools.doctor import main
 
 if __name__ == "__main__":
     sys.exit(main())

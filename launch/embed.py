@@ -9,8 +9,8 @@ data.test. --help lists every field.
 
 import sys
 
-from dapt.cli import main
-from dapt.embed import run_embed
+from dapt.cli.main import main
+from dapt.tasks.embed import run
 
 if __name__ == "__main__":
-    sys.exit(main(run_embed, prog="launch/embed.py"))
+    sys.exit(main(run, prog="launch/embed.py"))

@@ -11,8 +11,8 @@ nothing. --help lists every field.
 
 import sys
 
-from dapt.cli import main
-from dapt.fill import run_fill
+from dapt.cli.main import main
+from dapt.tasks.fill_mask import run
 
 if __name__ == "__main__":
-    sys.exit(main(run_fill, prog="launch/fill_mask.py"))
+    sys.exit(main(run, prog="launch/fill_mask.py"))

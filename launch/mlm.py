@@ -11,8 +11,8 @@ Rerunning the same command after a crash resumes from the latest complete checkp
 
 import sys
 
-from dapt.cli import main
-from dapt.train import run
+from dapt.cli.main import main
+from dapt.tasks.mlm import run
 
 if __name__ == "__main__":
     sys.exit(main(run, prog="launch/mlm.py"))

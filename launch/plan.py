@@ -11,8 +11,8 @@ and plan.md. --help lists every field.
 
 import sys
 
-from dapt.cli import main
-from dapt.plan import run_plan
+from dapt.cli.main import main
+from dapt.tools.plan import run
 
 if __name__ == "__main__":
-    sys.exit(main(run_plan, prog="launch/plan.py"))
+    sys.exit(main(run, prog="launch/plan.py"))

@@ -11,8 +11,8 @@ profile.md; --profile.trace=true adds a torch.profiler trace. --help lists every
 import sys
 
 # importing dapt takes launch/ off the import path: this file's name shadows the standard library's `profile`
-from dapt.cli import main
-from dapt.profiling import run_profile
+from dapt.cli.main import main
+from dapt.tools.profile import run
 
 if __name__ == "__main__":
-    sys.exit(main(run_profile, prog="launch/profile.py"))
+    sys.exit(main(run, prog="launch/profile.py"))

@@ -13,7 +13,7 @@ Writes output_dir/submit/ (or submit.out); --help lists every field.
 
 import sys
 
-from dapt.submit import main
+from dapt.tools.submit import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,14 +21,21 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-TINY_MODEL = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 64, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
-              "attention_probs_dropout_prob": 0.0}
+TINY_MODEL = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 
 
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
-    from dapt.corpus import generate
+    from dapt.data.corpus import generate
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(generate(1200, seed=7)) + "\n")
@@ -42,8 +49,15 @@ def recipe(tmp_path, corpus_file) -> Path:
         "seed": 1,
         "model": {"config": TINY_MODEL, "tokenizer_vocab_size": 400},
         "data": {"train": [str(corpus_file)], "max_seq_length": 32},
-        "train": {"max_steps": 6, "micro_batch_size": 8, "lr": 2e-3, "log_every": 1, "eval_every": 3,
-                  "eval_batches": 4, "warmup_steps": 1},
+        "train": {
+            "max_steps": 6,
+            "micro_batch_size": 8,
+            "lr": 2e-3,
+            "log_every": 1,
+            "eval_every": 3,
+            "eval_batches": 4,
+            "warmup_steps": 1,
+        },
         "checkpoint": {"every": 3, "keep": 2},
         "log": {"progress": False},
     }
@@ -54,29 +68,51 @@ def recipe(tmp_path, corpus_file) -> Path:
 
 def run_inprocess(argv: list[str]) -> dict:
     """One rank inside the pytest process: the real config loader, DeepSpeed engine and loop."""
-    from dapt.dist import setup_logging
-    from dapt.load import load_config
-    from dapt.train import run
+    from dapt.cli.load import load_config
+    from dapt.runtime.group import setup_logging
+    from dapt.tasks.mlm import run
 
     cfg = load_config([str(a) for a in argv], world_size=1, accelerator="cpu")
     setup_logging("warning")
     return run(cfg)
 
 
-def launch(args: list[str], ranks: int = 1, timeout: int = 300, cwd: Path | None = None,
-           check: bool = True, script: Path = MLM) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str],
+    ranks: int = 1,
+    timeout: int = 300,
+    cwd: Path | None = None,
+    check: bool = True,
+    script: Path = MLM,
+) -> subprocess.CompletedProcess:
     """Run a launch/ script in fresh processes: plain python for 1 rank, the DeepSpeed launcher for more."""
-    from dapt.dist import free_port
+    from dapt.runtime.group import free_port
 
     if ranks == 1:
         cmd = [sys.executable, str(script)]
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(free_port()), str(script)]
-    proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd or ROOT, env=child_env())
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            str(script),
+        ]
+    proc = subprocess.run(
+        cmd + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+        env=child_env(),
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -121,12 +157,12 @@ def flash_stub(monkeypatch):
 
     from transformers.utils import import_utils
 
-    import dapt.model
+    import dapt.model.build
 
     monkeypatch.syspath_prepend(str(FLASH_STUB))
     importlib.invalidate_caches()
     monkeypatch.setattr(import_utils, "is_torch_cuda_available", lambda: True)
-    monkeypatch.setattr(dapt.model, "flash_attention_problem", lambda precision: None)
+    monkeypatch.setattr(dapt.model.build, "flash_attention_problem", lambda precision: None)
     for cached in (import_utils._package_distribution_mapping, import_utils.is_flash_attn_2_available):
         cached.cache_clear()
     import flash_attn

@@ -31,8 +31,8 @@ def add_fault(model: torch.nn.Module, forwards: set[int], kind: str) -> torch.nn
     return model
 
 
-def inject(monkeypatch, forwards, kind: str, builder: str = "dapt.train.build_model") -> None:
-    """Patch a model builder of dapt's own (build_model, or dapt.classify.build_classifier) so the model it builds
+def inject(monkeypatch, forwards, kind: str, builder: str = "dapt.tasks.mlm.build_model") -> None:
+    """Patch a model builder of dapt's own (build_model, or dapt.tasks.classify.build_model) so the model it builds
     carries the fault."""
     import importlib
 
@@ -43,11 +43,13 @@ def inject(monkeypatch, forwards, kind: str, builder: str = "dapt.train.build_mo
 
 
 def from_env() -> None:
-    """FAULT_FORWARDS=3,4 FAULT_KIND=nan FAULT_RANK=1: patch dapt.train.build_model in this process."""
-    import dapt.train
+    """FAULT_FORWARDS=3,4 FAULT_KIND=nan FAULT_RANK=1: patch dapt.tasks.mlm.build_model in this process."""
+    import dapt.tasks.mlm
 
     if os.environ.get("FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     forwards = {int(x) for x in os.environ.get("FAULT_FORWARDS", "").split(",") if x}
-    build = dapt.train.build_model
-    dapt.train.build_model = lambda *a, **k: add_fault(build(*a, **k), forwards, os.environ.get("FAULT_KIND", "nan"))
+    build = dapt.tasks.mlm.build_model
+    dapt.tasks.mlm.build_model = lambda *a, **k: add_fault(
+        build(*a, **k), forwards, os.environ.get("FAULT_KIND", "nan")
+    )

@@ -4,9 +4,9 @@ import sys
 
 import faults
 
-from dapt import train
-from dapt.cli import main
+from dapt.cli.main import main
+from dapt.tasks import mlm
 
 if __name__ == "__main__":
     faults.from_env()
-    sys.exit(main(train.run, prog="faulty_mlm.py"))
+    sys.exit(main(mlm.run, prog="faulty_mlm.py"))

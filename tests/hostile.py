@@ -19,11 +19,15 @@ class Case:
     name: str
     fmt: str
     write: object  # (folder: Path) -> Path: the source given to data.train (a file or a folder)
-    lenient: str = "counted"  # with data.on_error=skip: counted (a counted skip) | error (a clear error) | clean
+    lenient: str = (
+        "counted"  # with data.on_error=skip: counted (a counted skip) | error (a clear error) | clean
+    )
     args: list[str] = field(default_factory=list)
     names_line: bool = True  # a strict error names file:line (not for whole-file problems)
     warns: str = ""  # clean cases: what the log must say (nothing is dropped without a word)
-    docs: tuple[int, ...] | None = None  # clean cases: the lines (records) of the file that are trained, exactly
+    docs: tuple[int, ...] | None = (
+        None  # clean cases: the lines (records) of the file that are trained, exactly
+    )
 
 
 def _file(name: str, data: bytes | str):
@@ -31,6 +35,7 @@ def _file(name: str, data: bytes | str):
         path = folder / name
         path.write_bytes(data.encode() if isinstance(data, str) else data)
         return path
+
     return write
 
 
@@ -86,6 +91,7 @@ def _parquet(rows: dict, name: str = "t.parquet"):
         path = folder / name
         pq.write_table(pa.table(rows), path)
         return path
+
     return write
 
 
@@ -123,48 +129,133 @@ def cases() -> list[Case]:
         Case("invalid UTF-8", "lines", _file("latin1.txt", bad_utf8)),
         Case("binary junk", "lines", _binary),
         Case("UTF-16 with BOM", "lines", _file("utf16.txt", _good_lines(5).encode("utf-16"))),
-        Case("NUL bytes in lines", "lines", _file("nul.txt", _good_lines(3) + "GET /\x00\x00 x\n" + _good_lines(3)),
-             lenient="clean", docs=(1, 2, 3, 4, 5, 6, 7)),
+        Case(
+            "NUL bytes in lines",
+            "lines",
+            _file("nul.txt", _good_lines(3) + "GET /\x00\x00 x\n" + _good_lines(3)),
+            lenient="clean",
+            docs=(1, 2, 3, 4, 5, 6, 7),
+        ),
         Case("100 MB single line", "lines", _huge_line),
         Case("a .gz that is not gzip", "lines", _file("plain.txt.gz", _good_lines())),
         Case("truncated gzip", "lines", _truncated_gzip),
         Case("a .zst of junk", "lines", _file("junk.txt.zst", b"\x00\x01junk" * 50)),
-        Case("symlink loop in a data folder", "lines", _symlink_loop, lenient="clean", warns="a symlink loop"),
-        Case("dangling symlink in a data folder", "lines", _dangling, lenient="clean",
-             warns="gone.txt (a dangling symlink)"),
-        Case("a FIFO in a data folder", "lines", _fifo, lenient="clean", warns="pipe.txt (a FIFO, not a regular file)"),
+        Case(
+            "symlink loop in a data folder", "lines", _symlink_loop, lenient="clean", warns="a symlink loop"
+        ),
+        Case(
+            "dangling symlink in a data folder",
+            "lines",
+            _dangling,
+            lenient="clean",
+            warns="gone.txt (a dangling symlink)",
+        ),
+        Case(
+            "a FIFO in a data folder",
+            "lines",
+            _fifo,
+            lenient="clean",
+            warns="pipe.txt (a FIFO, not a regular file)",
+        ),
         Case("newline in the file name", "lines", _file("bad\nname.txt", bad_utf8)),
-        Case("lone carriage returns", "lines", _file("cr.txt", _good_lines(5).replace("\n", "\r") + "caf\xe9"),
-             lenient="clean", docs=(1,)),  # a CR is no line break in `lines`: one document, all of it trained
-        Case("malformed JSON", "jsonl", _file("bad.jsonl", _jsonl(_good_json(5) + ['{"text": "cut', *_good_json(5)]))),
-        Case("a JSON array per line", "jsonl", _file("arr.jsonl", _jsonl(_good_json(5) + [[1, 2]] + _good_json(5)))),
+        Case(
+            "lone carriage returns",
+            "lines",
+            _file("cr.txt", _good_lines(5).replace("\n", "\r") + "caf\xe9"),
+            lenient="clean",
+            docs=(1,),
+        ),  # a CR is no line break in `lines`: one document, all of it trained
+        Case(
+            "malformed JSON",
+            "jsonl",
+            _file("bad.jsonl", _jsonl(_good_json(5) + ['{"text": "cut', *_good_json(5)])),
+        ),
+        Case(
+            "a JSON array per line",
+            "jsonl",
+            _file("arr.jsonl", _jsonl(_good_json(5) + [[1, 2]] + _good_json(5))),
+        ),
         Case("missing text field", "jsonl", _file("nofield.jsonl", _jsonl(_good_json(5) + [{"body": "x"}]))),
-        Case("text is a number", "jsonl", _file("num.jsonl", _jsonl(_good_json(5) + [{"text": 5}] + _good_json(3)))),
-        Case("text is null", "jsonl", _file("null.jsonl", _jsonl(_good_json(5) + [{"text": None}] + _good_json(3)))),
-        Case("deeply nested JSON", "jsonl", _file("deep.jsonl", _jsonl(_good_json(5) + [deep] + _good_json(3)))),
-        Case("NaN and huge numbers", "jsonl", _file("nan.jsonl", _jsonl(_good_json(5) + ['{"text": NaN}',
-                                                                                         '{"text": 1e999}']))),
-        Case("JSON with a BOM", "jsonl", _file("bom.jsonl", "\ufeff" + _jsonl(_good_json(5))), lenient="clean",
-             docs=(1, 2, 3, 4, 5)),
-        Case("unbalanced CSV quote", "csv", _file("quote.csv", "a,b\n1,2\n\"3,4\n" + "5,6\n" * 20)),
+        Case(
+            "text is a number",
+            "jsonl",
+            _file("num.jsonl", _jsonl(_good_json(5) + [{"text": 5}] + _good_json(3))),
+        ),
+        Case(
+            "text is null",
+            "jsonl",
+            _file("null.jsonl", _jsonl(_good_json(5) + [{"text": None}] + _good_json(3))),
+        ),
+        Case(
+            "deeply nested JSON", "jsonl", _file("deep.jsonl", _jsonl(_good_json(5) + [deep] + _good_json(3)))
+        ),
+        Case(
+            "NaN and huge numbers",
+            "jsonl",
+            _file("nan.jsonl", _jsonl(_good_json(5) + ['{"text": NaN}', '{"text": 1e999}'])),
+        ),
+        Case(
+            "JSON with a BOM",
+            "jsonl",
+            _file("bom.jsonl", "\ufeff" + _jsonl(_good_json(5))),
+            lenient="clean",
+            docs=(1, 2, 3, 4, 5),
+        ),
+        Case("unbalanced CSV quote", "csv", _file("quote.csv", 'a,b\n1,2\n"3,4\n' + "5,6\n" * 20)),
         Case("CSV rows of the wrong width", "csv", _file("width.csv", "a,b\n1,2\n1,2,3,4\n1\n5,6\n")),
         Case("CSV header only", "csv", _file("header.csv", "a,b\n"), lenient="clean", docs=()),
-        Case("NUL byte in CSV", "csv", _file("nul.csv", "a,b\n1,2\n3,\x004\n5,6\n"), lenient="clean", docs=(2, 3, 4)),
-        Case("CSV header of other names", "csv", _file("cols.csv", "x,y\n1,2\n3,4\n"), args=["--data.columns=[a, b]"]),
-        Case("TSV read as CSV", "csv", _file("tabs.csv", "a\tb\n1\t2\n3\t4\n"), args=["--data.columns=[a, b]"]),
+        Case(
+            "NUL byte in CSV",
+            "csv",
+            _file("nul.csv", "a,b\n1,2\n3,\x004\n5,6\n"),
+            lenient="clean",
+            docs=(2, 3, 4),
+        ),
+        Case(
+            "CSV header of other names",
+            "csv",
+            _file("cols.csv", "x,y\n1,2\n3,4\n"),
+            args=["--data.columns=[a, b]"],
+        ),
+        Case(
+            "TSV read as CSV", "csv", _file("tabs.csv", "a\tb\n1\t2\n3\t4\n"), args=["--data.columns=[a, b]"]
+        ),
         Case("not a parquet file", "parquet", _file("fake.parquet", _good_lines()), names_line=False),
         Case("parquet without the text column", "parquet", _parquet({"body": ["x", "y"]}), names_line=False),
         Case("parquet with null texts", "parquet", _parquet({"text": [f"{GOOD} 1", None, f"{GOOD} 2"]})),
         Case("truncated parquet", "parquet", _truncated_parquet, names_line=False),
-        Case("a CSV field over the csv module's limit", "csv", _file("wide.csv", "a,b\n1,2\n3," + "x" * 300_000
-                                                                      + "\n5,6\n"), lenient="clean", docs=(2, 3, 4)),
+        Case(
+            "a CSV field over the csv module's limit",
+            "csv",
+            _file("wide.csv", "a,b\n1,2\n3," + "x" * 300_000 + "\n5,6\n"),
+            lenient="clean",
+            docs=(2, 3, 4),
+        ),
         Case("a bare CR inside a CSV row", "csv", _file("cr.csv", "a,b\n1,2\n3,4\r5\n6,7\n")),
-        Case("documents that tokenize to nothing", "lines", _file("blank.txt", "\u200b\u200b\n\x01\x02\n\ufeff\n"
-                                                                   + _good_lines(2)), lenient="clean",
-             docs=(1, 2, 3, 4, 5)),
-        Case("one 1 MB word", "lines", _file("word.txt", _good_lines(2) + "A" * (1 << 20) + "\n"), lenient="clean",
-             docs=(1, 2, 3)),
-        Case("HTTP without a request line", "http", _file("junk.http", "hello there\nfoo: bar\n\n" + GOOD + "\n")),
-        Case("HTTP header without a colon", "http", _file("hdr.http", "GET / HTTP/1.1\nHost example\n\n"),
-             lenient="clean", docs=(1,)),
+        Case(
+            "documents that tokenize to nothing",
+            "lines",
+            _file("blank.txt", "\u200b\u200b\n\x01\x02\n\ufeff\n" + _good_lines(2)),
+            lenient="clean",
+            docs=(1, 2, 3, 4, 5),
+        ),
+        Case(
+            "one 1 MB word",
+            "lines",
+            _file("word.txt", _good_lines(2) + "A" * (1 << 20) + "\n"),
+            lenient="clean",
+            docs=(1, 2, 3),
+        ),
+        Case(
+            "HTTP without a request line",
+            "http",
+            _file("junk.http", "hello there\nfoo: bar\n\n" + GOOD + "\n"),
+        ),
+        Case(
+            "HTTP header without a colon",
+            "http",
+            _file("hdr.http", "GET / HTTP/1.1\nHost example\n\n"),
+            lenient="clean",
+            docs=(1,),
+        ),
     ]

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import dapt.checkpoint as checkpoint
-from dapt import train
-from dapt.cli import main
+import dapt.runtime.checkpoint as checkpoint
+from dapt.cli.main import main
+from dapt.tasks import mlm
 
 
 def _pause_before(fn, aimed):
@@ -30,15 +30,16 @@ def _pause_before(fn, aimed):
 if __name__ == "__main__":
     where = os.environ["PAUSE_IN"]
     if where == "startup":
+
         def resolved_then_pause(cfg, path):
             save_resolved(cfg, path)
             _pause_before(lambda folder: None, lambda folder: True)(path)
 
-        save_resolved = train.save_resolved
-        train.save_resolved = resolved_then_pause
+        save_resolved = mlm.save_resolved
+        mlm.save_resolved = resolved_then_pause
     elif where.startswith("checkpoint:"):
         tag = f".tmp-step_{int(where.split(':')[1]):08d}"
         checkpoint.write_manifest = _pause_before(checkpoint.write_manifest, lambda f: f.name == tag)
     else:
         checkpoint.verify_export = _pause_before(checkpoint.verify_export, lambda f: f.name == ".tmp-final")
-    sys.exit(main(train.run, prog="paused_mlm.py"))
+    sys.exit(main(mlm.run, prog="paused_mlm.py"))

@@ -10,20 +10,42 @@ import pytest
 from conftest import DS, run_inprocess, series
 from transformers import AutoModelForMaskedLM, AutoTokenizer, CanineTokenizer
 
-import dapt.canine  # noqa: F401  (registers the class with AutoModelForMaskedLM)
-from dapt.masking import IGNORE, MLMCollator
+import dapt.model.canine  # noqa: F401  (registers the class with AutoModelForMaskedLM)
+from dapt.data.masking import IGNORE, MLMCollator
 
-CANINE = ("{model_type: canine, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64,"
-          " num_hash_buckets: 512, num_hash_functions: 4, max_position_embeddings: 256}")
+CANINE = (
+    "{model_type: canine, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64,"
+    " num_hash_buckets: 512, num_hash_functions: 4, max_position_embeddings: 256}"
+)
 
 
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory):
     rng = random.Random(0)
-    words = ["google", "mail", "shop", "bank", "secure", "login", "cloud", "api", "cdn", "news", "tech", "data"]
-    lines = [rng.choice(["", "www.", "api."]) + rng.choice(words) + rng.choice(words) + "." + rng.choice(["com", "net"])
-             if i % 3 else "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12)) + ".com"
-             for i in range(2400)]
+    words = [
+        "google",
+        "mail",
+        "shop",
+        "bank",
+        "secure",
+        "login",
+        "cloud",
+        "api",
+        "cdn",
+        "news",
+        "tech",
+        "data",
+    ]
+    lines = [
+        rng.choice(["", "www.", "api."])
+        + rng.choice(words)
+        + rng.choice(words)
+        + "."
+        + rng.choice(["com", "net"])
+        if i % 3
+        else "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12)) + ".com"
+        for i in range(2400)
+    ]
     path = tmp_path_factory.mktemp("domains") / "domains.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -32,9 +54,12 @@ def domains(tmp_path_factory):
 def test_character_masking_uses_code_points_and_head_classes():
     tok = CanineTokenizer()
     text = "secure-login.example.com" * 40 + "\u00e9\u4e2d"  # two characters above the head's range
-    ids = np.asarray([tok.cls_token_id] + tok(text, add_special_tokens=False)["input_ids"] + [tok.sep_token_id])
+    ids = np.asarray(
+        [tok.cls_token_id] + tok(text, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+    )
     batch = MLMCollator(tok, 0.5, seed=0, mask_token_id=0xE000, label_vocab=128)(
-        [{"input_ids": ids, "key": 1, "index": 0}])
+        [{"input_ids": ids, "key": 1, "index": 0}]
+    )
     n = len(ids)
     inputs, labels = batch["input_ids"][0, :n].numpy(), batch["labels"][0, :n].numpy()
     chosen = labels != IGNORE
@@ -49,12 +74,30 @@ def test_character_masking_uses_code_points_and_head_classes():
 
 def test_canine_trains_exports_and_reloads(domains, tmp_path):
     out = tmp_path / "run"
-    summary = run_inprocess(["--data.train", domains, "--output_dir", out, "--model.config", CANINE,
-                             "--model.char_vocab=128", "--data.packing=pad", "--data.max_seq_length=64",
-                             "--train.max_steps=40", "--train.lr=2e-3", "--masking.mask_token_id=57344",
-                             "--ds", DS / "zero2_bf16.json", "--train.precision=bf16", "--log.progress=false"])
+    summary = run_inprocess(
+        [
+            "--data.train",
+            domains,
+            "--output_dir",
+            out,
+            "--model.config",
+            CANINE,
+            "--model.char_vocab=128",
+            "--data.packing=pad",
+            "--data.max_seq_length=64",
+            "--train.max_steps=40",
+            "--train.lr=2e-3",
+            "--masking.mask_token_id=57344",
+            "--ds",
+            DS / "zero2_bf16.json",
+            "--train.precision=bf16",
+            "--log.progress=false",
+        ]
+    )
     losses = [v for _, v in series(out, "train/loss")]
-    assert summary["steps"] == 40 and losses[-1] < losses[0] - 0.5 and math.isfinite(summary["best_eval_loss"])
+    assert (
+        summary["steps"] == 40 and losses[-1] < losses[0] - 0.5 and math.isfinite(summary["best_eval_loss"])
+    )
     model = AutoModelForMaskedLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert type(model).__name__ == "CanineForMaskedLM" and model.config.char_vocab == 128
@@ -65,12 +108,22 @@ def test_canine_trains_exports_and_reloads(domains, tmp_path):
 
 def test_canine_refuses_packed_rows(domains, tmp_path):
     with pytest.raises(ValueError, match="packed does not work with CANINE"):
-        run_inprocess(["--data.train", domains, "--output_dir", tmp_path / "r", "--model.config", CANINE,
-                       "--data.packing=packed", "--train.max_steps=1"])
+        run_inprocess(
+            [
+                "--data.train",
+                domains,
+                "--output_dir",
+                tmp_path / "r",
+                "--model.config",
+                CANINE,
+                "--data.packing=packed",
+                "--train.max_steps=1",
+            ]
+        )
 
 
 def test_whole_word_needs_a_fast_tokenizer():
-    from dapt.packing import tokenize
+    from dapt.data.packing import tokenize
 
     with pytest.raises(ValueError, match="fast tokenizer"):
         tokenize(CanineTokenizer(), ["a.com"], words=True)

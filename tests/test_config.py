@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dapt.config import (
+from dapt.cli.load import load_config
+from dapt.config.dsconfig import AUTO, DEFERRED, _autos, finalize_ds_config
+from dapt.config.schema import (
     AblationConfig,
     CheckpointConfig,
     ClassifyConfig,
@@ -32,9 +34,8 @@ from dapt.config import (
     TrainConfig,
     field_docs,
     help_text,
+    save_resolved,
 )
-from dapt.dsconfig import AUTO, DEFERRED, _autos, finalize_ds_config
-from dapt.load import load_config, save_resolved
 
 ROOT = Path(__file__).resolve().parents[1]
 DS_DIR = ROOT / "ds_configs"
@@ -52,8 +53,15 @@ TRAIN = {
     "eps": 1.0e-8,
     "grad_clip": 0.5,
 }
-MODEL = {"config": {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 1,
-                    "num_attention_heads": 2, "intermediate_size": 128}}
+MODEL = {
+    "config": {
+        "model_type": "bert",
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+    }
+}
 
 
 def write_yaml(tmp_path: Path, doc: dict, name: str = "recipe.yaml") -> str:
@@ -121,14 +129,32 @@ def test_misspelt_key_names_it_and_lists_valid_keys(tmp_path):
 
     top = one_matching(problems, "'trainer'")
     valid = top.split("valid keys:")[1]
-    for name in ("output_dir", "seed", "resume", "ds", "model", "data", "masking", "train", "checkpoint", "log"):
+    for name in (
+        "output_dir",
+        "seed",
+        "resume",
+        "ds",
+        "model",
+        "data",
+        "masking",
+        "train",
+        "checkpoint",
+        "log",
+    ):
         assert name in valid
     assert "ds_config" not in valid and "explicit" not in valid  # internal fields are not keys
 
 
-@pytest.mark.parametrize("section, cls", [("model", ModelConfig), ("data", DataConfig),
-                                          ("masking", MaskingConfig), ("checkpoint", CheckpointConfig),
-                                          ("log", LogConfig)])
+@pytest.mark.parametrize(
+    "section, cls",
+    [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("masking", MaskingConfig),
+        ("checkpoint", CheckpointConfig),
+        ("log", LogConfig),
+    ],
+)
 def test_misspelt_key_in_every_section(tmp_path, section, cls):
     path = write_yaml(tmp_path, {"model": MODEL} | {section: {"nope_key": 1}})
     bad = one_matching(problems_of(["--recipe", path]), f"'{section}.nope_key'")
@@ -136,9 +162,15 @@ def test_misspelt_key_in_every_section(tmp_path, section, cls):
 
 
 def test_key_and_type_problems_reported_together(tmp_path):
-    path = write_yaml(tmp_path, {"model": MODEL, "bogus": 1,
-                                 "train": {"max_step": 5, "micro_batch_size": "eight", "lr": [1]},
-                                 "log": {"wandb": "yes please"}})
+    path = write_yaml(
+        tmp_path,
+        {
+            "model": MODEL,
+            "bogus": 1,
+            "train": {"max_step": 5, "micro_batch_size": "eight", "lr": [1]},
+            "log": {"wandb": "yes please"},
+        },
+    )
     problems = problems_of(["--recipe", path])
     assert len(problems) == 5, problems
     one_matching(problems, "'bogus'")
@@ -149,8 +181,15 @@ def test_key_and_type_problems_reported_together(tmp_path):
 
 
 def test_value_problems_reported_together(tmp_path):
-    path = write_yaml(tmp_path, {"model": MODEL, "data": {"max_seq_length": -5, "packing": "zip"},
-                                 "masking": {"rate": 1.5}, "train": {"micro_batch_size": 0}})
+    path = write_yaml(
+        tmp_path,
+        {
+            "model": MODEL,
+            "data": {"max_seq_length": -5, "packing": "zip"},
+            "masking": {"rate": 1.5},
+            "train": {"micro_batch_size": 0},
+        },
+    )
     problems = problems_of(["--recipe", path])
     assert len(problems) == 4, problems
     assert ">= 8" in one_matching(problems, "data.max_seq_length", "-5")
@@ -160,9 +199,14 @@ def test_value_problems_reported_together(tmp_path):
 
 
 def test_all_kinds_of_problems_in_one_error(tmp_path):
-    path = write_yaml(tmp_path, {"model": MODEL,
-                                 "train": {"max_step": 5, "micro_batch_size": "eight"},
-                                 "data": {"max_seq_length": -5, "packing": "zip"}})
+    path = write_yaml(
+        tmp_path,
+        {
+            "model": MODEL,
+            "train": {"max_step": 5, "micro_batch_size": "eight"},
+            "data": {"max_seq_length": -5, "packing": "zip"},
+        },
+    )
     problems = problems_of(["--recipe", path])
     one_matching(problems, "'train.max_step'", "valid keys in train")
     one_matching(problems, "train.micro_batch_size", "'eight'")
@@ -194,8 +238,20 @@ def test_positional_argument_refused():
 
 def test_overrides_are_typed_and_beat_the_recipe(tmp_path):
     path = recipe(tmp_path, train={"max_steps": 100, "lr": 0.01}, log={"wandb": False})
-    cfg = load(["--recipe", path, "--train.max_steps=7", "--train.lr", "3.0e-4", "--log.wandb",
-                "--local_rank=0", "--train.warmup_ratio", "0.1", "--seed=5"])
+    cfg = load(
+        [
+            "--recipe",
+            path,
+            "--train.max_steps=7",
+            "--train.lr",
+            "3.0e-4",
+            "--log.wandb",
+            "--local_rank=0",
+            "--train.warmup_ratio",
+            "0.1",
+            "--seed=5",
+        ]
+    )
     assert cfg.train.max_steps == 7 and type(cfg.train.max_steps) is int
     assert cfg.train.lr == pytest.approx(3e-4) and type(cfg.train.lr) is float
     assert cfg.log.wandb is True
@@ -228,7 +284,9 @@ def test_override_type_error(tmp_path):
 
 
 def test_unknown_override_key(tmp_path):
-    bad = one_matching(problems_of(["--recipe", recipe(tmp_path), "--train.max_stepz=3"]), "'train.max_stepz'")
+    bad = one_matching(
+        problems_of(["--recipe", recipe(tmp_path), "--train.max_stepz=3"]), "'train.max_stepz'"
+    )
     assert "max_steps" in bad
 
 
@@ -280,8 +338,9 @@ def test_shipped_ds_config_auto_filled(tmp_path, name):
     left = set(_autos(ds))
     assert left <= DEFERRED, left - DEFERRED
     shipped = json.loads((DS_DIR / name).read_text())
-    assert left == {p for p in DEFERRED if p[0] in shipped and p[1] in shipped[p[0]]
-                    and shipped[p[0]][p[1]] == AUTO}
+    assert left == {
+        p for p in DEFERRED if p[0] in shipped and p[1] in shipped[p[0]] and shipped[p[0]][p[1]] == AUTO
+    }
 
     finalize_ds_config(ds, total_steps=10, warmup_steps=1, hidden_size=64)
     assert _autos(ds) == []
@@ -296,8 +355,9 @@ def test_shipped_ds_config_auto_filled(tmp_path, name):
 
 
 def test_zero3_offload_on_cpu_uses_torch_adam(tmp_path):
-    cfg = load(["--recipe", recipe(tmp_path, train=TRAIN, ds=str(DS_DIR / "zero3_offload_bf16.json"))],
-               world_size=2)
+    cfg = load(
+        ["--recipe", recipe(tmp_path, train=TRAIN, ds=str(DS_DIR / "zero3_offload_bf16.json"))], world_size=2
+    )
     assert cfg.ds_config["optimizer"]["params"]["torch_adam"] is True
     assert cfg.ds_config["zero_force_ds_cpu_optimizer"] is False
 
@@ -313,8 +373,10 @@ def test_zero3_finalize_values(tmp_path):
 
 
 def test_finalize_fills_scheduler_steps_and_refuses_leftovers():
-    ds = {"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": AUTO, "warmup_num_steps": AUTO}},
-          "zero_optimization": {"stage": 2, "reduce_bucket_size": AUTO}}
+    ds = {
+        "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": AUTO, "warmup_num_steps": AUTO}},
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": AUTO},
+    }
     finalize_ds_config(ds, total_steps=100, warmup_steps=6, hidden_size=32)
     assert ds["scheduler"]["params"] == {"total_num_steps": 100, "warmup_num_steps": 6}
     assert ds["zero_optimization"]["reduce_bucket_size"] == 32 * 32
@@ -331,8 +393,9 @@ def test_cuda_gets_torchs_fused_adamw_and_deepspeeds_only_when_asked(tmp_path):
     argv = ["--recipe", recipe(tmp_path, train=TRAIN, ds=str(DS_DIR / "zero2_bf16.json"))]
     params = load_config(argv, world_size=2, accelerator="cuda").ds_config["optimizer"]["params"]
     assert params["torch_adam"] is True and params["fused"] is True
-    params = load_config(argv + ["--train.optimizer_impl=deepspeed"], world_size=2,
-                         accelerator="cuda").ds_config["optimizer"]["params"]
+    params = load_config(
+        argv + ["--train.optimizer_impl=deepspeed"], world_size=2, accelerator="cuda"
+    ).ds_config["optimizer"]["params"]
     assert "torch_adam" not in params and "fused" not in params
 
 
@@ -390,7 +453,10 @@ def test_ds_micro_batch_adopted_when_recipe_silent(tmp_path):
 
 
 def test_ds_values_adopted_with_their_own_values(tmp_path):
-    ds = {"gradient_clipping": 2.0, "optimizer": {"type": "AdamW", "params": {"lr": 0.003, "betas": [0.8, 0.9]}}}
+    ds = {
+        "gradient_clipping": 2.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.003, "betas": [0.8, 0.9]}},
+    }
     cfg = load(["--recipe", recipe(tmp_path, ds=ds)])
     assert cfg.train.grad_clip == 2.0
     assert cfg.train.lr == pytest.approx(0.003)
@@ -422,8 +488,11 @@ def test_adopted_ds_value_is_validated(tmp_path, value):
     one_matching(problems, "train_micro_batch_size_per_gpu")
 
 
-@pytest.mark.parametrize("ds", [{"scheduler": "WarmupLR"}, {"optimizer": {"type": "AdamW", "params": None}}],
-                         ids=["scheduler-str", "params-null"])
+@pytest.mark.parametrize(
+    "ds",
+    [{"scheduler": "WarmupLR"}, {"optimizer": {"type": "AdamW", "params": None}}],
+    ids=["scheduler-str", "params-null"],
+)
 def test_malformed_ds_block_is_a_config_error(tmp_path, ds):
     problems = problems_of(["--recipe", recipe(tmp_path, ds=ds)])
     one_matching(problems, "expected an object")
@@ -439,8 +508,9 @@ def test_ds_train_batch_size_sets_grad_accum(tmp_path):
 
 def test_ds_train_batch_size_contradicts_explicit_accum(tmp_path):
     ds = {"train_batch_size": 32}
-    problems = problems_of(["--recipe", recipe(tmp_path, train={"micro_batch_size": 4, "grad_accum": 3}, ds=ds)],
-                           world_size=2)
+    problems = problems_of(
+        ["--recipe", recipe(tmp_path, train={"micro_batch_size": 4, "grad_accum": 3}, ds=ds)], world_size=2
+    )
     one_matching(problems, "train_batch_size = 32", "4 x 3 x 2 = 24")
 
 
@@ -503,10 +573,28 @@ def test_ds_file_problems(tmp_path):
 
 # ------------------------------------------------------------------ 6. --help
 
-DESIGN_NAMES = ["output_dir", "seed", "model.name_or_path", "model.config", "data.train", "data.valid",
-                "data.test", "data.format", "data.packing", "data.max_seq_length", "data.on_error",
-                "data.log_sample_ids", "masking.rate", "train.max_steps", "train.epochs", "train.eval_every",
-                "checkpoint.every", "checkpoint.keep", "resume", "log.wandb"]
+DESIGN_NAMES = [
+    "output_dir",
+    "seed",
+    "model.name_or_path",
+    "model.config",
+    "data.train",
+    "data.valid",
+    "data.test",
+    "data.format",
+    "data.packing",
+    "data.max_seq_length",
+    "data.on_error",
+    "data.log_sample_ids",
+    "masking.rate",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "resume",
+    "log.wandb",
+]
 
 
 def test_help_text_sections_and_docs():
@@ -526,14 +614,46 @@ def test_help_text_has_design_name(name):
     assert f"  --{name}=" in help_text()
 
 
-SECTIONS = ("model", "data", "masking", "train", "checkpoint", "numerics", "profile", "plan", "fill", "cluster", "submit",
-            "log", "classify", "embed", "ablation")
+SECTIONS = (
+    "model",
+    "data",
+    "masking",
+    "train",
+    "checkpoint",
+    "numerics",
+    "profile",
+    "plan",
+    "fill",
+    "cluster",
+    "submit",
+    "log",
+    "classify",
+    "embed",
+    "ablation",
+)
 
 
-@pytest.mark.parametrize("cls", [RunConfig, ModelConfig, DataConfig, MaskingConfig, TrainConfig, CheckpointConfig,
-                                 NumericsConfig, ProfileConfig, PlanConfig, FillConfig, ClusterConfig, SubmitConfig,
-                                 LogConfig,
-                                 ClassifyConfig, EmbedConfig, AblationConfig])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        RunConfig,
+        ModelConfig,
+        DataConfig,
+        MaskingConfig,
+        TrainConfig,
+        CheckpointConfig,
+        NumericsConfig,
+        ProfileConfig,
+        PlanConfig,
+        FillConfig,
+        ClusterConfig,
+        SubmitConfig,
+        LogConfig,
+        ClassifyConfig,
+        EmbedConfig,
+        AblationConfig,
+    ],
+)
 def test_every_field_documented_in_help(cls):
     docs = field_docs(cls)
     text = help_text()
@@ -589,7 +709,9 @@ def test_shipped_recipe_loads(path, monkeypatch):
     if "../shared/" in path.read_text() and not (ROOT.parent / "shared" / "data").is_dir():
         pytest.skip(f"{path.name} reads ../shared/data, which is absent")
     cfg = load(["--recipe", str(path)], world_size=2)
-    for line in path.read_text().splitlines():  # every field with a value carries a comment saying why (STYLE)
+    for (
+        line
+    ) in path.read_text().splitlines():  # every field with a value carries a comment saying why (STYLE)
         depth = len(line) - len(line.lstrip())
         field = line.strip()
         if depth <= 2 and field and not field.startswith("#") and not field.rstrip().endswith(":"):
@@ -611,8 +733,11 @@ def test_every_design_packing_is_accepted(tmp_path, packing):
 
 
 def test_streams_must_divide_by_world(tmp_path):
-    one_matching(problems_of(["--recipe", recipe(tmp_path), "--data.streams=8"], world_size=3), "data.streams",
-                 "multiple of the world size 3")
+    one_matching(
+        problems_of(["--recipe", recipe(tmp_path), "--data.streams=8"], world_size=3),
+        "data.streams",
+        "multiple of the world size 3",
+    )
     assert load(["--recipe", recipe(tmp_path), "--data.streams=6"], world_size=3).data.streams == 6
 
 
@@ -632,8 +757,17 @@ def test_command_line_pretrained_model_replaces_the_recipes_from_scratch_config(
     (tmp_path / "m").mkdir()
     cfg = load(["--recipe", str(r), f"--model.name_or_path={tmp_path / 'm'}"])
     assert cfg.model.config is None and cfg.model.name_or_path == str(tmp_path / "m")
-    one_matching(problems_of(["--recipe", str(r), f"--model.name_or_path={tmp_path / 'm'}",
-                              "--model.config={model_type: bert}"]), "exclusive")
+    one_matching(
+        problems_of(
+            [
+                "--recipe",
+                str(r),
+                f"--model.name_or_path={tmp_path / 'm'}",
+                "--model.config={model_type: bert}",
+            ]
+        ),
+        "exclusive",
+    )
 
 
 def test_a_recipe_without_a_model_is_a_config_error(tmp_path):
@@ -651,3 +785,48 @@ def test_off_on_yes_no_stay_words_as_in_yaml_1_2(tmp_path):
     path.write_text(path.read_text() + "checkpoint:\n  disk_check: off\n")  # unquoted, as people write it
     assert load(["--recipe", str(path)]).checkpoint.disk_check == "off"
     one_matching(problems_of(["--log.wandb=yes"]), "log.wandb", "expected bool")
+
+
+@pytest.mark.parametrize(
+    "script, reads, not_read",
+    [
+        (
+            "launch/classify.py",
+            ["model", "data", "train", "checkpoint", "classify"],
+            ["submit", "plan", "fill", "profile"],
+        ),
+        (
+            "launch/mlm.py",
+            ["model", "data", "masking", "train", "checkpoint"],
+            ["submit", "plan", "fill", "classify"],
+        ),
+        ("launch/fill_mask.py", ["model", "fill"], ["train", "checkpoint", "submit", "plan"]),
+        ("launch/submit.py", ["model", "submit", "plan", "cluster"], []),
+    ],
+)
+def test_each_tool_lists_and_takes_only_the_sections_it_reads(script, reads, not_read):
+    """--help shows the script's own sections only, with each choice field's allowed values from the one table; a
+    command-line key of another section is refused, naming the sections the script reads (all problems at once)."""
+    from dapt.cli.load import collect_config
+    from dapt.config.schema import help_text
+
+    text = help_text(script)
+    for section in reads:
+        assert f"\n[{section}]\n" in text
+    for section in not_read:
+        assert f"--{section}." not in text and f"[{section}]" not in text
+    if "train" in reads:
+        assert "--train.precision=auto | bf16 | fp16 | fp32  (default: 'auto')" in text
+    if not not_read:
+        return
+    _, problems = collect_config(
+        [f"--{not_read[0]}.x=1", "--train.lr=0", "--output_dir=/tmp/x"],
+        world_size=1,
+        accelerator="cpu",
+        prog=script,
+    )
+    refused = [p for p in problems if "does not read" in p]
+    assert refused and refused[0].startswith(
+        f"--{not_read[0]}.x: {script} does not read the [{not_read[0]}] section"
+    )
+    assert all(section in refused[0] for section in reads)

@@ -14,10 +14,26 @@ import pytest
 import yaml
 from conftest import DS, TINY_MODEL, launch
 
-from dapt.config import ConfigError, RunConfig, _sections
-from dapt.load import load_config
+from dapt.cli.load import load_config
+from dapt.config.schema import ConfigError, RunConfig, _sections
 
-NASTY = [-1, 0, -7.5, 3.5, "", "x", "-3", [1, "a"], {"a": 1}, None, True, 1e30, float("nan"), "auto", float("inf")]
+NASTY = [
+    -1,
+    0,
+    -7.5,
+    3.5,
+    "",
+    "x",
+    "-3",
+    [1, "a"],
+    {"a": 1},
+    None,
+    True,
+    1e30,
+    float("nan"),
+    "auto",
+    float("inf"),
+]
 
 # The expected verdict of every field for each NASTY value, in order: A accepted (loads), R rejected (a ConfigError
 # naming the field). Read with the fields' types and meanings in mind: a type that cannot hold the value rejects it;
@@ -179,13 +195,19 @@ def _fields() -> list[str]:
     for section, cls in _sections().items():
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(RunConfig)
-    return keys + [f.name for f in dataclasses.fields(RunConfig)
-                   if not f.metadata.get("internal") and f.name not in _sections() and hints[f.name]]
+    return keys + [
+        f.name
+        for f in dataclasses.fields(RunConfig)
+        if not f.metadata.get("internal") and f.name not in _sections() and hints[f.name]
+    ]
 
 
 def _recipe(tmp_path, corpus_file, changes: dict, name: str = "recipe.yaml"):
-    doc = {"model": {"config": dict(TINY_MODEL), "tokenizer_vocab_size": 400},
-           "data": {"train": [str(corpus_file)], "max_seq_length": 32}, "train": {"max_steps": 4}}
+    doc = {
+        "model": {"config": dict(TINY_MODEL), "tokenizer_vocab_size": 400},
+        "data": {"train": [str(corpus_file)], "max_seq_length": 32},
+        "train": {"max_steps": 4},
+    }
     for key, value in changes.items():
         *path, last = key.split(".")
         node = doc
@@ -206,7 +228,9 @@ def test_every_field_has_expected_verdicts():
 def test_every_field_with_nasty_values_gets_its_expected_verdict(key, tmp_path, corpus_file):
     for i, (value, verdict) in enumerate(zip(NASTY, EXPECTED[key])):
         path = _recipe(tmp_path, corpus_file, {key: value}, f"r{i}.yaml")
-        argv = ["--recipe", str(path)] + ([] if key == "output_dir" else ["--output_dir", str(tmp_path / "out")])
+        argv = ["--recipe", str(path)] + (
+            [] if key == "output_dir" else ["--output_dir", str(tmp_path / "out")]
+        )
         if verdict == "A":
             load_config(argv, world_size=2, accelerator="cpu")  # a wrong rejection raises here
         else:
@@ -224,8 +248,16 @@ def test_every_float_field_refuses_nan_and_infinities(tmp_path, corpus_file):
         for bad in (float("nan"), float("inf"), float("-inf"), "nan", "-inf"):
             value = [bad] if _annotation(key) == list[float] else bad
             with pytest.raises(ConfigError, match=f"{key.split('.')[-1]}.*expected a finite number"):
-                load_config(["--recipe", str(_recipe(tmp_path, corpus_file, {key: value})), "--output_dir",
-                             str(tmp_path / "out")], world_size=1, accelerator="cpu")
+                load_config(
+                    [
+                        "--recipe",
+                        str(_recipe(tmp_path, corpus_file, {key: value})),
+                        "--output_dir",
+                        str(tmp_path / "out"),
+                    ],
+                    world_size=1,
+                    accelerator="cpu",
+                )
 
 
 def _annotation(key: str):
@@ -268,16 +300,29 @@ def test_random_mixes_of_problems_are_all_reported_at_once(seed, tmp_path, corpu
     ds_path = tmp_path / "ds.json"
     ds_path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError) as e:
-        load_config(["--recipe", str(_recipe(tmp_path, corpus_file, recipe)), "--ds", str(ds_path),
-                     "--output_dir", str(tmp_path / "out")], world_size=2, accelerator="cpu")
+        load_config(
+            [
+                "--recipe",
+                str(_recipe(tmp_path, corpus_file, recipe)),
+                "--ds",
+                str(ds_path),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ],
+            world_size=2,
+            accelerator="cpu",
+        )
     for _, _, fragment in chosen:
         assert fragment in str(e.value), (fragment, [c[2] for c in chosen], str(e.value))
     assert not (tmp_path / "out").exists()
 
 
 def test_two_ranks_under_the_launcher_stop_before_starting(tmp_path, corpus_file):
-    recipe = _recipe(tmp_path, corpus_file, {"train.micro_batch_size": -4, "data.streams": 3, "trian.lr": 1,
-                                             "numerics.spike_action": "panic"})
+    recipe = _recipe(
+        tmp_path,
+        corpus_file,
+        {"train.micro_batch_size": -4, "data.streams": 3, "trian.lr": 1, "numerics.spike_action": "panic"},
+    )
     out = tmp_path / "never"
     proc = launch(["--recipe", recipe, "--output_dir", out], ranks=2, check=False)
     text = proc.stdout + proc.stderr
@@ -285,7 +330,9 @@ def test_two_ranks_under_the_launcher_stop_before_starting(tmp_path, corpus_file
     for fragment in ("train.micro_batch_size", "data.streams", "'trian'", "numerics.spike_action"):
         assert text.count(fragment) >= 1, fragment
     assert text.count("invalid configuration") == 1  # said once, by rank 0
-    assert "Traceback" not in text and "rank0]" not in text and not out.exists()  # no rank got to log anything
+    assert (
+        "Traceback" not in text and "rank0]" not in text and not out.exists()
+    )  # no rank got to log anything
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):

@@ -1,4 +1,4 @@
-"""dapt.data, dapt.sources, dapt.formats and dapt.packing: reading documents in every format from every kind of
+"""dapt.data.prepare, dapt.data.sources, dapt.data.formats and dapt.data.packing: reading documents in every format from every kind of
 source, bad records, resume positions, the validation split, evaluation batches and packing."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from dapt.corpus import generate
-from dapt.data import BadRecord, Document, eval_batches, in_valid_split, read_documents
-from dapt.formats import READERS, FormatOptions
-from dapt.model import train_wordpiece
-from dapt.packing import pack_concat, pack_packed, pack_pad, tokenize, wrappers
-from dapt.sources import Position, expand
+from dapt.data.corpus import generate
+from dapt.data.formats import READERS, FormatOptions
+from dapt.data.packing import pack_concat, pack_packed, pack_pad, tokenize, wrappers
+from dapt.data.prepare import BadRecord, Document, eval_batches, in_valid_split, read_documents
+from dapt.data.sources import Position, expand
+from dapt.model.build import train_wordpiece
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -51,8 +51,9 @@ def read(paths: list[str], fmt: str, **kw) -> list[tuple[str, str]]:
 
 
 def write_parquet(path: Path, values: list, row_group_size: int = 3, **other) -> str:
-    pq.write_table(pa.table({"text": pa.array(values, type=pa.string()), **other}), path,
-                   row_group_size=row_group_size)
+    pq.write_table(
+        pa.table({"text": pa.array(values, type=pa.string()), **other}), path, row_group_size=row_group_size
+    )
     return str(path)
 
 
@@ -65,42 +66,54 @@ COMPRESSIONS = ["", ".gz", ".bz2", ".zst"]
 def test_read_lines(tmp_path, suffix):
     p = write(tmp_path / f"a.txt{suffix}", b"alpha one\r\n\r\n   \n  beta two  \r\ngamma\n\n\ndelta")
     q = write(tmp_path / "b.txt", b"\nsecond file\n")
-    assert read([p, q], "lines") == [("alpha one", f"{p}:1"), ("beta two", f"{p}:4"), ("gamma", f"{p}:5"),
-                                      ("delta", f"{p}:8"), ("second file", f"{q}:2")]
+    assert read([p, q], "lines") == [
+        ("alpha one", f"{p}:1"),
+        ("beta two", f"{p}:4"),
+        ("gamma", f"{p}:5"),
+        ("delta", f"{p}:8"),
+        ("second file", f"{q}:2"),
+    ]
 
 
 @pytest.mark.parametrize("suffix", COMPRESSIONS)
 def test_read_docs(tmp_path, suffix):
-    data = (b"\r\n"                      # 1 leading blank line
-            b"first a\r\n"              # 2 doc 1
-            b"first b\r\n"              # 3
-            b"\r\n"                     # 4
-            b"second a\n"               # 5 doc 2, after one blank line
-            b"\n  \n\n"                 # 6-8 several blank lines (one only spaces)
-            b"third a\n"                # 9 doc 3
-            b"  third b indented\n"     # 10
-            b"third c")                 # 11, no final newline
+    data = (
+        b"\r\n"  # 1 leading blank line
+        b"first a\r\n"  # 2 doc 1
+        b"first b\r\n"  # 3
+        b"\r\n"  # 4
+        b"second a\n"  # 5 doc 2, after one blank line
+        b"\n  \n\n"  # 6-8 several blank lines (one only spaces)
+        b"third a\n"  # 9 doc 3
+        b"  third b indented\n"  # 10
+        b"third c"
+    )  # 11, no final newline
     p = write(tmp_path / f"d.txt{suffix}", data)
-    assert read([p], "docs") == [("first a\nfirst b", f"{p}:2"), ("second a", f"{p}:5"),
-                                 ("third a\n  third b indented\nthird c", f"{p}:9")]
+    assert read([p], "docs") == [
+        ("first a\nfirst b", f"{p}:2"),
+        ("second a", f"{p}:5"),
+        ("third a\n  third b indented\nthird c", f"{p}:9"),
+    ]
 
 
-HTTP_SAMPLE = (b"\r\n"                                                  # 1 blank lines before the first request
-               b"GET http://localhost:8080/a?x=1 HTTP/1.1\r\n"          # 2
-               b"Host: localhost:8080\r\n"                              # 3
-               b"\r\n"                                                  # 4
-               b"\n"                                                    # 5
-               b"POST http://localhost:8080/b HTTP/1.1\r\n"             # 6
-               b"Content-Length: 7\r\n"                                 # 7
-               b"\r\n"                                                  # 8
-               b"a=1&b=2\n"                                             # 9 the body
-               b"\n"                                                    # 10
-               b"DELETE /c HTTP/1.0\n"                                  # 11
-               b"Host: x\n"                                             # 12
-               b"PUT http://localhost:9090/d HTTP/1.1\r\n"              # 13 no blank line before it
-               b"Accept:*/*\r\n"                                        # 14
-               b"\r\n"                                                  # 15
-               b"id=4")                                                 # 16 no final newline
+HTTP_SAMPLE = (
+    b"\r\n"  # 1 blank lines before the first request
+    b"GET http://localhost:8080/a?x=1 HTTP/1.1\r\n"  # 2
+    b"Host: localhost:8080\r\n"  # 3
+    b"\r\n"  # 4
+    b"\n"  # 5
+    b"POST http://localhost:8080/b HTTP/1.1\r\n"  # 6
+    b"Content-Length: 7\r\n"  # 7
+    b"\r\n"  # 8
+    b"a=1&b=2\n"  # 9 the body
+    b"\n"  # 10
+    b"DELETE /c HTTP/1.0\n"  # 11
+    b"Host: x\n"  # 12
+    b"PUT http://localhost:9090/d HTTP/1.1\r\n"  # 13 no blank line before it
+    b"Accept:*/*\r\n"  # 14
+    b"\r\n"  # 15
+    b"id=4"
+)  # 16 no final newline
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -110,18 +123,28 @@ def test_read_http(tmp_path, suffix):
         ("GET http://localhost:8080/a?x=1 HTTP/1.1\nHost: localhost:8080", f"{p}:2"),
         ("POST http://localhost:8080/b HTTP/1.1\nContent-Length: 7\n\na=1&b=2", f"{p}:6"),
         ("DELETE /c HTTP/1.0\nHost: x", f"{p}:11"),
-        ("PUT http://localhost:9090/d HTTP/1.1\nAccept:*/*\n\nid=4", f"{p}:13")]
+        ("PUT http://localhost:9090/d HTTP/1.1\nAccept:*/*\n\nid=4", f"{p}:13"),
+    ]
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_read_jsonl(tmp_path, suffix):
-    lines = [json.dumps({"text": "one", "other": 1}), "", json.dumps({"text": "two \u00e9\u4e2d"}),
-             "   ", json.dumps({"text": "three", "body": "not this"}), json.dumps({"text": "  "})]
+    lines = [
+        json.dumps({"text": "one", "other": 1}),
+        "",
+        json.dumps({"text": "two \u00e9\u4e2d"}),
+        "   ",
+        json.dumps({"text": "three", "body": "not this"}),
+        json.dumps({"text": "  "}),
+    ]
     p = write(tmp_path / f"r.jsonl{suffix}", "\r\n".join(lines).encode("utf-8") + b"\r\n")
     # blank lines separate records; an empty text field is a bad record (counted), never a silent drop
     skipped = Counter()
     assert read([p], "jsonl", on_error="skip", skipped=skipped) == [
-        ("one", f"{p}:1"), ("two \u00e9\u4e2d", f"{p}:3"), ("three", f"{p}:5")]
+        ("one", f"{p}:1"),
+        ("two \u00e9\u4e2d", f"{p}:3"),
+        ("three", f"{p}:5"),
+    ]
     assert skipped == {"empty field 'text'": 1}
 
 
@@ -132,12 +155,14 @@ def test_read_jsonl_custom_field(tmp_path):
     assert read([p], "jsonl", options=opts) == [("first", f"{p}:1"), ("second", f"{p}:2")]
 
 
-CSV_SAMPLE = (b'id,text,score,flag\r\n'
-              b'1,"hello, world",0.123456,yes\r\n'
-              b'2,plain,3,no\r\n'
-              b'\r\n'
-              b'3, spaced ,2.5,x.y\r\n'
-              b'4,"say ""hi""",1.999,\r\n')
+CSV_SAMPLE = (
+    b"id,text,score,flag\r\n"
+    b'1,"hello, world",0.123456,yes\r\n'
+    b"2,plain,3,no\r\n"
+    b"\r\n"
+    b"3, spaced ,2.5,x.y\r\n"
+    b'4,"say ""hi""",1.999,\r\n'
+)
 
 
 def test_read_csv_with_header_all_columns(tmp_path):
@@ -146,7 +171,8 @@ def test_read_csv_with_header_all_columns(tmp_path):
         ("id:1 text:hello, world score:0.123456 flag:yes", f"{p}:2"),
         ("id:2 text:plain score:3 flag:no", f"{p}:3"),
         ("id:3 text:spaced score:2.5 flag:x.y", f"{p}:5"),
-        ('id:4 text:say "hi" score:1.999 flag:', f"{p}:6")]
+        ('id:4 text:say "hi" score:1.999 flag:', f"{p}:6"),
+    ]
 
 
 def test_read_csv_selected_columns_and_rounding(tmp_path):
@@ -154,24 +180,33 @@ def test_read_csv_selected_columns_and_rounding(tmp_path):
     opts = FormatOptions(columns=("score", "text", "flag"), round_digits=2)
     assert [t for t, _ in read([p], "csv", options=opts)] == [
         "score:0.12 text:hello, world flag:yes",
-        "score:3 text:plain flag:no",      # no decimal point: kept as it is
+        "score:3 text:plain flag:no",  # no decimal point: kept as it is
         "score:2.5 text:spaced flag:x.y",  # not a number: kept as it is
-        'score:2 text:say "hi" flag:']
+        'score:2 text:say "hi" flag:',
+    ]
 
 
 def test_read_csv_without_header(tmp_path):
     p = write(tmp_path / "kdd.csv.gz", b"0,tcp,http,0.00,normal,21\n2,udp,private,0.063,neptune,17\n")
-    opts = FormatOptions(column_names=("duration", "protocol", "service", "rate", "label", "level"),
-                         columns=("protocol", "rate", "label"), round_digits=1)
-    assert read([p], "csv", options=opts) == [("protocol:tcp rate:0 label:normal", f"{p}:1"),
-                                              ("protocol:udp rate:0.1 label:neptune", f"{p}:2")]
+    opts = FormatOptions(
+        column_names=("duration", "protocol", "service", "rate", "label", "level"),
+        columns=("protocol", "rate", "label"),
+        round_digits=1,
+    )
+    assert read([p], "csv", options=opts) == [
+        ("protocol:tcp rate:0 label:normal", f"{p}:1"),
+        ("protocol:udp rate:0.1 label:neptune", f"{p}:2"),
+    ]
     every = read([p], "csv", options=FormatOptions(column_names=("a", "b", "c", "d", "e", "f")))
     assert every[0] == ("a:0 b:tcp c:http d:0.00 e:normal f:21", f"{p}:1") and len(every) == 2
 
 
 def test_read_tsv(tmp_path):
     p = write(tmp_path / "t.tsv", b"name\tvalue\tnote\na b\t0.555\tx, y\nc\t10\tz\n")
-    assert read([p], "tsv") == [("name:a b value:0.555 note:x, y", f"{p}:2"), ("name:c value:10 note:z", f"{p}:3")]
+    assert read([p], "tsv") == [
+        ("name:a b value:0.555 note:x, y", f"{p}:2"),
+        ("name:c value:10 note:z", f"{p}:3"),
+    ]
     opts = FormatOptions(columns=("value",), round_digits=1)
     assert [t for t, _ in read([p], "tsv", options=opts)] == ["0.6", "10"]  # one column: the value alone
 
@@ -182,12 +217,20 @@ def test_read_tsv_empty_edge_fields(tmp_path):
 
 
 def test_read_parquet(tmp_path):
-    p = write_parquet(tmp_path / "t.parquet", ["first", "", "second doc", "   ", "third", "4th", "5th"],
-                      other=pa.array(range(7)))
+    p = write_parquet(
+        tmp_path / "t.parquet",
+        ["first", "", "second doc", "   ", "third", "4th", "5th"],
+        other=pa.array(range(7)),
+    )
     assert pq.ParquetFile(p).num_row_groups == 3
     skipped = Counter()
     assert read([p], "parquet", on_error="skip", skipped=skipped) == [
-        ("first", f"{p}:1"), ("second doc", f"{p}:3"), ("third", f"{p}:5"), ("4th", f"{p}:6"), ("5th", f"{p}:7")]
+        ("first", f"{p}:1"),
+        ("second doc", f"{p}:3"),
+        ("third", f"{p}:5"),
+        ("4th", f"{p}:6"),
+        ("5th", f"{p}:7"),
+    ]
     assert skipped == {"empty field 'text'": 2}
     q = str(tmp_path / "body.parquet")
     pq.write_table(pa.table({"body": ["x", "y"], "text": ["no", "no"]}), q)
@@ -208,6 +251,7 @@ def test_read_limit(tmp_path):
 
 # ---------------------------------------------------------------- sources: folders, globs, URLs, compression
 
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     root = tmp_path / "corpus"
@@ -226,16 +270,26 @@ def test_folder_source_is_searched_recursively_in_sorted_order(folder):
     names = ["a.txt", "b.txt", "sub/c.txt.gz", "sub/d.txt.bz2", "sub/e.txt.zst"]
     assert files == [str(folder / n) for n in names]
     got = read([str(folder)], "lines")
-    assert got == [("a1", f"{folder}/a.txt:1"), ("b1", f"{folder}/b.txt:1"), ("b2", f"{folder}/b.txt:2"),
-                   ("c1", f"{folder}/sub/c.txt.gz:1"), ("d1", f"{folder}/sub/d.txt.bz2:1"),
-                   ("e1", f"{folder}/sub/e.txt.zst:1"), ("e3", f"{folder}/sub/e.txt.zst:3")]
+    assert got == [
+        ("a1", f"{folder}/a.txt:1"),
+        ("b1", f"{folder}/b.txt:1"),
+        ("b2", f"{folder}/b.txt:2"),
+        ("c1", f"{folder}/sub/c.txt.gz:1"),
+        ("d1", f"{folder}/sub/d.txt.bz2:1"),
+        ("e1", f"{folder}/sub/e.txt.zst:1"),
+        ("e3", f"{folder}/sub/e.txt.zst:3"),
+    ]
 
 
 def test_glob_source_and_source_order(folder):
     assert expand([str(folder / "?.txt")]) == [str(folder / "a.txt"), str(folder / "b.txt")]
     assert read([str(folder / "sub" / "*.txt.*"), str(folder / "a.txt")], "lines") == [
-        ("c1", f"{folder}/sub/c.txt.gz:1"), ("d1", f"{folder}/sub/d.txt.bz2:1"),
-        ("e1", f"{folder}/sub/e.txt.zst:1"), ("e3", f"{folder}/sub/e.txt.zst:3"), ("a1", f"{folder}/a.txt:1")]
+        ("c1", f"{folder}/sub/c.txt.gz:1"),
+        ("d1", f"{folder}/sub/d.txt.bz2:1"),
+        ("e1", f"{folder}/sub/e.txt.zst:1"),
+        ("e3", f"{folder}/sub/e.txt.zst:3"),
+        ("a1", f"{folder}/a.txt:1"),
+    ]
 
 
 def test_glob_skips_hidden_files_like_folders_do(folder):
@@ -251,7 +305,9 @@ def test_missing_source_raises(folder):
 
 def test_folder_inside_a_dot_directory(tmp_path):
     write(tmp_path / ".cache" / "corpus" / "a.txt", b"a1\n")
-    assert read([str(tmp_path / ".cache" / "corpus")], "lines") == [("a1", f"{tmp_path}/.cache/corpus/a.txt:1")]
+    assert read([str(tmp_path / ".cache" / "corpus")], "lines") == [
+        ("a1", f"{tmp_path}/.cache/corpus/a.txt:1")
+    ]
 
 
 @pytest.fixture
@@ -273,14 +329,21 @@ def test_memory_url_source(memory_root):
     files = expand([memory_root])
     assert len(files) == 2 and all(f.startswith("memory://") for f in files)
     assert files[0].endswith("/sub/z.jsonl") and files[1].endswith("/y.txt")  # sorted paths
-    assert read([memory_root], "lines") == [('{"text": "three"}', f"{files[0]}:1"), ("one", f"{files[1]}:1"),
-                                            ("two", f"{files[1]}:3")]
+    assert read([memory_root], "lines") == [
+        ('{"text": "three"}', f"{files[0]}:1"),
+        ("one", f"{files[1]}:1"),
+        ("two", f"{files[1]}:3"),
+    ]
     assert read([f"{memory_root}/sub/*.jsonl"], "jsonl") == [("three", f"{files[0]}:1")]
 
 
 # ---------------------------------------------------------------- http on the real CSIC 2010 files
 
-CSIC = {"normalTrafficTraining.txt.gz": 36000, "normalTrafficTest.txt.gz": 28800, "anomalousTrafficTest.txt.gz": 20052}
+CSIC = {
+    "normalTrafficTraining.txt.gz": 36000,
+    "normalTrafficTest.txt.gz": 28800,
+    "anomalousTrafficTest.txt.gz": 20052,
+}
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +377,9 @@ def test_csic_texts_are_clean_requests(csic):
             else:
                 assert d.text.split("\n")[-1].startswith("Connection:"), d.id
     puts = [d for docs in csic.values() for d in docs if d.text.startswith("PUT")]
-    assert puts and all(d.id.startswith(str(SHARED / "csic2010" / "anomalousTrafficTest.txt.gz")) for d in puts)
+    assert puts and all(
+        d.id.startswith(str(SHARED / "csic2010" / "anomalousTrafficTest.txt.gz")) for d in puts
+    )
     assert all("Host: localhost:9090" in d.text for d in puts)
 
 
@@ -322,8 +387,11 @@ def test_http_mixed_line_endings(tmp_path):
     rng = np.random.default_rng(0)
     requests = []
     for i in range(40):
-        lines = [f"{'POST' if i % 3 == 0 else 'GET'} http://localhost:8080/p{i} HTTP/1.1", f"Host: h{i}",
-                 f"Cookie: id={i}"]
+        lines = [
+            f"{'POST' if i % 3 == 0 else 'GET'} http://localhost:8080/p{i} HTTP/1.1",
+            f"Host: h{i}",
+            f"Cookie: id={i}",
+        ]
         if i % 3 == 0:
             lines += ["Content-Length: 3", "", f"a={i % 10}"]
         requests.append(lines)
@@ -340,12 +408,16 @@ def test_http_mixed_line_endings(tmp_path):
 
 # ---------------------------------------------------------------- the NSL-KDD csv files (no header)
 
+
 def test_nsl_kdd_csv_without_header():
     folder = SHARED / "nsl_kdd"
     if not (folder / "KDDTest+.txt.gz").exists() or not (folder / "Field_Names.csv.gz").exists():
         pytest.skip(f"the NSL-KDD files are not in {folder} (shared data absent)")
-    fields = read_documents([str(folder / "Field_Names.csv.gz")], "csv",
-                            options=FormatOptions(column_names=("name", "kind"), columns=("name",)))
+    fields = read_documents(
+        [str(folder / "Field_Names.csv.gz")],
+        "csv",
+        options=FormatOptions(column_names=("name", "kind"), columns=("name",)),
+    )
     names = tuple(d.text.removeprefix("name:") for d in fields)
     assert len(names) == 41 and names[:4] == ("duration", "protocol_type", "service", "flag")
     opts = FormatOptions(column_names=names + ("label", "difficulty"), round_digits=1)
@@ -355,7 +427,12 @@ def test_nsl_kdd_csv_without_header():
     assert all(d.text.startswith("duration:") for d in docs)
     labels = Counter(d.text.split(" label:")[1].split(" ")[0] for d in docs)
     assert labels["normal"] > 5000 and "neptune" in labels
-    rates = [float(tok.split(":")[1]) for d in docs[:200] for tok in d.text.split(" ") if tok.startswith("same_srv_rate:")]
+    rates = [
+        float(tok.split(":")[1])
+        for d in docs[:200]
+        for tok in d.text.split(" ")
+        if tok.startswith("same_srv_rate:")
+    ]
     assert len(rates) == 200 and all(round(r, 1) == r for r in rates)
 
 
@@ -365,7 +442,13 @@ BAD_CASES = [  # (format, file bytes, options, bad line, words the message must 
     ("lines", b"good\nbad \xff\xfe byte\ngood too\n", None, 2, ["invalid UTF-8"]),
     ("docs", b"good\n\nbad \xff byte\n\ngood too\n", None, 3, ["invalid UTF-8"]),
     ("http", b"GET /a HTTP/1.1\nHost: a\n\nGET /b HTTP/1.1\nHost: \xff\n", None, 5, ["invalid UTF-8"]),
-    ("http", b"\n\nstray text\nGET /a HTTP/1.1\nHost: a\n", None, 3, ["text before the first HTTP request line"]),
+    (
+        "http",
+        b"\n\nstray text\nGET /a HTTP/1.1\nHost: a\n",
+        None,
+        3,
+        ["text before the first HTTP request line"],
+    ),
     ("jsonl", b'{"text": "good"}\n{"text": "bad \xc3\x28"}\n', None, 2, ["invalid UTF-8"]),
     ("jsonl", b'{"text": "good"}\n\n{"text": "unterminated\n', None, 3, ["malformed JSON"]),
     ("jsonl", b'{"text": "good"}\n{"body": "no text"}\n', None, 2, ["missing field", "'text'"]),
@@ -401,7 +484,10 @@ def test_bad_parquet_records(tmp_path):
         list(read_documents([p], "parquet"))
     assert (info.value.path, info.value.line) == (p, 2)
     skipped: Counter = Counter()
-    assert read([p], "parquet", on_error="skip", skipped=skipped) == [("good", f"{p}:1"), ("also good", f"{p}:3")]
+    assert read([p], "parquet", on_error="skip", skipped=skipped) == [
+        ("good", f"{p}:1"),
+        ("also good", f"{p}:3"),
+    ]
     assert skipped == Counter({"field 'text' is not text": 1})
     with pytest.raises(BadRecord, match="missing column 'body'"):
         list(read_documents([p], "parquet", text_field="body"))
@@ -409,36 +495,49 @@ def test_bad_parquet_records(tmp_path):
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_skip_jsonl_keeps_good_records_and_counts_reasons(tmp_path, suffix):
-    lines = [b'{"text": "g1"}',          # 1
-             b'{"text": "g2"',           # 2 malformed
-             b'{"text": "g3"}',          # 3
-             b'{"body": "x"}',           # 4 missing field
-             b'{"text": ["x"]}',         # 5 not text
-             b'{"text": "bad \xff"}',    # 6 invalid UTF-8
-             b'',                        # 7
-             b'{"text": "g8"}',          # 8
-             b'not json at all',         # 9 malformed
-             b'{"text": "g10"}']         # 10
+    lines = [
+        b'{"text": "g1"}',  # 1
+        b'{"text": "g2"',  # 2 malformed
+        b'{"text": "g3"}',  # 3
+        b'{"body": "x"}',  # 4 missing field
+        b'{"text": ["x"]}',  # 5 not text
+        b'{"text": "bad \xff"}',  # 6 invalid UTF-8
+        b"",  # 7
+        b'{"text": "g8"}',  # 8
+        b"not json at all",  # 9 malformed
+        b'{"text": "g10"}',
+    ]  # 10
     p = write(tmp_path / f"mixed.jsonl{suffix}", b"\n".join(lines) + b"\n")
     q = write(tmp_path / "clean.jsonl", b'{"text": "other file"}\n')
     skipped: Counter = Counter()
     got = read([p, q], "jsonl", on_error="skip", skipped=skipped)
-    assert got == [("g1", f"{p}:1"), ("g3", f"{p}:3"), ("g8", f"{p}:8"), ("g10", f"{p}:10"),
-                   ("other file", f"{q}:1")]
-    assert skipped == Counter({"malformed JSON": 2, "missing field 'text'": 1, "field 'text' is not text": 1,
-                               "invalid UTF-8": 1})
+    assert got == [
+        ("g1", f"{p}:1"),
+        ("g3", f"{p}:3"),
+        ("g8", f"{p}:8"),
+        ("g10", f"{p}:10"),
+        ("other file", f"{q}:1"),
+    ]
+    assert skipped == Counter(
+        {"malformed JSON": 2, "missing field 'text'": 1, "field 'text' is not text": 1, "invalid UTF-8": 1}
+    )
 
 
 def test_skip_lines_keeps_good_records_and_counts_reasons(tmp_path):
     p = write(tmp_path / "l.txt", b"one\n\xff\ntwo\nbad \xc3\x28\n\nthree\n\xe2\x82\n")
     skipped: Counter = Counter()
-    assert read([p], "lines", on_error="skip", skipped=skipped) == [("one", f"{p}:1"), ("two", f"{p}:3"),
-                                                                      ("three", f"{p}:6")]
+    assert read([p], "lines", on_error="skip", skipped=skipped) == [
+        ("one", f"{p}:1"),
+        ("two", f"{p}:3"),
+        ("three", f"{p}:6"),
+    ]
     assert skipped == Counter({"invalid UTF-8": 3})
 
 
 def test_skip_docs_drops_only_the_bad_document(tmp_path):
-    p = write(tmp_path / "d.txt", b"one a\n\ntwo a\ntwo \xff b\ntwo c\n\n\xff\n\nthree a\nthree b\n\nfour \xfe\n")
+    p = write(
+        tmp_path / "d.txt", b"one a\n\ntwo a\ntwo \xff b\ntwo c\n\n\xff\n\nthree a\nthree b\n\nfour \xfe\n"
+    )
     skipped: Counter = Counter()
     got = read([p], "docs", on_error="skip", skipped=skipped)
     assert got == [("one a", f"{p}:1"), ("three a\nthree b", f"{p}:9")]
@@ -446,11 +545,13 @@ def test_skip_docs_drops_only_the_bad_document(tmp_path):
 
 
 def test_skip_http(tmp_path):
-    data = (b"stray\nmore stray\n"
-            b"GET /a HTTP/1.1\nHost: a\n\n"
-            b"GET /b HTTP/1.1\nHost: \xff\nCookie: b\n\n"
-            b"POST /c HTTP/1.1\nHost: c\n\nbody=\xfe\n\n"
-            b"GET /d HTTP/1.1\nHost: d\n")
+    data = (
+        b"stray\nmore stray\n"
+        b"GET /a HTTP/1.1\nHost: a\n\n"
+        b"GET /b HTTP/1.1\nHost: \xff\nCookie: b\n\n"
+        b"POST /c HTTP/1.1\nHost: c\n\nbody=\xfe\n\n"
+        b"GET /d HTTP/1.1\nHost: d\n"
+    )
     p = write(tmp_path / "h.txt", data)
     skipped: Counter = Counter()
     got = read([p], "http", on_error="skip", skipped=skipped)
@@ -459,7 +560,9 @@ def test_skip_http(tmp_path):
 
 
 def test_skip_http_bad_request_line_keeps_the_previous_request(tmp_path):
-    p = write(tmp_path / "h.txt", b"GET /a HTTP/1.1\nHost: a\n\nGET /b\xff HTTP/1.1\nHost: b\n\nGET /c HTTP/1.1\n")
+    p = write(
+        tmp_path / "h.txt", b"GET /a HTTP/1.1\nHost: a\n\nGET /b\xff HTTP/1.1\nHost: b\n\nGET /c HTTP/1.1\n"
+    )
     skipped: Counter = Counter()
     got = read([p], "http", on_error="skip", skipped=skipped)
     assert got == [("GET /a HTTP/1.1\nHost: a", f"{p}:1"), ("GET /c HTTP/1.1", f"{p}:7")]
@@ -468,7 +571,9 @@ def test_skip_http_bad_request_line_keeps_the_previous_request(tmp_path):
 
 def test_skip_csv(tmp_path):
     p = write(tmp_path / "a.csv", b"a,b\n1,2\n3,4,5\n\xff,6\n7,8\n9\n")
-    q = write(tmp_path / "b.csv", b"x,y\n1,2\n")  # lacks the selected column: the whole file is one bad record
+    q = write(
+        tmp_path / "b.csv", b"x,y\n1,2\n"
+    )  # lacks the selected column: the whole file is one bad record
     r = write(tmp_path / "c.csv", b"b,a\n10,20\n")
     skipped: Counter = Counter()
     got = read([p, q, r], "csv", on_error="skip", skipped=skipped, options=FormatOptions(columns=("a",)))
@@ -479,6 +584,7 @@ def test_skip_csv(tmp_path):
 
 # ---------------------------------------------------------------- resume positions
 
+
 def norm(item) -> tuple:
     if isinstance(item, BadRecord):
         return ("bad", item.path, item.line, item.reason)
@@ -488,9 +594,17 @@ def norm(item) -> tuple:
 RESUME_FILES = {  # format -> (file name, bytes, options)
     "lines": ("a.txt", b"one\r\n\r\ntwo\n\xff bad\nthree\n  \nfour", None),
     "docs": ("d.txt", b"\n\na1\na2\n\n\nb1\n\xffb2\n\nc1\r\n\r\nd1\n\n\n", None),
-    "http": ("h.txt", b"junk\nGET /a HTTP/1.1\r\nH: 1\r\n\r\n\nPOST /b HTTP/1.1\nH: 2\n\nbody=1\n\n"
-                      b"GET /c HTTP/1.1\nH: \xff\n\nPUT /d HTTP/1.1\r\n\r\nx=1", None),
-    "jsonl": ("j.jsonl", b'{"text": "a"}\n\n{"text": 1}\n{"text": "b"}\nnope\n{"text": "c"}\n{"text": " "}\n', None),
+    "http": (
+        "h.txt",
+        b"junk\nGET /a HTTP/1.1\r\nH: 1\r\n\r\n\nPOST /b HTTP/1.1\nH: 2\n\nbody=1\n\n"
+        b"GET /c HTTP/1.1\nH: \xff\n\nPUT /d HTTP/1.1\r\n\r\nx=1",
+        None,
+    ),
+    "jsonl": (
+        "j.jsonl",
+        b'{"text": "a"}\n\n{"text": 1}\n{"text": "b"}\nnope\n{"text": "c"}\n{"text": " "}\n',
+        None,
+    ),
     "csv": ("c.csv", b'h1,h2\n1,"x, y"\n\n2,3,4\n5,6\n\xff,7\n8,9', FormatOptions(round_digits=0)),
     "csv-names": ("n.csv", b"1,2\n3\n\n5,6\n7,8\n", FormatOptions(column_names=("p", "q"))),
     "tsv": ("t.tsv", b"h1\th2\n1\t2\n3\n4\t5\n6\t7", None),
@@ -501,7 +615,7 @@ def check_resume(url: str, fmt: str, opts: FormatOptions) -> int:
     full = [(norm(item), pos) for item, pos in READERS[fmt](url, Position(), opts)]
     for k, (_, pos) in enumerate(full):
         rest = [(norm(item), p) for item, p in READERS[fmt](url, pos, opts)]
-        assert rest == full[k + 1:], (fmt, k, pos)
+        assert rest == full[k + 1 :], (fmt, k, pos)
     return len(full)
 
 
@@ -512,12 +626,18 @@ def test_resume_from_every_position(tmp_path, fmt, suffix):
     url = write(tmp_path / f"{name}{suffix}", data)
     n = check_resume(url, fmt.split("-")[0], opts or FormatOptions())
     assert n >= 4
-    assert any(kind == "bad" for kind, *_ in (norm(i) for i, _ in READERS[fmt.split("-")[0]](
-        url, Position(), opts or FormatOptions())))
+    assert any(
+        kind == "bad"
+        for kind, *_ in (
+            norm(i) for i, _ in READERS[fmt.split("-")[0]](url, Position(), opts or FormatOptions())
+        )
+    )
 
 
 def test_resume_parquet(tmp_path):
-    url = write_parquet(tmp_path / "t.parquet", ["a", None, "b", "", "c", "d", "e", None, "f", "g"], row_group_size=3)
+    url = write_parquet(
+        tmp_path / "t.parquet", ["a", None, "b", "", "c", "d", "e", None, "f", "g"], row_group_size=3
+    )
     assert check_resume(url, "parquet", FormatOptions()) == 10  # nulls and empty texts are (bad) records too
 
 
@@ -527,6 +647,7 @@ def test_resume_zstd(tmp_path):
 
 
 # ---------------------------------------------------------------- in_valid_split
+
 
 def test_valid_split_is_deterministic_and_near_the_fraction():
     texts = [f"document number {i} about {i * 7919 % 104729}" for i in range(5000)]
@@ -550,6 +671,7 @@ def test_valid_split_fraction_zero_and_one():
 
 
 # ---------------------------------------------------------------- eval_batches
+
 
 @pytest.mark.parametrize(("n", "micro", "world"), [(10, 3, 3), (10, 2, 4), (2, 3, 4), (12, 3, 2), (1, 1, 1)])
 def test_eval_batches_cover_each_row_once(n, micro, world):
@@ -576,6 +698,7 @@ def test_eval_batches_max_batches():
 
 
 # ---------------------------------------------------------------- packing
+
 
 @pytest.fixture(scope="module")
 def token_docs(tokenizer) -> tuple[list[list[int]], list[str]]:
@@ -626,7 +749,7 @@ def test_pack_pad(tokenizer, token_docs):
     truncated = 0
     for x, r in zip(ids, rows, strict=True):
         truncated += len(x) > max_len - 2
-        assert r.ids.tolist() == head + x[:max_len - 2] + tail
+        assert r.ids.tolist() == head + x[: max_len - 2] + tail
         assert r.lengths == (len(r.ids),) and len(r.ids) <= max_len
     assert 0 < truncated < len(ids)  # both cases occur
 
@@ -652,7 +775,7 @@ def check_packed(rows, ids, doc_ids, max_len, head, tail):
         assert len(r.doc_ids) == len(r.lengths) and sum(r.lengths) == len(r.ids) <= max_len
         starts = np.cumsum((0,) + r.lengths[:-1])
         for d, start, n in zip(r.doc_ids, starts, r.lengths):
-            assert r.ids[start:start + n].tolist() == expected[d]
+            assert r.ids[start : start + n].tolist() == expected[d]
 
 
 def test_pack_packed_real_documents(tokenizer, token_docs):
@@ -685,7 +808,9 @@ def test_pack_packed_efficiency(lengths, seed):
     assert sum(len(r.ids) for r in rows) == total
     efficiency = total / (len(rows) * max_len)
     assert efficiency >= total / (first_fit_rows(segments, max_len) * max_len)
-    if lengths != "uniform":  # (uniform sizes up to max_len cannot reach the bound: big items need rows of their own)
+    if (
+        lengths != "uniform"
+    ):  # (uniform sizes up to max_len cannot reach the bound: big items need rows of their own)
         assert efficiency >= total / (math.ceil(total / max_len) * max_len) - 0.02
 
 
@@ -726,26 +851,34 @@ def test_empty_text_fields_are_bad_records_not_silent_drops(tmp_path):
     with pytest.raises(BadRecord, match="e.jsonl:2: empty field 'text'"):
         list(read_documents([str(path)], "jsonl"))
     skipped = Counter()
-    assert [d.text for d in read_documents([str(path)], "jsonl", on_error="skip", skipped=skipped)] == ["kept",
-                                                                                                       "also kept"]
+    assert [d.text for d in read_documents([str(path)], "jsonl", on_error="skip", skipped=skipped)] == [
+        "kept",
+        "also kept",
+    ]
     assert skipped == {"empty field 'text'": 1}
 
 
 def test_one_selected_column_is_the_raw_text(tmp_path):
     p = write(tmp_path / "benign.csv", b"domain,\ngoogle.com,\nmail.example.org,\n")  # the DGA files' layout
-    assert read([p], "csv", options=FormatOptions(columns=("domain",))) == [("google.com", f"{p}:2"),
-                                                                           ("mail.example.org", f"{p}:3")]
+    assert read([p], "csv", options=FormatOptions(columns=("domain",))) == [
+        ("google.com", f"{p}:2"),
+        ("mail.example.org", f"{p}:3"),
+    ]
 
 
 def test_rows_missing_only_unused_trailing_fields_are_padded(tmp_path):
     p = write(tmp_path / "dga.csv", b"domain,\nabc.com,\nxyz.net\n")  # the last row lost its trailing comma
-    assert [t for t, _ in read([p], "csv", options=FormatOptions(columns=("domain",)))] == ["abc.com", "xyz.net"]
+    assert [t for t, _ in read([p], "csv", options=FormatOptions(columns=("domain",)))] == [
+        "abc.com",
+        "xyz.net",
+    ]
     q = write(tmp_path / "two.csv", b"a,b\n1,2\n3\n")
     with pytest.raises(BadRecord, match="wrong number of fields"):  # a used field is missing: still an error
         read([q], "csv")
 
 
 # ---- json: a document holding a list of records (STIX bundles such as MITRE ATT&CK) ----
+
 
 def _bundle(tmp_path: Path, objects, name: str = "bundle.json.gz") -> Path:
     path = tmp_path / name
@@ -755,10 +888,12 @@ def _bundle(tmp_path: Path, objects, name: str = "bundle.json.gz") -> Path:
 
 
 def test_json_records_are_read_from_the_named_field_with_counted_skips(tmp_path):
-    objects = [{"type": "attack-pattern", "description": "Adversaries may inject code."},
-               {"type": "relationship"},  # no description
-               {"type": "malware", "description": "   "},
-               {"type": "tool", "description": "A remote access tool.", "sev": "High"}]
+    objects = [
+        {"type": "attack-pattern", "description": "Adversaries may inject code."},
+        {"type": "relationship"},  # no description
+        {"type": "malware", "description": "   "},
+        {"type": "tool", "description": "A remote access tool.", "sev": "High"},
+    ]
     path = _bundle(tmp_path, objects)
     skipped = Counter()
     opts = FormatOptions(text_field="description", records_field="objects")
@@ -768,8 +903,15 @@ def test_json_records_are_read_from_the_named_field_with_counted_skips(tmp_path)
     assert skipped == Counter({"missing field 'description'": 1, "empty field 'description'": 1})
     with pytest.raises(BadRecord, match=r"bundle.json.gz:objects\[1\]: missing field 'description'"):
         list(read_documents([str(path)], "json", options=opts))
-    labelled = [d for d, _ in READERS["json"](str(path), Position(), FormatOptions(
-        text_field="description", records_field="objects", label_field="sev")) if isinstance(d, Document)]
+    labelled = [
+        d
+        for d, _ in READERS["json"](
+            str(path),
+            Position(),
+            FormatOptions(text_field="description", records_field="objects", label_field="sev"),
+        )
+        if isinstance(d, Document)
+    ]
     assert [(d.text, d.label) for d in labelled] == [("A remote access tool.", "High")]
 
 
@@ -792,6 +934,12 @@ def test_json_that_is_not_a_list_of_records_is_one_clear_bad_record(tmp_path):
         assert len(items) == 1 and isinstance(items[0], BadRecord) and message in str(items[0])
     big = tmp_path / "big.json"
     big.write_text(json.dumps({"objects": [{"description": "y" * 2000}]}))
-    items = [item for item, _ in READERS["json"](str(big), Position(), FormatOptions(
-        text_field="description", records_field="objects", max_line_bytes=1000))]
+    items = [
+        item
+        for item, _ in READERS["json"](
+            str(big),
+            Position(),
+            FormatOptions(text_field="description", records_field="objects", max_line_bytes=1000),
+        )
+    ]
     assert len(items) == 1 and "oversize" in str(items[0]) and "data.max_record_bytes" in str(items[0])

@@ -10,8 +10,8 @@ from conftest import ROOT, shared_slice
 from scipy import stats
 from transformers import BertConfig, BertForMaskedLM
 
-from dapt.embed import Mahalanobis, evaluate_detector, threshold_for
-from dapt.model import train_wordpiece
+from dapt.model.build import train_wordpiece
+from dapt.tasks.anomaly import Mahalanobis, evaluate_detector, threshold_for
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -32,7 +32,9 @@ def test_mahalanobis_on_gaussians_gives_the_known_recall_and_fpr():
     scores = det.score(np.vstack([normal_test, attacks]))
     result = evaluate_detector(scores, np.r_[np.zeros(n, bool), np.ones(n, bool)], threshold)
     assert result["test_fpr"] == pytest.approx(0.05, abs=0.006)
-    assert result["recall_at_max_fpr"] == pytest.approx(stats.ncx2.sf(stats.chi2.ppf(0.95, d), d, 4.0), abs=0.012)
+    assert result["recall_at_max_fpr"] == pytest.approx(
+        stats.ncx2.sf(stats.chi2.ppf(0.95, d), d, 4.0), abs=0.012
+    )
     assert 0.5 < result["auroc"] < 1.0 and len(result["roc_curve"]["fpr"]) > 10
 
 
@@ -48,28 +50,47 @@ def test_fixed_shrinkage_and_threshold_semantics():
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     """A small untrained BERT saved as a Hugging Face folder, with a tokenizer learnt on HTTP-like text."""
-    from dapt.corpus import generate
+    from dapt.data.corpus import generate
 
     path = tmp_path_factory.mktemp("enc")
     tok = train_wordpiece(generate(800, seed=2), 600, 64)
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
 def _run(fn, argv):
-    from dapt.load import load_config
+    from dapt.cli.load import load_config
 
     return fn(load_config([str(a) for a in argv + ["--log.progress=false"]], world_size=1, accelerator="cpu"))
 
 
 def test_embed_writes_npz_per_split(encoder, tmp_path, corpus_file):
-    from dapt.embed import run_embed
+    from dapt.tasks.embed import run as run_embed
 
     out = tmp_path / "emb"
-    result = _run(run_embed, ["--model.name_or_path", encoder, "--data.train", corpus_file, "--output_dir", out,
-                              "--embed.pooling=cls", "--data.valid_fraction=0.2"])
+    result = _run(
+        run_embed,
+        [
+            "--model.name_or_path",
+            encoder,
+            "--data.train",
+            corpus_file,
+            "--output_dir",
+            out,
+            "--embed.pooling=cls",
+            "--data.valid_fraction=0.2",
+        ],
+    )
     assert set(result["files"]) == {"train", "valid"}
     train = np.load(out / "embeddings_train.npz")
     assert train["embeddings"].shape == (len(train["ids"]), 32) and np.isfinite(train["embeddings"]).all()
@@ -79,22 +100,37 @@ def test_embed_writes_npz_per_split(encoder, tmp_path, corpus_file):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
-    from dapt.embed import run_anomaly
+    from dapt.tasks.anomaly import run as run_anomaly
 
     csic = SHARED / "csic2010"
     train = shared_slice(csic / "normalTrafficTraining.txt.gz", tmp_path / "normalTrain.txt", 14000)
     normal = shared_slice(csic / "normalTrafficTest.txt.gz", tmp_path / "normalTest.txt", 6000)
     attack = shared_slice(csic / "anomalousTrafficTest.txt.gz", tmp_path / "anomalousTest.txt", 6000)
     out = tmp_path / "anomaly"
-    result = _run(run_anomaly, ["--model.name_or_path", encoder, "--data.format=http", "--data.train", train,
-                                "--data.test", f"[{normal}, {attack}]", "--data.valid_fraction=0.2",
-                                "--classify.label_files={'normal*': normal, 'anomalous*': attack}",
-                                "--output_dir", out, "--data.max_seq_length=128"])
+    result = _run(
+        run_anomaly,
+        [
+            "--model.name_or_path",
+            encoder,
+            "--data.format=http",
+            "--data.train",
+            train,
+            "--data.test",
+            f"[{normal}, {attack}]",
+            "--data.valid_fraction=0.2",
+            "--classify.label_files={'normal*': normal, 'anomalous*': attack}",
+            "--output_dir",
+            out,
+            "--data.max_seq_length=128",
+        ],
+    )
     saved = json.loads((out / "anomaly.json").read_text())
     for key in ("recall_at_max_fpr", "max_fpr", "test_fpr", "threshold", "auroc"):
         assert key in saved, key
     assert saved["max_fpr"] == 0.05 and saved["train_normal"] > 500 and saved["valid_normal"] > 100
-    assert 0.0 <= saved["test_fpr"] < 0.25 and saved["auroc"] > 0.5  # even an untrained encoder separates a bit
+    assert (
+        0.0 <= saved["test_fpr"] < 0.25 and saved["auroc"] > 0.5
+    )  # even an untrained encoder separates a bit
     assert (out / "plots" / "roc.png").stat().st_size > 1000 and result["threshold"] == saved["threshold"]
 
 
@@ -102,10 +138,18 @@ def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
 def test_two_ranks_write_the_same_embeddings_as_one(encoder, tmp_path, corpus_file):
     from conftest import launch
 
-    args = ["--model.name_or_path", encoder, "--data.train", corpus_file, "--data.valid_fraction=0",
-            "--log.progress=false"]
+    args = [
+        "--model.name_or_path",
+        encoder,
+        "--data.train",
+        corpus_file,
+        "--data.valid_fraction=0",
+        "--log.progress=false",
+    ]
     for ranks in (1, 2):
-        launch(args + ["--output_dir", tmp_path / f"r{ranks}"], ranks=ranks, script=ROOT / "launch" / "embed.py")
+        launch(
+            args + ["--output_dir", tmp_path / f"r{ranks}"], ranks=ranks, script=ROOT / "launch" / "embed.py"
+        )
     one, two = (np.load(tmp_path / f"r{r}" / "embeddings_train.npz") for r in (1, 2))
     assert list(one["ids"]) == list(two["ids"]) and len(one["ids"]) == 1200
     assert np.allclose(one["embeddings"], two["embeddings"], atol=1e-5)

@@ -31,8 +31,14 @@ def _last_step(out: Path) -> int:
 def _kill_at(cmd: list[str], out: Path, step: int, delay: float) -> tuple[int, str]:
     """Run `cmd` in its own process group and SIGKILL the group once the run has logged optimizer step `step`
     (plus `delay` seconds)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline, where = time.time() + 240, ""
     while time.time() < deadline and proc.poll() is None:
         if _last_step(out) >= step:
@@ -51,14 +57,20 @@ def _kill_inside(args: list[str], out: Path, pause_in: str, tmp_path: Path) -> P
     """Run tests/paused_mlm.py, which pauses inside the write named by `pause_in`; SIGKILL it there. Fails the test
     when the pause (and so the aim) was not reached. Returns the temporary folder the kill left behind."""
     marker = tmp_path / f"paused-{pause_in.replace(':', '-')}"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_mlm.py"), *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**child_env(), "PAUSE_IN": pause_in,
-                                                            "PAUSE_MARKER": str(marker)},
-                            cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "paused_mlm.py"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**child_env(), "PAUSE_IN": pause_in, "PAUSE_MARKER": str(marker)},
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.01)
-    assert marker.exists(), f"the run never reached the write it was to be killed in ({pause_in}): exit {proc.poll()}"
+    assert marker.exists(), (
+        f"the run never reached the write it was to be killed in ({pause_in}): exit {proc.poll()}"
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     left = Path(marker.read_text())
@@ -66,17 +78,27 @@ def _kill_inside(args: list[str], out: Path, pause_in: str, tmp_path: Path) -> P
     return left
 
 
-def test_sigkill_inside_a_checkpoint_write_and_inside_the_export_then_reruns_equal_an_uninterrupted_run(recipe,
-                                                                                                    tmp_path):
+def test_sigkill_inside_a_checkpoint_write_and_inside_the_export_then_reruns_equal_an_uninterrupted_run(
+    recipe, tmp_path
+):
     """A kill in start-up, and the two writes that must be atomic, each killed for certain while it is half done
     (the run pauses there): the reruns of the same command start again, skip the half-written checkpoint, redo the
     export, and end as an uninterrupted run ends."""
-    args = ["--recipe", str(recipe), "--train.max_steps=24", "--checkpoint.every=6", "--checkpoint.keep=2",
-            "--train.eval_every=12", "--data.log_sample_ids=true"]
+    args = [
+        "--recipe",
+        str(recipe),
+        "--train.max_steps=24",
+        "--checkpoint.every=6",
+        "--checkpoint.keep=2",
+        "--train.eval_every=12",
+        "--data.log_sample_ids=true",
+    ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     launch(args + ["--output_dir", straight])
     _kill_inside(args + ["--output_dir", str(broken)], broken, "startup", tmp_path)
-    assert not (broken / "metrics.jsonl").exists() and not (broken / "checkpoints").exists()  # before any step
+    assert (
+        not (broken / "metrics.jsonl").exists() and not (broken / "checkpoints").exists()
+    )  # before any step
     left = _kill_inside(args + ["--output_dir", str(broken)], broken, "checkpoint:12", tmp_path)
     assert left.name == ".tmp-step_00000012"
     index = json.loads((broken / "checkpoints" / "index.json").read_text())
@@ -86,11 +108,15 @@ def test_sigkill_inside_a_checkpoint_write_and_inside_the_export_then_reruns_equ
     launch(args + ["--output_dir", broken])
     for key in ("train/loss", "eval/loss"):
         a, b = series(straight, key), series(broken, key)
-        assert [s for s, _ in a] == [s for s, _ in b] and [v for _, v in a] == pytest.approx([v for _, v in b],
-                                                                                             rel=1e-6, abs=1e-7)
+        assert [s for s, _ in a] == [s for s, _ in b] and [v for _, v in a] == pytest.approx(
+            [v for _, v in b], rel=1e-6, abs=1e-7
+        )
     a, b = ((d / "samples.rank0.txt").read_text().splitlines() for d in (straight, broken))
     assert a == b
-    w1, w2 = load_file(straight / "final" / "model.safetensors"), load_file(broken / "final" / "model.safetensors")
+    w1, w2 = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(broken / "final" / "model.safetensors"),
+    )
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert not (broken / ".tmp-final").exists() and not list((broken / "checkpoints").glob(".tmp-*"))
 
@@ -103,16 +129,26 @@ def test_sigkill_at_five_random_points_then_reruns_equal_an_uninterrupted_run(re
     rng = random.Random(seed)
     print(f"DAPT_FAULT_SEED={seed}")
     steps, every = 60, 6
-    args = ["--recipe", str(recipe), f"--train.max_steps={steps}", f"--checkpoint.every={every}", "--checkpoint.keep=2",
-            "--train.eval_every=15", "--train.log_every=1", "--model.config.hidden_dropout_prob=0.1",
-            "--data.log_sample_ids=true", "--train.micro_batch_size=16"]
+    args = [
+        "--recipe",
+        str(recipe),
+        f"--train.max_steps={steps}",
+        f"--checkpoint.every={every}",
+        "--checkpoint.keep=2",
+        "--train.eval_every=15",
+        "--train.log_every=1",
+        "--model.config.hidden_dropout_prob=0.1",
+        "--data.log_sample_ids=true",
+        "--train.micro_batch_size=16",
+    ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     launch(args + ["--output_dir", straight])
     points = sorted(rng.sample(range(2, steps - 2), 5))
     log = []
     for i, step in enumerate(points):
-        code, where = _kill_at([sys.executable, str(MLM), *args, "--output_dir", str(broken)], broken, step,
-                               rng.uniform(0, 0.3))
+        code, where = _kill_at(
+            [sys.executable, str(MLM), *args, "--output_dir", str(broken)], broken, step, rng.uniform(0, 0.3)
+        )
         log.append(where)
         assert code == -signal.SIGKILL, f"kill {i + 1} came too late (the run finished): {log}"
     launch(args + ["--output_dir", broken])
@@ -123,7 +159,10 @@ def test_sigkill_at_five_random_points_then_reruns_equal_an_uninterrupted_run(re
         assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6, abs=1e-7), (key, log)
     a, b = ((d / "samples.rank0.txt").read_text().splitlines() for d in (straight, broken))
     assert a == b and len(a) > steps, log  # the same documents, in the same order, each consumed once
-    w1, w2 = load_file(straight / "final" / "model.safetensors"), load_file(broken / "final" / "model.safetensors")
+    w1, w2 = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(broken / "final" / "model.safetensors"),
+    )
     assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1), log
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (straight, broken))
     assert s1["tokens_seen"] == s2["tokens_seen"] and s1["samples_seen"] == s2["samples_seen"]
@@ -140,7 +179,7 @@ class _Payload:
 def test_a_checkpoint_that_would_run_code_is_refused(recipe, tmp_path):
     """Someone swaps a checkpoint file for a pickle that calls a function on load and rewrites the manifest to
     match: resuming refuses it before DeepSpeed unpickles anything, and the function never runs."""
-    from dapt.checkpoint import UnsafeCheckpoint, write_manifest
+    from dapt.runtime.checkpoint import UnsafeCheckpoint, write_manifest
 
     out = tmp_path / "run"
     args = ["--recipe", recipe, "--output_dir", out, "--train.max_steps=3", "--checkpoint.every=3"]
@@ -158,11 +197,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(recipe, tmp_path):
 
 
 def _main(argv, monkeypatch):
-    import dapt.cli
-    from dapt.cli import main
-    from dapt.train import run
+    import dapt.cli.main
+    from dapt.cli.main import main
+    from dapt.tasks.mlm import run
 
-    monkeypatch.setattr(dapt.cli, "_close_process_group", lambda: None)  # DeepSpeed keeps it for later tests
+    monkeypatch.setattr(
+        dapt.cli.main, "_close_process_group", lambda: None
+    )  # DeepSpeed keeps it for later tests
     return main(run, [str(a) for a in argv])
 
 
@@ -175,14 +216,28 @@ def test_every_checkpoint_damaged_is_a_clear_error(recipe, tmp_path, monkeypatch
     capsys.readouterr()
     assert _main(args + ["--train.max_steps=9"], monkeypatch) == 3
     err = capsys.readouterr()
-    assert "every checkpoint in" in err.err and "--resume=never" in err.err and "Traceback" not in err.out + err.err
+    assert (
+        "every checkpoint in" in err.err
+        and "--resume=never" in err.err
+        and "Traceback" not in err.out + err.err
+    )
 
 
 def test_a_checkpoint_of_another_model_is_a_clear_error(recipe, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=3", "--checkpoint.every=3"])
     capsys.readouterr()
-    code = _main(["--recipe", recipe, "--output_dir", out, "--train.max_steps=6", "--model.config.hidden_size=64",
-                  "--model.config.intermediate_size=128"], monkeypatch)
+    code = _main(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            "--train.max_steps=6",
+            "--model.config.hidden_size=64",
+            "--model.config.intermediate_size=128",
+        ],
+        monkeypatch,
+    )
     err = capsys.readouterr()
     assert code == 3 and "does not fit this run" in err.err and "Traceback" not in err.out + err.err

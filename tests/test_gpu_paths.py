@@ -9,14 +9,20 @@ from conftest import DS, run_inprocess
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM
 
-from dapt.checkpoint import masters, safe_load, verify_export
-from dapt.dist import init
+from dapt.runtime.checkpoint import masters, safe_load, verify_export
+from dapt.runtime.group import init
 
 
 def _tiny_bf16_bert() -> BertForMaskedLM:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     return BertForMaskedLM(config).to(torch.bfloat16)
 
 
@@ -49,8 +55,19 @@ def test_masters_are_read_from_either_zero0_half_precision_wrapper(wrapper):
 
 def test_bf16_training_exports_the_fp32_masters_and_the_check_refuses_the_bf16_weights(recipe, tmp_path):
     out = tmp_path / "run"
-    run_inprocess(["--recipe", recipe, "--ds", DS / "zero0_bf16.json", "--output_dir", out, "--train.max_steps=4",
-                   "--train.eval_every=0", "--checkpoint.every=0"])
+    run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--ds",
+            DS / "zero0_bf16.json",
+            "--output_dir",
+            out,
+            "--train.max_steps=4",
+            "--train.eval_every=0",
+            "--checkpoint.every=0",
+        ]
+    )
     final = load_file(out / "final" / "model.safetensors")
     module = safe_load(out / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt")["module"]
     assert all(t.dtype == torch.float32 for t in final.values())
@@ -65,7 +82,9 @@ def test_bf16_training_exports_the_fp32_masters_and_the_check_refuses_the_bf16_w
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     model = AutoModelForMaskedLM.from_pretrained(out / "final")
-    model.load_state_dict({k: (module[k].float() if k in module else v) for k, v in model.state_dict().items()})
+    model.load_state_dict(
+        {k: (module[k].float() if k in module else v) for k, v in model.state_dict().items()}
+    )
     model.save_pretrained(bad)
     AutoTokenizer.from_pretrained(out / "final").save_pretrained(bad)
     with pytest.raises(RuntimeError, match="is not the trained fp32 master weights"):
@@ -77,9 +96,9 @@ def test_parameters_are_counted_under_zero3_partitioning(tmp_path, corpus_file, 
     """zero.Init leaves p.numel() == 0: the count (disk check, logs, profiles) comes from ds_numel."""
     from conftest import TINY_MODEL
 
-    from dapt.load import load_config
-    from dapt.model import build_model, parameter_count, train_wordpiece
-    from dapt.profiling import run_profile
+    from dapt.cli.load import load_config
+    from dapt.model.build import build_model, parameter_count, train_wordpiece
+    from dapt.tools.profile import run as run_profile
 
     init()
     tok = train_wordpiece(corpus_file.read_text().splitlines(), 300, 32)
@@ -89,15 +108,40 @@ def test_parameters_are_counted_under_zero3_partitioning(tmp_path, corpus_file, 
     reference.save_pretrained(src)
     tok.save_pretrained(src)
     expected = sum(p.numel() for p in reference.parameters())
-    cfg = load_config(["--model.name_or_path", str(src), "--data.train", str(corpus_file), "--ds",
-                       str(DS / "zero3_bf16.json"), "--data.max_seq_length=32"], world_size=1, accelerator="cpu")
+    cfg = load_config(
+        [
+            "--model.name_or_path",
+            str(src),
+            "--data.train",
+            str(corpus_file),
+            "--ds",
+            str(DS / "zero3_bf16.json"),
+            "--data.max_seq_length=32",
+        ],
+        world_size=1,
+        accelerator="cpu",
+    )
     model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
     assert all(p.numel() == 0 for p in model.parameters())  # really partitioned
     assert parameter_count(model) == expected
 
-    cfg = load_config([str(a) for a in ["--recipe", recipe, "--ds", DS / "zero3_bf16.json", "--output_dir",
-                                        tmp_path / "prof", "--profile.warmup=0", "--profile.steps=1"]],
-                      world_size=1, accelerator="cpu")
+    cfg = load_config(
+        [
+            str(a)
+            for a in [
+                "--recipe",
+                recipe,
+                "--ds",
+                DS / "zero3_bf16.json",
+                "--output_dir",
+                tmp_path / "prof",
+                "--profile.warmup=0",
+                "--profile.steps=1",
+            ]
+        ],
+        world_size=1,
+        accelerator="cpu",
+    )
     report = run_profile(cfg)
     from transformers import AutoTokenizer
 
@@ -112,8 +156,9 @@ def _losses(out):
     return [v for _, v in series(out, "train/loss")]
 
 
-def test_flash_attention_trains_packed_rows_like_sdpa_and_falls_back_when_its_kernels_fail(recipe, tmp_path,
-                                                                                          flash_stub, capsys):
+def test_flash_attention_trains_packed_rows_like_sdpa_and_falls_back_when_its_kernels_fail(
+    recipe, tmp_path, flash_stub, capsys
+):
     """Through the real engine and loop: packed rows under flash_attention_2 (transformers' integration over the
     pure-PyTorch kernels) give sdpa's losses; a flash-attn build whose kernels fail at run time (no kernel image
     for this GPU) is caught at the first forward and replaced by sdpa, with the same losses."""
@@ -123,30 +168,52 @@ def test_flash_attention_trains_packed_rows_like_sdpa_and_falls_back_when_its_ke
     words = recipe.parent.joinpath("recipe.yaml").read_text().split() * 20
     short = tmp_path / "short.txt"
     short.write_text("\n".join(" ".join(rng.sample(words, rng.randint(3, 20))) for _ in range(600)) + "\n")
-    argv = ["--recipe", recipe, "--data.train", short, "--data.packing=packed", "--train.max_steps=3",
-            "--train.eval_every=0", "--checkpoint.every=0"]
+    argv = [
+        "--recipe",
+        recipe,
+        "--data.train",
+        short,
+        "--data.packing=packed",
+        "--train.max_steps=3",
+        "--train.eval_every=0",
+        "--checkpoint.every=0",
+    ]
     run_inprocess(argv + ["--output_dir", tmp_path / "sdpa", "--model.attn_implementation=sdpa"])
-    run_inprocess(argv + ["--output_dir", tmp_path / "flash", "--model.attn_implementation=flash_attention_2"])
-    assert any(kernel == "flash_attn_varlen_func" for kernel, _ in flash_stub.CALLS), [k for k, _ in flash_stub.CALLS][:5]
+    run_inprocess(
+        argv + ["--output_dir", tmp_path / "flash", "--model.attn_implementation=flash_attention_2"]
+    )
+    assert any(kernel == "flash_attn_varlen_func" for kernel, _ in flash_stub.CALLS), [
+        k for k, _ in flash_stub.CALLS
+    ][:5]
     assert _losses(tmp_path / "flash") == pytest.approx(_losses(tmp_path / "sdpa"), rel=1e-4)
 
     flash_stub.FAIL = "CUDA error: no kernel image is available for execution on the device"
     flash_stub.CALLS.clear()
     capsys.readouterr()
-    run_inprocess(argv + ["--output_dir", tmp_path / "broken", "--model.attn_implementation=flash_attention_2"])
+    run_inprocess(
+        argv + ["--output_dir", tmp_path / "broken", "--model.attn_implementation=flash_attention_2"]
+    )
     logged = capsys.readouterr().out
     assert "flash_attention_2 failed at its first forward" in logged and "no kernel image" in logged
     assert len(flash_stub.CALLS) == 1  # the failed first call; every later forward ran sdpa
     assert _losses(tmp_path / "broken") == pytest.approx(_losses(tmp_path / "sdpa"), rel=1e-6)
 
 
-@pytest.mark.parametrize("gpu, capability, precision, flash", [
-    ("V100", (7, 0), "fp16", False), ("T4", (7, 5), "fp16", False), ("RTX 3090", (8, 6), "bf16", True),
-    ("A100", (8, 0), "bf16", True), ("H100/H200", (9, 0), "bf16", True), ("RTX PRO 6000", (12, 0), "bf16", True),
-    ("P100", (6, 0), "fp32", False)])
+@pytest.mark.parametrize(
+    "gpu, capability, precision, flash",
+    [
+        ("V100", (7, 0), "fp16", False),
+        ("T4", (7, 5), "fp16", False),
+        ("RTX 3090", (8, 6), "bf16", True),
+        ("A100", (8, 0), "bf16", True),
+        ("H100/H200", (9, 0), "bf16", True),
+        ("RTX PRO 6000", (12, 0), "bf16", True),
+        ("P100", (6, 0), "fp32", False),
+    ],
+)
 def test_precision_auto_and_flash_attention_follow_the_compute_capability(gpu, capability, precision, flash):
     """torch.cuda.is_bf16_supported() says yes on V100/T4 (emulated bf16): the rule reads the capability instead."""
-    from dapt.dsconfig import auto_precision, bf16_native, flash_attention_capable
+    from dapt.config.dsconfig import auto_precision, bf16_native, flash_attention_capable
 
     chosen, why = auto_precision("cuda", capability)
     assert chosen == precision and f"{capability[0]}.{capability[1]}" in why
@@ -160,18 +227,20 @@ def test_the_default_optimizer_is_torchs_fused_adamw_which_needs_no_build(recipe
     """FusedAdam/CPUAdam are JIT-built inside deepspeed.initialize (ninja, a C++ compiler, nvcc): a machine without a
     CUDA toolkit died in DeepSpeed's builder. The default is torch's fused AdamW, the same on CPU and GPU; DeepSpeed's
     ops only when asked (or for an offloaded optimizer on CUDA where CPUAdam can be built), and checked first."""
-    from dapt.dsconfig import deepspeed_op
-    from dapt.load import collect_config, load_config
-    from dapt.train import build_engine
+    from dapt.cli.load import collect_config, load_config
+    from dapt.config.dsconfig import deepspeed_op
+    from dapt.runtime.runner import build_engine
 
     init()
-    cfg = load_config(["--recipe", str(recipe), "--output_dir", str(tmp_path)], world_size=1, accelerator="cpu")
+    cfg = load_config(
+        ["--recipe", str(recipe), "--output_dir", str(tmp_path)], world_size=1, accelerator="cpu"
+    )
     params = cfg.ds_config["optimizer"]["params"]
     assert params["torch_adam"] is True and params["fused"] is True and "foreach" not in params
-    from dapt.model import build_model, train_wordpiece
+    from dapt.model.build import build_model, train_wordpiece
 
     tok = train_wordpiece(["a few words for a tokenizer"], 200, 32)
-    from dapt.dsconfig import finalize_ds_config
+    from dapt.config.dsconfig import finalize_ds_config
 
     model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
     finalize_ds_config(cfg.ds_config, 10, 1, model.config.hidden_size)
@@ -180,12 +249,14 @@ def test_the_default_optimizer_is_torchs_fused_adamw_which_needs_no_build(recipe
 
     assert deepspeed_op("fused_adam", "cpu")[0]  # this machine has ninja and g++
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr("dapt.dsconfig._python_ninja", lambda: False)
+    monkeypatch.setattr("dapt.config.dsconfig._python_ninja", lambda: False)
     ok, why = deepspeed_op("fused_adam", "cpu")
     assert not ok and why == "missing ninja, a C++ compiler"
     _, problems = collect_config(["--recipe", str(recipe), "--train.optimizer_impl=deepspeed"], 1, "cpu")
-    assert problems == ["train.optimizer_impl=deepspeed: DeepSpeed's FusedAdam op is neither prebuilt nor buildable "
-                        "here (missing ninja, a C++ compiler); use train.optimizer_impl=torch, or install what it needs"]
+    assert problems == [
+        "train.optimizer_impl=deepspeed: DeepSpeed's FusedAdam op is neither prebuilt nor buildable "
+        "here (missing ninja, a C++ compiler); use train.optimizer_impl=torch, or install what it needs"
+    ]
     import json as _json
 
     own = tmp_path / "own_adam.json"  # a ds file asking for DeepSpeed's own optimizer gets no torch-only flag
@@ -194,10 +265,13 @@ def test_the_default_optimizer_is_torchs_fused_adamw_which_needs_no_build(recipe
     cfg_own, problems = collect_config(["--recipe", str(recipe), "--ds", str(own)], 1, "cpu")
     assert not problems and "fused" not in cfg_own.ds_config["optimizer"]["params"]
     own.write_text(_json.dumps({"optimizer": {"type": "AdamW", "params": {"fused": True, "foreach": True}}}))
-    assert "fused and foreach are both true" in collect_config(["--recipe", str(recipe), "--ds", str(own)], 1,
-                                                               "cpu")[1][0]
-    offload, problems = collect_config(["--recipe", str(recipe), "--ds", str(DS / "zero3_offload_bf16.json")], 1,
-                                       "cpu")
+    assert (
+        "fused and foreach are both true"
+        in collect_config(["--recipe", str(recipe), "--ds", str(own)], 1, "cpu")[1][0]
+    )
+    offload, problems = collect_config(
+        ["--recipe", str(recipe), "--ds", str(DS / "zero3_offload_bf16.json")], 1, "cpu"
+    )
     assert not problems and offload.ds_config["zero_force_ds_cpu_optimizer"] is False
     assert offload.ds_config["optimizer"]["params"]["torch_adam"] is True
 
@@ -216,16 +290,25 @@ def test_the_prepared_gpu_check_runs_its_plumbing_on_cpu(tmp_path):
     assert listed.returncode == 0 and "packed_zero0" in listed.stdout and "mlm_vs_hf" in listed.stdout
     refused = subprocess.run(script, capture_output=True, text=True, env=child_env(), timeout=120)
     assert refused.returncode == 2 and "no CUDA GPU here" in refused.stdout
-    proc = subprocess.run(script + ["--tiny", "--only", "environment,default_zero0,packed_zero3,packed_rows",
-                                    "--out", str(tmp_path)], capture_output=True, text=True, env=child_env(),
-                          timeout=600)
+    proc = subprocess.run(
+        script
+        + ["--tiny", "--only", "environment,default_zero0,packed_zero3,packed_rows", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
     assert [r["status"] for r in results.values()] == ["passed"] * 4
-    assert results["default_zero0"]["final_equals_masters"] and results["packed_zero3"]["final_equals_masters"]
+    assert (
+        results["default_zero0"]["final_equals_masters"] and results["packed_zero3"]["final_equals_masters"]
+    )
     assert "zero_to_fp32" in results["packed_zero3"]["method"]
-    assert results["packed_rows"]["bert/sdpa"]["ok"] and "| packed_rows | passed |" in (tmp_path /
-                                                                                     "gpu_check.md").read_text()
+    assert (
+        results["packed_rows"]["bert/sdpa"]["ok"]
+        and "| packed_rows | passed |" in (tmp_path / "gpu_check.md").read_text()
+    )
 
 
 def test_a_pretrained_model_saved_in_bf16_trains_and_exports_in_fp32(tmp_path, corpus_file):
@@ -234,7 +317,7 @@ def test_a_pretrained_model_saved_in_bf16_trains_and_exports_in_fp32(tmp_path, c
     config's dtype, so that it holds the masters exactly."""
     from conftest import TINY_MODEL
 
-    from dapt.model import train_wordpiece
+    from dapt.model.build import train_wordpiece
 
     tok = train_wordpiece(corpus_file.read_text().splitlines(), 300, 32)
     src = tmp_path / "bf16"
@@ -243,9 +326,20 @@ def test_a_pretrained_model_saved_in_bf16_trains_and_exports_in_fp32(tmp_path, c
     tok.save_pretrained(src)
     assert '"dtype": "bfloat16"' in (src / "config.json").read_text()
     out = tmp_path / "run"
-    run_inprocess(["--model.name_or_path", src, "--data.train", corpus_file, "--output_dir", out,
-                   "--data.max_seq_length=32", "--train.max_steps=2", "--train.micro_batch_size=4",
-                   "--log.progress=false"])
+    run_inprocess(
+        [
+            "--model.name_or_path",
+            src,
+            "--data.train",
+            corpus_file,
+            "--output_dir",
+            out,
+            "--data.max_seq_length=32",
+            "--train.max_steps=2",
+            "--train.micro_batch_size=4",
+            "--log.progress=false",
+        ]
+    )
     final = load_file(out / "final" / "model.safetensors")
     module = safe_load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt")["module"]
     assert all(t.dtype == torch.float32 for t in module.values() if t.is_floating_point())  # trained in fp32

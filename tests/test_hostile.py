@@ -10,9 +10,9 @@ import signal
 import pytest
 from hostile import GOOD, cases
 
-import dapt.cli
-from dapt.cli import main
-from dapt.train import run
+import dapt.cli.main
+from dapt.cli.main import main
+from dapt.tasks.mlm import run
 
 CASES = cases()
 
@@ -28,11 +28,19 @@ def good(tmp_path_factory) -> dict:
     (root / "good.txt").write_text("\n".join(texts) + "\n")
     (root / "good.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (root / "good.csv").write_text("a,b\n" + "".join(f"{i},{i * 7 % 13}\n" for i in range(60)))
-    (root / "good.http").write_text("".join(f"GET /page/{i}?q={i % 17} HTTP/1.1\nHost: example.org\n"
-                                            f"Accept: text/html\n\n" for i in range(60)))
+    (root / "good.http").write_text(
+        "".join(
+            f"GET /page/{i}?q={i % 17} HTTP/1.1\nHost: example.org\nAccept: text/html\n\n" for i in range(60)
+        )
+    )
     pq.write_table(pa.table({"text": texts}), root / "good.parquet")
-    return {"lines": root / "good.txt", "jsonl": root / "good.jsonl", "csv": root / "good.csv",
-            "http": root / "good.http", "parquet": root / "good.parquet"}
+    return {
+        "lines": root / "good.txt",
+        "jsonl": root / "good.jsonl",
+        "csv": root / "good.csv",
+        "http": root / "good.http",
+        "parquet": root / "good.parquet",
+    }
 
 
 class Hang(Exception):
@@ -47,15 +55,29 @@ def run_case(case, good, tmp_path, capsys, lenient: bool, monkeypatch):
     folder = tmp_path / ("skip" if lenient else "raise")
     folder.mkdir()
     source = case.write(folder)
-    argv = [f"--data.train=[{json.dumps(str(source))}, {json.dumps(str(good[case.fmt]))}]", f"--data.format={case.fmt}",
-            "--model.config={model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
-            "intermediate_size: 64, max_position_embeddings: 64}", "--model.tokenizer_vocab_size=200",
-            "--data.max_seq_length=32", "--train.micro_batch_size=4", "--train.max_steps=0", "--train.epochs=1", "--train.eval_every=0",
-            "--checkpoint.every=0", "--log.progress=false", "--log.plots=false", "--data.valid_fraction=0",
-            "--data.streams=1", "--data.log_sample_ids=true",
-            f"--output_dir={folder / 'run'}", f"--data.on_error={'skip' if lenient else 'raise'}", *case.args]
+    argv = [
+        f"--data.train=[{json.dumps(str(source))}, {json.dumps(str(good[case.fmt]))}]",
+        f"--data.format={case.fmt}",
+        "--model.config={model_type: bert, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "
+        "intermediate_size: 64, max_position_embeddings: 64}",
+        "--model.tokenizer_vocab_size=200",
+        "--data.max_seq_length=32",
+        "--train.micro_batch_size=4",
+        "--train.max_steps=0",
+        "--train.epochs=1",
+        "--train.eval_every=0",
+        "--checkpoint.every=0",
+        "--log.progress=false",
+        "--log.plots=false",
+        "--data.valid_fraction=0",
+        "--data.streams=1",
+        "--data.log_sample_ids=true",
+        f"--output_dir={folder / 'run'}",
+        f"--data.on_error={'skip' if lenient else 'raise'}",
+        *case.args,
+    ]
     # main() closes the process group when it ends; DeepSpeed keeps a handle to it, so in one process keep it open
-    monkeypatch.setattr(dapt.cli, "_close_process_group", lambda: None)
+    monkeypatch.setattr(dapt.cli.main, "_close_process_group", lambda: None)
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(90)
     try:
@@ -81,7 +103,9 @@ def test_hostile_file_strict(case, good, tmp_path, capsys, monkeypatch):
     name = source.name.encode("unicode_escape").decode()
     assert name in text or source.name in text, text[-3000:]
     if case.names_line:
-        assert f"{source.name}:".encode("unicode_escape").decode() in text or f"{source.name}:" in text, text[-3000:]
+        assert f"{source.name}:".encode("unicode_escape").decode() in text or f"{source.name}:" in text, text[
+            -3000:
+        ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -94,7 +118,9 @@ def test_hostile_file_lenient(case, good, tmp_path, capsys, monkeypatch):
     assert code == 0 and case.warns in text, text[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     if case.lenient == "counted":
-        assert sum(summary["skipped_records"].values()) + sum(summary["eval_skipped_records"].values()) > 0, summary
+        assert sum(summary["skipped_records"].values()) + sum(summary["eval_skipped_records"].values()) > 0, (
+            summary
+        )
     else:
         _check_trained(case, source, out)
 
@@ -116,7 +142,12 @@ LABEL_CASES = {  # hostile label data for launch/classify.py: (file name, conten
     "null label": ("null.jsonl", [{"text": "GET /a", "label": None}], "jsonl", []),
     "empty label": ("empty.jsonl", [{"text": "GET /a", "label": " "}], "jsonl", []),
     "label is an object": ("obj.jsonl", [{"text": "GET /a", "label": {"x": 1}}], "jsonl", []),
-    "unknown label in the test set": ("test.jsonl", [{"text": "GET /a", "label": "novel"}], "jsonl", ["test"]),
+    "unknown label in the test set": (
+        "test.jsonl",
+        [{"text": "GET /a", "label": "novel"}],
+        "jsonl",
+        ["test"],
+    ),
     "CSV without the label column": ("nolabel.csv", "a,b\n1,2\n", "csv", []),
     "CSV with an empty label": ("blank.csv", "a,label\n1, \n", "csv", []),
 }
@@ -125,27 +156,44 @@ LABEL_CASES = {  # hostile label data for launch/classify.py: (file name, conten
 @pytest.mark.parametrize("name", LABEL_CASES)
 @pytest.mark.parametrize("lenient", [False, True], ids=["strict", "lenient"])
 def test_hostile_labels_in_fine_tuning(name, lenient, tmp_path, capsys, monkeypatch):
-    from dapt.classify import run as classify
+    from dapt.tasks.classify import run as classify
 
     file_name, content, fmt, where = LABEL_CASES[name]
     good = tmp_path / f"good.{fmt}"
     if fmt == "jsonl":
-        good.write_text("".join(json.dumps({"text": f"{GOOD} {i}", "label": "ab"[i % 2]}) + "\n" for i in range(40)))
+        good.write_text(
+            "".join(json.dumps({"text": f"{GOOD} {i}", "label": "ab"[i % 2]}) + "\n" for i in range(40))
+        )
         bad_text = "".join(json.dumps(r) + "\n" for r in content)
     else:
         good.write_text("a,label\n" + "".join(f"{i},{'ab'[i % 2]}\n" for i in range(40)))
         bad_text = content
     bad = tmp_path / file_name
     bad.write_text(bad_text)
-    split = ["--data.train", f"[{json.dumps(str(good))}]", "--data.test", f"[{json.dumps(str(bad))}]"] if where \
+    split = (
+        ["--data.train", f"[{json.dumps(str(good))}]", "--data.test", f"[{json.dumps(str(bad))}]"]
+        if where
         else ["--data.train", f"[{json.dumps(str(bad))}, {json.dumps(str(good))}]"]
-    monkeypatch.setattr(dapt.cli, "_close_process_group", lambda: None)
-    code = main(classify, [*split, f"--data.format={fmt}", "--model.config={model_type: bert, hidden_size: 32, "
-                           "num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, "
-                           "max_position_embeddings: 64}", "--model.tokenizer_vocab_size=200", "--train.max_steps=2",
-                           "--log.progress=false", "--log.plots=false", f"--output_dir={tmp_path / 'run'}",
-                           f"--data.on_error={'skip' if lenient else 'raise'}",
-                           f"--classify.unseen={'skip' if lenient else 'error'}"], prog="launch/classify.py")
+    )
+    monkeypatch.setattr(dapt.cli.main, "_close_process_group", lambda: None)
+    code = main(
+        classify,
+        [
+            *split,
+            f"--data.format={fmt}",
+            "--model.config={model_type: bert, hidden_size: 32, "
+            "num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64, "
+            "max_position_embeddings: 64}",
+            "--model.tokenizer_vocab_size=200",
+            "--train.max_steps=2",
+            "--log.progress=false",
+            "--log.plots=false",
+            f"--output_dir={tmp_path / 'run'}",
+            f"--data.on_error={'skip' if lenient else 'raise'}",
+            f"--classify.unseen={'skip' if lenient else 'error'}",
+        ],
+        prog="launch/classify.py",
+    )
     out = capsys.readouterr()
     text = out.out + out.err
     assert "Traceback" not in text, text[-3000:]

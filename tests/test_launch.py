@@ -16,7 +16,7 @@ from conftest import DS, MLM, ROOT, child_env, launch, series
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
 
-from dapt.dist import free_port
+from dapt.runtime.group import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,27 @@ def test_loss_normalisation_is_the_same_for_any_split_of_the_step(recipe, tmp_pa
     mean of per-micro-batch means would differ; only sum / (masked tokens of the whole step) agrees.
     """
     ds = _fp32_zero(tmp_path, 2)
-    common = ["--recipe", recipe, "--ds", ds, "--train.precision=fp32", "--data.packing=pad", "--train.max_steps=3",
-              "--train.eval_every=0", "--checkpoint.every=0", "--train.grad_clip=0"]
+    common = [
+        "--recipe",
+        recipe,
+        "--ds",
+        ds,
+        "--train.precision=fp32",
+        "--data.packing=pad",
+        "--train.max_steps=3",
+        "--train.eval_every=0",
+        "--checkpoint.every=0",
+        "--train.grad_clip=0",
+    ]
     layouts = {"1x4": (1, 2, 4), "2x2": (2, 2, 2), "1x1big": (1, 8, 1)}
     results = {}
     for name, (ranks, micro, accum) in layouts.items():
         out = tmp_path / name
-        launch(common + ["--output_dir", out, f"--train.micro_batch_size={micro}", f"--train.grad_accum={accum}"],
-               ranks=ranks)
+        launch(
+            common
+            + ["--output_dir", out, f"--train.micro_batch_size={micro}", f"--train.grad_accum={accum}"],
+            ranks=ranks,
+        )
         results[name] = (series(out, "train/loss"), series(out, "train/grad_norm"))
     ref_loss, ref_norm = results["1x4"]
     assert len(ref_loss) == 3
@@ -54,7 +67,6 @@ def test_loss_normalisation_is_the_same_for_any_split_of_the_step(recipe, tmp_pa
         for (_, a), (_, b) in zip(norm, ref_norm):
             assert a == pytest.approx(b, rel=1e-4), name
 
-
     _assert_micro_batches_differ(tmp_path / "1x4", recipe)
 
 
@@ -62,10 +74,10 @@ def _assert_micro_batches_differ(out: Path, recipe: Path) -> None:
     """Guard: the micro-batches of step 1 really carry unequal masked-token counts (else the test proves little)."""
     from transformers import AutoTokenizer
 
-    from dapt.data import stream_spec
-    from dapt.load import load_config
-    from dapt.masking import IGNORE, MLMCollator
-    from dapt.stream import RowFeeder
+    from dapt.cli.load import load_config
+    from dapt.data.masking import IGNORE, MLMCollator
+    from dapt.data.prepare import stream_spec
+    from dapt.data.stream import RowFeeder
 
     cfg = load_config(["--recipe", str(recipe), "--data.packing=pad"], world_size=1, accelerator="cpu")
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
@@ -81,8 +93,20 @@ def _assert_micro_batches_differ(out: Path, recipe: Path) -> None:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_lower_the_loss_and_export(stage, recipe, tmp_path):
     out = tmp_path / "run"
-    proc = launch(["--recipe", recipe, "--ds", DS / f"zero{stage}_bf16.json", "--output_dir", out,
-                   "--train.max_steps=30", "--train.eval_every=10", "--checkpoint.every=10"], ranks=2)
+    proc = launch(
+        [
+            "--recipe",
+            recipe,
+            "--ds",
+            DS / f"zero{stage}_bf16.json",
+            "--output_dir",
+            out,
+            "--train.max_steps=30",
+            "--train.eval_every=10",
+            "--checkpoint.every=10",
+        ],
+        ranks=2,
+    )
     assert "world size = 8 x 1 x 2 = 16" in proc.stdout
     losses = [v for _, v in series(out, "train/loss")]
     evals = [v for _, v in series(out, "eval/loss")]
@@ -96,8 +120,14 @@ def test_two_ranks_lower_the_loss_and_export(stage, recipe, tmp_path):
 def _run_until_killed(cmd: list[str], out: Path, after_tag: str, timeout: float = 240) -> int:
     """Start `cmd` in its own process group; SIGKILL the whole group (launcher and ranks) as soon as checkpoint
     `after_tag` is complete. Returns the exit code."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env(), cwd=ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=child_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     index = out / "checkpoints" / "index.json"
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -117,16 +147,32 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(ranks, workers, recipe,
     """Killed mid-epoch and rerun with the same command: the same losses step by step, the same documents consumed
     by every rank in the same order, the same final weights and eval loss as an uninterrupted run."""
     steps = 150 if ranks == 1 else 80
-    args = ["--recipe", str(recipe), f"--train.max_steps={steps}", "--checkpoint.every=20", "--train.eval_every=40",
-            "--model.config.hidden_dropout_prob=0.1", "--data.log_sample_ids=true", "--train.micro_batch_size=16",
-            f"--data.num_workers={workers}"]
+    args = [
+        "--recipe",
+        str(recipe),
+        f"--train.max_steps={steps}",
+        "--checkpoint.every=20",
+        "--train.eval_every=40",
+        "--model.config.hidden_dropout_prob=0.1",
+        "--data.log_sample_ids=true",
+        "--train.micro_batch_size=16",
+        f"--data.num_workers={workers}",
+    ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     launch(args + ["--output_dir", straight], ranks=ranks)
     if ranks == 1:
         cmd = [sys.executable, str(MLM)]
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), str(MLM)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            str(MLM),
+        ]
     code = _run_until_killed(cmd + args + ["--output_dir", str(broken)], broken, "step_00000040")
     assert code == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
     assert not (broken / "final").exists()
@@ -140,7 +186,10 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(ranks, workers, recipe,
         a, b = ((d / f"samples.rank{rank}.txt").read_text().splitlines() for d in (straight, broken))
         # every rank consumed the same documents in the same order (a document starts in about every other row)
         assert a == b and len(a) >= steps * 16 // 4
-    w1, w2 = load_file(straight / "final" / "model.safetensors"), load_file(broken / "final" / "model.safetensors")
+    w1, w2 = (
+        load_file(straight / "final" / "model.safetensors"),
+        load_file(broken / "final" / "model.safetensors"),
+    )
     assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (straight, broken))
     assert s1["final_eval_loss"] == pytest.approx(s2["final_eval_loss"], rel=1e-6)
@@ -154,18 +203,21 @@ def test_bad_recipe_fails_before_anything_starts(tmp_path):
     started = time.time()
     proc = launch(["--recipe", bad, "--output_dir", out], check=False)
     assert proc.returncode == 2
-    assert "'train.max_step'" in proc.stderr and "max_steps" in proc.stderr  # names the key and the valid ones
+    assert (
+        "'train.max_step'" in proc.stderr and "max_steps" in proc.stderr
+    )  # names the key and the valid ones
     assert "'data.pakcing'" in proc.stderr
     assert not out.exists() and "Traceback" not in proc.stderr
     assert time.time() - started < 60
 
 
 def test_help_lists_fields_with_docs():
-    proc = subprocess.run([sys.executable, str(MLM), "--help"], capture_output=True, text=True, timeout=60,
-                          env=child_env())
+    proc = subprocess.run(
+        [sys.executable, str(MLM), "--help"], capture_output=True, text=True, timeout=60, env=child_env()
+    )
     assert proc.returncode == 0
     assert "--train.max_steps=int" in proc.stdout and "Optimizer steps to run" in proc.stdout
-    assert "--data.packing=str" in proc.stdout and "[checkpoint]" in proc.stdout
+    assert "--data.packing=concat | packed | pad" in proc.stdout and "[checkpoint]" in proc.stdout
 
 
 @pytest.mark.parametrize("how", ["python", "deepspeed", "srun"])
@@ -177,18 +229,61 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_continues(how, recipe, tmp_pa
     ranks started one process each, as srun starts them, each signalled, each exit code checked."""
     out = tmp_path / "run"
     ranks = 1 if how == "python" else 2
-    args = ["--recipe", str(recipe), "--train.max_steps=400", "--checkpoint.every=0", "--train.eval_every=0",
-            "--train.log_every=5", "--output_dir", str(out)]
+    args = [
+        "--recipe",
+        str(recipe),
+        "--train.max_steps=400",
+        "--checkpoint.every=0",
+        "--train.eval_every=0",
+        "--train.log_every=5",
+        "--output_dir",
+        str(out),
+    ]
     port = str(free_port())
     if how == "deepspeed":
-        commands = [([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", port,
-                      str(MLM)], {})]
+        commands = [
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.launcher.runner",
+                    "--num_gpus",
+                    "2",
+                    "--master_port",
+                    port,
+                    str(MLM),
+                ],
+                {},
+            )
+        ]
     else:
-        commands = [([sys.executable, str(MLM)], {} if how == "python" else
-                     {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_STEP_NUM_TASKS": "2",
-                      "SLURM_STEP_NODELIST": "127.0.0.1", "MASTER_PORT": port}) for r in range(ranks)]
-    procs = [subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**child_env(), **env}, cwd=ROOT, start_new_session=True) for cmd, env in commands]
+        commands = [
+            (
+                [sys.executable, str(MLM)],
+                {}
+                if how == "python"
+                else {
+                    "SLURM_PROCID": str(r),
+                    "SLURM_LOCALID": str(r),
+                    "SLURM_STEP_NUM_TASKS": "2",
+                    "SLURM_STEP_NODELIST": "127.0.0.1",
+                    "MASTER_PORT": port,
+                },
+            )
+            for r in range(ranks)
+        ]
+    procs = [
+        subprocess.Popen(
+            cmd + args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**child_env(), **env},
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        for cmd, env in commands
+    ]
     deadline = time.time() + 180
     while time.time() < deadline and all(p.poll() is None for p in procs):
         if (out / "metrics.jsonl").exists() and len(series(out, "train/loss")) >= 4:
@@ -205,7 +300,9 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_continues(how, recipe, tmp_pa
     assert "received SIGTERM: stopped after optimizer step" in output
     latest = json.loads((out / "checkpoints" / "index.json").read_text())["latest"]
     stopped_at = int(latest.split("_")[1])
-    assert 20 <= stopped_at < 400 and len(list((out / "checkpoints" / latest).glob("rank_state*.pt"))) == ranks
+    assert (
+        20 <= stopped_at < 400 and len(list((out / "checkpoints" / latest).glob("rank_state*.pt"))) == ranks
+    )
     again = launch(args, ranks=ranks)
     assert f"resumed from {out / 'checkpoints' / latest} at optimizer step {stopped_at}" in again.stdout
     assert json.loads((out / "summary.json").read_text())["steps"] == 400
@@ -216,13 +313,22 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_continues(how, recipe, tmp_pa
 def test_resume_on_a_different_world_size_continues_the_global_order(recipe, tmp_path):
     """1 rank to a checkpoint, then the same run on 2 ranks (ZeRO-0): the documents consumed after the resume,
     taken in global order (rank 0's row, rank 1's row, ...), are exactly those of an uninterrupted 1-rank run."""
-    args = ["--recipe", str(recipe), "--data.packing=pad", "--data.log_sample_ids=true", "--checkpoint.every=10",
-            "--train.eval_every=0", "--train.micro_batch_size=8"]
+    args = [
+        "--recipe",
+        str(recipe),
+        "--data.packing=pad",
+        "--data.log_sample_ids=true",
+        "--checkpoint.every=10",
+        "--train.eval_every=0",
+        "--train.micro_batch_size=8",
+    ]
     straight, moved = tmp_path / "straight", tmp_path / "moved"
     launch(args + ["--output_dir", straight, "--train.max_steps=30"])
     launch(args + ["--output_dir", moved, "--train.max_steps=10"])
     # 2 ranks x 4 rows = the same 8 rows per optimizer step; steps 11-30 continue the order
-    proc = launch(args + ["--output_dir", moved, "--train.max_steps=30", "--train.micro_batch_size=4"], ranks=2)
+    proc = launch(
+        args + ["--output_dir", moved, "--train.max_steps=30", "--train.micro_batch_size=4"], ranks=2
+    )
     assert "resumed from" in proc.stdout
     one = (straight / "samples.rank0.txt").read_text().splitlines()
     r0, r1 = ((moved / f"samples.rank{r}.txt").read_text().splitlines() for r in (0, 1))

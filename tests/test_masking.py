@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from dapt.corpus import generate
-from dapt.masking import IGNORE, MLMCollator
-from dapt.model import train_wordpiece
+from dapt.data.corpus import generate
+from dapt.data.masking import IGNORE, MLMCollator
+from dapt.model.build import train_wordpiece
 
 MAX_LEN = 64
 
@@ -24,8 +24,13 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def rows(tokenizer):
     """About 4000 real rows, [CLS] ... [SEP], of varying length, from text the tokenizer was not trained on."""
-    enc = tokenizer(generate(4000, seed=1), add_special_tokens=True, return_attention_mask=False,
-                    return_token_type_ids=False, verbose=False)["input_ids"]
+    enc = tokenizer(
+        generate(4000, seed=1),
+        add_special_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )["input_ids"]
     return [np.asarray(ids, dtype=np.int64) for ids in enc]
 
 
@@ -37,9 +42,11 @@ def collate_all(collator: MLMCollator, rows: list[np.ndarray], keys: list[int], 
     """Collate `rows` in chunks; return the flat arrays of the real (unpadded) positions and the originals."""
     out = {"orig": [], "inputs": [], "labels": []}
     for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        items = [{"input_ids": r, "key": k, "index": i}
-                 for i, (r, k) in enumerate(zip(part, keys[start:start + chunk], strict=True), start=start)]
+        part = rows[start : start + chunk]
+        items = [
+            {"input_ids": r, "key": k, "index": i}
+            for i, (r, k) in enumerate(zip(part, keys[start : start + chunk], strict=True), start=start)
+        ]
         b = collator(items)
         real = b["attention_mask"].numpy().astype(bool)
         out["inputs"].append(b["input_ids"].numpy()[real])
@@ -55,6 +62,7 @@ def tolerance(p: float, n: int) -> float:
 
 
 # ---------------------------------------------------------------- statistics
+
 
 @pytest.mark.parametrize("rate", [0.15, 0.3])
 def test_masking_statistics(tokenizer, rows, rate):
@@ -83,8 +91,9 @@ def test_masking_statistics(tokenizer, rows, rate):
     expected = {"mask": 0.8, "random": 0.1 * (1 - 1 / pool), "kept": 0.1 + 0.1 / pool}
     for name, hits in (("mask", masked), ("random", swapped), ("kept", kept)):
         got = hits.sum() / n_selected
-        assert abs(got - expected[name]) <= tolerance(expected[name], n_selected), \
+        assert abs(got - expected[name]) <= tolerance(expected[name], n_selected), (
             f"{name}: {got:.4f} of selected tokens, expected {expected[name]:.4f}"
+        )
 
     # random replacements are spread over the vocabulary, not stuck on a few ids
     assert len(np.unique(inputs[swapped])) > pool / 2
@@ -94,11 +103,19 @@ def test_masking_statistics(tokenizer, rows, rate):
 
 # ---------------------------------------------------------------- special tokens
 
-@pytest.mark.parametrize(("rate", "mask_prob", "random_prob"), [(0.15, 0.8, 0.1), (1.0, 0.8, 0.1), (1.0, 0.0, 1.0)])
+
+@pytest.mark.parametrize(
+    ("rate", "mask_prob", "random_prob"), [(0.15, 0.8, 0.1), (1.0, 0.8, 0.1), (1.0, 0.0, 1.0)]
+)
 def test_special_tokens_never_selected_or_replaced(tokenizer, rows, rate, mask_prob, random_prob):
     special = specials(tokenizer)
-    assert {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id,
-            tokenizer.unk_token_id} <= set(special.tolist())
+    assert {
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.mask_token_id,
+        tokenizer.unk_token_id,
+    } <= set(special.tolist())
     # scatter every special id (PAD, UNK and MASK too) into the rows, not only CLS at the start and SEP at the end
     rng = np.random.default_rng(7)
     salted = []
@@ -124,6 +141,7 @@ def test_special_tokens_never_selected_or_replaced(tokenizer, rows, rate, mask_p
 
 
 # ---------------------------------------------------------------- labels and padding
+
 
 def test_labels_and_padding(tokenizer, rows):
     collator = MLMCollator(tokenizer, 0.3, seed=0)
@@ -153,7 +171,9 @@ def test_labels_and_padding(tokenizer, rows):
 
 
 def test_pad_to_multiple_can_be_turned_off(tokenizer, rows):
-    b = MLMCollator(tokenizer, 0.3, seed=0, pad_to_multiple_of=1)([{"input_ids": rows[0][:13], "key": 1, "index": 0}])
+    b = MLMCollator(tokenizer, 0.3, seed=0, pad_to_multiple_of=1)(
+        [{"input_ids": rows[0][:13], "key": 1, "index": 0}]
+    )
     assert b["input_ids"].shape == (1, 13)
 
 
@@ -164,6 +184,7 @@ def test_input_rows_are_not_modified(tokenizer, rows):
 
 
 # ---------------------------------------------------------------- determinism
+
 
 @pytest.fixture(scope="module")
 def long_row(rows):
@@ -195,10 +216,15 @@ def test_masks_do_not_depend_on_batch_composition(tokenizer, rows):
     target = {"input_ids": rows[7], "key": 77, "index": 7}
     alone = collator([target])
     n = len(rows[7])
-    neighbours = [{"input_ids": np.concatenate(rows[20:23]), "key": 1, "index": 20},
-                  {"input_ids": rows[30][:3], "key": 2, "index": 30}]
-    for batch, row in (([neighbours[0], target, neighbours[1]], 1), ([target, *neighbours], 0),
-                       ([*neighbours, target], 2)):
+    neighbours = [
+        {"input_ids": np.concatenate(rows[20:23]), "key": 1, "index": 20},
+        {"input_ids": rows[30][:3], "key": 2, "index": 30},
+    ]
+    for batch, row in (
+        ([neighbours[0], target, neighbours[1]], 1),
+        ([target, *neighbours], 0),
+        ([*neighbours, target], 2),
+    ):
         b = collator(batch)
         assert b["index"][row] == 7
         for name in ("input_ids", "labels", "attention_mask"):
@@ -207,9 +233,15 @@ def test_masks_do_not_depend_on_batch_composition(tokenizer, rows):
 
 # ---------------------------------------------------------------- tokenizer without a mask token
 
+
 def test_tokenizer_without_mask_token_is_rejected(tokenizer):
-    no_mask = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="[UNK]",
-                                      pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    no_mask = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
     assert no_mask.mask_token_id is None
     with pytest.raises(ValueError, match="no mask token"):
         MLMCollator(no_mask, 0.15)

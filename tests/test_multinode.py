@@ -20,11 +20,23 @@ STEP = re.compile(r"rank(\d)\] INFO step (\d+)/\d+ loss ([0-9.]+)")
 
 
 def _render(recipe: Path, out: Path, scheduler: str, port: int) -> Path:
-    from dapt.submit import FILES, main
+    from dapt.tools.submit import FILES, main
 
-    code = main(["--recipe", str(recipe), f"--output_dir={out}", "--train.max_steps=6", "--log.all_ranks=true",
-                 f"--submit.scheduler={scheduler}", "--cluster.nodes=2", "--cluster.gpus_per_node=1",
-                 "--cluster.gpu=cpu", f"--cluster.master_port={port}", f"--submit.venv={sys.prefix}"])
+    code = main(
+        [
+            "--recipe",
+            str(recipe),
+            f"--output_dir={out}",
+            "--train.max_steps=6",
+            "--log.all_ranks=true",
+            f"--submit.scheduler={scheduler}",
+            "--cluster.nodes=2",
+            "--cluster.gpus_per_node=1",
+            "--cluster.gpu=cpu",
+            f"--cluster.master_port={port}",
+            f"--submit.venv={sys.prefix}",
+        ]
+    )
     assert code == 0
     return out / "submit" / FILES[scheduler]
 
@@ -46,34 +58,49 @@ def _check_run(out: Path, text: str) -> None:
     logged = {s: f"{v:.4f}" for s, v in series(out, "train/loss")}
     assert logged == losses[0]
     for r in (0, 1):  # each rank says where it runs and what environment reached it
-        assert re.search(rf"rank{r}\] INFO rank {r} of 2 on .*rendezvous \S+:\d+; NCCL: .*carried: .*WANDB_MODE",
-                         text), text[-3000:]
+        assert re.search(
+            rf"rank{r}\] INFO rank {r} of 2 on .*rendezvous \S+:\d+; NCCL: .*carried: .*WANDB_MODE", text
+        ), text[-3000:]
 
 
 def test_two_local_nodes_run_the_rendered_per_node_script(recipe, tmp_path):
-    from dapt.dist import free_port
+    from dapt.runtime.group import free_port
 
     out = tmp_path / "run"
     script = _render(recipe, out, "nodes", free_port())
-    procs = [subprocess.Popen(["bash", str(script)], env=child_env() | {"NODE_RANK": str(i),
-                                                                        "MASTER_ADDR": "127.0.0.1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            ["bash", str(script)],
+            env=child_env() | {"NODE_RANK": str(i), "MASTER_ADDR": "127.0.0.1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+        )
+        for i in range(2)
+    ]
     texts = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
     _check_run(out, "\n".join(texts))
 
 
 def test_the_rendered_sbatch_script_runs_two_nodes_under_a_recorded_srun(recipe, tmp_path):
-    from dapt.dist import free_port
+    from dapt.runtime.group import free_port
 
     out = tmp_path / "run"
     script = _render(recipe, out, "slurm", free_port())
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     record = tmp_path / "srun.jsonl"
-    env = child_env() | {"PATH": f"{ROOT / 'tests' / 'shims'}:{child_env()['PATH']}", "SRUN_RECORD": str(record),
-                         "SLURM_JOB_NODELIST": "localhost,127.0.0.1", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242"}
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = child_env() | {
+        "PATH": f"{ROOT / 'tests' / 'shims'}:{child_env()['PATH']}",
+        "SRUN_RECORD": str(record),
+        "SLURM_JOB_NODELIST": "localhost,127.0.0.1",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "4242",
+    }
+    proc = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check_run(out, proc.stdout + proc.stderr)
     calls = [json.loads(line) for line in record.read_text().splitlines()]
@@ -115,25 +142,36 @@ def slurm(tmp_path):
     import socket
     import time
 
-    from dapt.dist import free_port
+    from dapt.runtime.group import free_port
 
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "sinfo") if not shutil.which(b)]
     if missing or os.geteuid() != 0:
-        pytest.skip(f"a real SLURM needs Debian's slurm-wlm ({', '.join(missing)} not installed: apt-get install "
-                    "slurm-wlm) and root" if missing else "a real SLURM cluster is started as root only")
+        pytest.skip(
+            f"a real SLURM needs Debian's slurm-wlm ({', '.join(missing)} not installed: apt-get install "
+            "slurm-wlm) and root"
+            if missing
+            else "a real SLURM cluster is started as root only"
+        )
     root = tmp_path / "slurm"
     for d in ("state", "spool/n1", "spool/n2"):
         (root / d).mkdir(parents=True)
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=socket.gethostname(), root=root, ctld_port=free_port(),
-                                      port1=free_port(), port2=free_port()))
+    conf.write_text(
+        SLURM_CONF.format(
+            host=socket.gethostname(), root=root, ctld_port=free_port(), port1=free_port(), port2=free_port()
+        )
+    )
     env = child_env() | {"SLURM_CONF": str(conf)}
-    daemons = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for cmd in (["slurmctld", "-D"], ["slurmd", "-D", "-N", "n1"], ["slurmd", "-D", "-N", "n2"])]
+    daemons = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for cmd in (["slurmctld", "-D"], ["slurmd", "-D", "-N", "n1"], ["slurmd", "-D", "-N", "n2"])
+    ]
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%D %T"], env=env, capture_output=True, text=True).stdout
+            state = subprocess.run(
+                ["sinfo", "-h", "-o", "%D %T"], env=env, capture_output=True, text=True
+            ).stdout
             if state.split() == ["2", "idle"]:
                 break
             time.sleep(0.5)
@@ -150,16 +188,38 @@ def slurm(tmp_path):
 def test_the_rendered_sbatch_script_runs_two_nodes_under_a_real_slurm(recipe, tmp_path, slurm):
     """sbatch reads the #SBATCH lines, srun starts the launcher on both nodes, scontrol lists them. The node names
     n1/n2 do not resolve here, so the master address is given; everything else comes from the allocation."""
-    from dapt.dist import free_port
-    from dapt.submit import main
+    from dapt.runtime.group import free_port
+    from dapt.tools.submit import main
 
     out = tmp_path / "run"
-    assert main(["--recipe", str(recipe), f"--output_dir={out}", "--train.max_steps=6", "--log.all_ranks=true",
-                 "--submit.scheduler=slurm", "--cluster.nodes=2", "--cluster.gpu=cpu", "--cluster.master_addr=127.0.0.1",
-                 f"--cluster.master_port={free_port()}", f"--submit.venv={sys.prefix}", "--submit.time=0:10:00",
-                 "--submit.partition=debug"]) == 0
-    proc = subprocess.run(["sbatch", "--wait", str(out / "submit" / "job.sbatch")], env=slurm, capture_output=True,
-                          text=True, timeout=400, cwd=tmp_path)
+    assert (
+        main(
+            [
+                "--recipe",
+                str(recipe),
+                f"--output_dir={out}",
+                "--train.max_steps=6",
+                "--log.all_ranks=true",
+                "--submit.scheduler=slurm",
+                "--cluster.nodes=2",
+                "--cluster.gpu=cpu",
+                "--cluster.master_addr=127.0.0.1",
+                f"--cluster.master_port={free_port()}",
+                f"--submit.venv={sys.prefix}",
+                "--submit.time=0:10:00",
+                "--submit.partition=debug",
+            ]
+        )
+        == 0
+    )
+    proc = subprocess.run(
+        ["sbatch", "--wait", str(out / "submit" / "job.sbatch")],
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
     job_id = proc.stdout.split()[-1]
     log = out / "submit" / f"slurm-{job_id}.out"
     assert proc.returncode == 0, proc.stderr + (log.read_text()[-4000:] if log.exists() else "")

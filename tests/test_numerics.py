@@ -10,12 +10,12 @@ import torch
 from conftest import DS, launch, run_inprocess, series
 from faults import inject
 
-from dapt.numerics import Diverged
+from dapt.runtime.numerics import Diverged
 
 
 def module_weights(checkpoint) -> dict[str, torch.Tensor]:
     """The module weights of a DeepSpeed checkpoint, read without unpickling anything but tensors and data."""
-    from dapt.checkpoint import safe_load
+    from dapt.runtime.checkpoint import safe_load
 
     return safe_load(checkpoint / "mp_rank_00_model_states.pt")["module"]
 
@@ -23,7 +23,7 @@ def module_weights(checkpoint) -> dict[str, torch.Tensor]:
 def optimizer_state(checkpoint) -> dict[str, torch.Tensor]:
     """Adam's moments and step counts, and (ZeRO 1-3) the fp32 master partitions, flattened to named tensors: at ZeRO
     0 the torch optimizer's state in the model file, else the ZeRO optimizer file's."""
-    from dapt.checkpoint import safe_load
+    from dapt.runtime.checkpoint import safe_load
 
     files = sorted(checkpoint.glob("*optim_states.pt"))
     if files:
@@ -46,8 +46,17 @@ def _same(a: dict, b: dict) -> bool:
 def test_a_non_finite_step_is_skipped_and_changes_nothing(kind, recipe, tmp_path, monkeypatch):
     inject(monkeypatch, {3}, kind)  # the third training forward: optimizer step 3
     out = tmp_path / "run"
-    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, "--checkpoint.every=1", "--checkpoint.keep=10",
-                             "--train.eval_every=0"])
+    summary = run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            "--checkpoint.every=1",
+            "--checkpoint.keep=10",
+            "--train.eval_every=0",
+        ]
+    )
     assert summary["steps"] == 6
     ckpts = out / "checkpoints"
     w2, w3, w4 = (module_weights(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
@@ -56,10 +65,14 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(kind, recipe, tmp_path
     assert not _same(w3, w4) and not _same(o3, o4)  # step 4 trained again
     assert all(torch.isfinite(v).all() for v in w4.values())
     lrs = dict(series(out, "train/learning_rate"))
-    assert lrs[3] == lrs[2] and lrs[4] < lrs[3]  # the skipped step did not advance the (linear decay) schedule
+    assert (
+        lrs[3] == lrs[2] and lrs[4] < lrs[3]
+    )  # the skipped step did not advance the (linear decay) schedule
     skipped = dict(series(out, "train/skipped_steps"))
     assert skipped[2] == 0 and skipped[3] == 1 and skipped[6] == 1
-    assert math.isnan(dict(series(out, "train/loss"))[3]) and math.isfinite(dict(series(out, "train/loss"))[4])
+    assert math.isnan(dict(series(out, "train/loss"))[3]) and math.isfinite(
+        dict(series(out, "train/loss"))[4]
+    )
 
 
 def test_ds_skips_under_zero2_bf16(recipe, tmp_path, monkeypatch):
@@ -67,11 +80,28 @@ def test_ds_skips_under_zero2_bf16(recipe, tmp_path, monkeypatch):
     master partitions and Adam's moments are those of the step before."""
     inject(monkeypatch, {3}, "inf")
     out = tmp_path / "run"
-    run_inprocess(["--recipe", recipe, "--ds", DS / "zero2_bf16.json", "--output_dir", out, "--train.max_steps=4",
-                   "--train.eval_every=0", "--checkpoint.every=1", "--checkpoint.keep=10"])
+    run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--ds",
+            DS / "zero2_bf16.json",
+            "--output_dir",
+            out,
+            "--train.max_steps=4",
+            "--train.eval_every=0",
+            "--checkpoint.every=1",
+            "--checkpoint.keep=10",
+        ]
+    )
     skipped = dict(series(out, "train/skipped_steps"))
     lrs = dict(series(out, "train/learning_rate"))
-    assert skipped[2] == 0 and skipped[3] == 1 and lrs[3] == lrs[2] and math.isfinite(dict(series(out, "train/loss"))[4])
+    assert (
+        skipped[2] == 0
+        and skipped[3] == 1
+        and lrs[3] == lrs[2]
+        and math.isfinite(dict(series(out, "train/loss"))[4])
+    )
     ckpts = out / "checkpoints"
     w2, w3, w4 = (module_weights(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
     o2, o3, o4 = (optimizer_state(ckpts / f"step_{s:08d}") for s in (2, 3, 4))
@@ -84,8 +114,18 @@ def test_too_many_skipped_steps_stop_without_a_new_checkpoint(recipe, tmp_path, 
     inject(monkeypatch, range(3, 100), "nan")  # every step from 3 on
     out = tmp_path / "run"
     with pytest.raises(Diverged) as e:
-        run_inprocess(["--recipe", recipe, "--output_dir", out, "--checkpoint.every=2", "--train.max_steps=10",
-                       "--numerics.max_skipped_steps=2", "--train.eval_every=0"])
+        run_inprocess(
+            [
+                "--recipe",
+                recipe,
+                "--output_dir",
+                out,
+                "--checkpoint.every=2",
+                "--train.max_steps=10",
+                "--numerics.max_skipped_steps=2",
+                "--train.eval_every=0",
+            ]
+        )
     assert e.value.code == 4
     assert "3 optimizer steps had a NaN/Inf loss" in e.value.message and "step 5" in e.value.message
     assert f"--resume={out / 'checkpoints' / 'step_00000004'}" in e.value.message
@@ -95,9 +135,18 @@ def test_too_many_skipped_steps_stop_without_a_new_checkpoint(recipe, tmp_path, 
 
 def test_loss_spike_watchdog_warns_or_stops(recipe, tmp_path, monkeypatch, caplog):
     inject(monkeypatch, range(9, 100), "spike")
-    args = ["--recipe", recipe, "--train.max_steps=14", "--checkpoint.every=4", "--train.eval_every=0",
-            "--numerics.spike_steps=3", "--numerics.spike_window=20"]
-    run_inprocess(args + ["--output_dir", tmp_path / "warn"])  # warn (the default): the run goes on to the end
+    args = [
+        "--recipe",
+        recipe,
+        "--train.max_steps=14",
+        "--checkpoint.every=4",
+        "--train.eval_every=0",
+        "--numerics.spike_steps=3",
+        "--numerics.spike_window=20",
+    ]
+    run_inprocess(
+        args + ["--output_dir", tmp_path / "warn"]
+    )  # warn (the default): the run goes on to the end
     assert (tmp_path / "warn" / "final" / "model.safetensors").exists()
     with pytest.raises(Diverged) as e:
         run_inprocess(args + ["--output_dir", tmp_path / "stop", "--numerics.spike_action=stop"])
@@ -121,9 +170,21 @@ def test_a_nan_on_one_rank_skips_the_step_on_both(recipe, tmp_path, monkeypatch)
     monkeypatch.setenv("FAULT_RANK", "1")
     monkeypatch.setenv("FAULT_KIND", "nan")
     out = tmp_path / "run"
-    launch(["--recipe", recipe, "--ds", DS / "zero3_bf16.json", "--output_dir", out, "--train.max_steps=4",
-            "--train.eval_every=0", "--checkpoint.every=0"], ranks=2,
-           script=DS.parent / "tests" / "faulty_mlm.py")
+    launch(
+        [
+            "--recipe",
+            recipe,
+            "--ds",
+            DS / "zero3_bf16.json",
+            "--output_dir",
+            out,
+            "--train.max_steps=4",
+            "--train.eval_every=0",
+            "--checkpoint.every=0",
+        ],
+        ranks=2,
+        script=DS.parent / "tests" / "faulty_mlm.py",
+    )
     skipped = dict(series(out, "train/skipped_steps"))
     assert skipped[2] == 0 and skipped[3] == 1 and skipped[4] == 1
     assert all(math.isfinite(v) for s, v in series(out, "train/loss") if s != 3)
@@ -138,17 +199,34 @@ def test_fp16_loss_scale_state_with_deepspeeds_own_scalers():
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from transformers import BertConfig, BertForMaskedLM
 
-    from dapt.dist import init
-    from dapt.numerics import at_minimum, loss_scaler, skip_verdict
+    from dapt.runtime.group import init
+    from dapt.runtime.numerics import at_minimum, loss_scaler, skip_verdict
 
     init()
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=32, max_position_embeddings=16)).half()
-    opt = FP16_Optimizer(torch.optim.AdamW(model.parameters()), low_precision_dtype=torch.float16,
-                         dynamic_loss_scale=True, initial_dynamic_scale=2**8,
-                         dynamic_loss_args={"init_scale": 2**8, "scale_window": 1000, "min_scale": 1,
-                                            "delayed_shift": 1, "consecutive_hysteresis": False})
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+        )
+    ).half()
+    opt = FP16_Optimizer(
+        torch.optim.AdamW(model.parameters()),
+        low_precision_dtype=torch.float16,
+        dynamic_loss_scale=True,
+        initial_dynamic_scale=2**8,
+        dynamic_loss_args={
+            "init_scale": 2**8,
+            "scale_window": 1000,
+            "min_scale": 1,
+            "delayed_shift": 1,
+            "consecutive_hysteresis": False,
+        },
+    )
     scaler = loss_scaler(opt)
     assert scaler is opt.loss_scale_config and scaler.cur_scale == 2**8 and not at_minimum(scaler)
     saved = dict(vars(scaler))
@@ -161,8 +239,9 @@ def test_fp16_loss_scale_state_with_deepspeeds_own_scalers():
     scaler.__dict__.update(saved)  # ... which the guard puts back, as StepGuard.end does
     assert scaler.cur_scale == 2**8 and scaler.cur_iter == saved["cur_iter"]
 
-    zero = DynamicLossScaler(init_scale=2.0, scale_window=1000, min_scale=1.0, delayed_shift=1,
-                             consecutive_hysteresis=False)
+    zero = DynamicLossScaler(
+        init_scale=2.0, scale_window=1000, min_scale=1.0, delayed_shift=1, consecutive_hysteresis=False
+    )
     assert loss_scaler(type("Z", (), {"loss_scaler": zero})()) is zero
     zero.update_scale(True)
     assert at_minimum(zero)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dapt.cli
-from dapt.cli import main
-from dapt.redact import MASK, redact, redact_text
-from dapt.train import run
+import dapt.cli.main
+from dapt.cli.main import main
+from dapt.config.redact import MASK, redact, redact_text
+from dapt.tasks.mlm import run
 
 WANDB_KEY = "wandb-key-0123456789abcdef"
 HF = "hf_" + "Zq9" * 12
@@ -20,7 +20,9 @@ def _everything_written(root: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
 
 
-def test_secrets_stay_out_of_logs_config_checkpoints_and_wandb(recipe, corpus_file, tmp_path, monkeypatch, capsys):
+def test_secrets_stay_out_of_logs_config_checkpoints_and_wandb(
+    recipe, corpus_file, tmp_path, monkeypatch, capsys
+):
     """Each secret is pasted where the run prints and writes it (a user puts a token where a name or a path goes):
     the run uses it, and shows it nowhere; the masked places prove that the probe reached the output."""
     monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
@@ -31,11 +33,31 @@ def test_secrets_stay_out_of_logs_config_checkpoints_and_wandb(recipe, corpus_fi
     out = tmp_path / "run"
     data = tmp_path / f"corpus-{OPENAI_KEY}.txt"
     data.write_text(corpus_file.read_text())
-    monkeypatch.setattr(dapt.cli, "_close_process_group", lambda: None)  # DeepSpeed keeps it for later tests
-    assert main(run, [str(a) for a in ["--recipe", recipe, "--output_dir", out, "--train.max_steps=3",
-                                       "--log.wandb=true", f"--log.run_name=run-{HF}-{WANDB_KEY}",
-                                       f"--log.wandb_project=proj-{SERVICE_SECRET}", "--data.train", data,
-                                       "--log.level=debug"]]) == 0
+    monkeypatch.setattr(
+        dapt.cli.main, "_close_process_group", lambda: None
+    )  # DeepSpeed keeps it for later tests
+    assert (
+        main(
+            run,
+            [
+                str(a)
+                for a in [
+                    "--recipe",
+                    recipe,
+                    "--output_dir",
+                    out,
+                    "--train.max_steps=3",
+                    "--log.wandb=true",
+                    f"--log.run_name=run-{HF}-{WANDB_KEY}",
+                    f"--log.wandb_project=proj-{SERVICE_SECRET}",
+                    "--data.train",
+                    data,
+                    "--log.level=debug",
+                ]
+            ],
+        )
+        == 0
+    )
     text = capsys.readouterr()
     written = _everything_written(out)
     assert (out / "wandb").is_dir() and (out / "checkpoints").is_dir()
@@ -59,9 +81,19 @@ def test_an_error_message_with_a_secret_is_masked(tmp_path, monkeypatch, capsys)
 
 
 def test_redaction_rules():
-    assert redact_text("s3 at https://alice:pa55word@example.org/data.txt") == \
-        f"s3 at https://alice:{MASK}@example.org/data.txt"
-    tree = redact({"model": {"tokenizer": "bert-base", "hub_token": "abcdefgh"}, "data": {"tokenizer_docs": 5},
-                   "storage": {"secret": "", "key_list": ["x"]}})
-    assert tree == {"model": {"tokenizer": "bert-base", "hub_token": MASK}, "data": {"tokenizer_docs": 5},
-                    "storage": {"secret": "", "key_list": ["x"]}}
+    assert (
+        redact_text("s3 at https://alice:pa55word@example.org/data.txt")
+        == f"s3 at https://alice:{MASK}@example.org/data.txt"
+    )
+    tree = redact(
+        {
+            "model": {"tokenizer": "bert-base", "hub_token": "abcdefgh"},
+            "data": {"tokenizer_docs": 5},
+            "storage": {"secret": "", "key_list": ["x"]},
+        }
+    )
+    assert tree == {
+        "model": {"tokenizer": "bert-base", "hub_token": MASK},
+        "data": {"tokenizer_docs": 5},
+        "storage": {"secret": "", "key_list": ["x"]},
+    }

@@ -6,11 +6,11 @@ from collections import Counter
 
 import pytest
 
-from dapt.corpus import generate
-from dapt.formats import FormatOptions
-from dapt.model import train_wordpiece
-from dapt.select import budget_start, duplicate_records, stream_counts
-from dapt.stream import RowFeeder, StreamSpec, stream_rows
+from dapt.data.corpus import generate
+from dapt.data.formats import FormatOptions
+from dapt.data.selection import budget_start, duplicate_records, stream_counts
+from dapt.data.stream import RowFeeder, StreamSpec, stream_rows
+from dapt.model.build import train_wordpiece
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,17 @@ def tok():
 
 
 def _spec(tok, files, **kw) -> StreamSpec:
-    args = dict(files=files, format="lines", options=FormatOptions(), streams=8, seed=0, block_docs=16,
-                packing="pad", max_len=64, tokenizer=tok)
+    args = dict(
+        files=files,
+        format="lines",
+        options=FormatOptions(),
+        streams=8,
+        seed=0,
+        block_docs=16,
+        packing="pad",
+        max_len=64,
+        tokenizer=tok,
+    )
     return StreamSpec(**(args | kw))
 
 
@@ -34,8 +43,9 @@ def _epoch_docs(spec: StreamSpec) -> list[str]:
     return docs
 
 
-@pytest.mark.parametrize("weights, expected", [([3, 1], [6, 2]), ([1, 1], [4, 4]), ([10, 1, 1], [6, 1, 1]),
-                                               ([0.7, 0.3], [6, 2])])
+@pytest.mark.parametrize(
+    "weights, expected", [([3, 1], [6, 2]), ([1, 1], [4, 4]), ([10, 1, 1], [6, 1, 1]), ([0.7, 0.3], [6, 2])]
+)
 def test_stream_counts_follow_weights(weights, expected):
     assert stream_counts(weights, 8) == expected
 
@@ -76,11 +86,15 @@ def test_budget_keeps_the_newest_tail(tok, tmp_path):
     files = []
     for k in range(4):  # four "years", oldest first, each 100 documents of similar length
         path = tmp_path / f"year{k}.txt"
-        path.write_text("\n".join(f"filing {k} {i} the attacker used a weak password" for i in range(100)) + "\n")
+        path.write_text(
+            "\n".join(f"filing {k} {i} the attacker used a weak password" for i in range(100)) + "\n"
+        )
         files.append(str(path))
     per_doc = len(tok("filing 0 0 the attacker used a weak password", add_special_tokens=False)["input_ids"])
     kept, starts = budget_start(files, "lines", FormatOptions(), tok, max_tokens=150 * per_doc)
-    assert kept == files[2:] and set(starts) == {files[2]}  # 1.5 years of tokens: half of year 2, all of year 3
+    assert kept == files[2:] and set(starts) == {
+        files[2]
+    }  # 1.5 years of tokens: half of year 2, all of year 3
     spec = _spec(tok, kept, starts=starts, streams=4)
     docs = _epoch_docs(spec)
     lines = sorted(int(d.rsplit(":", 1)[1]) for d in docs if d.startswith(files[2]))
@@ -95,13 +109,27 @@ def test_mixing_and_dedupe_through_a_run(recipe, tmp_path, corpus_file):
     from conftest import run_inprocess
 
     other = tmp_path / "other.txt"
-    other.write_text("\n".join(["the same line again"] * 50 + [f"general line {i} about nothing" for i in range(200)]))
+    other.write_text(
+        "\n".join(["the same line again"] * 50 + [f"general line {i} about nothing" for i in range(200)])
+    )
     out = tmp_path / "run"
-    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, f"--data.train=[{corpus_file}, {other}]",
-                             "--data.train_weights=[3, 1]", "--data.dedupe=true", "--train.epochs=1",
-                             "--train.micro_batch_size=32"])
+    summary = run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            f"--data.train=[{corpus_file}, {other}]",
+            "--data.train_weights=[3, 1]",
+            "--data.dedupe=true",
+            "--train.epochs=1",
+            "--train.micro_batch_size=32",
+        ]
+    )
     lines = [x.strip() for f in (corpus_file, other) for x in f.read_text().splitlines() if x.strip()]
-    expected = len(lines) - len(set(lines))  # "the same line again" x 49, and the generated corpus's own repeats
+    expected = len(lines) - len(
+        set(lines)
+    )  # "the same line again" x 49, and the generated corpus's own repeats
     assert expected >= 49
     # one epoch reads every record, so the count is exact
     assert summary["skipped_records"].get("filtered/duplicate", 0) == expected, (summary, expected)

@@ -8,9 +8,9 @@ import torch
 from conftest import run_inprocess, series
 from transformers import AutoConfig, AutoModelForMaskedLM
 
-from dapt.masking import IGNORE
-from dapt.sparse import SparsePrediction, supports_sparse
-from dapt.train import masked_loss_sum
+from dapt.data.masking import IGNORE
+from dapt.model.sparse import SparsePrediction, supports_sparse
+from dapt.tasks.mlm import masked_loss_sum
 
 ARCHS = {
     "bert": {},
@@ -22,17 +22,33 @@ ARCHS = {
 
 
 def _tiny(kind: str):
-    import dapt.canine  # noqa: F401  (registers CANINE's masked-LM head)
+    import dapt.model.canine  # noqa: F401  (registers CANINE's masked-LM head)
 
-    fields = {"vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 64, "max_position_embeddings": 80, "hidden_dropout_prob": 0.0,
-              "attention_probs_dropout_prob": 0.0} | ARCHS.get(kind, {})
+    fields = {
+        "vocab_size": 120,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 80,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    } | ARCHS.get(kind, {})
     if kind == "canine":
-        fields = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-                  "downsampling_rate": 2, "char_vocab": 120, "hidden_dropout_prob": 0.0,
-                  "attention_probs_dropout_prob": 0.0}
+        fields = {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "downsampling_rate": 2,
+            "char_vocab": 120,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        }
     torch.manual_seed(0)
-    return AutoModelForMaskedLM.from_config(AutoConfig.for_model(kind, **fields), attn_implementation="eager").eval()
+    return AutoModelForMaskedLM.from_config(
+        AutoConfig.for_model(kind, **fields), attn_implementation="eager"
+    ).eval()
 
 
 @pytest.mark.parametrize("kind", [*ARCHS, "canine"])
@@ -61,7 +77,11 @@ def test_sparse_head_gives_the_dense_loss_and_gradients(kind):
     assert float(loss.detach()) == pytest.approx(float(dense.detach()), rel=1e-5)
     for name, grad in dense_grads.items():
         assert torch.allclose(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6), name
-    assert model(input_ids=ids, attention_mask=attention).logits.shape == (3, 16, logits.shape[-1])  # hook idle
+    assert model(input_ids=ids, attention_mask=attention).logits.shape == (
+        3,
+        16,
+        logits.shape[-1],
+    )  # hook idle
 
 
 def test_training_with_the_sparse_head_matches_the_dense_head(recipe, tmp_path):

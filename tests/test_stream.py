@@ -1,4 +1,4 @@
-"""dapt.stream: canonical streams, blocks, exact resume, disjoint and complete epochs, and the RowFeeder's global
+"""dapt.data.stream: canonical streams, blocks, exact resume, disjoint and complete epochs, and the RowFeeder's global
 order, which must not depend on the world size, the number of DataLoader workers or where a run was resumed."""
 
 from __future__ import annotations
@@ -16,11 +16,18 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from dapt.corpus import generate, http_request
-from dapt.data import read_documents
-from dapt.formats import BadRecord, FormatOptions
-from dapt.model import train_wordpiece
-from dapt.stream import RowFeeder, StreamSpec, count_epoch_rows, in_valid_split, stream_rows, usable_workers
+from dapt.data.corpus import generate, http_request
+from dapt.data.formats import BadRecord, FormatOptions
+from dapt.data.prepare import read_documents
+from dapt.data.stream import (
+    RowFeeder,
+    StreamSpec,
+    count_epoch_rows,
+    in_valid_split,
+    stream_rows,
+    usable_workers,
+)
+from dapt.model.build import train_wordpiece
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +48,11 @@ def http_corpus(n: int, seed: int) -> bytes:
     for i in range(n):
         request = http_request(rng).split(" Host: ")[0]
         method = request.split(" ", 1)[0]
-        lines = [request.replace(" /", " http://localhost:8080/", 1), f"Host: host{i % 3}",
-                 f"Cookie: JSESSIONID={i:08X}{rng.randrange(16 ** 6):06X}"]
+        lines = [
+            request.replace(" /", " http://localhost:8080/", 1),
+            f"Host: host{i % 3}",
+            f"Cookie: JSESSIONID={i:08X}{rng.randrange(16**6):06X}",
+        ]
         out += b"".join(x.encode() + b"\r\n" for x in lines)
         out += b"\n" + (f"a={i}&b={rng.randrange(999)}\n\n".encode() if method in ("POST", "PUT") else b"\n")
     return out
@@ -53,9 +63,11 @@ def corpus(tmp_path_factory) -> dict[str, list[str]]:
     """Small corpora: several text files, one text file, one with bad lines, raw HTTP, and one file per format."""
     root = tmp_path_factory.mktemp("stream_corpus")
     texts = generate(60, seed=5)
-    files = {"many": [write_lines(root / "many" / f"part{i}.txt", texts[i * 6:(i + 1) * 6]) for i in range(10)],
-             "single": [write_lines(root / "single.txt", texts[:50])],
-             "three": [write_lines(root / "three" / f"t{i}.txt", texts[i * 20:(i + 1) * 20]) for i in range(3)]}
+    files = {
+        "many": [write_lines(root / "many" / f"part{i}.txt", texts[i * 6 : (i + 1) * 6]) for i in range(10)],
+        "single": [write_lines(root / "single.txt", texts[:50])],
+        "three": [write_lines(root / "three" / f"t{i}.txt", texts[i * 20 : (i + 1) * 20]) for i in range(3)],
+    }
     bad = root / "bad.txt"
     raw = b""
     for i, t in enumerate(generate(40, seed=6)):
@@ -69,8 +81,10 @@ def corpus(tmp_path_factory) -> dict[str, list[str]]:
     jsonl.write_text("".join(f'{{"text": "{t}"}}\n' for t in generate(30, seed=8)))
     files["jsonl"] = [str(jsonl)]
     csv = root / "table.csv"
-    csv.write_text("id,text,score\n" + "".join(f"{i},{t.split(' ')[0]} {i},{i / 7:.4f}\n"
-                                                 for i, t in enumerate(generate(30, seed=9))))
+    csv.write_text(
+        "id,text,score\n"
+        + "".join(f"{i},{t.split(' ')[0]} {i},{i / 7:.4f}\n" for i, t in enumerate(generate(30, seed=9)))
+    )
     files["csv"] = [str(csv)]
     parquet = root / "docs.parquet"
     pq.write_table(pa.table({"text": generate(30, seed=10)}), parquet, row_group_size=7)
@@ -81,10 +95,29 @@ def corpus(tmp_path_factory) -> dict[str, list[str]]:
     return files
 
 
-def make_spec(tokenizer, files: list[str], fmt: str = "lines", streams: int = 1, block_docs: int = 6,
-              packing: str = "pad", max_len: int = 24, options: FormatOptions | None = None, **kw) -> StreamSpec:
-    return StreamSpec(files=files, format=fmt, options=options or FormatOptions(), streams=streams, seed=3,
-                      block_docs=block_docs, packing=packing, max_len=max_len, tokenizer=tokenizer, **kw)
+def make_spec(
+    tokenizer,
+    files: list[str],
+    fmt: str = "lines",
+    streams: int = 1,
+    block_docs: int = 6,
+    packing: str = "pad",
+    max_len: int = 24,
+    options: FormatOptions | None = None,
+    **kw,
+) -> StreamSpec:
+    return StreamSpec(
+        files=files,
+        format=fmt,
+        options=options or FormatOptions(),
+        streams=streams,
+        seed=3,
+        block_docs=block_docs,
+        packing=packing,
+        max_len=max_len,
+        tokenizer=tokenizer,
+        **kw,
+    )
 
 
 def key(row) -> tuple:
@@ -164,7 +197,9 @@ def test_resume_gives_exactly_the_rest(tokenizer, corpus, case):
         cap = -(-kw["num_samples"] // spec.streams)
         for epoch in range(2):
             files = [f for f, _, _ in spec.epoch_splits(epoch, stream)]
-            usable = [d for d in read_documents(files, "lines") if kw["min_chars"] <= len(d.text) <= kw["max_chars"]]
+            usable = [
+                d for d in read_documents(files, "lines") if kw["min_chars"] <= len(d.text) <= kw["max_chars"]
+            ]
             rows = [docs for (_, docs), st in full if st["epoch"] == epoch]
             assert len(rows) == min(cap, len(usable)) and {d for (d,) in rows} <= {d.id for d in usable}
         assert full[-1][1]["seen"].get("filtered/length", 0) > 0
@@ -201,6 +236,7 @@ def test_resume_other_formats(tokenizer, corpus, fmt):
 
 
 # ---------------------------------------------------------------- disjoint and complete streams
+
 
 def epoch_docs(spec: StreamSpec, stream: int, epoch: int = 0) -> list[str]:
     """The documents of one stream in one epoch, in order (pad packing: one document a row)."""
@@ -260,7 +296,9 @@ def test_epochs_reshuffle(tokenizer, corpus, name):
     assert first.keys() == second.keys()
     assert all(sorted(first[f]) == sorted(second[f]) for f in first)
     assert sum(first[f] != second[f] for f in first) >= len(first) / 2
-    one = make_spec(tokenizer, corpus["single"], block_docs=5)  # one stream, one split: only the blocks reshuffle
+    one = make_spec(
+        tokenizer, corpus["single"], block_docs=5
+    )  # one stream, one split: only the blocks reshuffle
     assert epoch_docs(one, 0, 0) != epoch_docs(one, 0, 1)
     same_seed = make_spec(tokenizer, corpus[name], streams=streams, block_docs=5)
     assert epoch_docs(same_seed, 1, 1) == epochs[1][1]  # reproducible
@@ -276,8 +314,14 @@ def feeder_spec(tokenizer, corpus) -> StreamSpec:
     return make_spec(tokenizer, corpus["many"], streams=C, block_docs=3, packing="packed", max_len=48)
 
 
-def global_rows(spec: StreamSpec, world: int, per_rank: int, states: dict | None = None, consumed: int = 0,
-                num_workers: int = 0) -> tuple[list[tuple[int, tuple]], dict]:
+def global_rows(
+    spec: StreamSpec,
+    world: int,
+    per_rank: int,
+    states: dict | None = None,
+    consumed: int = 0,
+    num_workers: int = 0,
+) -> tuple[list[tuple[int, tuple]], dict]:
     """The rows of all ranks of a world in global order, and their merged stream states."""
     out, merged = [], {}
     for rank in range(world):
@@ -367,6 +411,7 @@ def test_too_small_corpus_for_the_streams(tokenizer, tmp_path):
 
 # ---------------------------------------------------------------- other sources through stream_rows
 
+
 @pytest.fixture
 def memory_url():
     url = f"memory://dapt-stream-{uuid.uuid4().hex}/corpus.txt"
@@ -376,10 +421,14 @@ def memory_url():
         fs.rm(url)
 
 
-@pytest.mark.parametrize("source", [
-    "memory", "gz",
-    "zst",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "memory",
+        "gz",
+        "zst",
+    ],
+)
 def test_other_sources(tokenizer, corpus, tmp_path, memory_url, source):
     plain = corpus["single"][0]
     data = Path(plain).read_bytes()
@@ -398,8 +447,9 @@ def test_other_sources(tokenizer, corpus, tmp_path, memory_url, source):
     spec = make_spec(tokenizer, [url], **kw)
     rows = take(spec, 1, 40)
     strip = len(url) + 1
-    assert [(ids, tuple(d[strip:] for d in docs)) for (ids, docs), _ in rows] == \
-        [(ids, tuple(d[len(plain) + 1:] for d in docs)) for (ids, docs), _ in reference]
+    assert [(ids, tuple(d[strip:] for d in docs)) for (ids, docs), _ in rows] == [
+        (ids, tuple(d[len(plain) + 1 :] for d in docs)) for (ids, docs), _ in reference
+    ]
     assert all(d.startswith(url + ":") for (_, docs), _ in rows for d in docs)
     later = [k for k in range(1, 40) if rows[k - 1][1]["offset"] > 0]  # resume points inside the file
     assert len(later) > 5
@@ -408,17 +458,22 @@ def test_other_sources(tokenizer, corpus, tmp_path, memory_url, source):
 
 
 def test_file_splits_of_a_large_file_are_contiguous_and_balanced(tmp_path):
-    from dapt.formats import READERS
-    from dapt.stream import file_splits
+    from dapt.data.formats import READERS
+    from dapt.data.stream import file_splits
 
     path = tmp_path / "big.txt"
-    path.write_text("".join(f"line {i}\n" for i in range(10000)))  # more records than the marks kept: thinning
+    path.write_text(
+        "".join(f"line {i}\n" for i in range(10000))
+    )  # more records than the marks kept: thinning
     splits = file_splits(str(path), "lines", FormatOptions(), 8, keep=500)
     assert len(splits) == 8
     seen = []
     for url, start, end in splits:
-        part = [doc.text for doc, after in READERS["lines"](url, start, FormatOptions())
-                if end is None or after.record <= end]
+        part = [
+            doc.text
+            for doc, after in READERS["lines"](url, start, FormatOptions())
+            if end is None or after.record <= end
+        ]
         assert 10000 / 8 * 0.8 < len(part) < 10000 / 8 * 1.2
         seen += part
     assert seen == [f"line {i}" for i in range(10000)]
@@ -427,12 +482,21 @@ def test_file_splits_of_a_large_file_are_contiguous_and_balanced(tmp_path):
 def test_resume_reads_at_most_one_block_whatever_the_position(tokenizer, tmp_path, monkeypatch):
     """Resume cost does not grow with position: the records read to hand out the next row after a resume are the
     same few (one block) early and late in a large file."""
-    import dapt.stream as stream_mod
+    import dapt.data.stream as stream_mod
 
     path = tmp_path / "big.txt"
     path.write_text("".join(f"document number {i} about the login form\n" for i in range(20000)))
-    spec = StreamSpec(files=[str(path)], format="lines", options=FormatOptions(), streams=1, seed=0, block_docs=64,
-                      packing="pad", max_len=32, tokenizer=tokenizer)
+    spec = StreamSpec(
+        files=[str(path)],
+        format="lines",
+        options=FormatOptions(),
+        streams=1,
+        seed=0,
+        block_docs=64,
+        packing="pad",
+        max_len=32,
+        tokenizer=tokenizer,
+    )
     states = {}
     for n, (_, st) in enumerate(stream_rows(spec, 0), start=1):
         if n in (100, 18000):

@@ -11,10 +11,11 @@ import torch
 from conftest import DS, TINY_MODEL, metrics, run_inprocess, series
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, pipeline
 
-from dapt.config import ConfigError
-from dapt.load import load_config
-from dapt.model import param_groups, train_wordpiece
-from dapt.schedule import lr_factor
+from dapt.cli.load import load_config
+from dapt.config.schema import ConfigError
+from dapt.model.build import train_wordpiece
+from dapt.runtime.runner import param_groups
+from dapt.runtime.schedule import lr_factor
 
 SHIPPED = sorted(p.name for p in DS.glob("*.json"))
 
@@ -26,8 +27,17 @@ def _fp16_on_cpu() -> bool:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_ds_config_trains_or_refuses_clearly(name, recipe, tmp_path):
     out = tmp_path / "run"
-    argv = ["--recipe", recipe, "--ds", DS / name, "--output_dir", out, "--train.max_steps=3",
-            "--checkpoint.every=0", "--train.eval_every=0"]
+    argv = [
+        "--recipe",
+        recipe,
+        "--ds",
+        DS / name,
+        "--output_dir",
+        out,
+        "--train.max_steps=3",
+        "--checkpoint.every=0",
+        "--train.eval_every=0",
+    ]
     if "fp16" in name and not _fp16_on_cpu():
         with pytest.raises(ConfigError, match="fp16 needs a GPU"):
             load_config([str(a) for a in argv], world_size=1, accelerator="cpu")
@@ -48,27 +58,61 @@ def test_other_packings_train_and_report_efficiency(packing, recipe, tmp_path, c
     short = tmp_path / "short.txt"
     short.write_text("\n".join(" ".join(rng.sample(words, rng.randint(3, 20))) for _ in range(3000)) + "\n")
     out = tmp_path / "run"
-    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, f"--data.packing={packing}",
-                             "--data.train", short, "--train.max_steps=12", "--checkpoint.every=0",
-                             "--train.eval_every=6", "--data.block_docs=256"])
+    summary = run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            f"--data.packing={packing}",
+            "--data.train",
+            short,
+            "--train.max_steps=12",
+            "--checkpoint.every=0",
+            "--train.eval_every=6",
+            "--data.block_docs=256",
+        ]
+    )
     losses = [v for _, v in series(out, "train/loss")]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert (summary["packing_efficiency"] > 0.9) if packing == "packed" else (summary["packing_efficiency"] < 0.8)
+    assert (
+        (summary["packing_efficiency"] > 0.9)
+        if packing == "packed"
+        else (summary["packing_efficiency"] < 0.8)
+    )
 
 
 def test_run_lowers_loss_and_writes_everything(recipe, tmp_path):
     out = tmp_path / "run"
-    summary = run_inprocess(["--recipe", recipe, "--ds", DS / "zero2_bf16.json", "--output_dir", out,
-                             "--train.max_steps=40", "--train.eval_every=20", "--checkpoint.every=20",
-                             "--train.precision=bf16"])
+    summary = run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--ds",
+            DS / "zero2_bf16.json",
+            "--output_dir",
+            out,
+            "--train.max_steps=40",
+            "--train.eval_every=20",
+            "--checkpoint.every=20",
+            "--train.precision=bf16",
+        ]
+    )
     losses = [v for _, v in series(out, "train/loss")]
     evals = [v for _, v in series(out, "eval/loss")]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     assert evals[-1] < evals[0]
     assert series(out, "eval/perplexity")[-1][1] == pytest.approx(math.exp(evals[-1]), rel=1e-6)
     record = next(r for r in metrics(out) if "train/loss" in r)
-    for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/samples_per_second",
-                "train/epoch", "train/perplexity", "train/peak_memory_gb"):
+    for key in (
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_second",
+        "train/samples_per_second",
+        "train/epoch",
+        "train/perplexity",
+        "train/peak_memory_gb",
+    ):
         assert key in record and math.isfinite(record[key]), key
     for name in ("loss.png", "learning_rate.png", "perplexity.png"):
         assert (out / "plots" / name).stat().st_size > 1000
@@ -84,18 +128,32 @@ def test_run_lowers_loss_and_writes_everything(recipe, tmp_path):
 
 def test_final_folder_reloads_and_fills_a_mask(recipe, tmp_path):
     out = tmp_path / "run"
-    run_inprocess(["--recipe", recipe, "--ds", DS / "zero3_bf16.json", "--output_dir", out,
-                   "--train.max_steps=30", "--train.precision=bf16"])
+    run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--ds",
+            DS / "zero3_bf16.json",
+            "--output_dir",
+            out,
+            "--train.max_steps=30",
+            "--train.precision=bf16",
+        ]
+    )
     losses = [v for _, v in series(out, "train/loss")]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
     model = AutoModelForMaskedLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert all(p.numel() > 0 for p in model.state_dict().values())
-    preds = pipeline("fill-mask", model=model, tokenizer=tok)(f"the attacker used a sql {tok.mask_token} to gain")
+    preds = pipeline("fill-mask", model=model, tokenizer=tok)(
+        f"the attacker used a sql {tok.mask_token} to gain"
+    )
     assert len(preds) == 5 and all(0 <= p["score"] <= 1 for p in preds)
     # The trained weights predict the corpus better than a fresh model of the same shape.
-    batch = tok(["the attacker exploited the login form to steal session cookies on the payment server ."],
-                return_tensors="pt")
+    batch = tok(
+        ["the attacker exploited the login form to steal session cookies on the payment server ."],
+        return_tensors="pt",
+    )
     labels = batch["input_ids"].clone()
     fresh = AutoModelForMaskedLM.from_config(model.config)
     with torch.no_grad():
@@ -111,10 +169,24 @@ def test_pretrained_folder_under_zero3_with_gradient_checkpointing(tmp_path, cor
     BertForMaskedLM(config).save_pretrained(src)
     tok.save_pretrained(src)
     out = tmp_path / "run"
-    summary = run_inprocess(["--model.name_or_path", src, "--data.train", corpus_file, "--output_dir", out,
-                             "--ds", DS / "zero3_bf16.json", "--train.precision=bf16",
-                             "--model.gradient_checkpointing=true", "--data.max_seq_length=32",
-                             "--train.max_steps=4", "--train.micro_batch_size=4", "--log.progress=false"])
+    summary = run_inprocess(
+        [
+            "--model.name_or_path",
+            src,
+            "--data.train",
+            corpus_file,
+            "--output_dir",
+            out,
+            "--ds",
+            DS / "zero3_bf16.json",
+            "--train.precision=bf16",
+            "--model.gradient_checkpointing=true",
+            "--data.max_seq_length=32",
+            "--train.max_steps=4",
+            "--train.micro_batch_size=4",
+            "--log.progress=false",
+        ]
+    )
     assert summary["steps"] == 4
     reloaded = AutoModelForMaskedLM.from_pretrained(out / "final")
     assert reloaded.config.vocab_size == len(tok)
@@ -122,9 +194,20 @@ def test_pretrained_folder_under_zero3_with_gradient_checkpointing(tmp_path, cor
 
 def test_learning_rate_schedule_counts_optimizer_steps(recipe, tmp_path):
     out = tmp_path / "run"
-    run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=8", "--train.grad_accum=3",
-                   "--train.micro_batch_size=2", "--train.warmup_steps=3", "--train.lr_schedule=cosine",
-                   "--train.lr=0.01"])
+    run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            "--train.max_steps=8",
+            "--train.grad_accum=3",
+            "--train.micro_batch_size=2",
+            "--train.warmup_steps=3",
+            "--train.lr_schedule=cosine",
+            "--train.lr=0.01",
+        ]
+    )
     logged = dict(series(out, "train/learning_rate"))
     for step in range(1, 9):  # the lr logged after optimizer step s is the one the next step will use
         expected = 0.01 * lr_factor(step, kind="cosine", warmup=3, total=8, decay_ratio=0.2, min_ratio=0.0)
@@ -139,14 +222,19 @@ def test_schedule_shapes(kind):
     if kind == "constant":
         assert f[-1] == 1.0
     elif kind == "wsd":
-        assert f[50] == 1.0 and f[79] == 1.0 and f[81] < 1.0 and f[-1] < 0.2  # stable, then the last 20% decays
+        assert (
+            f[50] == 1.0 and f[79] == 1.0 and f[81] < 1.0 and f[-1] < 0.2
+        )  # stable, then the last 20% decays
     else:
         assert f[50] < 1.0 and f[-1] < 0.2 and all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=32))
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     decay, plain = param_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     assert plain["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
@@ -162,14 +250,29 @@ def test_wandb_offline_gets_seed_metric_names(recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    run_inprocess(["--recipe", recipe, "--output_dir", out, "--log.wandb=true", "--train.max_steps=3",
-                   "--train.eval_every=3"])
+    run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            "--log.wandb=true",
+            "--train.max_steps=3",
+            "--train.eval_every=3",
+        ]
+    )
     monkeypatch.delenv("WANDB_MODE", raising=False)  # dapt set it for this process; do not leak it
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert runs and runs[0].stat().st_size > 0
     data = runs[0].read_bytes()
-    for name in (b"train/loss", b"train/perplexity", b"train/tokens_per_second", b"train/learning_rate",
-                 b"eval/loss", b"eval/perplexity"):
+    for name in (
+        b"train/loss",
+        b"train/perplexity",
+        b"train/tokens_per_second",
+        b"train/learning_rate",
+        b"eval/loss",
+        b"eval/perplexity",
+    ):
         assert name in data, name
 
 
@@ -177,8 +280,8 @@ def _run_logged(argv: list, caplog) -> None:
     """One in-process MLM run with dapt's info log captured by caplog."""
     import logging
 
-    from dapt.dist import setup_logging
-    from dapt.train import run
+    from dapt.runtime.group import setup_logging
+    from dapt.tasks.mlm import run
 
     cfg = load_config([str(a) for a in argv], world_size=1, accelerator="cpu")
     setup_logging("info")
@@ -190,8 +293,18 @@ def _run_logged(argv: list, caplog) -> None:
 
 
 def test_log_states_batch_arithmetic_and_choices(recipe, tmp_path, caplog):
-    _run_logged(["--recipe", recipe, "--output_dir", tmp_path / "r", "--train.max_steps=2", "--train.grad_accum=2",
-                 "--train.micro_batch_size=4"], caplog)
+    _run_logged(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            tmp_path / "r",
+            "--train.max_steps=2",
+            "--train.grad_accum=2",
+            "--train.micro_batch_size=4",
+        ],
+        caplog,
+    )
     text = caplog.text
     assert "global batch = micro x accumulation x world size = 4 x 2 x 1 = 8" in text
     assert "attention implementation: sdpa" in text
@@ -200,8 +313,17 @@ def test_log_states_batch_arithmetic_and_choices(recipe, tmp_path, caplog):
 
 def test_retention_keeps_last_k_plus_best_and_resume_from_a_path(recipe, tmp_path):
     out = tmp_path / "run"
-    args = ["--recipe", recipe, "--output_dir", out, "--train.max_steps=12", "--checkpoint.every=2",
-            "--checkpoint.keep=2", "--train.eval_every=2", "--train.lr=0.05"]  # a high lr: eval loss is not monotone
+    args = [
+        "--recipe",
+        recipe,
+        "--output_dir",
+        out,
+        "--train.max_steps=12",
+        "--checkpoint.every=2",
+        "--checkpoint.keep=2",
+        "--train.eval_every=2",
+        "--train.lr=0.05",
+    ]  # a high lr: eval loss is not monotone
     run_inprocess(args)
     index = json.loads((out / "checkpoints" / "index.json").read_text())
     evals = dict(series(out, "eval/loss"))
@@ -220,11 +342,27 @@ def test_retention_keeps_last_k_plus_best_and_resume_from_a_path(recipe, tmp_pat
 
 def test_skipped_records_are_counted_in_metrics_and_summary(recipe, tmp_path):
     data = tmp_path / "mixed.jsonl"
-    good = [json.dumps({"text": f"the attacker used a weak password number {i} on the vpn"}) for i in range(400)]
-    data.write_text("\n".join(good[:200] + ["{broken json", json.dumps({"body": "no text field"})] + good[200:]))
+    good = [
+        json.dumps({"text": f"the attacker used a weak password number {i} on the vpn"}) for i in range(400)
+    ]
+    data.write_text(
+        "\n".join(good[:200] + ["{broken json", json.dumps({"body": "no text field"})] + good[200:])
+    )
     out = tmp_path / "run"
-    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, "--data.train", data, "--data.format=jsonl",
-                             "--data.on_error=skip", "--train.max_steps=2", "--train.micro_batch_size=4"])
+    summary = run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            "--data.train",
+            data,
+            "--data.format=jsonl",
+            "--data.on_error=skip",
+            "--train.max_steps=2",
+            "--train.micro_batch_size=4",
+        ]
+    )
     assert summary["skipped_records"] == {"skipped/malformed JSON": 1, "skipped/missing field 'text'": 1}
     last = [r for r in metrics(out) if "train/loss" in r][-1]
     assert last["data/skipped/malformed JSON"] == 1 and last["data/skipped/missing field 'text'"] == 1
@@ -232,19 +370,37 @@ def test_skipped_records_are_counted_in_metrics_and_summary(recipe, tmp_path):
 
 def test_whole_word_masking_trains(recipe, tmp_path):
     out = tmp_path / "run"
-    summary = run_inprocess(["--recipe", recipe, "--output_dir", out, "--masking.whole_word=true",
-                             "--data.packing=pad", "--train.max_steps=8", "--checkpoint.every=0"])
+    summary = run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            "--masking.whole_word=true",
+            "--data.packing=pad",
+            "--train.max_steps=8",
+            "--checkpoint.every=0",
+        ]
+    )
     losses = [v for _, v in series(out, "train/loss")]
     assert summary["steps"] == 8 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, recipe, tmp_path, capsys):
-    from dapt.checkpoint import verify
+    from dapt.runtime.checkpoint import verify
 
     out = tmp_path / "run"
-    args = ["--recipe", recipe, "--output_dir", out, "--train.max_steps=9", "--checkpoint.every=3",
-            "--checkpoint.keep=3", "--train.eval_every=0"]
+    args = [
+        "--recipe",
+        recipe,
+        "--output_dir",
+        out,
+        "--train.max_steps=9",
+        "--checkpoint.every=3",
+        "--checkpoint.keep=3",
+        "--train.eval_every=0",
+    ]
     run_inprocess(args)
     first = dict(series(out, "train/loss"))
     latest = out / "checkpoints" / "step_00000009"
@@ -265,7 +421,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, recipe, tm
 
 
 def test_unreadable_index_is_rebuilt_from_the_folders(recipe, tmp_path):
-    from dapt.checkpoint import Checkpointer
+    from dapt.runtime.checkpoint import Checkpointer
 
     out = tmp_path / "run"
     run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=6", "--checkpoint.every=3"])
@@ -276,7 +432,7 @@ def test_unreadable_index_is_rebuilt_from_the_folders(recipe, tmp_path):
 def test_disk_check_refuses_or_warns_when_checkpoints_cannot_fit(tmp_path, caplog):
     import shutil
 
-    from dapt.checkpoint import check_disk, expected_bytes
+    from dapt.runtime.checkpoint import check_disk, expected_bytes
 
     free = shutil.disk_usage(tmp_path).free
     too_many = free // expected_bytes(1, "bf16") + 1  # parameters whose one checkpoint exceeds the free disk
@@ -294,20 +450,37 @@ def test_disk_check_refuses_or_warns_when_checkpoints_cannot_fit(tmp_path, caplo
     assert "GiB" in caplog.text
 
 
-@pytest.mark.parametrize("ds, precision, low, high", [("zero2_bf16.json", "bf16", 0.98, 1.03),
-                                                      (None, "fp32", 0.72, 0.80)])
+@pytest.mark.parametrize(
+    "ds, precision, low, high", [("zero2_bf16.json", "bf16", 0.98, 1.03), (None, "fp32", 0.72, 0.80)]
+)
 def test_real_checkpoint_size_against_the_estimate(ds, precision, low, high, corpus_file, tmp_path):
     """The disk check's estimate per checkpoint: fp32 masters and two Adam moments (12 bytes a parameter) plus the
     module's weights. Exact for bf16 (14 bytes); an upper bound at ZeRO-0 fp32, where the module's weights are the
     masters (12 of 16 bytes). A model of ~0.9M parameters, so that metadata does not hide an error of the estimate."""
-    from dapt.checkpoint import expected_bytes
+    from dapt.runtime.checkpoint import expected_bytes
 
     out = tmp_path / "run"
-    model = ("{model_type: bert, hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 2, intermediate_size: "
-             "512, max_position_embeddings: 64}")
-    run_inprocess(["--data.train", corpus_file, "--model.config", model, "--model.tokenizer_vocab_size=400",
-                   "--data.max_seq_length=32", "--output_dir", out, "--train.max_steps=2", "--checkpoint.every=2",
-                   "--train.micro_batch_size=4", "--log.progress=false"] + (["--ds", DS / ds] if ds else []))
+    model = (
+        "{model_type: bert, hidden_size: 128, num_hidden_layers: 4, num_attention_heads: 2, intermediate_size: "
+        "512, max_position_embeddings: 64}"
+    )
+    run_inprocess(
+        [
+            "--data.train",
+            corpus_file,
+            "--model.config",
+            model,
+            "--model.tokenizer_vocab_size=400",
+            "--data.max_seq_length=32",
+            "--output_dir",
+            out,
+            "--train.max_steps=2",
+            "--checkpoint.every=2",
+            "--train.micro_batch_size=4",
+            "--log.progress=false",
+        ]
+        + (["--ds", DS / ds] if ds else [])
+    )
     folder = out / "checkpoints" / "step_00000002"
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     params = sum(t.numel() for t in AutoModelForMaskedLM.from_pretrained(out / "final").parameters())
@@ -322,8 +495,18 @@ def test_a_compiled_model_trains_like_the_eager_one(packing, recipe, tmp_path, c
     losses = {}
     for mode in ("off", "aot_eager"):
         out = tmp_path / mode
-        _run_logged(["--recipe", recipe, "--output_dir", out, "--train.max_steps=4", f"--data.packing={packing}",
-                     f"--train.compile={mode}"], caplog)
+        _run_logged(
+            [
+                "--recipe",
+                recipe,
+                "--output_dir",
+                out,
+                "--train.max_steps=4",
+                f"--data.packing={packing}",
+                f"--train.compile={mode}",
+            ],
+            caplog,
+        )
         losses[mode] = [v for _, v in series(out, "train/loss")]
     assert "model compiled with torch.compile, backend aot_eager" in caplog.text
     assert len(losses["off"]) == 4 and losses["aot_eager"] == pytest.approx(losses["off"], rel=1e-4)

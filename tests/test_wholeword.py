@@ -8,10 +8,10 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
-from dapt.corpus import generate
-from dapt.masking import IGNORE, MLMCollator
-from dapt.model import train_wordpiece
-from dapt.packing import pack
+from dapt.data.corpus import generate
+from dapt.data.masking import IGNORE, MLMCollator
+from dapt.data.packing import pack
+from dapt.model.build import train_wordpiece
 
 TEXTS = generate(1500, seed=3)
 
@@ -19,8 +19,14 @@ TEXTS = generate(1500, seed=3)
 def _bpe() -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(TEXTS, vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
 
 
 TOKENIZERS = {"wordpiece": lambda: train_wordpiece(TEXTS, 600, 64), "bpe": _bpe}
@@ -30,8 +36,12 @@ def _chunks_of_tokens(tok, text: str) -> list[list[int]]:
     """Token positions (in the text's own tokenization) of each whitespace-separated chunk of `text`."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     starts = [i for i, c in enumerate(text) if c != " " and (i == 0 or text[i - 1] == " ")]
-    chunk_of = np.searchsorted(starts, [s if text[s:s + 1] != " " else s + 1 for s, _ in enc["offset_mapping"]],
-                               side="right") - 1
+    chunk_of = (
+        np.searchsorted(
+            starts, [s if text[s : s + 1] != " " else s + 1 for s, _ in enc["offset_mapping"]], side="right"
+        )
+        - 1
+    )
     chunks: dict[int, list[int]] = {}
     for pos, c in enumerate(chunk_of):
         chunks.setdefault(int(c), []).append(pos)
@@ -79,4 +89,6 @@ def test_whole_word_needs_word_starts():
     tok = TOKENIZERS["wordpiece"]()
     row = pack("pad", tok, ["the attacker"], ["d"], 64)[0]
     with pytest.raises(ValueError, match="word starts"):
-        MLMCollator(tok, 0.3, whole_word=True)([{"input_ids": row.ids, "key": 0, "index": 0, "words": row.words}])
+        MLMCollator(tok, 0.3, whole_word=True)(
+            [{"input_ids": row.ids, "key": 0, "index": 0, "words": row.words}]
+        )

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 __version__ = "2.8.3"
 
 CALLS: list[tuple[str, dict]] = []  # which kernel ran, with what boundaries
-FAIL: str | None = None  # set to a message: every kernel raises RuntimeError(FAIL), as a build without kernels does
+FAIL: str | None = (
+    None  # set to a message: every kernel raises RuntimeError(FAIL), as a build without kernels does
+)
 
 
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size):
@@ -36,23 +38,52 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size):
     return out.transpose(1, 2)
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     CALLS.append(("flash_attn_func", {"shape": tuple(q.shape)}))
     return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size)
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
     assert q.dim() == 3 and cu_seqlens_q.dtype == torch.int32, (q.shape, cu_seqlens_q.dtype)
-    CALLS.append(("flash_attn_varlen_func", {"cu_seqlens": cu_seqlens_q.tolist(), "max_seqlen": int(max_seqlen_q)}))
+    CALLS.append(
+        ("flash_attn_varlen_func", {"cu_seqlens": cu_seqlens_q.tolist(), "max_seqlen": int(max_seqlen_q)})
+    )
     out = torch.empty_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
         rows, keys = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
-        out[rows] = _attention(q[None, rows], k[None, keys], v[None, keys], dropout_p, softmax_scale, causal,
-                               window_size)[0]
+        out[rows] = _attention(
+            q[None, rows], k[None, keys], v[None, keys], dropout_p, softmax_scale, causal, window_size
+        )[0]
     return out
 
 

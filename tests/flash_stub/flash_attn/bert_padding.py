@@ -14,7 +14,8 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
 
 
 def pad_input(hidden_states, indices, batch, seqlen):
-    out = torch.zeros(batch * seqlen, *hidden_states.shape[1:], dtype=hidden_states.dtype,
-                      device=hidden_states.device)
+    out = torch.zeros(
+        batch * seqlen, *hidden_states.shape[1:], dtype=hidden_states.dtype, device=hidden_states.device
+    )
     out[indices] = hidden_states
     return out.view(batch, seqlen, *hidden_states.shape[1:])

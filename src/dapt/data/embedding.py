@@ -1,0 +1,114 @@
+"""Documents to embeddings for launch/embed.py and launch/anomaly.py: the encoder, the splits (train, valid as the
+hash split of train when data.valid is not given, test), and rank-parallel pooled embeddings."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from dapt.config.schema import RunConfig
+from dapt.data.formats import Document
+from dapt.data.labelled import read_labelled
+from dapt.data.packing import pack
+from dapt.data.sources import expand
+from dapt.data.stream import in_valid_split
+from dapt.runtime import group
+
+
+@torch.no_grad()
+def embed_documents(
+    model, tokenizer, docs: list[Document], max_len: int, batch: int, pooling: str, device
+) -> np.ndarray:
+    """(n, hidden) embeddings; each rank embeds rows r, r+W, ...; every rank returns the whole array."""
+    rows = pack("pad", tokenizer, [d.text for d in docs], [d.id for d in docs], max_len)
+    rank, world = group.rank(), group.world()
+    mine = list(range(rank, len(rows), world))
+    pad = tokenizer.pad_token_id or 0
+    out = []
+    for start in range(0, len(mine), batch):
+        idx = mine[start : start + batch]
+        width = max(len(rows[i].ids) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            ids[j, : len(rows[i].ids)] = torch.from_numpy(rows[i].ids)
+            mask[j, : len(rows[i].ids)] = 1
+        hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
+        if pooling == "cls":
+            vec = hidden[:, 0]
+        else:
+            m = mask.to(device).unsqueeze(-1).float()
+            vec = (hidden * m).sum(1) / m.sum(1)
+        out += list(zip(idx, vec.cpu().numpy()))
+    emb = np.zeros((len(rows), model.config.hidden_size), dtype=np.float32)
+    for part in group.gather(out):
+        for i, v in part:
+            emb[i] = v
+    return emb
+
+
+def load_encoder(cfg: RunConfig, device):
+    """The encoder (transformers' AutoModel) of a hub id, a folder, or a dapt output's final/ (MLM or classifier
+    heads are dropped), built by the one model builder, in evaluation mode on `device`."""
+    from transformers import AutoTokenizer
+
+    from dapt.model.build import build_model
+    from dapt.model.hub import pretrained
+
+    source = cfg.model.name_or_path
+    if not source:
+        raise ValueError(
+            "model.name_or_path is required: the encoder to embed with (a hub id, a folder, or a dapt "
+            "run's final/)"
+        )
+    tokenizer = pretrained(
+        AutoTokenizer.from_pretrained,
+        cfg.model.tokenizer or source,
+        "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path",
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model = build_model(cfg, tokenizer, "fp32", task="encoder")
+    return model.to(device).eval(), tokenizer
+
+
+def splits_of(cfg: RunConfig, skipped: Counter, labelled: bool) -> dict[str, list[Document]]:
+    """train / valid / test documents; valid is the hash split of train when data.valid is not given."""
+    d = cfg.data
+    read = (
+        (lambda sources: list(read_labelled(cfg, sources, skipped)))
+        if labelled
+        else (lambda sources: _unlabelled(cfg, sources, skipped))
+    )
+    out = {"train": read(d.train)}
+    if d.valid:
+        out["valid"] = read(d.valid)
+    elif d.valid_fraction:
+        out["valid"] = [x for x in out["train"] if in_valid_split(x.text, d.valid_fraction)]
+        out["train"] = [x for x in out["train"] if not in_valid_split(x.text, d.valid_fraction)]
+    if d.test:
+        out["test"] = read(d.test)
+    return out
+
+
+def _unlabelled(cfg: RunConfig, sources: list[str], skipped: Counter) -> list[Document]:
+    from dapt.data.prepare import format_options, read_documents
+
+    d = cfg.data
+    return [
+        doc
+        for url in expand(sources)
+        for doc in read_documents(
+            [url],
+            d.format,
+            on_error=d.on_error,
+            skipped=skipped,
+            options=format_options(d),
+            limit=d.max_records_per_file,
+        )
+    ]
+
+
+def has_labels(cfg: RunConfig) -> bool:
+    return cfg.data.format in ("jsonl", "csv", "tsv", "parquet") and bool(cfg.classify.label_field)

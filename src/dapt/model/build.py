@@ -1,0 +1,290 @@
+"""Tokenizers and the one model builder: every task's model (MLM, classifier, encoder), pretrained from a hub id or
+folder or built from a config with a corpus-trained tokenizer, with the same attention choice and fallback, gradient
+checkpointing, ZeRO-3 partitioned loading, fp32 weights and logging."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+import dapt.model.canine  # noqa: F401  (registers CANINE's masked-LM class with AutoModelForMaskedLM)
+from dapt.model.archs import position_limit
+from dapt.model.attention import FLASH_PACKED_MODELS
+from dapt.model.hub import HubError, pretrained
+
+log = logging.getLogger("dapt")
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+# The transformers auto class of each task's model
+TASKS = {
+    "mlm": "AutoModelForMaskedLM",
+    "classify": "AutoModelForSequenceClassification",
+    "encoder": "AutoModel",
+}
+
+
+def label_maps(labels: list[str]) -> dict:
+    """A classifier's label fields, as transformers' configs keep them."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, max_len: int) -> PreTrainedTokenizerFast:
+    """A lowercasing BERT-style WordPiece tokenizer whose vocabulary is learnt from `texts` (no download).
+
+    Deterministic on purpose: the tokenizers library's trainers break count ties in hash order, so two trainings
+    on the same corpus give different vocabularies and a rerun would not reproduce a run. The vocabulary here is
+    every character (word-initial and ##-continuation), then whole words, word prefixes and ##-suffixes ranked by
+    the characters they save (occurrences x length), ties broken by the text.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = SPECIALS + chars + [f"##{c}" for c in chars]
+    pieces: Counter = Counter()
+    for word, n in words.items():
+        pieces[word] += n * len(word)
+        for i in range(2, min(len(word), 16)):
+            pieces[word[:i]] += n * i
+            pieces[f"##{word[-i:]}"] += n * i
+    taken = set(vocab)
+    ranked = sorted((p for p in pieces if p not in taken), key=lambda p: (-pieces[p], p))
+    vocab += ranked[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
+    cls, sep = vocab.index("[CLS]"), vocab.index("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=max_len,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
+    """The recipe's tokenizer, the model's own, or (from scratch) the one trained on the corpus in trained_dir.
+
+    When trained_dir holds no tokenizer yet, one is trained on `texts` and saved there (call on one rank).
+    """
+    m = cfg.model
+    source = m.tokenizer or m.name_or_path
+    if source:
+        return pretrained(
+            AutoTokenizer.from_pretrained,
+            source,
+            "model.tokenizer" if m.tokenizer else "model.name_or_path",
+            trust_remote_code=m.trust_remote_code,
+        )
+    if isinstance(m.config, dict) and m.config.get("model_type") == "canine":
+        from transformers import CanineTokenizer
+
+        return CanineTokenizer(model_max_length=cfg.data.max_seq_length)  # code points: nothing to learn
+    if (trained_dir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(trained_dir)
+    if texts is None:
+        raise FileNotFoundError(f"no trained tokenizer in {trained_dir}")
+    log.info("training a WordPiece tokenizer (vocab %d) on the training corpus", m.tokenizer_vocab_size)
+    tok = train_wordpiece(texts, m.tokenizer_vocab_size, cfg.data.max_seq_length)
+    tok.save_pretrained(trained_dir)
+    return tok
+
+
+def model_config(cfg, tokenizer):
+    """The transformers config: pretrained, from a path, or from the recipe's mapping sized to the tokenizer."""
+    m = cfg.model
+    if m.trust_remote_code:
+        log.warning(
+            "model.trust_remote_code=true: Python code that comes with %s will run on this machine",
+            m.name_or_path or m.config,
+        )
+    if m.name_or_path:
+        return pretrained(AutoConfig.from_pretrained, m.name_or_path, trust_remote_code=m.trust_remote_code)
+    if isinstance(m.config, str):
+        conf = pretrained(
+            AutoConfig.from_pretrained, m.config, "model.config", trust_remote_code=m.trust_remote_code
+        )
+    else:
+        fields = dict(m.config or {})
+        conf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if conf.model_type == "canine":
+        conf.char_vocab = m.char_vocab
+        grow_positions(conf, cfg.data.max_seq_length)
+        return conf
+    conf.vocab_size = len(tokenizer)
+    for name in ("pad", "bos", "eos", "cls", "sep"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None and hasattr(conf, f"{name}_token_id"):
+            setattr(conf, f"{name}_token_id", token_id)
+    grow_positions(conf, cfg.data.max_seq_length)
+    return conf
+
+
+def grow_positions(conf, max_seq_length: int) -> None:
+    """A from-scratch model gets position embeddings for rows of data.max_seq_length (a pretrained one cannot: that is
+    a config error, found by dapt.cli.load before any rank starts)."""
+    limit = position_limit(conf)
+    if limit is not None and limit < max_seq_length:
+        log.info(
+            "model.config: max_position_embeddings raised from %d to %d for rows of data.max_seq_length=%d",
+            conf.max_position_embeddings,
+            conf.max_position_embeddings + max_seq_length - limit,
+            max_seq_length,
+        )
+        conf.max_position_embeddings += max_seq_length - limit
+
+
+def flash_attention_problem(precision: str) -> str | None:
+    """Why flash_attention_2 cannot run here (None: it can): flash-attn installed, a CUDA GPU of compute capability
+    8.0 (Ampere) or newer, training in bf16 or fp16."""
+    from dapt.config.dsconfig import flash_attention_capable, gpu_capability
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed"
+    capability = gpu_capability()
+    if capability is None:
+        return "no CUDA GPU"
+    if not flash_attention_capable(capability):
+        return (
+            f"compute capability {capability[0]}.{capability[1]} (flash-attn 2 needs 8.0, Ampere, or newer)"
+        )
+    if precision not in ("bf16", "fp16"):
+        return f"precision {precision} (flash-attn computes in bf16/fp16)"
+    return None
+
+
+def attention_candidates(requested: str, precision: str) -> list[str]:
+    """Implementations to try in order: flash_attention_2 when it can run here, sdpa, eager."""
+    problem = flash_attention_problem(precision) if requested in ("auto", "flash_attention_2") else None
+    if requested == "auto":
+        return (["flash_attention_2"] if problem is None else []) + ["sdpa", "eager"]
+    if requested == "flash_attention_2" and problem:
+        log.warning("flash_attention_2 asked for but not usable here (%s); falling back", problem)
+        return ["sdpa", "eager"]
+    return [requested] + [c for c in ("sdpa", "eager") if c != requested]
+
+
+def build_model(
+    cfg,
+    tokenizer,
+    precision: str,
+    ds_config: dict | None = None,
+    task: str = "mlm",
+    labels: list[str] | None = None,
+) -> torch.nn.Module:
+    """The model of `task` (TASKS: mlm, classify with `labels`, encoder), pretrained or from scratch, with the first
+    attention implementation that works, in fp32, with gradient checkpointing when model.gradient_checkpointing.
+
+    Under ZeRO-3 a pretrained model is loaded partitioned (zero.Init through HfDeepSpeedConfig), so a model larger
+    than one rank's memory still loads.
+    """
+    m = cfg.model
+    conf = model_config(cfg, tokenizer)
+    maps = label_maps(labels) if task == "classify" else {}
+    if maps and not m.name_or_path:
+        for key, value in maps.items():
+            setattr(conf, key, value)
+    if conf.model_type == "canine" and task == "mlm":
+        conf.char_vocab = getattr(conf, "char_vocab", None) or m.char_vocab
+        if cfg.data.packing == "packed":
+            raise ValueError(
+                "data.packing=packed does not work with CANINE (its downsampling attention cannot keep "
+                "packed documents apart); use pad or concat"
+            )
+    errors = []
+    for impl in _candidates(cfg, conf.model_type, precision, task):
+        try:
+            model = _instantiate(cfg, conf, impl, ds_config, getattr(transformers, TASKS[task]), maps)
+            break
+        except HubError:
+            raise
+        except (ValueError, ImportError) as e:
+            errors.append(f"{impl}: {str(e).splitlines()[0]}")
+    else:
+        raise ValueError(f"no attention implementation works for {conf.model_type}: " + "; ".join(errors))
+    chosen = getattr(model.config, "_attn_implementation", impl)
+    log.info(
+        "model %s (%s, %.1fM parameters), attention implementation: %s%s",
+        type(model).__name__,
+        m.name_or_path or "from config",
+        parameter_count(model) / 1e6,
+        chosen,
+        f" (tried: {'; '.join(errors)})" if errors else "",
+    )
+    if m.gradient_checkpointing and task != "encoder":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        log.info("gradient checkpointing on (HF gradient_checkpointing_enable)")
+    return model
+
+
+def _candidates(cfg, model_type: str, precision: str, task: str) -> list[str]:
+    """attention_candidates, without flash attention for packed MLM rows of a model whose boundaries dapt does not
+    pass to flash-attn."""
+    candidates = attention_candidates(cfg.model.attn_implementation, precision)
+    packed = task == "mlm" and cfg.data.packing == "packed"
+    if packed and model_type not in FLASH_PACKED_MODELS and "flash_attention_2" in candidates:
+        log.warning(
+            "flash_attention_2 is not used for %s with packed rows: dapt passes packed documents' boundaries to "
+            "flash attention only for %s (each tested); sdpa keeps the documents apart",
+            model_type,
+            ", ".join(sorted(FLASH_PACKED_MODELS)),
+        )
+        candidates = [c for c in candidates if c != "flash_attention_2"]
+    return candidates
+
+
+def _instantiate(cfg, conf, impl: str, ds_config: dict | None, auto, maps: dict):
+    m = cfg.model
+    if not m.name_or_path:
+        torch.manual_seed(cfg.seed)
+        return auto.from_config(
+            conf, attn_implementation=impl, trust_remote_code=m.trust_remote_code, dtype=torch.float32
+        )
+    zero3 = ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3
+    keep_alive = None
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(ds_config)  # must live while from_pretrained runs, and not longer
+    try:
+        # fp32 whatever the hub config says (transformers 5 loads dtype="auto"): DeepSpeed keeps fp32 masters from
+        # these weights in bf16/fp16, and an fp32 run must not train bf16 weights without masters
+        torch.manual_seed(cfg.seed)  # a classifier's new head
+        return pretrained(
+            auto.from_pretrained,
+            m.name_or_path,
+            attn_implementation=impl,
+            trust_remote_code=m.trust_remote_code,
+            dtype=torch.float32,
+            **maps,
+        )
+    finally:
+        del keep_alive
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of `model`, also when ZeRO-3 has partitioned it (zero.Init leaves p.numel() == 0 and keeps the real
+    count in ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -1,0 +1,42 @@
+"""Loading from the Hugging Face hub or a folder, with one line naming the id when it cannot be fetched (offline, a
+typo, a gated or private model) instead of transformers' long traceback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class HubError(ValueError):
+    """A model or tokenizer named in the config could not be loaded; the message names it and says what to try."""
+
+
+def pretrained(load: Callable[..., Any], name: str, field: str = "model.name_or_path", **kwargs) -> Any:
+    """`load(name, **kwargs)` (a from_pretrained), with an unfetchable `name` reported in one line.
+
+    Raises:
+        HubError: naming `field`, the id, transformers' own first line and what to try.
+    """
+    try:
+        return load(name, **kwargs)
+    except OSError as e:
+        raise HubError(unfetchable(name, field, e)) from None
+
+
+def unfetchable(name: str, field: str, error: BaseException) -> str:
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    if Path(name).expanduser().exists():
+        hint = "the folder exists but does not hold a complete model (config.json, weights, tokenizer files)"
+    elif os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache: fetch it once with network access, or "
+            "give a local folder"
+        )
+    else:
+        hint = (
+            "check the id (a typo?) and the network; a gated or private model needs `hf auth login` or "
+            "HF_TOKEN, and its licence accepted on its hub page"
+        )
+    return f"{field} {name!r} cannot be loaded: {first} ({hint})"

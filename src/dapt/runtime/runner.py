@@ -1,0 +1,380 @@
+"""The runner: the pieces every task trains through, so what one task honours all tasks honour.
+
+- `start`: process group, device, output folder.
+- `build_engine`: DeepSpeed engine from the task's optimizer groups, with dapt's schedule and torch.compile.
+- `Checkpoints`: the disk check, the checkpointer (cadence, keep, keep_best), the resume point (the latest complete
+  checkpoint, or an explicit path verified first) and one client-state layout for every task.
+- `open_metrics`: metrics.jsonl, W&B when log.wandb, cut back to the resumed step.
+- `optimizer_step`: one optimizer step over the micro-batches: the all-reduce of the step's loss weight (masked
+  tokens or examples) that also carries the stop votes, backward at the step's normalisation, grad norm, StepGuard.
+- `SampleLog`: data.log_sample_ids.
+
+The tasks (MLM, classifier) and launch/profile.py call these; none of them writes its own copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from dapt.config.dsconfig import bf16_in_hardware, describe_optimizer
+from dapt.config.redact import redact
+from dapt.config.schema import RunConfig
+from dapt.runtime import group
+from dapt.runtime.checkpoint import Checkpointer, check_disk, verify
+from dapt.runtime.metrics import MetricsLogger
+from dapt.runtime.numerics import StepGuard, StepOutcome, engine_config
+from dapt.runtime.schedule import build_scheduler, warmup_steps
+
+log = logging.getLogger("dapt")
+
+LAYOUT = (
+    2  # the client-state layout of checkpoints (1: dapt 0.1's classifier checkpoints, refused with a message)
+)
+
+
+# ---------------------------------------------------------------- start and engine
+
+
+@dataclass
+class Start:
+    out: Path
+    accelerator: str  # "cuda" or "cpu"
+    device: torch.device
+
+
+def start(cfg: RunConfig) -> Start:
+    """Process group up, this rank's device, the output folder made (by rank 0, seen by all)."""
+    out = Path(cfg.output_dir)
+    group.init()
+    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if accelerator == "cuda" else torch.device("cpu")
+    )
+    if group.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    group.barrier()
+    log.info("%s", group.describe(cfg.cluster.env))
+    return Start(out, accelerator, device)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and norm weights (1-D) get none."""
+    decay, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions leave p itself empty
+            (decay if len(shape) >= 2 else plain).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int, groups: list[dict] | None = None):
+    """The DeepSpeed engine over `groups` (the task's optimizer parameter groups; default: param_groups with
+    train.weight_decay): dapt's schedule unless the DeepSpeed config names one, torch.compile as train.compile
+    says."""
+    groups = groups or param_groups(model, cfg.train.weight_decay)
+    scheduler = None
+    if "scheduler" not in cfg.ds_config:
+
+        def scheduler(optimizer):
+            return build_scheduler(optimizer, cfg.train, steps)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=engine_config(cfg.ds_config), lr_scheduler=scheduler
+    )
+    backend = cfg.train.compile
+    if backend != "off":
+        engine.compile(backend=backend)
+        log.info("model compiled with torch.compile, backend %s (the first steps include compiling)", backend)
+    return engine
+
+
+def log_choices(cfg: RunConfig, accelerator: str, steps: int) -> None:
+    """What was chosen and why: the config's notes, the global batch, ZeRO, precision, optimizer and schedule."""
+    t, ds = cfg.train, cfg.ds_config
+    for note in cfg.notes:
+        log.info("%s", note)
+    log.info(
+        "global batch = micro x accumulation x world size = %d x %d x %d = %d rows of up to %d tokens",
+        t.micro_batch_size,
+        t.grad_accum,
+        group.world(),
+        ds["train_batch_size"],
+        cfg.data.max_seq_length,
+    )
+    log.info(
+        "ZeRO stage %d, precision %s, optimizer %s, lr %g, schedule %s (warmup %d of %d optimizer steps)",
+        ds.get("zero_optimization", {}).get("stage", 0),
+        t.precision,
+        describe_optimizer(ds, accelerator),
+        t.lr,
+        ds["scheduler"]["type"] if "scheduler" in ds else t.lr_schedule,
+        warmup_steps(t, steps),
+        steps,
+    )
+    if t.precision == "bf16" and not bf16_in_hardware(accelerator):
+        log.warning(
+            "bf16 runs without hardware support on this %s: it is emulated and about 10x slower than fp32",
+            accelerator.upper(),
+        )
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint, for every task; optimizer steps and micro-steps are kept apart."""
+
+    step: int = 0
+    micro_step: int = 0
+    tokens_seen: int = 0
+    slots_seen: int = (
+        0  # token positions, padding included: tokens_seen / slots_seen is the packing efficiency
+    )
+    rows: int = (
+        0  # global training rows consumed (all ranks): where the data continues, whatever the world size
+    )
+    samples_seen: int = 0
+    best_eval_loss: float | None = None
+    elapsed: float = 0.0
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint gives back: the counters, the streams' positions, this rank's sample-log length, the
+    numerics guard's state and the task's own state (the classifier's best score and patience)."""
+
+    state: TrainState = field(default_factory=TrainState)
+    streams: dict[int, dict] = field(default_factory=dict)
+    sample_lines: int = 0
+    numerics: dict | None = None
+    task: dict = field(default_factory=dict)
+    point: Path | None = None
+
+
+class Checkpoints:
+    """Checkpoint policy from the `checkpoint` section, the same for every task."""
+
+    def __init__(self, cfg: RunConfig, out: Path, keep_best: bool | None = None):
+        c = cfg.checkpoint
+        self.cfg = cfg
+        self.keep_best = c.keep_best if keep_best is None else keep_best
+        self.store = Checkpointer(out / "checkpoints", c.keep, self.keep_best)
+
+    def check_disk(self, parameters: int) -> None:
+        c = self.cfg.checkpoint
+        check_disk(
+            self.store.root, parameters, self.cfg.train.precision, c.keep + int(self.keep_best), c.disk_check
+        )
+
+    def due(self, step: int, steps: int) -> bool:
+        """checkpoint.every's cadence, and the last step."""
+        every = self.cfg.checkpoint.every
+        return bool(every and step % every == 0) or step == steps
+
+    def resume_point(self) -> Path | None:
+        """resume=never: none; auto: the latest complete checkpoint; a path: that checkpoint, verified first."""
+        resume = self.cfg.resume
+        if resume == "never":
+            return None
+        if resume != "auto":
+            problem = verify(Path(resume))
+            if problem:
+                raise ValueError(f"resume: checkpoint {resume} is damaged: {problem}")
+            return Path(resume)
+        return self.store.latest_complete()
+
+    def resume(self, engine) -> Resumed:
+        point = self.resume_point()
+        if point is None:
+            return Resumed()
+        client, mine = self.store.load(engine, point)
+        if "train_state" not in client:
+            raise ValueError(
+                f"resume: checkpoint {point} was written by an older dapt (a classifier checkpoint without the shared "
+                "client-state layout) and cannot be continued; start over with --resume=never (or a new output_dir)"
+            )
+        _check_same_data(client, self.cfg)
+        resumed = Resumed(
+            TrainState(**client["train_state"]),
+            {int(c): st for c, st in client.get("data", {}).get("streams", {}).items()},
+            mine.get("sample_lines", 0),
+            client.get("numerics"),
+            client.get("task", {}),
+            point,
+        )
+        log.info(
+            "resumed from %s at optimizer step %d (%d rows trained)",
+            point,
+            resumed.state.step,
+            resumed.state.rows,
+        )
+        return resumed
+
+    def save(
+        self, engine, state: TrainState, feeder, guard: StepGuard, task: dict, samples, score: float | None
+    ):
+        """Save a checkpoint (all ranks); `score` is lower-is-better for the best-checkpoint index."""
+        client = client_state(self.cfg, state, feeder, guard, task)
+        return self.store.save(
+            engine, state.step, client, {"sample_lines": samples.lines if samples else 0}, score
+        )
+
+
+def client_state(cfg: RunConfig, state: TrainState, feeder, guard: StepGuard, task: dict) -> dict:
+    """The checkpoint's client state, one layout for every task: counters, the config, the numerics guard, every
+    stream's position (gathered from all ranks) and the task's own state."""
+    streams: dict[int, dict] = {}
+    for part in group.gather(feeder.states):
+        streams |= part
+    data = {
+        "streams": streams,
+        "num_streams": cfg.data.streams,
+        "files": redact(feeder.spec.files),
+        "rows_per_step": cfg.ds_config["train_batch_size"],
+    }
+    return {
+        "layout": LAYOUT,
+        "train_state": vars(state).copy(),
+        "config": redact(cfg.to_dict()),
+        "numerics": guard.state_dict(),
+        "data": data,
+        "task": task,
+    }
+
+
+def _check_same_data(client: dict, cfg: RunConfig) -> None:
+    saved = client.get("data", {})
+    if saved.get("num_streams") != cfg.data.streams:
+        raise ValueError(
+            f"the checkpoint was written with data.streams={saved.get('num_streams')}, this run has "
+            f"{cfg.data.streams}: the streams' positions would not match; keep data.streams"
+        )
+    if saved.get("rows_per_step") != cfg.ds_config["train_batch_size"]:
+        log.warning(
+            "the global batch changed (%s -> %d rows): the data continues where it was, but the steps are cut "
+            "differently",
+            saved.get("rows_per_step"),
+            cfg.ds_config["train_batch_size"],
+        )
+
+
+# ---------------------------------------------------------------- metrics and sample logs
+
+
+def open_metrics(cfg: RunConfig, out: Path, step: int) -> MetricsLogger:
+    """metrics.jsonl (rank 0), and a W&B run when log.wandb (the same run again on resume); cut back to `step`."""
+    wandb = None
+    if cfg.log.wandb:
+        wandb = {"project": cfg.log.wandb_project, "name": cfg.log.run_name or out.name, "id": wandb_id(out)}
+    metrics = MetricsLogger(out, group.rank() == 0, wandb, cfg.to_dict())
+    metrics.truncate_after(step)
+    return metrics
+
+
+def wandb_id(out: Path) -> str:
+    """A stable run id per output_dir, so a resumed run continues the same W&B run."""
+    return hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+
+
+class SampleLog:
+    """output_dir/samples.rank<R>.txt: the documents this rank trained on, cut back to the checkpoint on resume."""
+
+    def __init__(self, out: Path, rank: int, lines: int):
+        self.path = out / f"samples.rank{rank}.txt"
+        kept = self.path.read_text().splitlines()[:lines] if self.path.exists() else []
+        self.path.write_text("".join(x + "\n" for x in kept))
+        self.lines = len(kept)
+
+    def write(self, ids: list[str]) -> None:
+        with self.path.open("a") as f:
+            f.writelines(x + "\n" for x in ids)
+        self.lines += len(ids)
+
+
+def sample_log(cfg: RunConfig, out: Path, lines: int) -> SampleLog | None:
+    return SampleLog(out, group.rank(), lines) if cfg.data.log_sample_ids else None
+
+
+# ---------------------------------------------------------------- the optimizer step
+
+
+@dataclass
+class Step:
+    outcome: StepOutcome
+    grad_norm: float  # nan when the engine reports none
+    weight: float  # the step's loss denominator over all ranks (masked tokens, or example weight)
+    stop_votes: int  # ranks that received a stop signal before this step
+
+
+def no_clock(part: str) -> None:
+    """The default clock of optimizer_step: nothing is timed."""
+
+
+def optimizer_step(
+    engine,
+    guard: StepGuard,
+    micro: list[dict],
+    loss_sum: Callable[[dict], torch.Tensor],
+    weight: Callable[[dict], float],
+    signum: int = 0,
+    clock: Callable[[str], None] = no_clock,
+    around=contextlib.nullcontext,
+) -> Step:
+    """One optimizer step over this rank's micro-batches.
+
+    The step's loss is the sum of per-item losses over the whole step (every micro-batch of every rank) divided by
+    the step's total weight; DeepSpeed divides each micro-batch's loss by the accumulation steps and averages
+    gradients over ranks, so the sums are multiplied back by accumulation x world / weight. The same all-reduce that
+    finds the weight carries the stop votes (`signum`: a signal this rank received), so every rank stops after the
+    same step. `clock(part)` is called after the step's set-up ("data") and after each micro-batch's "forward",
+    "backward" and "optimizer"; `around()` wraps each micro-batch (launch/profile.py's timings and memory tracker).
+    """
+    total, votes = group.all_sum(sum(weight(b) for b in micro), signum)
+    scale = len(micro) * group.world() / (total or 1.0)
+    clock("data")
+    grad_norm = None
+    for i, b in enumerate(micro):
+        with around():
+            loss = loss_sum(b)
+            clock("forward")
+            guard.backward(loss, scale)
+            if i == len(micro) - 1:
+                grad_norm = guard.grad_norm()
+            clock("backward")
+            engine.step()
+            clock("optimizer")
+    outcome = guard.end(total)
+    clock("optimizer")  # the step's end: the guard's verdict, agreed over ranks
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    return Step(outcome, float(grad_norm) if grad_norm is not None else float("nan"), total, int(votes))
+
+
+class Clock:
+    """Times the parts of optimizer steps (synchronizing a GPU at each mark, so the parts add up)."""
+
+    def __init__(self, accelerator: str):
+        self.sync = torch.cuda.synchronize if accelerator == "cuda" else (lambda: None)
+        self.parts: dict[str, float] = {}
+        self.last = 0.0
+
+    def begin(self) -> None:
+        self.sync()
+        self.parts = {}
+        self.last = time.perf_counter()
+
+    def __call__(self, part: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + now - self.last
+        self.last = now

@@ -1,0 +1,106 @@
+"""Base -> +DAPT -> +DAPT+TAPT in one command, each checkpoint evaluated by the same protocol (seed 001).
+
+Every stage is an ordinary dapt run (launch/mlm.py or launch/classify.py / launch/anomaly.py) configured from its
+recipe, with the model it starts from and its output folder set here; stage folders sit under output_dir:
+dapt/, tapt/, eval_base/, eval_dapt/, eval_dapt_tapt/. A stage whose final/ or result file exists is not run again, so
+rerunning the command after a crash continues (and each run resumes from its own checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from dapt.cli.load import load_config
+from dapt.config.schema import RunConfig
+from dapt.runtime import group
+
+log = logging.getLogger("dapt")
+
+METRICS = {
+    "classify": ["accuracy", "macro_f1", "weighted_f1", "roc_auc"],
+    "anomaly": ["recall_at_max_fpr", "test_fpr", "auroc"],
+}
+
+
+def _stage_config(recipe: str, extra: list[str], overrides: list[str]) -> RunConfig:
+    return load_config(["--recipe", recipe, *extra, *overrides])
+
+
+def _mlm(recipe: str, start: str, out: Path, overrides: list[str]) -> str:
+    from dapt.tasks.mlm import run
+
+    final = out / "final"
+    if not (final / "config.json").exists():
+        log.info("ablation: MLM stage %s from %s", out.name, start)
+        run(_stage_config(recipe, ["--model.name_or_path", start, "--output_dir", str(out)], overrides))
+    return str(final)
+
+
+def _evaluate(a, model: str, out: Path, overrides: list[str]) -> dict:
+    from dapt.tasks.anomaly import run as run_anomaly
+    from dapt.tasks.classify import run as classify
+
+    if _result(out, a.protocol) is None:
+        log.info("ablation: evaluating %s (%s)", model, a.protocol)
+        cfg = _stage_config(
+            a.eval_recipe, ["--model.name_or_path", model, "--output_dir", str(out)], overrides
+        )
+        (classify if a.protocol == "classify" else run_anomaly)(cfg)
+    group.barrier()
+    return _result(out, a.protocol)
+
+
+def _result(out: Path, protocol: str) -> dict | None:
+    """What an evaluation left in `out`: the anomaly result; for classifiers the mean over classify.seeds, else the
+    test set, else the best validation result. None: not run yet."""
+    if protocol == "anomaly":
+        path = out / "anomaly.json"
+        return json.loads(path.read_text()) if path.exists() else None
+    if (out / "seeds_summary.json").exists():
+        summary = json.loads((out / "seeds_summary.json").read_text())
+        return {k: v["mean"] for k, v in summary[summary.get("split", "test")].items()}
+    for name in ("eval_test.json", "eval_valid.json"):
+        if (out / name).exists() and (out / "summary.json").exists():  # summary.json: the run finished
+            return json.loads((out / name).read_text())
+    return None
+
+
+def run(cfg: RunConfig) -> dict:
+    a, out = cfg.ablation, Path(cfg.output_dir)
+    missing = [k for k in ("base", "dapt_recipe", "eval_recipe") if not getattr(a, k)]
+    if missing:
+        raise ValueError(f"ablation needs {', '.join('ablation.' + k for k in missing)}")
+    group.init()
+    rows = {"base": a.base}
+    rows["+DAPT"] = _mlm(a.dapt_recipe, a.base, out / "dapt", a.overrides)
+    if a.tapt_recipe:
+        rows["+DAPT+TAPT"] = _mlm(a.tapt_recipe, rows["+DAPT"], out / "tapt", a.overrides)
+    results = {
+        name: _evaluate(a, model, out / f"eval_{name.strip('+').replace('+', '_').lower()}", a.overrides)
+        for name, model in rows.items()
+    }
+    table = ablation_table(results, METRICS[a.protocol])
+    if group.rank() == 0:
+        (out / "ablation.md").write_text(table)
+        (out / "ablation.json").write_text(
+            json.dumps(
+                {
+                    "models": rows,
+                    "results": {k: {m: v.get(m) for m in METRICS[a.protocol]} for k, v in results.items()},
+                },
+                indent=1,
+            )
+        )
+        log.info("ablation:\n%s", table)
+    return {"models": rows, "results": results}
+
+
+def ablation_table(results: dict[str, dict], metrics: list[str]) -> str:
+    shown = [m for m in metrics if any(r.get(m) is not None for r in results.values())]
+    lines = ["| model | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    for name, r in results.items():
+        cells = [f"{r[m]:.4f}" if isinstance(r.get(m), float) else "n/a" for m in shown]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
