@@ -326,3 +326,34 @@ def test_a_labelled_corpus_without_usable_records_names_what_was_left_out(labell
         ValueError, match=r"no usable labelled record \(skipped/missing label field 'label' 40\)"
     ):
         _classify(_args(bad, tmp_path / "run", "--train.max_steps=2", "--data.on_error=skip"))
+
+
+def test_the_classifier_loads_a_pretrained_encoder_partitioned_under_zero3_and_trains(labelled, tmp_path):
+    """The one model builder under ZeRO-3: a pretrained folder is loaded into a classifier partitioned (zero.Init,
+    the new head included), as MLM runs load theirs, and the run trains and exports a loadable classifier."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from dapt.cli.load import load_config
+    from dapt.model.build import build_model, parameter_count, train_wordpiece
+    from dapt.runtime import group
+
+    texts = [json.loads(line)["text"] for line in labelled.read_text().splitlines()]
+    tok = train_wordpiece(texts, 400, 48)
+    src = tmp_path / "pretrained"
+    fields = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    BertForMaskedLM(BertConfig(**fields, vocab_size=len(tok))).save_pretrained(src)
+    tok.save_pretrained(src)
+    zero3 = str(ROOT / "ds_configs" / "zero3_bf16.json")
+    argv = ["--model.name_or_path", str(src), "--data.train", str(labelled), "--data.format=jsonl"]
+    argv += ["--ds", zero3, "--data.max_seq_length=48", "--train.micro_batch_size=8", "--log.progress=false"]
+    cfg = load_config([*argv, "--output_dir", str(tmp_path / "build")], world_size=1, accelerator="cpu")
+    group.init()
+    model = build_model(
+        cfg, tok, cfg.train.precision, cfg.ds_config, task="classify", labels=["http", "report"]
+    )
+    assert all(p.numel() == 0 for p in model.parameters())  # really partitioned, the head too
+    assert parameter_count(model) > 0 and model.config.id2label == {0: "http", 1: "report"}
+    out = tmp_path / "run"
+    summary = _classify([*argv, "--output_dir", str(out), "--train.max_steps=3", "--train.eval_every=0"])
+    assert summary["steps"] == 3
+    assert AutoModelForSequenceClassification.from_pretrained(out / "final").config.num_labels == 2
