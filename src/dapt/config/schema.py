@@ -61,9 +61,7 @@ class DataConfig:
     test: list[str] = field(default_factory=list)
     """Test files, evaluated once at the end."""
     format: str = "lines"
-    """lines (a document per line) | docs (blank-line separated) | http (raw HTTP requests, CSIC 2010) | jsonl (field
-    text_field) | json (a document holding a list of records: records_field, then text_field) | csv | tsv (rows as
-    key:value text) | parquet (column text_field)."""
+    """The format of data.train / valid / test."""
     text_field: str = "text"
     """The jsonl/json field or parquet column that holds the document text."""
     records_field: str = ""
@@ -77,15 +75,13 @@ class DataConfig:
     round_digits: int | None = None
     """csv/tsv: round decimal values to this many digits (shorter, more regular text)."""
     packing: str = "concat"
-    """concat: documents joined and cut into max_seq_length rows (run_mlm group_texts) | pad: one document per row,
-    truncated, padded per micro-batch to a multiple of 8 | packed: whole documents packed by best fit, attention kept
-    within each document."""
+    """How documents become rows of data.max_seq_length tokens."""
     max_seq_length: int = 128
     """Tokens per training row, special tokens included."""
     valid_fraction: float = 0.1
     """Share of training documents held out for validation when `valid` is empty (stable: decided by a hash of the text)."""
     on_error: str = "raise"
-    """raise: stop at the first bad record, naming file, line and field | skip: skip it and count it in metrics and summary."""
+    """What a bad record does (file, line and field are named either way)."""
     log_sample_ids: bool = False
     """Append the id (file:line) of every document each rank trains on to output_dir/samples.rank<R>.txt."""
     num_workers: int = 0
@@ -299,8 +295,7 @@ class ClusterConfig:
 @dataclass(kw_only=True)
 class SubmitConfig:
     scheduler: str = "slurm"
-    """launch/submit.py: slurm (sbatch script) | skypilot (task YAML) | nodes (one script run on every node with
-    NODE_RANK and MASTER_ADDR set) | pdsh (DeepSpeed's ssh launcher over cluster.hostfile, with its env file)."""
+    """launch/submit.py: the kind of job it writes."""
     entry: str = "launch/mlm.py"
     """The entry script the job runs (launch/mlm.py, launch/classify.py, ...), with this command's other arguments."""
     job_name: str = "dapt"
@@ -357,7 +352,7 @@ class ClassifyConfig:
     labels: list[str] = field(default_factory=list)
     """Fixed label order (ids 0, 1, ...); empty: the sorted labels of the training set."""
     unseen: str = "error"
-    """A validation/test label never seen in training: error (naming file and line) | skip (counted)."""
+    """A validation/test label never seen in training."""
     class_weights: str = "none"
     """none | inverse (inverse class frequency, normalised to mean 1) | comma-separated weights in label order."""
     label_smoothing: float = 0.0
@@ -380,7 +375,7 @@ class ClassifyConfig:
 @dataclass(kw_only=True)
 class EmbedConfig:
     pooling: str = "mean"
-    """cls (the first token's state) | mean (average over real tokens) for launch/embed.py and launch/anomaly.py."""
+    """How launch/embed.py and launch/anomaly.py pool a document's token states into one vector."""
     normal_label: str = "normal"
     """anomaly: the label of normal data; the detector is fitted on normal training documents only."""
     max_fpr: float = 0.05
@@ -451,25 +446,48 @@ class RunConfig:
 
 
 GPUS = NAMES  # dapt.config.gpus: the one table of GPU facts
+# The allowed values of every choice field, written once (with what each means, where that needs saying): --help
+# prints them under the field, and the loader checks values against them.
 CHOICES = {
     "model.attn_implementation": ("auto", "flash_attention_2", "sdpa", "eager"),
-    "data.format": ("lines", "docs", "http", "jsonl", "json", "csv", "tsv", "parquet"),
-    "data.packing": ("concat", "packed", "pad"),
-    "data.on_error": ("raise", "skip"),
+    "data.format": {
+        "lines": "a document per line",
+        "docs": "documents separated by blank lines",
+        "http": "raw HTTP requests (CSIC 2010)",
+        "jsonl": "a record per line, the text in data.text_field",
+        "json": "a document holding a list of records (data.records_field), the text in data.text_field",
+        "csv": "rows as key:value text (data.columns, data.column_names)",
+        "tsv": "as csv, tab-separated",
+        "parquet": "the column data.text_field",
+    },
+    "data.packing": {
+        "concat": "documents joined and cut into rows (run_mlm's group_texts)",
+        "packed": "whole documents packed by best fit, attention kept within each document",
+        "pad": "one document per row, truncated, padded per micro-batch to a multiple of 8",
+    },
+    "data.on_error": {
+        "raise": "stop at the first bad record",
+        "skip": "skip it and count it in metrics and summary",
+    },
     "train.lr_schedule": ("linear", "cosine", "wsd", "constant"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.optimizer_impl": ("auto", "deepspeed", "torch"),
     "train.compile": ("off", "inductor", "aot_eager", "cudagraphs"),
     "log.level": ("debug", "info", "warning"),
     "classify.metric": ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc"),
-    "classify.unseen": ("error", "skip"),
-    "embed.pooling": ("cls", "mean"),
+    "classify.unseen": {"error": "stop, naming file and line", "skip": "leave such records out, counted"},
+    "embed.pooling": {"cls": "the first token's state", "mean": "the average over real tokens"},
     "ablation.protocol": ("classify", "anomaly"),
     "checkpoint.disk_check": ("refuse", "warn", "off"),
     "numerics.spike_action": ("warn", "stop"),
     "plan.gpu": GPUS,
     "cluster.gpu": ("", "cpu", *GPUS),
-    "submit.scheduler": ("slurm", "skypilot", "nodes", "pdsh"),
+    "submit.scheduler": {
+        "slurm": "an sbatch script",
+        "skypilot": "a SkyPilot task YAML",
+        "nodes": "one script run on every node with NODE_RANK and MASTER_ADDR set",
+        "pdsh": "DeepSpeed's ssh launcher over cluster.hostfile, with its env file",
+    },
 }
 # Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
 NOT_YET: dict[str, tuple[str, ...]] = {}
@@ -570,8 +588,13 @@ def help_text(prog: str | None = None) -> str:
 
 
 def _help_line(key: str, typ: Any, default: Any, doc: str) -> str:
-    kind = " | ".join(v or "''" for v in CHOICES[key]) if key in CHOICES else type_name(typ)
-    return f"  --{key}={kind}  (default: {default!r})\n      {doc}"
+    """One field: its allowed values (the one table, CHOICES, with what each means) or its type, default, docs."""
+    allowed = CHOICES.get(key)
+    kind = " | ".join(v or "''" for v in allowed) if allowed else type_name(typ)
+    line = f"  --{key}={kind}  (default: {default!r})\n      {doc}"
+    if isinstance(allowed, dict):
+        line += "".join(f"\n        {value}: {meaning}" for value, meaning in allowed.items())
+    return line
 
 
 def type_name(typ: Any) -> str:
