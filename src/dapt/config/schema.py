@@ -542,7 +542,7 @@ TOOL_SECTIONS = {
 
 def tool_of(prog: str) -> str | None:
     """The entry script's name ("launch/classify.py" -> "classify") when it reads only some sections."""
-    name = Path(prog).stem
+    name = Path(prog.split()[-1]).stem if prog.strip() else ""  # "launch/classify.py" or "dapt classify"
     return name if name in TOOL_SECTIONS else None
 
 
