@@ -108,6 +108,7 @@ checkpoint.every               R A R R R R R R R R R R R R R
 checkpoint.keep                R R R R R R R R R R R R R R R
 checkpoint.keep_best           R R R R R R R R R R A R R R R
 checkpoint.disk_check          R R R R R R R R R R R R R R R
+checkpoint.export              R R R R R R R R R R R R R R R
 numerics.max_skipped_steps     R A R R R R R R R R R R R R R
 numerics.spike_factor          R A R A R R R R R R R A R R R
 numerics.spike_steps           R R R R R R R R R R R R R R R

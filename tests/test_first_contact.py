@@ -201,7 +201,8 @@ def test_a_corpus_smaller_than_the_stream_count_trains_with_fewer_streams(recipe
 
 def test_a_non_editable_install_runs_the_first_command_from_a_copy_of_launch(tmp_path):
     """pip install . (not -e) puts dapt in site-packages, away from launch/: the guard that keeps launch/profile.py
-    from shadowing the standard library's profile must find the launch folder wherever it is."""
+    from shadowing the standard library's profile must find the launch folder wherever it is; and the installed
+    `dapt` command runs without launch/."""
     import shutil
 
     site = tmp_path / "site"
@@ -251,6 +252,16 @@ def test_a_non_editable_install_runs_the_first_command_from_a_copy_of_launch(tmp
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    # the installed console script (setup.cfg's entry point), from the same non-editable install (issue 15)
+    console = subprocess.run(
+        [sys.executable, str(site / "bin" / "dapt"), "mlm", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path / "run",
+        timeout=120,
+    )
+    assert console.returncode == 0 and "usage: dapt mlm" in console.stdout and "[masking]" in console.stdout
 
 
 def _two_rank_run(tmp_path, recipe, cmd_prefix: list[str], envs: list[dict], name: str) -> list[str]:

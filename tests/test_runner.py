@@ -114,13 +114,14 @@ def test_the_classifier_honours_checkpoint_cadence_keep_best_disk_check_and_wand
                 "--checkpoint.every=3",
                 "--checkpoint.keep=10",
                 "--checkpoint.keep_best=false",
+                "--checkpoint.export=last",
                 "--checkpoint.disk_check=warn",
                 "--log.wandb=true",
             )
         )
     saved = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert saved == ["step_00000003", "step_00000006", "step_00000007"]  # the cadence; no save per evaluation
-    assert summary["best_checkpoint"] == "step_00000007" and "checkpoint.keep_best=false" in caplog.text
+    assert summary["final_checkpoint"] == "step_00000007" and "checkpoint.export=last" in caplog.text
     assert len(checked) == 1 and checked[0][1:] == (10, "warn") and checked[0][0] > 10_000
     assert list((out / "wandb").glob("offline-run-*")), "no W&B run was written"
     client = safe_load(out / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt")

@@ -189,7 +189,10 @@ class CheckpointConfig:
     keep: int = 2
     """Keep the last K checkpoints (the best one by eval loss is kept as well)."""
     keep_best: bool = True
-    """Keep the checkpoint with the lowest eval loss besides the last K."""
+    """Keep the checkpoint with the best evaluation (MLM: the lowest eval loss; classifier: classify.metric) besides
+    the last K; with checkpoint.export=best, every evaluation is saved as a checkpoint."""
+    export: str = "best"
+    """Which checkpoint final/ (and the test set) is made from; summary.json names it and its step."""
     disk_check: str = "refuse"
     """Before training, compare the expected size of keep + 1 checkpoints with free disk."""
 
@@ -479,6 +482,10 @@ CHOICES = {
     "embed.pooling": {"cls": "the first token's state", "mean": "the average over real tokens"},
     "ablation.protocol": ("classify", "anomaly"),
     "checkpoint.disk_check": ("refuse", "warn", "off"),
+    "checkpoint.export": {
+        "best": "the best evaluation's checkpoint when there is an evaluation set (and keep_best), else the last",
+        "last": "the last checkpoint",
+    },
     "numerics.spike_action": ("warn", "stop"),
     "plan.gpu": GPUS,
     "cluster.gpu": ("", "cpu", *GPUS),

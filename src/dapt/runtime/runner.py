@@ -176,10 +176,25 @@ class Checkpoints:
             self.store.root, parameters, self.cfg.train.precision, c.keep + int(self.keep_best), c.disk_check
         )
 
-    def due(self, step: int, steps: int) -> bool:
-        """checkpoint.every's cadence, and the last step."""
+    @property
+    def saves_evaluations(self) -> bool:
+        """checkpoint.export=best with keep_best: every evaluation is saved, so the best one can be exported."""
+        return self.keep_best and self.cfg.checkpoint.export == "best"
+
+    def due(self, step: int, steps: int, evaluated: bool = False) -> bool:
+        """checkpoint.every's cadence, the last step, and evaluations when they are saved."""
         every = self.cfg.checkpoint.every
-        return bool(every and step % every == 0) or step == steps
+        return bool(every and step % every == 0) or step == steps or (evaluated and self.saves_evaluations)
+
+    def export_point(self) -> tuple[Path, str]:
+        """The checkpoint final/ is made from, and why (checkpoint.export)."""
+        best = self.store.index()["best"] if self.saves_evaluations else None
+        if best:
+            return self.store.root / best["tag"], "checkpoint.export=best: the best evaluation"
+        if self.cfg.checkpoint.export == "best":
+            why = "no evaluation" if self.keep_best else "checkpoint.keep_best=false, the best is not kept"
+            return self.store.latest(), f"the last checkpoint ({why})"
+        return self.store.latest(), "checkpoint.export=last"
 
     def resume_point(self) -> Path | None:
         """resume=never: none; auto: the latest complete checkpoint; a path: that checkpoint, verified first."""

@@ -30,6 +30,7 @@ from dapt.data.stream import RowFeeder
 from dapt.model.attention import forward
 from dapt.model.build import build_model, parameter_count
 from dapt.runtime import group
+from dapt.runtime.card import write_model_card
 from dapt.runtime.checkpoint import export_hf
 from dapt.runtime.metrics import plot_curves
 from dapt.runtime.numerics import Diverged, StepGuard
@@ -397,7 +398,7 @@ def train_loop(
                 score = _evaluate(loop, state.step, task, steps_per_epoch, metrics)
             if (
                 ckpts.due(state.step, steps)
-                or (score is not None and ckpts.keep_best)
+                or (score is not None and ckpts.saves_evaluations)
                 or step.stop_votes
                 or task["stopped"]
             ):
@@ -504,30 +505,28 @@ def _should_stop(c, result: dict, stale: int, done: int, steps_per_epoch: int) -
 
 
 def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metrics, wall: float) -> dict:
-    """The chosen weights (the best checkpoint by classify.metric with checkpoint.keep_best, else the last) for the
-    test set and final/; summary.json."""
+    """The chosen weights (checkpoint.export: the best checkpoint by classify.metric, or the last) for the test set
+    and final/; summary.json."""
     cfg, engine, corpus = loop.cfg, loop.engine, loop.corpus
     out = Path(cfg.output_dir)
-    best = ckpts.store.index()["best"] if ckpts.keep_best else None
-    chosen = ckpts.store.root / best["tag"] if best else ckpts.store.latest()
+    chosen, why = ckpts.export_point()
+    best = ckpts.store.index()["best"] if why.startswith("checkpoint.export=best") else None
     log.info(
-        "final/ and the test set use %s (%s)",
-        chosen.name,
-        f"best {cfg.classify.metric}"
-        if best
-        else "the last checkpoint: checkpoint.keep_best=false"
-        if not ckpts.keep_best
-        else "the last checkpoint: no evaluation",
+        "final/ and the test set use %s (%s%s)", chosen.name, why, f", {cfg.classify.metric}" if best else ""
     )
     ckpts.store.load(engine, chosen)
     summary = {
-        "best_checkpoint": chosen.name,
+        "best_checkpoint": chosen.name,  # kept for 0.1's readers: the checkpoint final/ is made from
+        "final_checkpoint": chosen.name,
+        "final_step": int(chosen.name.rsplit("_", 1)[-1]),
+        "final_from": why,
         "best_metric": -best["eval_loss"] if best else None,
         "metric": cfg.classify.metric,
         "stopped": task["stopped"],
         "steps": state.step,
         "rows_trained": state.rows,
         "epoch_rows": corpus.rows,
+        "world_size": group.world(),
         "wall_seconds": round(wall, 1),
         "skipped_records": dict(corpus.epoch_skipped + corpus.skipped),
     }
@@ -555,6 +554,9 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
     if group.rank() == 0:
         (out / "final" / "label_mapping.json").write_text((out / "label_mapping.json").read_text())
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        results = {f"{split} {k}": summary[split].get(k) for split in ("valid", "test") if summary.get(split)
+                   for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}  # fmt: skip
+        write_model_card(out / "final", cfg, "classify", summary, results)
         if cfg.log.plots:
             plot_curves(out / "metrics.jsonl", out / "plots")
         metrics.finish(summary)

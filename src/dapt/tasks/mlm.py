@@ -29,6 +29,7 @@ from dapt.model.attention import forward
 from dapt.model.build import build_model, parameter_count
 from dapt.model.sparse import SparsePrediction, supports_sparse
 from dapt.runtime import group
+from dapt.runtime.card import write_model_card
 from dapt.runtime.checkpoint import export_hf
 from dapt.runtime.metrics import plot_curves, read_metrics
 from dapt.runtime.numerics import Diverged, StepGuard
@@ -124,22 +125,31 @@ def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[where].float(), labels[where], reduction="sum")
 
 
-def mlm_loss_sum(engine, batch: dict, device, sparse: SparsePrediction | None) -> torch.Tensor:
-    """Forward one micro-batch; the masked-token loss sum. With `sparse`, the head sees the masked positions only."""
+def masked_logits(
+    engine, batch: dict, device, sparse: SparsePrediction | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward one micro-batch: (logits at the masked positions, their labels). With `sparse`, the head sees the
+    masked positions only."""
 
-    def call(inputs: dict, keep: torch.Tensor | None) -> torch.Tensor:
+    def call(inputs: dict, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]
         if keep is not None:  # flash attention's packed rows, flattened to their real tokens
             labels = labels[keep][None]
         labels = labels.to(device)
-        if sparse is None:
-            return masked_loss_sum(engine(**inputs).logits, labels)
         where = labels != IGNORE
+        if sparse is None:
+            return engine(**inputs).logits[where], labels[where]
         with sparse.select(where):
             logits = engine(**inputs).logits
-        return F.cross_entropy(logits[0].float(), labels[where], reduction="sum")
+        return logits[0], labels[where]
 
     return forward(engine, batch, device, call)
+
+
+def mlm_loss_sum(engine, batch: dict, device, sparse: SparsePrediction | None) -> torch.Tensor:
+    """Forward one micro-batch; the sum (not mean) of cross-entropy over its masked tokens, in fp32."""
+    logits, labels = masked_logits(engine, batch, device, sparse)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
 def mlm_model(cfg: RunConfig, tokenizer) -> tuple[torch.nn.Module, SparsePrediction | None]:
@@ -272,9 +282,10 @@ def train_loop(
                 window, window_start = Counter(), time.time()
             eval_loss = None
             if corpus.valid and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
-                eval_loss = evaluate(engine, corpus.valid, eval_collate, t, loop.device, loop.sparse)
-                _log_eval(state, eval_loss, metrics, "eval")
-            if ckpts.due(state.step, steps) or step.stop_votes:
+                result = evaluate(engine, corpus.valid, eval_collate, t, loop.device, loop.sparse)
+                _log_eval(state, result, metrics, "eval")
+                eval_loss = result["loss"]
+            if ckpts.due(state.step, steps, eval_loss is not None) or step.stop_votes:
                 state.elapsed = time.time() - started
                 saved = ckpts.save(engine, state, loop.feeder, loop.guard, {}, samples, eval_loss)
                 if step.stop_votes and state.step < steps:
@@ -356,11 +367,13 @@ def _gathered_counts(feeder: RowFeeder) -> Counter:
     return total
 
 
-def _log_eval(state: TrainState, loss: float, metrics, prefix: str) -> None:
+def _log_eval(state: TrainState, result: dict, metrics, prefix: str) -> None:
+    loss = result["loss"]
     if prefix == "eval" and (state.best_eval_loss is None or loss < state.best_eval_loss):
         state.best_eval_loss = loss
-    metrics.log(state.step, {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(min(loss, 50))})
-    log.info("step %d %s loss %.4f perplexity %.2f", state.step, prefix, loss, math.exp(min(loss, 50)))
+    metrics.log(state.step, {f"{prefix}/{k}": v for k, v in result.items()})
+    log.info("step %d %s loss %.4f perplexity %.2f accuracy %.4f top-5 %.4f", state.step, prefix, loss,
+             result["perplexity"], result["accuracy"], result["top5_accuracy"])  # fmt: skip
 
 
 def peak_memory_gb() -> float:
@@ -372,19 +385,27 @@ def peak_memory_gb() -> float:
 @torch.no_grad()
 def evaluate(
     engine, rows: list[Row], collate: MLMCollator, t, device, sparse: SparsePrediction | None = None
-) -> float:
-    """Masked-token loss over `rows` (fixed masks), summed over ranks. Every rank runs the same number of forwards."""
+) -> dict:
+    """Over `rows` with fixed masks, all ranks together: the masked-token loss and perplexity, `accuracy` (masked
+    tokens predicted exactly) and `top5_accuracy` (the true token among the five most likely). Every rank runs the
+    same number of forwards."""
     engine.eval()
     dataset = RowDataset(rows)
-    loss_sum = count = 0.0
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, masked tokens, exact, in the top 5
     for items in eval_batches(len(rows), t.micro_batch_size, group.world(), group.rank(), t.eval_batches):
         weight = 1.0 if items else 0.0  # a rank with no rows left still joins the forward (ZeRO-3 gathers)
-        b = collate([dataset[i] for i in (items or [(0, 0)])])
-        loss_sum += weight * float(mlm_loss_sum(engine, b, device, sparse))
-        count += weight * int((b["labels"] != IGNORE).sum())
+        logits, labels = masked_logits(
+            engine, collate([dataset[i] for i in (items or [(0, 0)])]), device, sparse
+        )
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        sums += weight * torch.tensor([float(F.cross_entropy(logits.float(), labels, reduction="sum")),
+                                       len(labels), int((top[:, 0] == labels).sum()),
+                                       int((top == labels[:, None]).any(-1).sum())], dtype=torch.float64)  # fmt: skip
     engine.train()
-    total, n = group.all_sum(loss_sum, count)
-    return total / max(n, 1.0)
+    loss, n, exact, top5 = group.all_sum(*sums.tolist())
+    n = max(n, 1.0)
+    return {"loss": loss / n, "perplexity": math.exp(min(loss / n, 50)), "accuracy": exact / n,
+            "top5_accuracy": top5 / n}  # fmt: skip
 
 
 # ---------------------------------------------------------------- the end of a run
@@ -407,7 +428,11 @@ def finish(
     skipped = _gathered_counts(feeder)
     if epoch and state.rows >= epoch.rows:
         skipped = epoch.skipped  # epoch 0 was read to its end: its pass saw every record
-    final = export_hf(engine, corpus.tokenizer, ckpts.store.latest(), out / "final")
+    chosen, why = ckpts.export_point()
+    if chosen != ckpts.store.latest():
+        ckpts.store.load(engine, chosen)  # final/ and the test set use the exported weights
+    log.info("final/ from %s (%s)", chosen.name, why)
+    final = export_hf(engine, corpus.tokenizer, chosen, out / "final")
     summary = {
         "steps": state.step,
         "micro_steps": state.micro_step,
@@ -416,6 +441,9 @@ def finish(
         "rows_trained": state.rows,
         "epoch_rows": epoch.rows if epoch else None,
         "best_eval_loss": state.best_eval_loss,
+        "final_checkpoint": chosen.name,
+        "final_step": int(chosen.name.rsplit("_", 1)[-1]),
+        "final_from": why,
         "wall_seconds": round(wall, 1),
         "world_size": group.world(),
         "packing_efficiency": state.tokens_seen / max(1, state.slots_seen),
@@ -427,21 +455,30 @@ def finish(
         test_collate = make_collator(
             cfg, corpus.tokenizer, engine.module.config, k.eval_rate or k.rate, cfg.seed + 2
         )
-        summary["test_loss"] = evaluate(engine, corpus.test, test_collate, cfg.train, device, sparse)
-        _log_eval(state, summary["test_loss"], metrics, "test")
+        result = evaluate(engine, corpus.test, test_collate, cfg.train, device, sparse)
+        summary |= {f"test_{k}": v for k, v in result.items() if k != "perplexity"}
+        _log_eval(state, result, metrics, "test")
     if group.rank() == 0:
-        evals = [r["eval/loss"] for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
-        summary["final_eval_loss"] = evals[-1] if evals else None
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
-        metrics.finish(summary)
-        log.info(
-            "done in %.0f s: model %s | metrics %s | plots %s | summary %s",
-            wall,
-            final,
-            out / "metrics.jsonl",
-            ", ".join(str(p) for p in plots) or "off",
-            out / "summary.json",
-        )
+        _write_results(cfg, summary, metrics, final, wall)
     group.barrier()
     return summary
+
+
+def _write_results(cfg: RunConfig, summary: dict, metrics, final, wall: float) -> None:
+    """Rank 0: the evaluation figures in summary.json and the model card, the plots, the closing log line."""
+    out = Path(cfg.output_dir)
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
+    for key in ("loss", "accuracy", "top5_accuracy"):
+        summary[f"final_eval_{key}"] = evals[-1].get(f"eval/{key}") if evals else None
+    exported = next((r for r in evals if r["step"] == summary["final_step"]), evals[-1] if evals else {})
+    results = {
+        f"eval {k.replace('_', ' ')}": exported.get(f"eval/{k}")
+        for k in ("loss", "accuracy", "top5_accuracy")
+    }
+    results |= {f"test {k}": summary.get(f"test_{k}") for k in ("loss", "accuracy")}
+    write_model_card(out / "final", cfg, "mlm", summary, results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
+    metrics.finish(summary)
+    log.info("done in %.0f s: model %s | metrics %s | plots %s | summary %s", wall, final, out / "metrics.jsonl",
+             ", ".join(str(p) for p in plots) or "off", out / "summary.json")  # fmt: skip

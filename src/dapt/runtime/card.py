@@ -1,0 +1,77 @@
+"""final/README.md: a Hugging Face model card (YAML metadata, then what was trained on what, with which settings,
+for how many tokens, and the evaluation results), written for MLM and classifier runs like run_mlm.py writes one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dapt.config.redact import redact
+from dapt.config.schema import RunConfig
+
+PIPELINES = {"mlm": "fill-mask", "classify": "text-classification"}
+
+
+def hub_datasets(sources: list[str]) -> list[str]:
+    """OWNER/NAME of the Hugging Face datasets among data sources (hf://datasets/OWNER/NAME/...)."""
+    out = []
+    for source in sources:
+        if source.startswith("hf://datasets/"):
+            parts = source.removeprefix("hf://datasets/").split("/")
+            if len(parts) >= 2:
+                out.append("/".join(parts[:2]).split("@")[0])
+    return list(dict.fromkeys(out))
+
+
+def write_model_card(
+    folder: Path, cfg: RunConfig, task: str, summary: dict, results: dict[str, float]
+) -> Path:
+    """Write folder/README.md; `results` are the evaluation figures to table (name -> value)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    base = m.name_or_path or None
+    data = ModelCardData(
+        base_model=base if base and not Path(base).exists() else None,  # a hub id, not a local folder
+        library_name="transformers",
+        pipeline_tag=PIPELINES[task],
+        tags=["dapt", "domain-adaptation" if task == "mlm" else "classification"],
+        datasets=hub_datasets([*d.train, *d.valid, *d.test]) or None,
+    )
+    what = (
+        "masked-language-model training (domain-adaptive pretraining)"
+        if task == "mlm"
+        else "classifier fine-tuning"
+    )
+    kind = m.config.get("model_type") if isinstance(m.config, dict) else m.config
+    start = f"`{base}`" if base else f"a {kind} model built from scratch"
+    ds = cfg.ds_config
+    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in results.items() if value is not None)
+    lines = [
+        f"---\n{data.to_yaml()}\n---",
+        "",
+        f"# {Path(cfg.output_dir).name}",
+        "",
+        f"{what.capitalize()} with dapt, from {start}.",
+        "",
+        "## Training",
+        "",
+        f"- data: {', '.join(f'`{s}`' for s in redact(list(d.train))) or 'the embedded default corpus'} "
+        f"({d.format}, rows of {d.max_seq_length} tokens, {d.packing} packing)",
+        f"- {summary.get('steps')} optimizer steps, global batch {ds.get('train_batch_size')} rows "
+        f"({t.micro_batch_size} x {t.grad_accum} x {summary.get('world_size', 1)} ranks), lr {t.lr:g} "
+        f"({t.lr_schedule}), precision {t.precision}, ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}",
+        f"- tokens seen: {summary['tokens_seen']}"
+        if summary.get("tokens_seen")
+        else f"- rows trained: {summary.get('rows_trained')}",
+        f"- these weights: {summary.get('final_checkpoint')} ({summary.get('final_from')})",
+        "",
+        "## Evaluation",
+        "",
+        "| metric | value |\n|---|---|\n" + rows if rows else "No evaluation set.",
+        "",
+        "The full configuration is in `config.resolved.yaml` beside this folder.",
+    ]
+    card = ModelCard("\n".join(lines) + "\n")
+    path = folder / "README.md"
+    card.save(path)
+    return path
