@@ -39,11 +39,13 @@ NASTY = [
 # naming the field). Read with the fields' types and meanings in mind: a type that cannot hold the value rejects it;
 # every float rejects NaN and infinities; sizes, counts, rates and seeds are checked against their ranges; names,
 # paths and labels of other tools (submit.*, cluster.hostfile, data.columns, ...) are accepted here and checked by
-# the tool that uses them, model.tokenizer when it is loaded. The fuzz recipe runs 4 steps on 2 ranks, so
+# the tool that uses them, model.tokenizer when it is loaded. model.revision needs a hub model, which the fuzz recipe
+# does not name; hub.push=true needs a token and the network, which these tests (HF_HUB_OFFLINE) have not. The fuzz recipe runs 4 steps on 2 ranks, so
 # train.max_steps decides the length whatever train.epochs says (which must still be > 0).
 VERDICTS = """
 model.name_or_path             R R R R A R R R R A R R R R R
 model.config                   R R R R R R R R R R R R R R R
+model.revision                 R R R R R R R R R A R R R R R
 model.tokenizer                A A A A A A A R R A R A A A A
 model.tokenizer_vocab_size     R R R R R R R R R R R R R R R
 model.attn_implementation      R R R R R R R R R R R R R A R
@@ -161,6 +163,10 @@ log.progress                   R R R R R R R R R R A R R R R
 log.plots                      R R R R R R R R R R A R R R R
 log.level                      R R R R R R R R R R R R R R R
 log.all_ranks                  R R R R R R R R R R A R R R R
+hub.push                       R R R R R R R R R R R R R R R
+hub.model_id                   A A A A A A A R R R R A A A A
+hub.private                    R R R R R R R R R R A R R R R
+hub.token_env                  A A A A A A A R R R R A A A A
 classify.label_field           A A A A A A A R R R R A A A A
 classify.label_files           R R R R R R R R A R R R R R R
 classify.labels                A A A A A A A A R R R A A A A

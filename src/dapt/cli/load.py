@@ -393,6 +393,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
         _check_numerics,
     ):
         problems += check(cfg)
+    problems += _check_hub(cfg, check_files)
     return problems + cluster_problems(cfg)
 
 
@@ -437,6 +438,11 @@ def _check_model(cfg: RunConfig, check_files: bool) -> list[str]:
         p += _pretrained_problems(cfg, m.name_or_path)
     elif isinstance(m.config, str) and check_files:
         p += _pretrained_problems(cfg, m.config, "model.config") if m.config else ["model.config: empty"]
+    if m.revision is not None and (not m.name_or_path or Path(m.name_or_path).expanduser().exists()):
+        p.append(
+            f"model.revision: {m.revision!r} applies to hub models; model.name_or_path "
+            f"{m.name_or_path!r} is {'a local folder' if m.name_or_path else 'not given'}"
+        )
     if m.char_vocab < 2:
         p.append(f"model.char_vocab: {m.char_vocab} must be >= 2 (the classes of CANINE's character head)")
     if m.tokenizer_vocab_size < 100:
@@ -616,6 +622,31 @@ def _check_numerics(cfg: RunConfig) -> list[str]:
     return p
 
 
+def _check_hub(cfg: RunConfig, check_files: bool) -> list[str]:
+    """hub.push: a repository id, and a token on this machine (the run must not find out after training)."""
+    from dapt.runtime.publish import REPO_ID, hub_token, offline
+
+    p, h = [], cfg.hub
+    if not h.push:
+        return p
+    if not REPO_ID.fullmatch(h.model_id):
+        p.append(
+            f"hub.model_id: {h.model_id!r} is not a hub repository id OWNER/NAME (hub.push=true needs one)"
+        )
+    if not h.token_env:
+        p.append("hub.token_env: empty (the name of the environment variable that holds the hub token)")
+    elif check_files and hub_token(h.token_env) is None:
+        p.append(
+            f"hub.push=true but there is no hub token: set {h.token_env} (hub.token_env) to a token with write "
+            "access, or run `hf auth login` once on this machine"
+        )
+    if check_files and offline():
+        p.append(
+            "hub.push=true but HF_HUB_OFFLINE is set: nothing can be uploaded (unset it, or hub.push=false)"
+        )
+    return p
+
+
 def _pretrained_problems(cfg: RunConfig, name: str, field: str = "model.name_or_path") -> list[str]:
     """A pretrained model (or a model.config path) that cannot be fetched, or rows longer than a pretrained model's
     position embeddings (a from-scratch model is given enough positions instead). Its config comes from a folder,
@@ -625,7 +656,8 @@ def _pretrained_problems(cfg: RunConfig, name: str, field: str = "model.name_or_
     from dapt.model.hub import HubError
 
     try:
-        conf = model_config(name, cfg.model.trust_remote_code, field)
+        revision = cfg.model.revision if field == "model.name_or_path" else None
+        conf = model_config(name, cfg.model.trust_remote_code, field, revision)
     except HubError as e:
         return [str(e)]
     except (FileNotFoundError, ValueError):

@@ -14,6 +14,7 @@ from dapt.data.prepare import BadRecord
 from dapt.runtime.group import LaunchError, adopt_scheduler_env
 from dapt.runtime.numerics import Diverged
 from dapt.runtime.preempt import Preempted
+from dapt.runtime.publish import PushFailed
 
 T = TypeVar("T")
 
@@ -38,7 +39,8 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
     after run's module (dapt.tasks.classify.run -> launch/classify.py).
 
     Exit codes: 0 done, 2 configuration error (nothing started), 3 bad input data, 4 numeric blow-up (NaN/Inf
-    steps over the limit, or a loss spike with numerics.spike_action=stop), 128 + N stopped by signal N."""
+    steps over the limit, or a loss spike with numerics.spike_action=stop), 5 trained and exported but the hub.push
+    upload failed (final/ kept), 128 + N stopped by signal N."""
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or f"launch/{run.__module__.rsplit('.', 1)[-1]}.py"
 
@@ -55,7 +57,7 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
     setup_logging(cfg.log.level, cfg.log.all_ranks)
     try:
         run(cfg)
-    except (Preempted, Diverged) as e:
+    except (Preempted, Diverged, PushFailed) as e:
         if first:
             print(redact_text(f"{prog}: {e.message}"), file=sys.stderr)
         return e.code

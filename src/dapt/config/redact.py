@@ -46,6 +46,7 @@ def redact(obj):
                 MASK
                 if isinstance(k, str)
                 and SECRET_NAME.search(k)
+                and not k.endswith("_env")  # the name of a variable that holds a secret (hub.token_env)
                 and obj[k] not in (None, "", False)
                 and not isinstance(obj[k], dict | list)
                 else redact(obj[k])

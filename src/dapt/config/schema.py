@@ -34,6 +34,9 @@ class ModelConfig:
     """Hub id or local folder of a pretrained encoder, loaded with AutoModelForMaskedLM."""
     config: dict | str | None = None
     """Build from scratch instead: a mapping of config fields with `model_type` (bert, roberta, ...), or a config path."""
+    revision: str | None = None
+    """Hub models: the branch, tag or commit of model.name_or_path to load (its tokenizer too, unless model.tokenizer
+    names another); default: the main branch. Pin a commit to make a run repeatable."""
     tokenizer: str | None = None
     """Tokenizer hub id or folder; default: the model's own, or one trained on the corpus for from-scratch models."""
     tokenizer_vocab_size: int = 4000
@@ -347,6 +350,20 @@ class LogConfig:
 
 
 @dataclass(kw_only=True)
+class HubConfig:
+    push: bool = False
+    """Upload final/ (weights, tokenizer, model card) to the Hugging Face hub once it is exported and verified: one
+    commit, from rank 0. A failed upload keeps final/ and ends the run with exit 5."""
+    model_id: str = ""
+    """The hub repository to upload to, OWNER/NAME; created when it does not exist."""
+    private: bool = True
+    """Create the repository private (a repository that exists keeps its visibility)."""
+    token_env: str = "HF_TOKEN"
+    """The environment variable holding the hub token with write access; when it is unset, the token saved by
+    `hf auth login`. The token is never logged or written."""
+
+
+@dataclass(kw_only=True)
 class ClassifyConfig:
     label_field: str = "label"
     """jsonl field, csv/tsv column or parquet column holding the label (a csv label column is left out of the text)."""
@@ -425,6 +442,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
@@ -537,9 +555,9 @@ def _sections() -> dict[str, type]:
 # check or run other scripts' configs and take every section.
 TRAINING = ("model", "data", "masking", "train", "checkpoint", "numerics", "log", "cluster")
 TOOL_SECTIONS = {
-    "mlm": TRAINING,
+    "mlm": (*TRAINING, "hub"),
     "profile": (*TRAINING, "profile"),
-    "classify": ("model", "data", "train", "checkpoint", "numerics", "log", "cluster", "classify"),
+    "classify": ("model", "data", "train", "checkpoint", "numerics", "log", "hub", "cluster", "classify"),
     "embed": ("model", "data", "train", "log", "cluster", "classify", "embed"),
     "anomaly": ("model", "data", "train", "log", "cluster", "classify", "embed"),
     "fill_mask": ("model", "masking", "log", "fill"),

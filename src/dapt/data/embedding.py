@@ -55,7 +55,7 @@ def load_encoder(cfg: RunConfig, device):
     from transformers import AutoTokenizer
 
     from dapt.model.build import build_model
-    from dapt.model.hub import pretrained
+    from dapt.model.hub import from_config
 
     source = cfg.model.name_or_path
     if not source:
@@ -63,12 +63,7 @@ def load_encoder(cfg: RunConfig, device):
             "model.name_or_path is required: the encoder to embed with (a hub id, a folder, or a dapt "
             "run's final/)"
         )
-    tokenizer = pretrained(
-        AutoTokenizer.from_pretrained,
-        cfg.model.tokenizer or source,
-        "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path",
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    tokenizer = from_config(AutoTokenizer.from_pretrained, cfg.model, tokenizer=True)
     model = build_model(cfg, tokenizer, "fp32", task="encoder")
     return model.to(device).eval(), tokenizer
 

@@ -84,7 +84,9 @@ def known(name: str) -> bool:
     return name in ARCHITECTURES
 
 
-def model_config(name: str, trust_remote_code: bool = False, field: str = "model.name_or_path"):
+def model_config(
+    name: str, trust_remote_code: bool = False, field: str = "model.name_or_path", revision: str | None = None
+):
     """The transformers config of `name` without loading weights: a local folder, this table, or the hub."""
     from transformers import AutoConfig
 
@@ -96,7 +98,9 @@ def model_config(name: str, trust_remote_code: bool = False, field: str = "model
     if Path(name).is_dir() or name not in ARCHITECTURES:
         from dapt.model.hub import pretrained
 
-        return pretrained(AutoConfig.from_pretrained, name, field, trust_remote_code=trust_remote_code)
+        return pretrained(
+            AutoConfig.from_pretrained, name, field, trust_remote_code=trust_remote_code, revision=revision
+        )
     fields = dict(ARCHITECTURES[name])
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 import dapt.model.canine  # noqa: F401  (registers CANINE's masked-LM class with AutoModelForMaskedLM)
 from dapt.model.archs import position_limit
 from dapt.model.attention import FLASH_PACKED_MODELS
-from dapt.model.hub import HubError, pretrained
+from dapt.model.hub import HubError, from_config, pretrained
 
 log = logging.getLogger("dapt")
 
@@ -90,14 +90,8 @@ def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
     When trained_dir holds no tokenizer yet, one is trained on `texts` and saved there (call on one rank).
     """
     m = cfg.model
-    source = m.tokenizer or m.name_or_path
-    if source:
-        return pretrained(
-            AutoTokenizer.from_pretrained,
-            source,
-            "model.tokenizer" if m.tokenizer else "model.name_or_path",
-            trust_remote_code=m.trust_remote_code,
-        )
+    if m.tokenizer or m.name_or_path:
+        return from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
     if isinstance(m.config, dict) and m.config.get("model_type") == "canine":
         from transformers import CanineTokenizer
 
@@ -121,7 +115,7 @@ def model_config(cfg, tokenizer):
             m.name_or_path or m.config,
         )
     if m.name_or_path:
-        return pretrained(AutoConfig.from_pretrained, m.name_or_path, trust_remote_code=m.trust_remote_code)
+        return from_config(AutoConfig.from_pretrained, m)
     if isinstance(m.config, str):
         conf = pretrained(
             AutoConfig.from_pretrained, m.config, "model.config", trust_remote_code=m.trust_remote_code
@@ -272,14 +266,7 @@ def _instantiate(cfg, conf, impl: str, ds_config: dict | None, auto, maps: dict)
         # fp32 whatever the hub config says (transformers 5 loads dtype="auto"): DeepSpeed keeps fp32 masters from
         # these weights in bf16/fp16, and an fp32 run must not train bf16 weights without masters
         torch.manual_seed(cfg.seed)  # a classifier's new head
-        return pretrained(
-            auto.from_pretrained,
-            m.name_or_path,
-            attn_implementation=impl,
-            trust_remote_code=m.trust_remote_code,
-            dtype=torch.float32,
-            **maps,
-        )
+        return from_config(auto.from_pretrained, m, attn_implementation=impl, dtype=torch.float32, **maps)
     finally:
         del keep_alive
 

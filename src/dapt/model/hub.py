@@ -40,3 +40,17 @@ def unfetchable(name: str, field: str, error: BaseException) -> str:
             "HF_TOKEN, and its licence accepted on its hub page"
         )
     return f"{field} {name!r} cannot be loaded: {first} ({hint})"
+
+
+def from_config(load: Callable[..., Any], m, tokenizer: bool = False, **kwargs) -> Any:
+    """`load` (a from_pretrained) of the model that `m` (the config's model section) names, or of its tokenizer
+    (model.tokenizer when given): at model.revision when loading model.name_or_path, with model.trust_remote_code.
+
+    Raises:
+        HubError: as `pretrained`.
+    """
+    name = (m.tokenizer or m.name_or_path) if tokenizer else m.name_or_path
+    field = "model.tokenizer" if tokenizer and m.tokenizer else "model.name_or_path"
+    if m.revision and name == m.name_or_path:
+        kwargs["revision"] = m.revision
+    return pretrained(load, name, field, trust_remote_code=m.trust_remote_code, **kwargs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dapt.config.redact import redact
-from dapt.config.schema import RunConfig
+from dapt.config.schema import RunConfig, save_resolved
 
 PIPELINES = {"mlm": "fill-mask", "classify": "text-classification"}
 
@@ -44,6 +44,8 @@ def write_model_card(
     )
     kind = m.config.get("model_type") if isinstance(m.config, dict) else m.config
     start = f"`{base}`" if base else f"a {kind} model built from scratch"
+    if base and m.revision:
+        start += f" at revision `{m.revision}`"
     ds = cfg.ds_config
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in results.items() if value is not None)
     lines = [
@@ -69,8 +71,9 @@ def write_model_card(
         "",
         "| metric | value |\n|---|---|\n" + rows if rows else "No evaluation set.",
         "",
-        "The full configuration is in `config.resolved.yaml` beside this folder.",
+        "The full configuration is in `dapt_config.yaml` in this folder.",
     ]
+    save_resolved(cfg, folder / "dapt_config.yaml")
     card = ModelCard("\n".join(lines) + "\n")
     path = folder / "README.md"
     card.save(path)

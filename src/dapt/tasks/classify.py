@@ -36,6 +36,7 @@ from dapt.runtime.metrics import plot_curves
 from dapt.runtime.numerics import Diverged, StepGuard
 from dapt.runtime.plots import pyplot, save
 from dapt.runtime.preempt import Preempted, PreemptionWatch
+from dapt.runtime.publish import publish, raise_if_failed
 from dapt.runtime.runner import (
     Checkpoints,
     TrainState,
@@ -553,12 +554,14 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
     )
     if group.rank() == 0:
         (out / "final" / "label_mapping.json").write_text((out / "label_mapping.json").read_text())
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
         results = {f"{split} {k}": summary[split].get(k) for split in ("valid", "test") if summary.get(split)
                    for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}  # fmt: skip
         write_model_card(out / "final", cfg, "classify", summary, results)
+        publish(cfg, out, summary)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if cfg.log.plots:
             plot_curves(out / "metrics.jsonl", out / "plots")
         metrics.finish(summary)
     group.barrier()
+    raise_if_failed(summary, out)
     return summary

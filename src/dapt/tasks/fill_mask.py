@@ -18,7 +18,7 @@ def load_model(cfg: RunConfig):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     import dapt.model.canine  # noqa: F401  (CANINE's masked-LM class)
-    from dapt.model.hub import pretrained
+    from dapt.model.hub import from_config
 
     m = cfg.model
     if not m.name_or_path:
@@ -26,15 +26,8 @@ def load_model(cfg: RunConfig):
             "launch/fill_mask.py needs --model.name_or_path (a trained model folder such as "
             "runs/NAME/final, or a hub id)"
         )
-    model = pretrained(
-        AutoModelForMaskedLM.from_pretrained, m.name_or_path, trust_remote_code=m.trust_remote_code
-    ).eval()
-    tokenizer = pretrained(
-        AutoTokenizer.from_pretrained,
-        m.tokenizer or m.name_or_path,
-        "model.tokenizer" if m.tokenizer else "model.name_or_path",
-        trust_remote_code=m.trust_remote_code,
-    )
+    model = from_config(AutoModelForMaskedLM.from_pretrained, m).eval()
+    tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
     return model, tokenizer
 
 

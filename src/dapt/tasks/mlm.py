@@ -34,6 +34,7 @@ from dapt.runtime.checkpoint import export_hf
 from dapt.runtime.metrics import plot_curves, read_metrics
 from dapt.runtime.numerics import Diverged, StepGuard
 from dapt.runtime.preempt import Preempted, PreemptionWatch
+from dapt.runtime.publish import publish, raise_if_failed
 from dapt.runtime.runner import (
     Checkpoints,
     Step,
@@ -461,6 +462,7 @@ def finish(
     if group.rank() == 0:
         _write_results(cfg, summary, metrics, final, wall)
     group.barrier()
+    raise_if_failed(summary, out)
     return summary
 
 
@@ -477,6 +479,7 @@ def _write_results(cfg: RunConfig, summary: dict, metrics, final, wall: float) -
     }
     results |= {f"test {k}": summary.get(f"test_{k}") for k in ("loss", "accuracy")}
     write_model_card(out / "final", cfg, "mlm", summary, results)
+    publish(cfg, out, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
     metrics.finish(summary)
