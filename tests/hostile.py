@@ -95,6 +95,17 @@ def _parquet(rows: dict, name: str = "t.parquet"):
     return write
 
 
+def _truncated_arrow(folder: Path) -> Path:
+    """A `datasets` folder whose one shard was cut short (a copy that did not finish)."""
+    import datasets
+
+    saved = folder / "saved"
+    datasets.Dataset.from_dict({"text": [f"{GOOD} {i}" for i in range(300)]}).save_to_disk(str(saved))
+    shard = saved / "data-00000-of-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return saved
+
+
 def _truncated_parquet(folder: Path) -> Path:
     full = _parquet({"text": [f"{GOOD} {i}" for i in range(200)]}, "full.parquet")(folder)
     path = folder / "cut.parquet"
@@ -224,6 +235,8 @@ def cases() -> list[Case]:
         Case("parquet without the text column", "parquet", _parquet({"body": ["x", "y"]}), names_line=False),
         Case("parquet with null texts", "parquet", _parquet({"text": [f"{GOOD} 1", None, f"{GOOD} 2"]})),
         Case("truncated parquet", "parquet", _truncated_parquet, names_line=False),
+        Case("not an Arrow file", "arrow", _file("fake.arrow", _good_lines()), names_line=False),
+        Case("truncated Arrow shard", "arrow", _truncated_arrow, names_line=False),
         Case(
             "a CSV field over the csv module's limit",
             "csv",

@@ -20,6 +20,7 @@ CASES = cases()
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> dict:
     """A well-formed file per format, so training has data besides the hostile file."""
+    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -34,7 +35,9 @@ def good(tmp_path_factory) -> dict:
         )
     )
     pq.write_table(pa.table({"text": texts}), root / "good.parquet")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(root / "good_saved"))
     return {
+        "arrow": root / "good_saved",
         "lines": root / "good.txt",
         "jsonl": root / "good.jsonl",
         "csv": root / "good.csv",

@@ -10,6 +10,7 @@ import uuid
 from itertools import islice
 from pathlib import Path
 
+import datasets
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ import zstandard
 from dapt.data.corpus import generate, http_request
 from dapt.data.formats import BadRecord, FormatOptions
 from dapt.data.prepare import read_documents
+from dapt.data.sources import expand
 from dapt.data.stream import (
     RowFeeder,
     StreamSpec,
@@ -89,6 +91,10 @@ def corpus(tmp_path_factory) -> dict[str, list[str]]:
     parquet = root / "docs.parquet"
     pq.write_table(pa.table({"text": generate(30, seed=10)}), parquet, row_group_size=7)
     files["parquet"] = [str(parquet)]
+    saved = root / "saved"  # a Hugging Face datasets folder: 3 Arrow shards and their metadata
+    datasets.Dataset.from_dict({"text": generate(30, seed=12)}).save_to_disk(str(saved), num_shards=3)
+    files["arrow"] = expand([str(saved)], "arrow")
+    assert [Path(f).name for f in files["arrow"]] == [f"data-0000{i}-of-00003.arrow" for i in range(3)]
     blank = root / "blank.txt"
     blank.write_text("\n\n".join(f"{t}\nsecond line {i}" for i, t in enumerate(generate(30, seed=11))) + "\n")
     files["docs"] = [str(blank)]
@@ -229,7 +235,7 @@ def test_skip_counts_include_bad_records_at_the_end_of_a_split(tokenizer, tmp_pa
     assert rows[4][1]["counts"] == {"skipped/invalid UTF-8": 2}  # both bad lines of epoch 0
 
 
-@pytest.mark.parametrize("fmt", ["docs", "jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("fmt", ["docs", "jsonl", "csv", "parquet", "arrow"])
 def test_resume_other_formats(tokenizer, corpus, fmt):
     spec = make_spec(tokenizer, corpus[fmt], fmt=fmt, streams=2, block_docs=4, packing="packed", max_len=48)
     check_resume(spec, 1, epochs=1)

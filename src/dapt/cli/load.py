@@ -458,6 +458,11 @@ def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
         for path in getattr(d, name) if check_files else ():
             if local_exists(path) is False:
                 p.append(f"data.{name}: {path!r} matches no file")
+            elif d.format == "arrow" and (Path(path) / "dataset_dict.json").is_file():
+                p.append(
+                    f"data.{name}: {path!r} is a DatasetDict folder (several splits): name one split's folder, "
+                    f"e.g. {path.rstrip('/')}/train"
+                )
     if not d.train and (d.valid or d.test):
         p.append("data.valid/data.test given without data.train")
     _positive(p, "data.max_seq_length", d.max_seq_length, minimum=8)

@@ -66,7 +66,7 @@ class DataConfig:
     format: str = "lines"
     """The format of data.train / valid / test."""
     text_field: str = "text"
-    """The jsonl/json field or parquet column that holds the document text."""
+    """The jsonl/json field or parquet/arrow column that holds the document text."""
     records_field: str = ""
     """json: the field of each file's JSON document that holds the list of records (objects for a STIX bundle such as
     MITRE ATT&CK); empty: the document is the list."""
@@ -366,7 +366,8 @@ class HubConfig:
 @dataclass(kw_only=True)
 class ClassifyConfig:
     label_field: str = "label"
-    """jsonl field, csv/tsv column or parquet column holding the label (a csv label column is left out of the text)."""
+    """jsonl field, csv/tsv column or parquet/arrow column holding the label (a csv label column is left out of the
+    text; a `datasets` ClassLabel column gives its names, not its integer codes)."""
     label_files: dict = field(default_factory=dict)
     """Labels per file instead: {glob or file name: label}, e.g. {"normal*": normal, "anomalous*": attack}."""
     labels: list[str] = field(default_factory=list)
@@ -480,6 +481,7 @@ CHOICES = {
         "csv": "rows as key:value text (data.columns, data.column_names)",
         "tsv": "as csv, tab-separated",
         "parquet": "the column data.text_field",
+        "arrow": "a Hugging Face datasets folder written by save_to_disk (one split), the column data.text_field",
     },
     "data.packing": {
         "concat": "documents joined and cut into rows (run_mlm's group_texts)",

@@ -93,7 +93,7 @@ def _unlabelled(cfg: RunConfig, sources: list[str], skipped: Counter) -> list[Do
     d = cfg.data
     return [
         doc
-        for url in expand(sources)
+        for url in expand(sources, d.format)
         for doc in read_documents(
             [url],
             d.format,
@@ -106,4 +106,4 @@ def _unlabelled(cfg: RunConfig, sources: list[str], skipped: Counter) -> list[Do
 
 
 def has_labels(cfg: RunConfig) -> bool:
-    return cfg.data.format in ("jsonl", "csv", "tsv", "parquet") and bool(cfg.classify.label_field)
+    return cfg.data.format in ("jsonl", "csv", "tsv", "parquet", "arrow") and bool(cfg.classify.label_field)

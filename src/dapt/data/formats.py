@@ -1,4 +1,4 @@
-"""Record formats: lines, docs, http, jsonl, json, csv, tsv, parquet.
+"""Record formats: lines, docs, http, jsonl, json, csv, tsv, parquet, arrow (`datasets` save_to_disk folders).
 
 Each reader yields (Document or BadRecord, position of the next record). Yielding bad records instead of raising
 lets `data.on_error=skip` count them and go on in the same pass; the caller decides.
@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from dapt.data.sources import Oversize, Position, lines_from, open_binary
+from dapt.data.sources import COMPRESSED, Oversize, Position, lines_from, open_binary
 
 # Matched on raw bytes, so a request line that is not valid UTF-8 still starts a (bad) record of its own.
 HTTP_REQUEST = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|TRACE|CONNECT) \S+ HTTP/\d")
@@ -324,38 +324,82 @@ def read_parquet(url: str, start: Position, opts: FormatOptions) -> Iterator[Ite
     """A text column of a parquet file; positions count rows (record), read from the row group that holds them."""
     import pyarrow.parquet as pq
 
-    from dapt.data.sources import open_binary
-
     with open_binary(url) as f:
         pf = pq.ParquetFile(f)
-        wanted = [opts.text_field] + ([opts.label_field] if opts.label_field else [])
-        absent = [c for c in wanted if c not in pf.schema_arrow.names]
-        if absent:
-            yield BadRecord(url, 0, f"missing column {absent[0]!r}"), Position(-1, 0, 0)
-            return
-        row = 0
-        for group in range(pf.num_row_groups):
-            size = pf.metadata.row_group(group).num_rows
-            if row + size <= start.record:
-                row += size
+        groups = (
+            (pf.metadata.row_group(g).num_rows, lambda columns, g=g: pf.read_row_group(g, columns=columns))
+            for g in range(pf.num_row_groups)
+        )
+        yield from _table_records(url, start, opts, pf.schema_arrow, groups)
+
+
+def read_arrow(url: str, start: Position, opts: FormatOptions) -> Iterator[Item]:
+    """A shard of a Hugging Face `datasets` folder written by save_to_disk (Arrow IPC, stream or file format); like
+    parquet, positions count rows, and a resume skips whole record batches without decoding them."""
+    import pyarrow as pa
+
+    source = pa.memory_map(url) if "://" not in url and not url.endswith(COMPRESSED) else open_binary(url)
+    with source as f:
+        magic = f.read(6)
+        f.seek(0)
+        if magic == b"ARROW1":  # the IPC file format (random access); save_to_disk writes the stream format
+            reader = pa.ipc.open_file(f)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            reader = pa.ipc.open_stream(f)
+            batches = iter(reader)
+        chunks = (
+            (b.num_rows, lambda columns, b=b: pa.Table.from_batches([b]).select(columns)) for b in batches
+        )
+        yield from _table_records(url, start, opts, reader.schema, chunks)
+
+
+def _class_names(schema, field: str) -> list[str] | None:
+    """The label names of a `datasets` ClassLabel column (kept in the schema's metadata), so that labels read as
+    names ("attack"), not as their integer codes."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    try:
+        feature = json.loads(meta)["info"]["features"][field] if meta else {}
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (
+        feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    )
+
+
+def _table_records(url: str, start: Position, opts: FormatOptions, schema, chunks) -> Iterator[Item]:
+    """The records of a columnar file read chunk by chunk: `chunks` yields (rows, read(columns) -> table); chunks
+    wholly before `start` are not read."""
+    wanted = [opts.text_field] + ([opts.label_field] if opts.label_field else [])
+    absent = [c for c in wanted if c not in schema.names]
+    if absent:
+        yield BadRecord(url, 0, f"missing column {absent[0]!r}"), Position(-1, 0, 0)
+        return
+    names = _class_names(schema, opts.label_field) if opts.label_field else None
+    row = 0
+    for size, read in chunks:
+        if row + size <= start.record:
+            row += size
+            continue
+        table = read(wanted)
+        values = table.column(opts.text_field).to_pylist()
+        labels = table.column(opts.label_field).to_pylist() if opts.label_field else [None] * len(values)
+        for value, label in zip(values, labels):
+            row += 1
+            if row <= start.record:
                 continue
-            table = pf.read_row_group(group, columns=wanted)
-            values = table.column(0).to_pylist()
-            labels = table.column(1).to_pylist() if opts.label_field else [None] * len(values)
-            for value, label in zip(values, labels):
-                row += 1
-                if row <= start.record:
-                    continue
-                after = Position(0, 0, row)
-                if not isinstance(value, str):
-                    yield (
-                        BadRecord(url, row, f"field {opts.text_field!r} is not text", f" (row {row})"),
-                        after,
-                    )
-                elif not value.strip():
-                    yield BadRecord(url, row, f"empty field {opts.text_field!r}", f" (row {row})"), after
-                else:
-                    yield Document(value, f"{url}:{row}", None if label is None else str(label)), after
+            after = Position(0, 0, row)
+            if names and isinstance(label, int) and -1 <= label < len(names):
+                label = names[label] if label >= 0 else None  # -1: datasets' "no label"
+            if not isinstance(value, str):
+                yield (
+                    BadRecord(url, row, f"field {opts.text_field!r} is not text", f" (row {row})"),
+                    after,
+                )
+            elif not value.strip():
+                yield BadRecord(url, row, f"empty field {opts.text_field!r}", f" (row {row})"), after
+            else:
+                yield Document(value, f"{url}:{row}", None if label is None else str(label)), after
 
 
 @functools.cache
@@ -408,5 +452,6 @@ READERS = {
         "csv": _delimited(","),
         "tsv": _delimited("\t"),
         "parquet": read_parquet,
+        "arrow": read_arrow,
     }.items()
 }

@@ -74,7 +74,7 @@ def read_labelled(
     opts = format_options(d)
     if not c.label_files:
         opts = type(opts)(**{**opts.__dict__, "label_field": c.label_field})
-    urls = expand(sources)
+    urls = expand(sources, d.format)
     labels = file_labels(cfg, urls)
     for url in urls:
         for n, (item, _) in enumerate(READERS[d.format](url, Position(), opts)):
@@ -153,7 +153,9 @@ class LabelledCorpus:
 def prepare_labelled(cfg: RunConfig, out: Path) -> LabelledCorpus:
     """Tokenizer, the training streams and their counting pass, and the encoded validation and test sets."""
     d, c = cfg.data, cfg.classify
-    labels_of_files = file_labels(cfg, expand(d.train))  # on every rank: a wrong pattern stops them all
+    labels_of_files = file_labels(
+        cfg, expand(d.train, d.format)
+    )  # on every rank: a wrong pattern stops them all
     skipped: Counter = Counter()
     valid_docs, below = _valid_split(cfg, skipped)
 

@@ -50,7 +50,7 @@ def read_documents(
     opts = options or FormatOptions(text_field=text_field)
     skipped = skipped if skipped is not None else Counter()
     n = 0
-    for url in expand(paths):
+    for url in expand(paths, fmt):
         for item, _ in READERS[fmt](url, Position(), opts):
             if isinstance(item, BadRecord):
                 if on_error == "raise":
@@ -69,7 +69,7 @@ def stream_spec(cfg, tokenizer, **task) -> StreamSpec:
     from dapt.data.selection import budget_start, duplicate_records
 
     d, opts = cfg.data, task.get("options") or format_options(cfg.data)
-    groups = [expand([source]) for source in d.train] if d.train_weights else [expand(d.train)]
+    groups = [expand([s], d.format) for s in d.train] if d.train_weights else [expand(d.train, d.format)]
     files = [f for source in groups for f in source]
     starts: dict = {}
     if d.max_tokens:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import glob as globlib
 import io
+import json
 import logging
 import os
 import stat
@@ -33,11 +34,13 @@ class Position:
     record: int = 0
 
 
-def expand(sources: list[str]) -> list[str]:
+def expand(sources: list[str], fmt: str = "") -> list[str]:
     """Every file that `sources` name (files, globs, folders searched recursively), as URLs, sorted per source.
+    fmt="arrow": the shards of `datasets` folders (in the order their state.json lists them), no metadata files.
 
     Raises:
         FileNotFoundError: a source that matches no file.
+        ValueError: fmt="arrow" and a source is a DatasetDict folder (it holds several splits: name one).
     """
     files: list[str] = []
     for source in sources:
@@ -71,12 +74,32 @@ def expand(sources: list[str]) -> list[str]:
                 f"that are not readable regular files: {'; '.join(skipped[:10])}"
                 + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
             )
+        if fmt == "arrow":
+            found = arrow_shards(fs, path, found, source)
         if not found:
-            raise FileNotFoundError(f"data source {source!r} matches no file")
+            raise FileNotFoundError(f"data source {source!r} matches no {'.arrow ' * (fmt == 'arrow')}file")
         for p in empty:
             _warn_once(f"data source {source!r}: {p} is empty")
         files += [source if p == path and "://" in source else _url(fs, p) for p in found]
     return files
+
+
+def arrow_shards(fs, path: str, found: list[str], source: str) -> list[str]:
+    """The Arrow shards of a save_to_disk folder in its own order (state.json), or the .arrow files among `found`."""
+    root = path.rstrip("/")
+    if not fs.isdir(root):
+        return [p for p in found if p.endswith(".arrow")]
+    if fs.exists(f"{root}/dataset_dict.json"):
+        splits = json.loads(fs.cat_file(f"{root}/dataset_dict.json")).get("splits", [])
+        raise ValueError(
+            f"data source {source!r} is a DatasetDict folder with the splits {', '.join(splits)}: name one split's "
+            f"folder (e.g. {source.rstrip('/')}/{splits[0] if splits else 'train'}) in data.train, data.valid or "
+            "data.test"
+        )
+    if fs.exists(f"{root}/state.json"):
+        state = json.loads(fs.cat_file(f"{root}/state.json"))
+        return [f"{root}/{shard['filename']}" for shard in state.get("_data_files", [])]
+    return [p for p in found if p.endswith(".arrow")]
 
 
 def _walk(root: str, skipped: list[str], empty: list[str]) -> list[str]:
