@@ -163,6 +163,7 @@ log.progress                   R R R R R R R R R R A R R R R
 log.plots                      R R R R R R R R R R A R R R R
 log.level                      R R R R R R R R R R R R R R R
 log.all_ranks                  R R R R R R R R R R A R R R R
+log.tensorboard                R R R R R R R R R R A R R R R
 hub.push                       R R R R R R R R R R R R R R R
 hub.model_id                   A A A A A A A R R R R A A A A
 hub.private                    R R R R R R R R R R A R R R R

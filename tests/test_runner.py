@@ -358,3 +358,54 @@ def test_the_classifier_loads_a_pretrained_encoder_partitioned_under_zero3_and_t
     summary = _classify([*argv, "--output_dir", str(out), "--train.max_steps=3", "--train.eval_every=0"])
     assert summary["steps"] == 3
     assert AutoModelForSequenceClassification.from_pretrained(out / "final").config.num_labels == 2
+
+
+def test_tensorboard_events_hold_the_metrics_of_metrics_jsonl_once_each_after_a_resume(recipe, tmp_path):
+    """log.tensorboard=true: the event files, read back with TensorBoard's own reader, hold every numeric metric of
+    metrics.jsonl at its step. A rerun from the step-3 checkpoint logs steps 4-6 again; the new event file's purge
+    step hides the first run's, so each step is there once, as in metrics.jsonl."""
+    from conftest import run_inprocess
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = [
+        "--recipe",
+        recipe,
+        "--output_dir",
+        out,
+        "--log.tensorboard=true",
+        "--model.config.hidden_dropout_prob=0.1",
+    ]
+    run_inprocess(args)
+    run_inprocess([*args, f"--resume={out / 'checkpoints' / 'step_00000003'}"])
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in metrics(out):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                expected.setdefault(key, []).append((record["step"], float(value)))
+    assert {"train/loss", "eval/loss", "eval/accuracy", "train/learning_rate"} <= set(expected)
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for key, points in expected.items():
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in points], key  # once each, in order
+        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), key
+
+
+def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from dapt.cli.load import load_config
+    from dapt.config.schema import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r'log.tensorboard=true needs the tensorboard package: pip install "dapt\[tensorboard\]"',
+    ):
+        load_config(["--log.tensorboard=true"], world_size=1)

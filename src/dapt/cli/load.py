@@ -379,7 +379,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     check_files=False: data files may exist only on the machines the run is for."""
     from dapt.runtime.hosts import cluster_problems
 
-    problems = _check_choices(cfg) + _check_run(cfg)
+    problems = _check_choices(cfg) + _check_run(cfg) + _check_log(cfg)
     problems += _check_model(cfg, check_files) + _check_data(cfg, check_files)
     for check in (
         _check_embed,
@@ -410,6 +410,14 @@ def _check_choices(cfg: RunConfig) -> list[str]:
                 f"use one of {', '.join(v for v in allowed if v not in NOT_YET[key])}"
             )
     return p
+
+
+def _check_log(cfg: RunConfig) -> list[str]:
+    import importlib.util
+
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        return ['log.tensorboard=true needs the tensorboard package: pip install "dapt[tensorboard]"']
+    return []
 
 
 def _check_run(cfg: RunConfig) -> list[str]:

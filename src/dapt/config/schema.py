@@ -337,6 +337,9 @@ class LogConfig:
     """Log to Weights & Biases (honours WANDB_MODE=offline)."""
     wandb_project: str = "dapt"
     """W&B project name."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard event files to output_dir/tensorboard (needs the tensorboard package:
+    pip install "dapt[tensorboard]"); `tensorboard --logdir output_dir/tensorboard` shows them."""
     run_name: str | None = None
     """Run name for W&B and the logs; default: the output folder name."""
     progress: bool = True

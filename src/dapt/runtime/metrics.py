@@ -1,4 +1,5 @@
-"""Metrics apart from text logs: metrics.jsonl always, W&B when asked, curves as PNG at the end. Rank 0 only."""
+"""Metrics apart from text logs: metrics.jsonl always, W&B and TensorBoard when asked, curves as PNG at the end. Rank 0
+only."""
 
 from __future__ import annotations
 
@@ -13,16 +14,29 @@ log = logging.getLogger("dapt")
 
 
 class MetricsLogger:
-    """Appends one JSON object per event to metrics.jsonl and mirrors it to W&B; a no-op off rank 0."""
+    """Appends one JSON object per event to metrics.jsonl and mirrors it to W&B and TensorBoard; a no-op off rank 0."""
 
     def __init__(
-        self, output_dir: Path, active: bool, wandb_cfg: dict | None = None, run_config: dict | None = None
+        self,
+        output_dir: Path,
+        active: bool,
+        wandb_cfg: dict | None = None,
+        run_config: dict | None = None,
+        tensorboard: bool = False,
+        start_step: int = 0,
     ):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.active = active
         self.wandb = None
+        self.tensorboard = None
         if active and wandb_cfg:
             self.wandb = _start_wandb(output_dir, redact(wandb_cfg), redact(run_config or {}))
+        if active and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run (from step N) writes a new event file whose purge step hides the old steps after N
+            purge = start_step + 1 if start_step else None
+            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop events past the checkpoint's step so the file lists one history, not two."""
@@ -43,8 +57,15 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(values, step=step)
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, step)
 
     def finish(self, summary: dict | None = None) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb is not None:
             if summary:
                 self.wandb.summary.update(

@@ -287,11 +287,12 @@ def _check_same_data(client: dict, cfg: RunConfig) -> None:
 
 
 def open_metrics(cfg: RunConfig, out: Path, step: int) -> MetricsLogger:
-    """metrics.jsonl (rank 0), and a W&B run when log.wandb (the same run again on resume); cut back to `step`."""
+    """metrics.jsonl (rank 0), a W&B run when log.wandb (the same run again on resume) and TensorBoard event files
+    when log.tensorboard; cut back to `step`."""
     wandb = None
     if cfg.log.wandb:
         wandb = {"project": cfg.log.wandb_project, "name": cfg.log.run_name or out.name, "id": wandb_id(out)}
-    metrics = MetricsLogger(out, group.rank() == 0, wandb, cfg.to_dict())
+    metrics = MetricsLogger(out, group.rank() == 0, wandb, cfg.to_dict(), cfg.log.tensorboard, step)
     metrics.truncate_after(step)
     return metrics
 
