@@ -256,9 +256,11 @@ def collect_config(
     cfg.explicit, cfg.notes, cfg.ds_set = explicit, launch_notes + notes, ds_set
     problems += _adopt_launcher_settings(cfg, added)
     from dapt.config.dsconfig import check_with_deepspeed, resolve_ds_config
+    from dapt.runtime import elastic
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     cfg.ds_config = resolve_ds_config(cfg, world, accelerator or _accelerator(), problems)
+    cfg.notes += elastic.plan(cfg, world, problems)  # a resume on another world size or ZeRO stage
     if cfg.data.streams % world:
         problems.append(
             f"data.streams: {cfg.data.streams} is not a multiple of the world size {world} (each rank "

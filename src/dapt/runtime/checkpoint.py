@@ -148,7 +148,15 @@ class Checkpointer:
         tags = [tag for tag in self.index()["saved"] if int(tag.rsplit("_", 1)[1]) < step]
         return self.root / tags[-1] if tags else None
 
-    def save(self, engine, step: int, client_state: dict, rank_extra: dict, eval_loss: float | None) -> Path:
+    def save(
+        self,
+        engine,
+        step: int,
+        client_state: dict,
+        rank_extra: dict,
+        eval_loss: float | None,
+        info: dict | None = None,
+    ) -> Path:
         tag = f"step_{step:08d}"
         tmp = self.root / f".tmp-{tag}"
         if group.rank() == 0 and tmp.exists():
@@ -158,6 +166,8 @@ class Checkpointer:
         torch.save(rank_state(rank_extra), tmp / f"rank_state{group.rank()}.pt")
         group.barrier()  # every rank's files are on disk before the manifest, the rename and the index
         if group.rank() == 0:
+            if info is not None:  # what it was written with: world size, ZeRO stage, batch, shapes
+                (tmp / "dapt_checkpoint.json").write_text(json.dumps(info))
             write_manifest(tmp)
             if (self.root / tag).exists():
                 shutil.rmtree(self.root / tag)
@@ -204,8 +214,9 @@ class Checkpointer:
         )
         os.replace(tmp, self.index_path)
 
-    def load(self, engine, path: Path) -> tuple[dict, dict]:
-        """Load engine state from checkpoint folder `path`; return (client state, this rank's extra state)."""
+    def load(self, engine, path: Path, ranks: Path | None = None) -> tuple[dict, dict]:
+        """Load engine state from checkpoint folder `path` (and the ranks' own state from `ranks`, default `path`);
+        return (client state, this rank's extra state)."""
         check_unpickling(path)
         try:
             loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
@@ -218,7 +229,7 @@ class Checkpointer:
             ) from None
         if loaded is None:
             raise ValueError(f"DeepSpeed could not load the checkpoint {path}")
-        mine = path / f"rank_state{group.rank()}.pt"
+        mine = (ranks or path) / f"rank_state{group.rank()}.pt"
         if not mine.exists():  # the world grew: this rank has no saved RNG streams
             log.warning(
                 "%s has no state for rank %d (saved on fewer ranks): its RNG starts fresh", path, group.rank()

@@ -28,7 +28,7 @@ import torch
 from dapt.config.dsconfig import bf16_in_hardware, describe_optimizer
 from dapt.config.redact import redact
 from dapt.config.schema import RunConfig
-from dapt.runtime import group
+from dapt.runtime import elastic, group
 from dapt.runtime.checkpoint import Checkpointer, check_disk, verify
 from dapt.runtime.metrics import MetricsLogger
 from dapt.runtime.numerics import StepGuard, StepOutcome, engine_config
@@ -169,6 +169,7 @@ class Checkpoints:
         self.cfg = cfg
         self.keep_best = c.keep_best if keep_best is None else keep_best
         self.store = Checkpointer(out / "checkpoints", c.keep, self.keep_best)
+        self.carried_lines: dict[int, int] = {}  # sample-log lengths of ranks beyond this run's world size
 
     def check_disk(self, parameters: int) -> None:
         c = self.cfg.checkpoint
@@ -212,17 +213,25 @@ class Checkpoints:
         point = self.resume_point()
         if point is None:
             return Resumed()
-        client, mine = self.store.load(engine, point)
+        loadable = self._loadable(engine, point)
+        client, mine = self.store.load(engine, loadable, ranks=point)
+        if loadable != point:
+            elastic.repair_universal_load(engine, loadable)
         if "train_state" not in client:
             raise ValueError(
                 f"resume: checkpoint {point} was written by an older dapt (a classifier checkpoint without the shared "
                 "client-state layout) and cannot be continued; start over with --resume=never (or a new output_dir)"
             )
         _check_same_data(client, self.cfg)
+        lines = {int(r): n for r, n in client.get("samples", {}).items()}  # every rank's, when it was saved
+        if lines and self.cfg.data.log_sample_ids and group.rank() == 0:
+            trim_sample_logs(Path(self.cfg.output_dir), lines, group.world())
+        # the logs of ranks this run lacks keep their length, and the next checkpoints carry it forward
+        self.carried_lines = {r: n for r, n in lines.items() if r >= group.world()}
         resumed = Resumed(
             TrainState(**client["train_state"]),
             {int(c): st for c, st in client.get("data", {}).get("streams", {}).items()},
-            mine.get("sample_lines", 0),
+            lines.get(group.rank(), 0) if lines else mine.get("sample_lines", 0),
             client.get("numerics"),
             client.get("task", {}),
             point,
@@ -235,19 +244,38 @@ class Checkpoints:
         )
         return resumed
 
+    def _loadable(self, engine, point: Path) -> Path:
+        """`point`, or its universal conversion when it was written on another world size or ZeRO stage (the config
+        check asked DeepSpeed for a universal load then)."""
+        universal = self.cfg.ds_config.get("checkpoint", {}).get("load_universal", False)
+        info = elastic.read_info(point)
+        if not universal and elastic.needs_conversion(info, group.world(), engine.zero_optimization_stage()):
+            raise ValueError(
+                f"resume: {point} was written on {info['world_size']} rank(s) at ZeRO stage {info['zero_stage']} and "
+                "must be converted, but it is not the checkpoint checked at start-up (the latest was damaged): "
+                "run the same command again"
+            )
+        if not universal:
+            return point
+        elastic.check_same_model(point, engine)
+        return elastic.universal(point)
+
     def save(
         self, engine, state: TrainState, feeder, guard: StepGuard, task: dict, samples, score: float | None
     ):
         """Save a checkpoint (all ranks); `score` is lower-is-better for the best-checkpoint index."""
-        client = client_state(self.cfg, state, feeder, guard, task)
-        return self.store.save(
-            engine, state.step, client, {"sample_lines": samples.lines if samples else 0}, score
-        )
+        extra = {"sample_lines": samples.lines if samples else 0}
+        client = client_state(self.cfg, state, feeder, guard, task, extra["sample_lines"])
+        client["samples"] = self.carried_lines | client["samples"]
+        info = elastic.checkpoint_info(engine, self.cfg)
+        return self.store.save(engine, state.step, client, extra, score, info)
 
 
-def client_state(cfg: RunConfig, state: TrainState, feeder, guard: StepGuard, task: dict) -> dict:
+def client_state(
+    cfg: RunConfig, state: TrainState, feeder, guard: StepGuard, task: dict, sample_lines: int = 0
+) -> dict:
     """The checkpoint's client state, one layout for every task: counters, the config, the numerics guard, every
-    stream's position (gathered from all ranks) and the task's own state."""
+    stream's position and every rank's sample-log length (gathered from all ranks), and the task's own state."""
     streams: dict[int, dict] = {}
     for part in group.gather(feeder.states):
         streams |= part
@@ -263,6 +291,7 @@ def client_state(cfg: RunConfig, state: TrainState, feeder, guard: StepGuard, ta
         "config": redact(cfg.to_dict()),
         "numerics": guard.state_dict(),
         "data": data,
+        "samples": dict(enumerate(group.gather(sample_lines))),
         "task": task,
     }
 
@@ -315,6 +344,15 @@ class SampleLog:
         with self.path.open("a") as f:
             f.writelines(x + "\n" for x in ids)
         self.lines += len(ids)
+
+
+def trim_sample_logs(out: Path, lines: dict[int, int], world: int) -> None:
+    """Resuming on fewer ranks: the sample logs of the ranks this run lacks are cut back to the checkpoint too (each
+    rank cuts its own), so every samples.rank<R>.txt ends where the checkpoint does."""
+    for rank, n in lines.items():
+        path = out / f"samples.rank{rank}.txt"
+        if rank >= world and path.exists():
+            path.write_text("".join(x + "\n" for x in path.read_text().splitlines()[:n]))
 
 
 def sample_log(cfg: RunConfig, out: Path, lines: int) -> SampleLog | None:

@@ -1,7 +1,7 @@
 """launch/doctor.py: a preflight check of a multi-node run, one verdict per item, before anything starts.
 
 It validates the recipe and DeepSpeed config, the hostfile, the world size against the batch sizes, this node's GPUs,
-free disk for the checkpoints the run keeps, the master address and port, and the environment the ranks will get.
+a resume on another world size (the conversion it needs and its disk), free disk for the checkpoints the run keeps, the master address and port, and the environment the ranks will get.
 It writes nothing and starts no process group; it runs on a CPU machine with no cluster (GPU items are then skipped).
 """
 
@@ -143,6 +143,29 @@ def check_disk(cfg: RunConfig) -> Item:
     return Item(OK if free >= need else FAIL, "disk", detail)
 
 
+def check_resume(cfg: RunConfig, world: int) -> Item | None:
+    """A checkpoint to resume from, written on another world size or ZeRO stage: the conversion it will need, and the
+    disk for it. None when there is nothing to resume."""
+    from dapt.runtime import elastic
+
+    point = elastic.resume_candidate(cfg)
+    info = elastic.read_info(point) if point else None
+    if info is None:
+        return None
+    stage = cfg.ds_config.get("zero_optimization", {}).get("stage", 0)
+    written = f"{point} (written on {info['world_size']} rank(s) at ZeRO stage {info['zero_stage']})"
+    if not elastic.needs_conversion(info, world, stage):
+        return Item(OK, "resume", f"continues from {written}")
+    if (point / elastic.UNIVERSAL / "manifest.json").is_file():
+        return Item(OK, "resume", f"continues from {written} through its universal conversion, made before")
+    need, free = elastic.conversion_bytes(info), shutil.disk_usage(point).free
+    detail = (
+        f"continues from {written} on {world} rank(s) at stage {stage}: converted once to DeepSpeed's universal "
+        f"format in {point / elastic.UNIVERSAL}, about {need / 2**30:.2f} GiB; {free / 2**30:.1f} GiB free there"
+    )
+    return Item(OK if free >= need else FAIL, "resume", detail)
+
+
 def _local_addresses() -> set[str]:
     addresses = {"127.0.0.1", "::1", "localhost", socket.gethostname()}
     try:
@@ -268,6 +291,8 @@ def diagnose(argv: list[str]) -> list[Item]:
     items = check_config(cfg, problems)
     items.append(check_hostfile(cfg))
     items += check_gpus(cfg, gpus_per_node(cfg))
+    resume = check_resume(cfg, world)
+    items += [resume] if resume else []
     items += [
         check_disk(cfg),
         check_optimizer(cfg),
