@@ -42,6 +42,20 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory) -> Path:
+    """Two classes a tiny model separates: HTTP requests vs threat-report sentences (the default corpus)."""
+    from dapt.data.corpus import generate
+
+    path = tmp_path_factory.mktemp("labelled") / "docs.jsonl"
+    rows = [
+        {"text": t, "label": "http" if t.split(" ", 1)[0] in ("GET", "POST", "PUT", "DELETE") else "report"}
+        for t in generate(600, seed=11)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
 @pytest.fixture
 def recipe(tmp_path, corpus_file) -> Path:
     """A tiny from-scratch MLM recipe over the generated corpus; tests override fields on the command line."""

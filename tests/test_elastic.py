@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MLM, ROOT, child_env, launch, series
+from test_runner import CLASSIFY, _args
+from transformers import AutoModelForSequenceClassification
 
 pytestmark = pytest.mark.slow
 ROWS = 16  # rows per optimizer step: micro 4 x accumulation 4 x 1 rank, or 4 x 2 x 2 ranks
@@ -177,7 +179,10 @@ def test_what_cannot_be_resumed_elsewhere_is_a_config_error_naming_what_would_wo
     base = ["--recipe", str(recipe), "--output_dir", str(out), "--data.streams=8"]
     cfg = load_config([*base, "--ds", str(fp32_ds(tmp_path, 2)), "--train.micro_batch_size=4"], world_size=4)
     assert (cfg.train.grad_accum, cfg.ds_config["train_batch_size"]) == (1, 16)
-    assert cfg.ds_config["checkpoint"]["load_universal"] is True
+    assert any("converted once to DeepSpeed's universal format" in note for note in cfg.notes)
+    assert "checkpoint" not in cfg.ds_config  # load_universal is turned on for the loads that need it only
+    same = load_config([*base, "--ds", str(fp32_ds(tmp_path, 2)), "--train.micro_batch_size=4"], world_size=2)
+    assert not any("universal" in note for note in same.notes)  # the world size it was written on: as before
     with pytest.raises(ConfigError) as e:  # 16 rows cannot be made of micro batches of 3
         load_config([*base, "--ds", str(fp32_ds(tmp_path, 2)), "--train.micro_batch_size=3"], world_size=1)
     assert (
@@ -192,7 +197,7 @@ def test_what_cannot_be_resumed_elsewhere_is_a_config_error_naming_what_would_wo
     ):
         load_config([*base, "--ds", str(fp32_ds(tmp_path, 2))], world_size=1)
     cfg = load_config([*base, "--ds", str(fp32_ds(tmp_path, 2)), "--resume=never"], world_size=1)
-    assert "checkpoint" not in cfg.ds_config  # nothing to convert when nothing is resumed
+    assert not any("universal" in note for note in cfg.notes)  # nothing to convert when nothing is resumed
 
 
 def _sigterm_when_trained(cmd: list, out: Path, steps: int) -> int:
@@ -273,3 +278,21 @@ def test_sigterm_on_2_ranks_then_the_same_command_on_1_rank_continues_the_uninte
     assert global_order(out, [(stopped, 2), (40 - stopped, 1)]) == straight
     model = AutoModelForMaskedLM.from_pretrained(out / "final")
     assert model.config.model_type == "bert"
+
+
+def test_a_classifier_moves_from_2_ranks_to_1_and_exports_its_best_checkpoint(labelled, tmp_path):
+    """The classifier resumes through the same runner; at the end it loads the checkpoint it exports (the best
+    evaluation's), which may have been written on either world size: each load converts what needs converting."""
+    out = tmp_path / "run"
+    args = _args(labelled, out, "--ds", str(fp32_ds(tmp_path, 2)), "--train.eval_every=3", "--train.log_every=1",
+                 "--checkpoint.keep=10")  # fmt: skip
+    launch([*args, "--train.max_steps=6"], ranks=2, script=CLASSIFY)
+    again = launch([*args, "--train.max_steps=9"], script=CLASSIFY)
+    assert "resumed from" in again.stdout and "at optimizer step 6" in again.stdout
+    assert "the global batch stays 16 rows" in again.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 9 and summary["final_from"].startswith("checkpoint.export=best")
+    chosen = out / "checkpoints" / summary["final_checkpoint"]
+    written_on = json.loads((chosen / "dapt_checkpoint.json").read_text())["world_size"]
+    assert (chosen / "universal").is_dir() == (written_on == 2)
+    assert AutoModelForSequenceClassification.from_pretrained(out / "final").config.num_labels == 2

@@ -75,7 +75,13 @@ def test_hub_push_config_problems_are_reported_before_anything_starts(tmp_path, 
     problems = "\n".join(e.value.problems)
     assert "hub.model_id: 'not a repo' is not a hub repository id OWNER/NAME" in problems
     assert "there is no hub token: set MY_HUB_TOKEN" in problems and "HF_HUB_OFFLINE is set" in problems
+    from dapt.runtime.publish import hub_token
+
+    assert hub_token("MY_HUB_TOKEN") is None
+    (tmp_path / "no-token").write_text("hf_" + "S" * 34)  # what `hf auth login` saves
+    assert hub_token("MY_HUB_TOKEN") == "hf_" + "S" * 34
     monkeypatch.setenv("MY_HUB_TOKEN", TOKEN)
+    assert hub_token("MY_HUB_TOKEN") == TOKEN  # the named variable first: what push_final gives HfApi
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     cfg = load_config(
         ["--hub.push=true", "--hub.model_id=me/x", "--hub.token_env=MY_HUB_TOKEN"], world_size=1

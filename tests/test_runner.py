@@ -21,20 +21,6 @@ TINY = (
 CLASSIFY = ROOT / "launch" / "classify.py"
 
 
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> Path:
-    """Two classes a tiny model separates: HTTP requests vs threat-report sentences (the default corpus)."""
-    from dapt.data.corpus import generate
-
-    path = tmp_path_factory.mktemp("labelled") / "docs.jsonl"
-    rows = [
-        {"text": t, "label": "http" if t.split(" ", 1)[0] in ("GET", "POST", "PUT", "DELETE") else "report"}
-        for t in generate(600, seed=11)
-    ]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 def _args(labelled: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--data.train",

@@ -650,7 +650,9 @@ def _check_hub(cfg: RunConfig, check_files: bool) -> list[str]:
         )
     if not h.token_env:
         p.append("hub.token_env: empty (the name of the environment variable that holds the hub token)")
-    elif check_files and hub_token(h.token_env) is None:
+    elif (
+        check_files and os.environ.get("RANK", "0") == "0" and hub_token(h.token_env) is None
+    ):  # rank 0 uploads
         p.append(
             f"hub.push=true but there is no hub token: set {h.token_env} (hub.token_env) to a token with write "
             "access, or run `hf auth login` once on this machine"

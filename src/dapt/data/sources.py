@@ -97,8 +97,14 @@ def arrow_shards(fs, path: str, found: list[str], source: str) -> list[str]:
             "data.test"
         )
     if fs.exists(f"{root}/state.json"):
-        state = json.loads(fs.cat_file(f"{root}/state.json"))
-        return [f"{root}/{shard['filename']}" for shard in state.get("_data_files", [])]
+        try:
+            shards = [s["filename"] for s in json.loads(fs.cat_file(f"{root}/state.json"))["_data_files"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"data source {source!r}: {root}/state.json is not a datasets save_to_disk state "
+                f"({type(e).__name__}: {e}); save the dataset again, or name its .arrow files"
+            ) from None
+        return [f"{root}/{name}" for name in shards]
     return [p for p in found if p.endswith(".arrow")]
 
 

@@ -95,7 +95,7 @@ def model_config(
             f"{name}: no such model folder (if an earlier stage writes it, run that stage "
             "first, or size this one from the hub model it starts from with --model.name_or_path)"
         )
-    if Path(name).is_dir() or name not in ARCHITECTURES:
+    if Path(name).is_dir() or name not in ARCHITECTURES or revision:
         from dapt.model.hub import pretrained
 
         return pretrained(

@@ -217,10 +217,12 @@ class Checkpointer:
     def load(self, engine, path: Path, ranks: Path | None = None) -> tuple[dict, dict]:
         """Load engine state from checkpoint folder `path` (and the ranks' own state from `ranks`, default `path`);
         return (client state, this rank's extra state)."""
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
         check_unpickling(path)
         try:
             loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
-        except (RuntimeError, KeyError, AssertionError, IndexError) as e:
+        except (RuntimeError, KeyError, AssertionError, IndexError, ZeRORuntimeException) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(
                 f"checkpoint {path} does not fit this run ({type(e).__name__}: {first[:300]}); it was "

@@ -80,8 +80,8 @@ def needs_conversion(info: dict | None, world: int, stage: int) -> bool:
 
 def plan(cfg, world: int, problems: list[str]) -> list[str]:
     """Config time, before any rank starts: for a resume on another world size, keep the checkpoint's global batch
-    (a new accumulation, or a config error naming values that would keep it), and ask DeepSpeed for a universal load
-    when one is needed. Returns the notes to log."""
+    (a new accumulation, or a config error naming values that would keep it), and refuse what cannot be converted.
+    Returns the notes to log. (Which checkpoints to convert is decided at each load: Checkpoints.load.)"""
     point = resume_candidate(cfg)
     info = read_info(point) if point else None
     if info is None or not cfg.ds_config:
@@ -96,12 +96,24 @@ def plan(cfg, world: int, problems: list[str]) -> list[str]:
     if problem:
         problems.append(problem)
         return notes
-    cfg.ds_config.setdefault("checkpoint", {})["load_universal"] = True
     notes.append(
         f"resume: {point} was written on {info['world_size']} rank(s) at ZeRO stage {info['zero_stage']}; this run "
         f"has {world} at stage {stage}: it is converted once to DeepSpeed's universal format and loaded from it"
     )
     return notes
+
+
+@contextlib.contextmanager
+def universal_load(engine):
+    """DeepSpeed reads its load_universal setting when a checkpoint is loaded, not before: on for this one load, so
+    that other checkpoints (written on this world size) still load as they are."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
 
 
 def _keep_global_batch(cfg, info: dict, world: int, point: Path, problems: list[str]) -> list[str]:
@@ -167,6 +179,7 @@ def universal(point: Path) -> Path:
     from dapt.runtime.checkpoint import check_unpickling, verify, write_manifest
 
     target = point / UNIVERSAL
+    error = [None]
     if group.rank() == 0:
         if target.is_dir() and verify(target) is None:
             log.info("resume: using the universal conversion of %s made before", point)
@@ -176,11 +189,22 @@ def universal(point: Path) -> Path:
             tmp = point / f".tmp-{UNIVERSAL}"
             shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that was killed
             log.info("resume: converting %s to DeepSpeed's universal format (once) ...", point)
-            _convert(point, tmp)
-            write_manifest(tmp)
-            os.replace(tmp, target)
-            log.info("resume: converted %s -> %s", point, target)
-    group.barrier()
+            try:
+                _convert(point, tmp)
+                write_manifest(tmp)
+                os.replace(tmp, target)
+                log.info("resume: converted %s -> %s", point, target)
+            except Exception as e:  # noqa: BLE001  (DeepSpeed's converter raises assertions, KeyErrors, ...)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                error = [
+                    f"resume: converting {point} to DeepSpeed's universal format failed ({type(e).__name__}: "
+                    f"{first[:300]}; the converter's output is in {tmp / 'convert.log'}): resume on the world size it "
+                    "was written on, or start over with --resume=never"
+                ]
+    if group.world() > 1:  # every rank learns the outcome, and none waits on a rank that failed
+        torch.distributed.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise ValueError(error[0])
     return target
 
 
@@ -197,13 +221,12 @@ def _convert(point: Path, out: Path) -> None:
         inject_missing_state=True,  # dapt checkpoints carry no Megatron-style universal info
     )
     out.mkdir(parents=True)
-    printed = io.StringIO()
-    with (
-        contextlib.redirect_stdout(printed),
-        contextlib.redirect_stderr(printed),
-    ):  # its prints and progress bars
-        ds_to_universal.main(args)
-    (out / "convert.log").write_text(printed.getvalue())
+    printed = io.StringIO()  # its prints and progress bars
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            ds_to_universal.main(args)
+    finally:
+        (out / "convert.log").write_text(printed.getvalue())
 
 
 def repair_universal_load(engine, folder: Path) -> None:
@@ -235,10 +258,11 @@ def repair_universal_load(engine, folder: Path) -> None:
 
 
 def conversion_bytes(info: dict) -> int:
-    """Disk the universal copy takes: each parameter's fp32 weights and two Adam moments, whole, plus the model
-    states file DeepSpeed copies (about the bit16 weights again)."""
+    """Disk the conversion needs at its peak: each parameter's fp32 weights and two Adam moments, whole (12 bytes), the
+    model states file DeepSpeed copies (up to 4 more), and the per-rank fragments it writes first and deletes after
+    merging (12 more)."""
     numel = sum(_numel(shape) for shape in info.get("parameters", {}).values())
-    return numel * (3 * 4 + 4)
+    return numel * 28
 
 
 def _numel(shape: list[int]) -> int:

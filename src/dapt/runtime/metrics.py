@@ -34,9 +34,9 @@ class MetricsLogger:
         if active and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run (from step N) writes a new event file whose purge step hides the old steps after N
-            purge = start_step + 1 if start_step else None
-            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
+            # a new event file whose purge step hides the steps after N of earlier files: a resumed run (from step N)
+            # repeats them, and so does a rerun from the start (N = 0) of a run killed before its first checkpoint
+            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop events past the checkpoint's step so the file lists one history, not two."""

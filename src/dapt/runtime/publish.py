@@ -3,10 +3,13 @@ has its model card. One commit, from rank 0; the token is read from the environm
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from pathlib import Path
+
+from dapt.runtime import group
 
 log = logging.getLogger("dapt")
 
@@ -71,17 +74,15 @@ def failure_message(result: dict, folder: Path) -> str:
 
 
 def publish(cfg, out: Path, summary: dict) -> None:
-    """Rank 0, once final/ has its model card: hub.push's upload, its result in summary["hub"]."""
+    """hub.push, on rank 0 once every rank is done (an upload may outlast the ranks' collective timeout): the upload,
+    its result in summary["hub"] and summary.json; a failed upload then ends the run with exit 5, final/ kept."""
     h = cfg.hub
-    if h.push:
-        message = (
-            f"dapt: {out.name}, the weights of step {summary.get('final_step')} ({summary.get('final_from')})"
-        )
-        summary["hub"] = push_final(out / "final", h.model_id, h.private, h.token_env, message)
-
-
-def raise_if_failed(summary: dict, out: Path) -> None:
-    """After the ranks' last barrier: a failed upload ends the run with exit 5 (final/ is kept)."""
-    result = summary.get("hub")
-    if result and not result["pushed"]:
-        raise PushFailed(failure_message(result, out / "final"))
+    if not h.push or group.rank() != 0:
+        return
+    message = (
+        f"dapt: {out.name}, the weights of step {summary.get('final_step')} ({summary.get('final_from')})"
+    )
+    summary["hub"] = push_final(out / "final", h.model_id, h.private, h.token_env, message)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if not summary["hub"]["pushed"]:
+        raise PushFailed(failure_message(summary["hub"], out / "final"))

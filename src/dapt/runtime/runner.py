@@ -213,10 +213,7 @@ class Checkpoints:
         point = self.resume_point()
         if point is None:
             return Resumed()
-        loadable = self._loadable(engine, point)
-        client, mine = self.store.load(engine, loadable, ranks=point)
-        if loadable != point:
-            elastic.repair_universal_load(engine, loadable)
+        client, mine = self.load(engine, point)
         if "train_state" not in client:
             raise ValueError(
                 f"resume: checkpoint {point} was written by an older dapt (a classifier checkpoint without the shared "
@@ -244,21 +241,22 @@ class Checkpoints:
         )
         return resumed
 
-    def _loadable(self, engine, point: Path) -> Path:
-        """`point`, or its universal conversion when it was written on another world size or ZeRO stage (the config
-        check asked DeepSpeed for a universal load then)."""
-        universal = self.cfg.ds_config.get("checkpoint", {}).get("load_universal", False)
-        info = elastic.read_info(point)
-        if not universal and elastic.needs_conversion(info, group.world(), engine.zero_optimization_stage()):
-            raise ValueError(
-                f"resume: {point} was written on {info['world_size']} rank(s) at ZeRO stage {info['zero_stage']} and "
-                "must be converted, but it is not the checkpoint checked at start-up (the latest was damaged): "
-                "run the same command again"
-            )
-        if not universal:
-            return point
+    def load(self, engine, point: Path) -> tuple[dict, dict]:
+        """Load checkpoint `point` (a resume, or the weights to export): through its universal conversion when it was
+        written on another world size or ZeRO stage (made once, then reused). Returns (client state, this rank's
+        own state)."""
+        info, stage = elastic.read_info(point), engine.zero_optimization_stage()
+        if not elastic.needs_conversion(info, group.world(), stage):
+            return self.store.load(engine, point)
+        problem = elastic.convertible(info, stage, point)
+        if problem:
+            raise ValueError(problem)
         elastic.check_same_model(point, engine)
-        return elastic.universal(point)
+        folder = elastic.universal(point)
+        with elastic.universal_load(engine):
+            client, mine = self.store.load(engine, folder, ranks=point)
+        elastic.repair_universal_load(engine, folder)
+        return client, mine
 
     def save(
         self, engine, state: TrainState, feeder, guard: StepGuard, task: dict, samples, score: float | None

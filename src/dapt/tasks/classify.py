@@ -36,7 +36,7 @@ from dapt.runtime.metrics import plot_curves
 from dapt.runtime.numerics import Diverged, StepGuard
 from dapt.runtime.plots import pyplot, save
 from dapt.runtime.preempt import Preempted, PreemptionWatch
-from dapt.runtime.publish import publish, raise_if_failed
+from dapt.runtime.publish import publish
 from dapt.runtime.runner import (
     Checkpoints,
     TrainState,
@@ -515,7 +515,7 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
     log.info(
         "final/ and the test set use %s (%s%s)", chosen.name, why, f", {cfg.classify.metric}" if best else ""
     )
-    ckpts.store.load(engine, chosen)
+    ckpts.load(engine, chosen)
     summary = {
         "best_checkpoint": chosen.name,  # kept for 0.1's readers: the checkpoint final/ is made from
         "final_checkpoint": chosen.name,
@@ -557,11 +557,10 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
         results = {f"{split} {k}": summary[split].get(k) for split in ("valid", "test") if summary.get(split)
                    for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}  # fmt: skip
         write_model_card(out / "final", cfg, "classify", summary, results)
-        publish(cfg, out, summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if cfg.log.plots:
             plot_curves(out / "metrics.jsonl", out / "plots")
         metrics.finish(summary)
     group.barrier()
-    raise_if_failed(summary, out)
+    publish(cfg, out, summary)  # hub.push, after the last collective
     return summary

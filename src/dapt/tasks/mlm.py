@@ -34,7 +34,7 @@ from dapt.runtime.checkpoint import export_hf
 from dapt.runtime.metrics import plot_curves, read_metrics
 from dapt.runtime.numerics import Diverged, StepGuard
 from dapt.runtime.preempt import Preempted, PreemptionWatch
-from dapt.runtime.publish import publish, raise_if_failed
+from dapt.runtime.publish import publish
 from dapt.runtime.runner import (
     Checkpoints,
     Step,
@@ -431,7 +431,7 @@ def finish(
         skipped = epoch.skipped  # epoch 0 was read to its end: its pass saw every record
     chosen, why = ckpts.export_point()
     if chosen != ckpts.store.latest():
-        ckpts.store.load(engine, chosen)  # final/ and the test set use the exported weights
+        ckpts.load(engine, chosen)  # final/ and the test set use the exported weights
     log.info("final/ from %s (%s)", chosen.name, why)
     final = export_hf(engine, corpus.tokenizer, chosen, out / "final")
     summary = {
@@ -462,7 +462,7 @@ def finish(
     if group.rank() == 0:
         _write_results(cfg, summary, metrics, final, wall)
     group.barrier()
-    raise_if_failed(summary, out)
+    publish(cfg, out, summary)  # hub.push, after the last collective
     return summary
 
 
@@ -479,7 +479,6 @@ def _write_results(cfg: RunConfig, summary: dict, metrics, final, wall: float) -
     }
     results |= {f"test {k}": summary.get(f"test_{k}") for k in ("loss", "accuracy")}
     write_model_card(out / "final", cfg, "mlm", summary, results)
-    publish(cfg, out, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
     metrics.finish(summary)
