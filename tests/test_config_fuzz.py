@@ -73,6 +73,7 @@ data.block_docs                R R R R R R R R R R R R R R R
 data.min_chars                 R A R R R R R R R R R R R R R
 data.max_chars                 R A R R R R R R R R R R R R R
 data.max_record_bytes          R R R R R R R R R R R R R R R
+data.volatile                  R R R R R R R R R R R R R R R
 data.num_samples               R A R R R R R R R R R R R R R
 data.max_records_per_file      R A R R R R R R R R R R R R R
 data.dedupe                    R R R R R R R R R R A R R R R

@@ -404,7 +404,9 @@ def _check_choices(cfg: RunConfig) -> list[str]:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
+        if isinstance(value, list):  # a list field: each entry is one of the choices
+            p += [f"{key}: {v!r} is not one of {', '.join(allowed)}" for v in value if v not in allowed]
+        elif value not in allowed:
             p.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
         elif value in NOT_YET.get(key, ()):
             p.append(

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dapt.data.sources import COMPRESSED, Oversize, Position, lines_from, open_binary
+from dapt.data.volatile import normaliser
 
 # Matched on raw bytes, so a request line that is not valid UTF-8 still starts a (bad) record of its own.
 HTTP_REQUEST = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|TRACE|CONNECT) \S+ HTTP/\d")
@@ -47,6 +48,9 @@ class FormatOptions:
     max_line_bytes: int = 64 << 20  # longer lines are bad records ("oversize"), never read into memory
     label_field: str = ""  # classification: the jsonl field / csv column / parquet column holding the label
     records_field: str = ""  # json: the field of the document that holds the list of records
+    volatile: tuple[
+        str, ...
+    ] = ()  # data.volatile: rules of data/volatile.py applied to every document's text
 
 
 Item = tuple["Document | BadRecord", Position]
@@ -426,9 +430,12 @@ def _guarded(reader):
         # of a reader closed at interpreter shutdown, when nothing can be imported any more.
         errors = _read_errors()
         line = start.line
+        normalise = normaliser(opts.volatile)
         try:
             for item, after in reader(url, start, opts):
                 line = after.line
+                if normalise and isinstance(item, Document):
+                    item = Document(normalise(item.text), item.id, item.label)
                 yield item, after
         except errors as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -31,6 +31,7 @@ def format_options(d) -> FormatOptions:
         round_digits=d.round_digits,
         max_line_bytes=d.max_record_bytes,
         records_field=d.records_field,
+        volatile=tuple(d.volatile),
     )
 
 
