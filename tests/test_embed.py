@@ -100,6 +100,8 @@ def test_embed_writes_npz_per_split(encoder, tmp_path, corpus_file):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
+    """Seed 000's protocol on real CSIC slices, scored by the fusion of Mahalanobis distance, MLM surprise and lexical
+    novelty, validated on a share of the test files: both calibrations, every component, the report and the plot."""
     from dapt.tasks.anomaly import run as run_anomaly
 
     csic = SHARED / "csic2010"
@@ -113,25 +115,67 @@ def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
             "--model.name_or_path",
             encoder,
             "--data.format=http",
+            "--data.volatile=[cookie, session_id]",
             "--data.train",
             train,
             "--data.test",
             f"[{normal}, {attack}]",
-            "--data.valid_fraction=0.2",
             "--classify.label_files={'normal*': normal, 'anomalous*': attack}",
             "--output_dir",
             out,
             "--data.max_seq_length=128",
+            "--embed.score=fused",
+            "--embed.valid_from_test=0.3",
+            "--embed.sample=250",
+            "--embed.mask_patterns=2",
         ],
     )
     saved = json.loads((out / "anomaly.json").read_text())
-    for key in ("recall_at_max_fpr", "max_fpr", "test_fpr", "threshold", "auroc"):
+    for key in (
+        "recall_at_max_fpr",
+        "max_fpr",
+        "test_fpr",
+        "threshold",
+        "auroc",
+        "calibrations",
+        "components",
+    ):
         assert key in saved, key
-    assert saved["max_fpr"] == 0.05 and saved["train_normal"] > 500 and saved["valid_normal"] > 100
     assert (
-        0.0 <= saved["test_fpr"] < 0.25 and saved["auroc"] > 0.5
-    )  # even an untrained encoder separates a bit
-    assert (out / "plots" / "roc.png").stat().st_size > 1000 and result["threshold"] == saved["threshold"]
+        saved["max_fpr"] == 0.05 and saved["train_normal"] > 500 and result["threshold"] == saved["threshold"]
+    )
+    assert 100 < saved["valid_normal"] + saved["valid_attack"] <= 250 and saved["valid_attack"] > 30
+    assert saved["test"] == 250  # embed.sample
+    assert 0.0 <= saved["test_fpr"] < 0.25 and saved["auroc"] > 0.7  # lexical novelty separates even here
+    lit = saved["calibrations"]["test_calibrated"]
+    assert lit["test_fpr"] <= 0.05 and lit["threshold"] != saved["threshold"]
+    assert set(saved["components"]) == {"mahalanobis", "mlm", "lexical"} and len(saved["fuse"]) >= 2
+    assert saved["token_score"] in ("mean", "max", "topk") and set(saved["token_score_validation"]) == {
+        "mean",
+        "max",
+        "topk",
+    }
+    assert len(saved["fuse_validation"]) == 4  # three pairs and the triple, each measured on validation
+    findings = [json.loads(line) for line in (out / "anomaly_report.jsonl").read_text().splitlines()]
+    flagged_attacks = sum(f["label"] == "attack" for f in findings)
+    assert flagged_attacks == round(saved["recall_at_max_fpr"] * saved["test_attack"])
+    assert len(findings) - flagged_attacks == round(
+        saved["test_fpr"] * (saved["test"] - saved["test_attack"])
+    )
+    assert findings and [f["score"] for f in findings] == sorted((f["score"] for f in findings), reverse=True)
+    assert all(f["score"] > saved["threshold"] for f in findings)
+    assert all(
+        len(f["surprising_tokens"]) == 5 and f["surprising_tokens"][0][1] >= f["surprising_tokens"][-1][1]
+        for f in findings
+    )
+    assert any(f["novel_spans"] for f in findings)
+    page = (out / "anomaly_report.md").read_text()
+    assert (
+        "| normal validation data |" in page
+        and "| normal test data |" in page
+        and findings[0]["id"].rsplit("/", 1)[-1] in page
+    )
+    assert (out / "plots" / "roc.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

@@ -524,6 +524,19 @@ def _check_embed(cfg: RunConfig) -> list[str]:
             ok = False
         if not ok:
             p.append(f"embed.shrinkage: {e.shrinkage!r} must be ledoit_wolf or a number in [0, 1]")
+    for name in ("mask_patterns", "top_k", "ngram", "report_top"):
+        _positive(p, f"embed.{name}", getattr(e, name))
+    _positive(p, "embed.sample", e.sample, minimum=0)
+    if not 0 < e.mask_rate <= 1:
+        p.append(f"embed.mask_rate: {e.mask_rate} must be in (0, 1]")
+    if not 0 <= e.valid_from_test < 1:
+        p.append(f"embed.valid_from_test: {e.valid_from_test} must be in [0, 1)")
+    elif e.valid_from_test and cfg.data.valid:
+        p.append("embed.valid_from_test: the validation set is taken from data.test; leave data.valid empty")
+    if e.score == "fused" and len(set(e.fuse)) < 2:
+        p.append(
+            f"embed.fuse: {e.fuse} fuses fewer than two scores; name two or more, or set embed.score to one"
+        )
     return p
 
 

@@ -409,6 +409,36 @@ class EmbedConfig:
     """anomaly: the false-positive rate allowed on normal validation data; it sets the threshold."""
     shrinkage: str = "ledoit_wolf"
     """anomaly: covariance shrinkage, ledoit_wolf or a fixed coefficient in [0, 1] (e.g. 0.1)."""
+    score: str = "mahalanobis"
+    """anomaly: how a document is scored."""
+    mask_patterns: int = 4
+    """anomaly, mlm: K, the fixed mask patterns every document is scored under (one forward pass each)."""
+    mask_rate: float = 0.15
+    """anomaly, mlm: the share of tokens each pattern masks; K * rate <= 1 keeps the patterns disjoint (1 / rate
+    patterns mask every token exactly once)."""
+    token_score: str = "auto"
+    """anomaly, mlm: how the token surprises of a document become its score."""
+    top_k: int = 5
+    """anomaly, mlm: the k of token_score=topk, and how many surprising tokens the report lists per finding."""
+    fuse: list[str] = field(default_factory=lambda: ["mahalanobis", "mlm", "lexical"])
+    """anomaly, fused: the scores that may be combined, each first calibrated on normal validation documents. With
+    attacks in the validation set (embed.valid_from_test) the combination of two or more of them that separates them
+    best is used; without, all of them."""
+    ngram: int = 3
+    """anomaly, lexical: the n of the character n-grams (a document's score: the share never seen in normal
+    training documents)."""
+    ngram_digits: bool = True
+    """anomaly, lexical: read every digit as 0 first, so new numbers are not novel (a digit among letters still is)."""
+    valid_from_test: float = 0.0
+    """anomaly: the share of the test documents (by a hash of their text) that is the validation set instead
+    (data.valid and the train split are then not used): normal ones set the threshold, attacks let token_score=auto
+    choose; none of them is reported as test. 0: validation is data.valid or the hash split of data.train."""
+    sample: int = 0
+    """anomaly: score at most this many documents of each split (training documents for the Mahalanobis fit,
+    validation, test), the same hash-chosen ones on every run: a CPU-sized look at a large test set. Lexical novelty
+    is still fitted on every normal training document. 0: all."""
+    report_top: int = 50
+    """anomaly: the findings shown in anomaly_report.md (anomaly_report.jsonl has every flagged document)."""
 
 
 @dataclass(kw_only=True)
@@ -423,6 +453,9 @@ class AblationConfig:
     """The recipe of the evaluation run on each checkpoint (launch/classify.py or launch/anomaly.py protocol)."""
     protocol: str = "classify"
     """How each checkpoint is evaluated."""
+    score: str = ""
+    """anomaly protocol: the embed.score every checkpoint is evaluated by (mahalanobis, mlm, lexical, fused); empty:
+    the eval recipe's. A model without a trained MLM head (the base, often) gets no mlm row, with the reason."""
     overrides: list[str] = field(default_factory=list)
     """Extra --section.field=value arguments given to every stage (e.g. --train.max_steps=100 for a quick look)."""
 
@@ -513,7 +546,27 @@ CHOICES = {
     "classify.metric": ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc"),
     "classify.unseen": {"error": "stop, naming file and line", "skip": "leave such records out, counted"},
     "embed.pooling": {"cls": "the first token's state", "mean": "the average over real tokens"},
+    "embed.score": {
+        "mahalanobis": "squared Mahalanobis distance of the pooled embedding to the normal training ones (seed 000)",
+        "mlm": "the MLM's surprise at the document's masked tokens (needs a trained MLM head: a dapt MLM run's final/)",
+        "lexical": "the share of character n-grams never seen in normal training documents",
+        "fused": "the embed.fuse scores, each turned into its tail probability among normal validation documents, "
+        "combined by Fisher's sum of -log p",
+    },
+    "embed.token_score": {
+        "mean": "mean surprise of the masked tokens",
+        "max": "the most surprising token",
+        "topk": "mean of the embed.top_k most surprising tokens",
+        "auto": "whichever of the three separates attacks from normal validation documents best (needs attacks in "
+        "validation, e.g. embed.valid_from_test); topk without them",
+    },
+    "embed.fuse": {
+        "mahalanobis": "embedding distance",
+        "mlm": "MLM surprise",
+        "lexical": "character n-gram novelty",
+    },
     "ablation.protocol": ("classify", "anomaly"),
+    "ablation.score": ("", "mahalanobis", "mlm", "lexical", "fused"),
     "checkpoint.disk_check": ("refuse", "warn", "off"),
     "checkpoint.export": {
         "best": "the best evaluation's checkpoint when there is an evaluation set (and keep_best), else the last",

@@ -68,6 +68,38 @@ def load_encoder(cfg: RunConfig, device):
     return model.to(device).eval(), tokenizer
 
 
+class NoMLMHead(ValueError):
+    """The model has no trained MLM head, so it cannot score MLM surprise."""
+
+
+def load_masked_lm(cfg: RunConfig, device):
+    """The *ForMaskedLM of model.name_or_path and its tokenizer, in evaluation mode on `device`, for MLM surprise.
+
+    Raises:
+        ValueError: the checkpoint has no trained MLM head (an encoder such as all-MiniLM-L6-v2, or a classifier):
+            its surprise would come from random weights.
+    """
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from dapt.model.hub import from_config
+
+    m = cfg.model
+    tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
+    model, info = from_config(
+        AutoModelForMaskedLM.from_pretrained, m, dtype=torch.float32, output_loading_info=True
+    )
+    prefix = model.base_model_prefix + "."
+    untrained = [k for k in info["missing_keys"] if not k.startswith(prefix)]
+    if untrained:
+        raise NoMLMHead(
+            f"model.name_or_path: {m.name_or_path} has no trained MLM head ({len(untrained)} head weights missing, "
+            f"e.g. {sorted(untrained)[0]}), so MLM surprise would come from random weights; adapt it first with "
+            "launch/mlm.py (which trains the head) and score its final/, or leave mlm out (embed.score=mahalanobis "
+            "or lexical, embed.fuse without mlm)"
+        )
+    return model.to(device).eval(), tokenizer
+
+
 def splits_of(cfg: RunConfig, skipped: Counter, labelled: bool) -> dict[str, list[Document]]:
     """train / valid / test documents; valid is the hash split of train when data.valid is not given."""
     d = cfg.data

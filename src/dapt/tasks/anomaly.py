@@ -1,12 +1,16 @@
-"""launch/anomaly.py: Mahalanobis anomaly detection on an encoder's embeddings.
+"""launch/anomaly.py: anomaly detection with an encoder, scored by embedding distance, MLM surprise, lexical
+novelty or their fusion (embed.score).
 
-Seed 000's protocol: fit a Gaussian (mean, shrinkage covariance) on embeddings of normal training traffic, set the
-threshold on normal validation data for a maximum false-positive rate (5% by default), and report the recall of
-attacks at that threshold, the false-positive rate reached on normal test data, and AUROC.
+Seed 000's protocol: fit on normal training traffic (a Gaussian of pooled embeddings, the character n-grams seen),
+set the threshold on normal validation data for a maximum false-positive rate (5% by default), and report the
+recall of attacks at that threshold, the false-positive rate reached on normal test data, and AUROC. The threshold
+set on the normal test data itself (what the literature reports) is reported beside it. Every flagged document is
+listed with its most surprising tokens and novel character spans (anomaly_report.jsonl, anomaly_report.md).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections import Counter
@@ -15,7 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from dapt.config.schema import RunConfig
-from dapt.data.embedding import embed_documents, load_encoder, splits_of
+from dapt.data.embedding import embed_documents, load_encoder, load_masked_lm, splits_of
+from dapt.data.novelty import CharNovelty
+from dapt.data.stream import in_valid_split, split_hash
+from dapt.data.surprise import AGGREGATES, token_surprise
 from dapt.runtime import group
 from dapt.runtime.plots import pyplot, save
 from dapt.runtime.runner import start
@@ -71,69 +78,372 @@ def evaluate_detector(scores: np.ndarray, is_anomaly: np.ndarray, threshold: flo
     return result
 
 
-def plot_roc(result: dict, max_fpr: float, path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(result["roc_curve"]["fpr"], result["roc_curve"]["tpr"], label=f"AUROC {result['auroc']:.3f}")
-    ax.axvline(max_fpr, color="grey", linestyle="--", label=f"max FPR {max_fpr:g}")
-    ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("recall (true-positive rate)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    save(fig, path)
+def tail_scores(normal_valid: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """-log of x's tail probability among the normal validation scores, (1 + #{v >= x}) / (n + 1): every score on
+    one scale, where fused scores add up (Fisher's method)."""
+    ranked = np.sort(normal_valid)
+    above = len(ranked) - np.searchsorted(ranked, x, side="left")
+    return -np.log((1.0 + above) / (len(ranked) + 1.0))
+
+
+def separation(normal: np.ndarray, attack: np.ndarray, max_fpr: float) -> dict:
+    """How well a score separates attacks from normal documents of one set: recall at its own max_fpr threshold, and
+    AUROC (the tie-break)."""
+    from sklearn.metrics import roc_auc_score
+
+    threshold = threshold_for(normal, max_fpr)
+    labels = np.r_[np.zeros(len(normal)), np.ones(len(attack))]
+    return {
+        "recall_at_max_fpr": float((attack > threshold).mean()),
+        "auroc": float(roc_auc_score(labels, np.r_[normal, attack])),
+    }
+
+
+def best_of(table: dict) -> str | None:
+    """The entry of a table of separations with the best validation recall (then AUROC); None for an empty one."""
+    return max(table, key=lambda c: (table[c]["recall_at_max_fpr"], table[c]["auroc"])) if table else None
+
+
+def separations(table: dict) -> str:
+    return "; ".join(
+        f"{c} recall {r['recall_at_max_fpr']:.3f} AUROC {r['auroc']:.3f}" for c, r in table.items()
+    )
+
+
+class Scores:
+    """Every component score (mahalanobis, mlm, lexical) of the validation and test documents, computed once."""
+
+    def __init__(self, cfg: RunConfig, splits: dict, device):
+        self.cfg, self.e, self.device = cfg, cfg.embed, device
+        e = self.e
+        self.needed = list(dict.fromkeys(e.fuse)) if e.score == "fused" else [e.score]
+        self.valid, self.test = splits["valid"], splits["test"]
+        self.valid_attack = np.array([d.label != e.normal_label for d in self.valid])
+        self.test_attack = np.array([d.label != e.normal_label for d in self.test])
+        self.normal_train = [d for d in splits["train"] if d.label == e.normal_label]
+        self.fit_docs = sample(self.normal_train, e.sample)
+        self.values: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (valid, test)
+        self.surprise: list | None = None  # the test documents' token surprises (mlm)
+        self.chosen: dict = {}
+        self.novelty = CharNovelty(e.ngram, e.ngram_digits).fit(d.text for d in self.normal_train)
+        model = tokenizer = None
+        if "mlm" in self.needed:
+            model, tokenizer = load_masked_lm(cfg, device)
+        elif "mahalanobis" in self.needed:
+            model, tokenizer = load_encoder(cfg, device)
+        self.tokenizer = tokenizer
+        for name in self.needed:
+            self.values[name] = getattr(self, "_" + name)(model)
+
+    def _mahalanobis(self, model) -> tuple[np.ndarray, np.ndarray]:
+        cfg, e = self.cfg, self.e
+        encoder = model.base_model if "mlm" in self.needed else model
+
+        def emb(docs):
+            return embed_documents(
+                encoder,
+                self.tokenizer,
+                docs,
+                cfg.data.max_seq_length,
+                cfg.train.micro_batch_size,
+                e.pooling,
+                self.device,
+            )
+
+        detector = Mahalanobis(e.shrinkage).fit(emb(self.fit_docs))
+        self.chosen["shrinkage"] = detector.coefficient
+        return detector.score(emb(self.valid)), detector.score(emb(self.test))
+
+    def _lexical(self, model) -> tuple[np.ndarray, np.ndarray]:
+        return self.novelty.score(d.text for d in self.valid), self.novelty.score(d.text for d in self.test)
+
+    def _mlm(self, model) -> tuple[np.ndarray, np.ndarray]:
+        cfg, e = self.cfg, self.e
+
+        def surprise(docs):
+            return token_surprise(
+                model,
+                self.tokenizer,
+                docs,
+                cfg.data.max_seq_length,
+                cfg.train.micro_batch_size,
+                e.mask_patterns,
+                e.mask_rate,
+                cfg.seed,
+                self.device,
+            )
+
+        valid, self.surprise = surprise(self.valid), surprise(self.test)
+        how, table = e.token_score, {}
+        if self.valid_attack.any():
+            for agg in AGGREGATES:
+                v = np.array([s.score(agg, e.top_k) for s in valid])
+                table[agg] = separation(v[~self.valid_attack], v[self.valid_attack], e.max_fpr)
+        if how == "auto":
+            how = best_of(table) or "topk"
+            why = (
+                separations(table) or "no attacks in the validation set to choose by (embed.valid_from_test)"
+            )
+            log.info("embed.token_score=auto chose %s: %s", how, why)
+        self.chosen |= {"token_score": how, "token_score_validation": table}
+        return (
+            np.array([s.score(how, e.top_k) for s in valid]),
+            np.array([s.score(how, e.top_k) for s in self.surprise]),
+        )
+
+    def fused(self, names) -> tuple[np.ndarray, np.ndarray]:
+        """The sum of the components' tail scores, each calibrated on the normal validation documents."""
+        fused_valid, fused_test = np.zeros(len(self.valid)), np.zeros(len(self.test))
+        for name in names:
+            valid, test = self.values[name]
+            normal = valid[~self.valid_attack]
+            fused_valid += tail_scores(normal, valid)
+            fused_test += tail_scores(normal, test)
+        return fused_valid, fused_test
+
+    def final(self) -> tuple[np.ndarray, np.ndarray]:
+        """The score of embed.score for (valid, test): one component, or the fusion of embed.fuse (of the
+        combination that separates validation attacks best, when there are some)."""
+        e = self.e
+        if e.score != "fused":
+            return self.values[e.score]
+        choices = [c for n in range(2, len(self.needed) + 1) for c in itertools.combinations(self.needed, n)]
+        table = {}
+        if self.valid_attack.any():
+            for names in choices:
+                valid = self.fused(names)[0]
+                table["+".join(names)] = separation(
+                    valid[~self.valid_attack], valid[self.valid_attack], e.max_fpr
+                )
+        best = best_of(table)
+        names = best.split("+") if best else self.needed
+        if len(choices) > 1:
+            why = (
+                f"best on validation: {separations(table)}" if table else "no validation attacks to choose by"
+            )
+            log.info("embed.score=fused combines %s (%s)", ", ".join(names), why)
+        self.chosen |= {"fused": names, "fuse_validation": table}
+        return self.fused(names)
+
+
+def calibrations(scores: Scores, valid: np.ndarray, test: np.ndarray, max_fpr: float) -> dict:
+    """The test result at the threshold from normal validation documents (deployable) and at the one from the normal
+    test documents themselves (what the literature reports)."""
+    attack = scores.test_attack
+    deployable = evaluate_detector(test, attack, threshold_for(valid[~scores.valid_attack], max_fpr))
+    literature = (
+        evaluate_detector(test, attack, threshold_for(test[~attack], max_fpr)) if (~attack).any() else {}
+    )
+    literature.pop("roc_curve", None)
+    return {"deployable": deployable, "test_calibrated": literature}
 
 
 def run(cfg: RunConfig) -> dict:
-    """Embed, fit on normal training documents, threshold on normal validation ones, report on test."""
+    """Score validation and test documents, threshold on normal validation ones, report on test."""
     e = cfg.embed
     device = start(cfg).device
-    model, tokenizer = load_encoder(cfg, device)
     skipped: Counter = Counter()
-    splits = splits_of(cfg, skipped, labelled=True)
-    for name in ("valid", "test"):
-        if name not in splits:
-            raise ValueError(
-                f"anomaly detection needs {name} data (data.{name}, or data.valid_fraction for valid)"
-            )
-    normal = {k: [d for d in v if d.label == e.normal_label] for k, v in splits.items()}
-    if not normal["train"] or not normal["valid"]:
+    splits = anomaly_splits(cfg, skipped)
+    if not any(d.label == e.normal_label for d in splits["train"]) or not any(
+        d.label == e.normal_label for d in splits["valid"]
+    ):
         raise ValueError(f"no training or validation documents with the normal label {e.normal_label!r}")
-
-    def emb(docs):
-        return embed_documents(
-            model, tokenizer, docs, cfg.data.max_seq_length, cfg.train.micro_batch_size, e.pooling, device
-        )
-
-    detector = Mahalanobis(e.shrinkage).fit(emb(normal["train"]))
-    threshold = threshold_for(detector.score(emb(normal["valid"])), e.max_fpr)
-    test = splits["test"]
-    result = evaluate_detector(
-        detector.score(emb(test)), np.array([d.label != e.normal_label for d in test]), threshold
-    )
+    scores = Scores(cfg, splits, device)
+    valid, test = scores.final()
+    cal = calibrations(scores, valid, test, e.max_fpr)
+    result = dict(cal["deployable"])
     result |= {
+        "score": e.score,
+        "fuse": scores.chosen.get("fused", []),
+        "calibrations": {
+            name: {k: r.get(k) for k in ("recall_at_max_fpr", "test_fpr", "threshold")}
+            for name, r in cal.items()
+        },
+        "components": _components(scores, e.max_fpr),
         "max_fpr": e.max_fpr,
         "pooling": e.pooling,
-        "shrinkage": detector.coefficient,
-        "train_normal": len(normal["train"]),
-        "valid_normal": len(normal["valid"]),
-        "test": len(test),
+        **scores.chosen,
+        "train_normal": len(scores.normal_train),
+        "valid_normal": int((~scores.valid_attack).sum()),
+        "valid_attack": int(scores.valid_attack.sum()),
+        "valid_from_test": e.valid_from_test,
+        "test": len(scores.test),
+        "test_attack": int(scores.test_attack.sum()),
         "skipped_records": dict(skipped),
         "model": cfg.model.name_or_path,
     }
+    if scores.valid_attack.any():
+        result["validation"] = separation(valid[~scores.valid_attack], valid[scores.valid_attack], e.max_fpr)
     if group.rank() == 0:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        write_report(scores, test, result, out)
         (out / "anomaly.json").write_text(json.dumps(result, indent=1))
         if "auroc" in result:
             plot_roc(result, e.max_fpr, out / "plots" / "roc.png")
+        lit = result["calibrations"]["test_calibrated"]
         log.info(
-            "anomaly detection: recall %.4f at max FPR %g (test FPR %.4f), AUROC %s -> %s",
+            "anomaly detection (%s): recall %.4f at max FPR %g from normal validation data (test FPR %.4f); "
+            "recall %.4f with the threshold set on the normal test data; AUROC %s -> %s",
+            e.score,
             result["recall_at_max_fpr"] or 0.0,
             e.max_fpr,
             result["test_fpr"] or 0.0,
+            lit.get("recall_at_max_fpr") or 0.0,
             f"{result['auroc']:.4f}" if "auroc" in result else "n/a",
             out / "anomaly.json",
         )
     group.barrier()
     return result
+
+
+def _components(scores: Scores, max_fpr: float) -> dict:
+    """Each component's own test result (both calibrations) and validation separation, beside the fused score."""
+    if scores.e.score != "fused":
+        return {}
+    out = {}
+    for name, (valid, test) in scores.values.items():
+        cal = calibrations(scores, valid, test, max_fpr)
+        out[name] = {
+            "auroc": cal["deployable"].get("auroc"),
+            "recall_at_max_fpr": cal["deployable"]["recall_at_max_fpr"],
+            "test_fpr": cal["deployable"]["test_fpr"],
+            "recall_test_calibrated": cal["test_calibrated"].get("recall_at_max_fpr"),
+        }
+        if scores.valid_attack.any():
+            out[name]["validation"] = separation(
+                valid[~scores.valid_attack], valid[scores.valid_attack], max_fpr
+            )
+    return out
+
+
+def sample(docs: list, n: int) -> list:
+    """At most n of `docs`, the ones with the lowest text hashes (the same on every run), in their order."""
+    if not n or len(docs) <= n:
+        return docs
+    keep = set(sorted(range(len(docs)), key=lambda i: split_hash(docs[i].text))[:n])
+    return [d for i, d in enumerate(docs) if i in keep]
+
+
+def anomaly_splits(cfg: RunConfig, skipped: Counter) -> dict:
+    """train / valid / test; with embed.valid_from_test the validation set is that share of the test documents (by a
+    hash of their text) and the training documents are all of data.train."""
+    splits = splits_of(cfg, skipped, labelled=True)
+    share = cfg.embed.valid_from_test
+    if "test" not in splits:
+        raise ValueError("anomaly detection needs test data (data.test)")
+    if share:
+        splits["train"] += splits.pop("valid", [])
+        test = splits["test"]
+        splits["valid"] = [d for d in test if in_valid_split(d.text, share)]
+        splits["test"] = [d for d in test if not in_valid_split(d.text, share)]
+    splits["valid"], splits["test"] = (sample(splits[k], cfg.embed.sample) for k in ("valid", "test"))
+    if not splits.get("valid"):
+        raise ValueError(
+            "anomaly detection needs validation data (data.valid, data.valid_fraction or embed.valid_from_test)"
+        )
+    return splits
+
+
+def write_report(scores: Scores, test: np.ndarray, result: dict, out: Path) -> None:
+    """anomaly_report.jsonl: every flagged test document, highest score first, with why (its most surprising tokens
+    when MLM surprise was computed, its novel character spans); anomaly_report.md: the top embed.report_top."""
+    e = scores.e
+    flagged = np.flatnonzero(test > result["threshold"])
+    flagged = flagged[np.argsort(-test[flagged], kind="stable")]
+    findings = []
+    for i in flagged:
+        doc = scores.test[i]
+        finding = {
+            "id": doc.id,
+            "label": doc.label,
+            "score": round(float(test[i]), 4),
+            "components": {n: round(float(t[i]), 4) for n, (_, t) in scores.values.items()},
+            "novel_spans": scores.novelty.spans(doc.text, e.top_k),
+        }
+        if scores.surprise is not None:
+            finding["surprising_tokens"] = scores.surprise[i].top(scores.tokenizer, e.top_k)
+        findings.append(finding)
+    with (out / "anomaly_report.jsonl").open("w") as f:
+        for finding in findings:
+            f.write(json.dumps(finding) + "\n")
+    (out / "anomaly_report.md").write_text(report_markdown(scores, findings, result))
+
+
+def _cell(text: str, width: int = 80) -> str:
+    text = " ".join(str(text).split())
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
+    e = scores.e
+    cal = result["calibrations"]
+    attacks = sum(f["label"] != e.normal_label for f in findings)
+    lines = [
+        f"# Anomaly report: {result['model']}",
+        "",
+        f"Score: **{e.score}**"
+        + (f" ({', '.join(result['fuse'])})" if result["fuse"] else "")
+        + f"; {result['test']} test documents, AUROC {result.get('auroc', float('nan')):.4f}.",
+        "",
+        "| threshold set on | threshold | recall | test FPR |",
+        "|---|---|---|---|",
+    ]
+    for name, where in (("deployable", "normal validation data"), ("test_calibrated", "normal test data")):
+        r = cal[name]
+        if r.get("threshold") is not None:
+            lines.append(
+                f"| {where} | {r['threshold']:.4g} | {r['recall_at_max_fpr']:.4f} | {r['test_fpr']:.4f} |"
+            )
+    lines += [
+        "",
+        f"{len(findings)} test documents are flagged at the deployable threshold ({attacks} labelled attacks, "
+        f"{len(findings) - attacks} normal). The top {min(e.report_top, len(findings))}, highest score first "
+        "(every one is in anomaly_report.jsonl):",
+        "",
+        "| # | score | label | document | first line | most surprising tokens | novel spans |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_id = {d.id: d for d in scores.test}
+    for n, f in enumerate(findings[: e.report_top], 1):
+        first = by_id[f["id"]].text.split("\n", 1)[0]
+        tokens = ", ".join(f"`{_cell(t, 20)}` {v:.1f}" for t, v in f.get("surprising_tokens", []))
+        spans = ", ".join(f"`{_cell(s, 24)}`" for s in f["novel_spans"])
+        lines.append(
+            f"| {n} | {f['score']:.3f} | {f['label']} | {_cell(f['id'].rsplit('/', 1)[-1], 60)} | {_cell(first)} | {tokens or '-'} | "
+            f"{spans or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_roc(result: dict, max_fpr: float, path: Path) -> None:
+    """The ROC curve with both operating points: the threshold from normal validation data and from normal test
+    data."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    ax.plot(
+        result["roc_curve"]["fpr"],
+        result["roc_curve"]["tpr"],
+        label=f"{result['score']}: AUROC {result['auroc']:.3f}",
+    )
+    ax.axvline(max_fpr, color="grey", linestyle="--", linewidth=0.8, label=f"max FPR {max_fpr:g}")
+    for name, marker, where in (
+        ("deployable", "o", "normal validation"),
+        ("test_calibrated", "s", "normal test"),
+    ):
+        r = result["calibrations"][name]
+        if r.get("recall_at_max_fpr") is not None:
+            ax.plot(
+                r["test_fpr"],
+                r["recall_at_max_fpr"],
+                marker,
+                markersize=7,
+                label=f"threshold from {where}: recall {r['recall_at_max_fpr']:.3f} at FPR {r['test_fpr']:.3f}",
+            )
+    ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)
+    ax.set_xlabel("false-positive rate (normal test data)")
+    ax.set_ylabel("recall (attacks)")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    save(fig, path)

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from dapt.cli.load import load_config
 from dapt.config.schema import RunConfig
+from dapt.data.embedding import NoMLMHead
 from dapt.runtime import group
 
 log = logging.getLogger("dapt")
 
 METRICS = {
     "classify": ["accuracy", "macro_f1", "weighted_f1", "roc_auc"],
-    "anomaly": ["recall_at_max_fpr", "test_fpr", "auroc"],
+    "anomaly": ["recall_at_max_fpr", "test_fpr", "recall_test_calibrated", "auroc"],
 }
 
 
@@ -44,10 +45,17 @@ def _evaluate(a, model: str, out: Path, overrides: list[str]) -> dict:
 
     if _result(out, a.protocol) is None:
         log.info("ablation: evaluating %s (%s)", model, a.protocol)
+        score = ["--embed.score", a.score] if a.protocol == "anomaly" and a.score else []
         cfg = _stage_config(
-            a.eval_recipe, ["--model.name_or_path", model, "--output_dir", str(out)], overrides
+            a.eval_recipe, ["--model.name_or_path", model, "--output_dir", str(out), *score], overrides
         )
-        (classify if a.protocol == "classify" else run_anomaly)(cfg)
+        try:
+            (classify if a.protocol == "classify" else run_anomaly)(cfg)
+        except NoMLMHead as e:  # the base encoder, usually: the row says why it has no numbers
+            log.warning("ablation: %s is not scored: %s", model, e)
+            if group.rank() == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "anomaly.json").write_text(json.dumps({"not_scored": str(e)}))
     group.barrier()
     return _result(out, a.protocol)
 
@@ -57,7 +65,11 @@ def _result(out: Path, protocol: str) -> dict | None:
     test set, else the best validation result. None: not run yet."""
     if protocol == "anomaly":
         path = out / "anomaly.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        result = json.loads(path.read_text())
+        literature = result.get("calibrations", {}).get("test_calibrated", {})
+        return result | {"recall_test_calibrated": literature.get("recall_at_max_fpr")}
     if (out / "seeds_summary.json").exists():
         summary = json.loads((out / "seeds_summary.json").read_text())
         return {k: v["mean"] for k, v in summary[summary.get("split", "test")].items()}
@@ -103,4 +115,5 @@ def ablation_table(results: dict[str, dict], metrics: list[str]) -> str:
     for name, r in results.items():
         cells = [f"{r[m]:.4f}" if isinstance(r.get(m), float) else "n/a" for m in shown]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [f"\n{name}: not scored: {r['not_scored']}" for name, r in results.items() if "not_scored" in r]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,138 @@
+"""How surprising each token of a document is to a masked language model, for launch/anomaly.py's embed.score=mlm.
+
+Every document is scored under the same K fixed mask patterns: position p is masked in pattern k when
+(u_p + k * rate) mod 1 < rate, with u drawn once from the run's seed. With K * rate <= 1 the patterns are disjoint
+(K = 1 / rate masks every token exactly once). A token's surprise is the negative log-likelihood the model gives the
+true token at a masked position (averaged over the patterns that mask it); tokens never masked, and special tokens,
+have none. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
+r, r + W, ... in batches of (document, pattern) rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dapt.data.formats import Document
+from dapt.data.packing import pack
+from dapt.model.sparse import SparsePrediction, supports_sparse
+from dapt.runtime import group
+
+AGGREGATES = ("mean", "max", "topk")
+
+
+@dataclass
+class Surprise:
+    """One document's tokens (ids, with special tokens) and each token's surprise in nats (NaN: not masked)."""
+
+    ids: np.ndarray
+    nll: np.ndarray
+
+    def score(self, how: str, k: int) -> float:
+        """mean: the mean over masked tokens; max: the largest; topk: the mean of the k largest."""
+        v = self.nll[~np.isnan(self.nll)]
+        if not len(v):
+            return 0.0
+        if how == "mean":
+            return float(v.mean())
+        if how == "max":
+            return float(v.max())
+        return float(np.sort(v)[-k:].mean())
+
+    def top(self, tokenizer, n: int) -> list[tuple[str, float]]:
+        """The n most surprising tokens, most surprising first, as (token, nats)."""
+        masked = np.flatnonzero(~np.isnan(self.nll))
+        order = masked[np.argsort(-self.nll[masked], kind="stable")][:n]
+        names = tokenizer.convert_ids_to_tokens(self.ids[order].tolist())
+        return [(name, round(float(self.nll[i]), 3)) for name, i in zip(names, order)]
+
+
+def mask_patterns(max_len: int, patterns: int, rate: float, seed: int) -> np.ndarray:
+    """(patterns, max_len) booleans: which positions each fixed pattern masks."""
+    u = np.random.default_rng(seed).random(max_len)
+    return np.stack([((u + k * rate) % 1.0) < rate for k in range(patterns)])
+
+
+@torch.no_grad()
+def token_surprise(
+    model,
+    tokenizer,
+    docs: list[Document],
+    max_len: int,
+    batch: int,
+    patterns: int,
+    rate: float,
+    seed: int,
+    device,
+) -> list[Surprise]:
+    """Every document's Surprise (each rank computes its share; every rank returns all, in document order)."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"the tokenizer of {model.name_or_path} has no mask token: MLM surprise needs one")
+    rows = pack("pad", tokenizer, [d.text for d in docs], [d.id for d in docs], max_len)
+    masks = mask_patterns(max_len, patterns, rate, seed)
+    special = np.array(sorted(set(tokenizer.all_special_ids)))
+    rank, world = group.rank(), group.world()
+    mine = {i: np.full(len(rows[i].ids), np.nan) for i in range(rank, len(rows), world)}
+    counts = {i: np.zeros(len(rows[i].ids)) for i in mine}
+    work = [
+        (i, k)
+        for i in mine
+        for k in range(patterns)
+        if (masks[k, : len(rows[i].ids)] & ~np.isin(rows[i].ids, special)).any()
+    ]
+    sparse = SparsePrediction(model) if supports_sparse(model) else None
+    try:
+        for start in range(0, len(work), batch):
+            _score_batch(
+                model,
+                sparse,
+                rows,
+                masks,
+                special,
+                work[start : start + batch],
+                tokenizer,
+                device,
+                mine,
+                counts,
+            )
+    finally:
+        if sparse:
+            sparse.handle.remove()
+    out: list[Surprise | None] = [None] * len(rows)
+    for part in group.gather(
+        [(i, rows[i].ids, mine[i] / np.where(counts[i] > 0, counts[i], np.nan)) for i in mine]
+    ):
+        for i, ids, nll in part:
+            out[i] = Surprise(np.asarray(ids), nll)
+    return out
+
+
+def _score_batch(model, sparse, rows, masks, special, chunk, tokenizer, device, total, counts) -> None:
+    width = max(len(rows[i].ids) for i, _ in chunk)
+    ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    attention = torch.zeros((len(chunk), width), dtype=torch.long)
+    masked = torch.zeros((len(chunk), width), dtype=torch.bool)
+    for j, (i, k) in enumerate(chunk):
+        n = len(rows[i].ids)
+        ids[j, :n] = torch.from_numpy(rows[i].ids)
+        attention[j, :n] = 1
+        masked[j, :n] = torch.from_numpy(masks[k, :n] & ~np.isin(rows[i].ids, special))
+    labels = ids[masked]
+    inputs = ids.masked_fill(masked, tokenizer.mask_token_id)
+    if sparse:
+        with sparse.select(masked.to(device)):
+            logits = model(input_ids=inputs.to(device), attention_mask=attention.to(device)).logits[0]
+    else:
+        logits = model(input_ids=inputs.to(device), attention_mask=attention.to(device)).logits[
+            masked.to(device)
+        ]
+    nll = torch.nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="none").cpu().numpy()
+    at = 0
+    for j, (i, _) in enumerate(chunk):
+        positions = np.flatnonzero(masked[j].numpy())
+        values = nll[at : at + len(positions)]
+        at += len(positions)
+        total[i][positions] = np.nan_to_num(total[i][positions]) + values
+        counts[i][positions] += 1

@@ -1,0 +1,251 @@
+"""launch/anomaly.py's scores: MLM surprise under fixed mask patterns, lexical novelty, their calibration and fusion;
+the ablation by a score type; 2 ranks score as 1."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, launch
+from transformers import BertConfig, BertForMaskedLM, BertModel
+
+from dapt.cli.load import load_config
+from dapt.config.schema import ConfigError
+from dapt.data.formats import Document
+from dapt.data.novelty import CharNovelty
+from dapt.data.surprise import Surprise, mask_patterns, token_surprise
+from dapt.model.build import train_wordpiece
+from dapt.tasks.anomaly import tail_scores
+
+ATTACK = "GET /shop/item.jsp?id=1'+OR+'1'='1&qty=2 HTTP/1.1\nHost: shop"
+
+
+def _bert(vocab: int, mlm: bool = True):
+    conf = BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    return (BertForMaskedLM if mlm else BertModel)(conf).eval()
+
+
+@pytest.fixture(scope="module")
+def http_docs():
+    """Shop requests: normal ones vary item, quantity and session; attacks put SQL or script in a parameter."""
+    rng = np.random.default_rng(0)
+    normal = [
+        f"GET /shop/item.jsp?id={rng.integers(1, 99)}&qty={rng.integers(1, 9)} HTTP/1.1\nHost: shop\n"
+        f"Cookie: JSESSIONID={rng.integers(1 << 60):X}"
+        for _ in range(300)
+    ]
+    attacks = [
+        f"GET /shop/item.jsp?id={rng.integers(1, 99)}{p}&qty=1 HTTP/1.1\nHost: shop\nCookie: JSESSIONID=AB12"
+        for p in ["'+OR+'1'='1", "%3Cscript%3Ealert(1)%3C/script%3E", "+UNION+SELECT+pass+FROM+users--"] * 20
+    ]
+    return normal, attacks
+
+
+@pytest.fixture(scope="module")
+def tokenizer(http_docs):
+    return train_wordpiece(http_docs[0] + http_docs[1][:3], 300, 96)
+
+
+def test_mask_patterns_partition_the_positions():
+    for patterns, rate in ((4, 0.25), (6, 0.15), (2, 0.15)):
+        m = mask_patterns(512, patterns, rate, seed=3)
+        assert m.shape == (patterns, 512) and (m.sum(0) <= 1).all()  # disjoint: K * rate <= 1
+        assert abs(m.mean(1) - rate).max() < 0.06  # each masks about `rate` of the positions
+    assert mask_patterns(512, 4, 0.25, seed=3).sum(0).min() == 1  # 1 / rate patterns: every position once
+    assert (mask_patterns(64, 3, 0.2, seed=1) == mask_patterns(64, 3, 0.2, seed=1)).all()  # fixed by the seed
+    assert (mask_patterns(512, 7, 0.15, seed=3).sum(0) == 2).any()  # K * rate > 1: some positions twice
+
+
+def test_surprise_aggregates_and_top_tokens(tokenizer):
+    ids = np.array(tokenizer.convert_tokens_to_ids(["[CLS]", "get", "shop", "id", "[SEP]"]))
+    s = Surprise(ids, np.array([np.nan, 1.0, 4.0, 2.0, np.nan]))
+    assert s.score("mean", 2) == pytest.approx(7 / 3) and s.score("max", 2) == 4.0
+    assert s.score("topk", 2) == pytest.approx(3.0)
+    assert s.top(tokenizer, 2) == [("shop", 4.0), ("id", 2.0)]
+    assert Surprise(ids, np.full(5, np.nan)).score("mean", 2) == 0.0
+
+
+def test_token_surprise_is_the_mlm_loss_at_each_masked_position(tokenizer, http_docs):
+    """Sparse scoring (head at masked positions only, batched across documents and patterns) equals a plain dense
+    forward of each (document, pattern) with the true token's negative log-likelihood read at each masked position."""
+    model = _bert(len(tokenizer))
+    docs = [Document(t, f"d:{i}") for i, t in enumerate(http_docs[0][:3] + [ATTACK])]
+    got = token_surprise(model, tokenizer, docs, 96, 5, patterns=3, rate=0.2, seed=7, device="cpu")
+    masks = mask_patterns(96, 3, 0.2, seed=7)
+    special = set(tokenizer.all_special_ids)
+    for doc, s in zip(docs, got):
+        ids = tokenizer(doc.text, truncation=True, max_length=96)["input_ids"]
+        assert s.ids.tolist() == ids
+        want = np.full(len(ids), np.nan)
+        for k in range(3):
+            pos = [p for p in range(len(ids)) if masks[k, p] and ids[p] not in special]
+            x = torch.tensor([ids])
+            x[0, pos] = tokenizer.mask_token_id
+            with torch.no_grad():
+                logp = model(input_ids=x).logits[0].log_softmax(-1)
+            want[pos] = [-logp[p, ids[p]].item() for p in pos]
+        assert np.array_equal(np.isnan(want), np.isnan(s.nll)) and (~np.isnan(s.nll)).sum() > 10
+        assert np.allclose(s.nll[~np.isnan(want)], want[~np.isnan(want)], atol=1e-4)
+    with torch.no_grad():  # the hook is gone afterwards: the model's dense output is whole again
+        assert model(input_ids=torch.tensor([[2, 5, 3]])).logits.shape == (1, 3, len(tokenizer))
+
+
+def test_lexical_novelty_scores_and_explains(http_docs):
+    normal, attacks = http_docs
+    lex = CharNovelty(3, digits=True).fit(normal[:200])
+    assert (
+        lex.score(normal[200:]).max() < 0.05
+    )  # new numbers and sessions are not novel with digits read as 0
+    assert lex.score(attacks).min() > 0.05
+    spans = lex.spans(ATTACK, 3)
+    assert any("'+OR+'" in s for s in spans) and all(s in ATTACK for s in spans)
+    raw = CharNovelty(3, digits=False).fit(normal[:200])
+    assert raw.score(normal[200:]).mean() > lex.score(normal[200:]).mean()
+
+
+def test_tail_scores_rank_against_normal_validation():
+    normal = np.arange(1.0, 100.0)  # 99 normal validation scores
+    t = tail_scores(normal, np.array([0.0, 50.0, 99.0, 1000.0]))  # (1 + #{v >= x}) / (n + 1)
+    assert t == pytest.approx(-np.log(np.array([100, 51, 2, 1]) / 100))
+    assert (np.diff(tail_scores(normal, np.linspace(0, 120, 50))) >= 0).all()  # monotone
+
+
+def test_score_config_errors_come_together():
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            [
+                "--embed.score=fused",
+                "--embed.fuse=[mlm]",
+                "--embed.mask_rate=0",
+                "--embed.valid_from_test=1.5",
+                "--embed.token_score=median",
+                "--embed.top_k=0",
+            ]
+        )
+    for key in ("embed.fuse", "embed.mask_rate", "embed.valid_from_test", "embed.token_score", "embed.top_k"):
+        assert key in str(e.value), key
+    with pytest.raises(ConfigError, match="leave data.valid empty"):
+        load_config(["--embed.valid_from_test=0.2", "--data.valid=[x.txt]"])
+
+
+def _files(tmp_path, http_docs):
+    normal, attacks = http_docs
+    paths = {}
+    for name, docs in (
+        ("normal_train", normal[:200]),
+        ("normal_test", normal[200:]),
+        ("attack_test", attacks),
+    ):
+        paths[name] = tmp_path / f"{name}.http"
+        paths[name].write_text("\n\n".join(docs) + "\n")
+    return paths
+
+
+def _anomaly_args(paths, model, out):
+    return [
+        "--model.name_or_path",
+        model,
+        "--data.format=http",
+        "--data.volatile=[cookie]",
+        "--data.train",
+        paths["normal_train"],
+        "--data.test",
+        f"[{paths['normal_test']}, {paths['attack_test']}]",
+        "--classify.label_files={'normal*': normal, 'attack*': attack}",
+        "--data.max_seq_length=96",
+        "--embed.score=fused",
+        "--embed.valid_from_test=0.3",
+        "--log.progress=false",
+        "--output_dir",
+        out,
+    ]
+
+
+@pytest.mark.slow
+def test_two_ranks_score_as_one(tmp_path, http_docs, tokenizer):
+    model = tmp_path / "mlm"
+    _bert(len(tokenizer)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    paths = _files(tmp_path, http_docs)
+    for ranks in (1, 2):
+        launch(
+            _anomaly_args(paths, model, tmp_path / f"r{ranks}"),
+            ranks=ranks,
+            script=ROOT / "launch" / "anomaly.py",
+        )
+    one, two = (json.loads((tmp_path / f"r{r}" / "anomaly.json").read_text()) for r in (1, 2))
+    assert one["test"] == two["test"] > 50 and one["valid_attack"] > 5
+    for name in ("mahalanobis", "mlm", "lexical"):
+        assert one["components"][name]["auroc"] == pytest.approx(two["components"][name]["auroc"], abs=1e-9)
+    assert one["threshold"] == pytest.approx(two["threshold"], rel=1e-6)
+    reports = [(tmp_path / f"r{r}" / "anomaly_report.jsonl").read_text().splitlines() for r in (1, 2)]
+    assert [json.loads(x)["id"] for x in reports[0]] == [json.loads(x)["id"] for x in reports[1]]
+
+
+def test_ablation_by_mlm_surprise_says_why_the_base_has_no_row(tmp_path, http_docs, tokenizer):
+    """launch/ablation.py --ablation.score=mlm: the base encoder has no MLM head, so its row says so; the adapted
+    one (its head trained by launch/mlm.py) is scored."""
+    from dapt.tools.ablation import run
+
+    base = tmp_path / "base"
+    _bert(len(tokenizer), mlm=False).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    paths = _files(tmp_path, http_docs)
+    dapt = {
+        "data": {"format": "http", "train": [str(paths["normal_train"])], "max_seq_length": 96},
+        "train": {"max_steps": 4, "micro_batch_size": 8, "eval_every": 0},
+        "checkpoint": {"every": 0},
+        "log": {"progress": False},
+    }
+    evaluation = {
+        "data": {
+            "format": "http",
+            "volatile": ["cookie"],
+            "train": [str(paths["normal_train"])],
+            "test": [str(paths["normal_test"]), str(paths["attack_test"])],
+            "max_seq_length": 96,
+        },
+        "classify": {"label_files": {"normal*": "normal", "attack*": "attack"}},
+        "embed": {"score": "mahalanobis", "valid_from_test": 0.3},
+        "log": {"progress": False},
+    }
+    for name, doc in (("dapt", dapt), ("eval", evaluation)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+    result = run(
+        load_config(
+            [
+                "--ablation.base",
+                str(base),
+                "--ablation.dapt_recipe",
+                str(tmp_path / "dapt.yaml"),
+                "--ablation.eval_recipe",
+                str(tmp_path / "eval.yaml"),
+                "--ablation.protocol=anomaly",
+                "--ablation.score=mlm",
+                "--output_dir",
+                str(tmp_path / "abl"),
+                "--log.progress=false",
+            ]
+        )
+    )
+    assert "no trained MLM head" in result["results"]["base"]["not_scored"]
+    adapted = result["results"]["+DAPT"]
+    assert (
+        adapted["score"] == "mlm"
+        and 0 < adapted["auroc"] <= 1
+        and adapted["recall_test_calibrated"] is not None
+    )
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| base | n/a | n/a | n/a | n/a |" in table and "base: not scored: model.name_or_path" in table
+    assert "| +DAPT | " in table and "recall_test_calibrated" in table
