@@ -413,9 +413,9 @@ class EmbedConfig:
     """anomaly: how a document is scored."""
     mask_patterns: int = 4
     """anomaly, mlm: K, the fixed mask patterns every document is scored under (one forward pass each)."""
-    mask_rate: float = 0.15
-    """anomaly, mlm: the share of tokens each pattern masks; K * rate <= 1 keeps the patterns disjoint (1 / rate
-    patterns mask every token exactly once)."""
+    mask_rate: float = 0.25
+    """anomaly, mlm: the share of tokens each pattern masks; K * rate <= 1 keeps the patterns disjoint, and 1 / rate
+    patterns (the default 4 x 0.25) score every token exactly once: an attack is a few tokens, none may be missed."""
     token_score: str = "auto"
     """anomaly, mlm: how the token surprises of a document become its score."""
     top_k: int = 5
@@ -435,7 +435,7 @@ class EmbedConfig:
     choose; none of them is reported as test. 0: validation is data.valid or the hash split of data.train."""
     sample: int = 0
     """anomaly: score at most this many documents of each split (training documents for the Mahalanobis fit,
-    validation, test), the same hash-chosen ones on every run: a CPU-sized look at a large test set. Lexical novelty
+    validation, test), drawn by the run's seed: a CPU-sized look at a large test set. Lexical novelty
     is still fitted on every normal training document. 0: all."""
     report_top: int = 50
     """anomaly: the findings shown in anomaly_report.md (anomaly_report.jsonl has every flagged document)."""

