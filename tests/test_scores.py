@@ -14,6 +14,7 @@ from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from dapt.cli.load import load_config
 from dapt.config.schema import ConfigError
+from dapt.data.embedding import NoMLMHead
 from dapt.data.formats import Document
 from dapt.data.novelty import CharNovelty
 from dapt.data.surprise import Surprise, mask_patterns, token_surprise
@@ -109,7 +110,7 @@ def test_lexical_novelty_scores_and_explains(http_docs):
     )  # new numbers and sessions are not novel with digits read as 0
     assert lex.score(attacks).min() > 0.05
     spans = lex.spans(ATTACK, 3)
-    assert any("'+OR+'" in s for s in spans) and all(s in ATTACK for s in spans)
+    assert any("'+OR+'" in s for s in spans) and not any("Host" in s for s in spans)
     raw = CharNovelty(3, digits=False).fit(normal[:200])
     assert raw.score(normal[200:]).mean() > lex.score(normal[200:]).mean()
 
@@ -119,6 +120,15 @@ def test_tail_scores_rank_against_normal_validation():
     t = tail_scores(normal, np.array([0.0, 50.0, 99.0, 1000.0]))  # (1 + #{v >= x}) / (n + 1)
     assert t == pytest.approx(-np.log(np.array([100, 51, 2, 1]) / 100))
     assert (np.diff(tail_scores(normal, np.linspace(0, 120, 50))) >= 0).all()  # monotone
+
+
+def test_unknown_tokens_are_scored(tokenizer):
+    model = _bert(len(tokenizer))
+    text = "GET /shop/item.jsp?id=\u2603\u2603 HTTP/1.1"  # a character the vocabulary lacks
+    (s,) = token_surprise(model, tokenizer, [Document(text, "d:1")], 96, 4, 4, 0.25, 0, "cpu")
+    unk = s.ids == tokenizer.unk_token_id
+    assert unk.any() and not np.isnan(s.nll[unk]).any()  # every token is masked once with 4 x 0.25
+    assert np.isnan(s.nll[[0, -1]]).all()  # CLS and SEP are not
 
 
 def test_score_config_errors_come_together():
@@ -170,6 +180,39 @@ def _anomaly_args(paths, model, out):
         "--output_dir",
         out,
     ]
+
+
+def _run(argv):
+    from dapt.tasks.anomaly import run
+
+    return run(load_config([str(a) for a in argv], world_size=1, accelerator="cpu"))
+
+
+def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
+    """The default Mahalanobis score with seed 000's validation split; lexical alone (no model) on a test set without
+    attacks; a fusion over an encoder without an MLM head goes on without mlm and says so."""
+    paths = _files(tmp_path, http_docs)
+    headless = tmp_path / "encoder"
+    _bert(len(tokenizer), mlm=False).save_pretrained(headless)
+    tokenizer.save_pretrained(headless)
+    args = _anomaly_args(paths, headless, tmp_path / "maha")
+    maha = _run([a for a in args if "embed." not in str(a)] + ["--data.valid_fraction=0.3"])
+    assert maha["score"] == "mahalanobis" and maha["valid_attack"] == 0 and 0.5 < maha["auroc"] <= 1
+    finding = json.loads((tmp_path / "maha" / "anomaly_report.jsonl").read_text().splitlines()[0])
+    assert finding["novel_spans"] and "surprising_tokens" not in finding  # no MLM: the novel spans say why
+
+    normal_only = [
+        str(a).replace(f", {paths['attack_test']}", "") for a in _anomaly_args(paths, "", tmp_path / "lex")
+    ]
+    lex = _run(normal_only + ["--embed.score=lexical"])
+    assert lex["recall_at_max_fpr"] is None and lex["test_attack"] == 0 and 0 <= lex["test_fpr"] <= 0.2
+    assert "| normal validation data |" in (tmp_path / "lex" / "anomaly_report.md").read_text()
+
+    fused = _run(_anomaly_args(paths, headless, tmp_path / "fused"))
+    assert "no trained MLM head" in fused["unscored"]["mlm"] and fused["fuse"] == ["mahalanobis", "lexical"]
+    assert set(fused["components"]) == {"mahalanobis", "lexical"}
+    with pytest.raises(NoMLMHead, match="no trained MLM head"):
+        _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm"])
 
 
 @pytest.mark.slow
@@ -246,6 +289,9 @@ def test_ablation_by_mlm_surprise_says_why_the_base_has_no_row(tmp_path, http_do
         and 0 < adapted["auroc"] <= 1
         and adapted["recall_test_calibrated"] is not None
     )
-    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert (tmp_path / "abl" / "eval_dapt_mlm" / "anomaly.json").exists()  # a folder per score: nothing stale
+    saved = json.loads((tmp_path / "abl" / "ablation_mlm.json").read_text())["results"]
+    assert "no trained MLM head" in saved["base"]["not_scored"] and saved["+DAPT"]["score"] == "mlm"
+    table = (tmp_path / "abl" / "ablation_mlm.md").read_text()
     assert "| base | n/a | n/a | n/a | n/a |" in table and "base: not scored: model.name_or_path" in table
     assert "| +DAPT | " in table and "recall_test_calibrated" in table

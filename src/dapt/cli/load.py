@@ -440,7 +440,8 @@ def _check_model(cfg: RunConfig, check_files: bool) -> list[str]:
         p.append(
             "model.name_or_path and model.config are exclusive: load a pretrained model or build one from a config"
         )
-    if not m.name_or_path and m.config is None and not cfg.ablation.base:
+    lexical = cfg.embed.score == "lexical"  # launch/anomaly.py scoring character n-grams needs no model
+    if not m.name_or_path and m.config is None and not cfg.ablation.base and not lexical:
         p.append(
             "model: give model.name_or_path (a hub id or folder) or model.config (to build one from scratch)"
         )
@@ -533,6 +534,10 @@ def _check_embed(cfg: RunConfig) -> list[str]:
         p.append(f"embed.valid_from_test: {e.valid_from_test} must be in [0, 1)")
     elif e.valid_from_test and cfg.data.valid:
         p.append("embed.valid_from_test: the validation set is taken from data.test; leave data.valid empty")
+    if cfg.ablation.score and cfg.ablation.protocol != "anomaly":
+        p.append(
+            f"ablation.score: {cfg.ablation.score!r} scores the anomaly protocol; set ablation.protocol=anomaly"
+        )
     if e.score == "fused" and len(set(e.fuse)) < 2:
         p.append(
             f"embed.fuse: {e.fuse} fuses fewer than two scores; name two or more, or set embed.score to one"

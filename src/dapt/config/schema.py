@@ -102,7 +102,7 @@ class DataConfig:
     """A line longer than this is a bad record ("oversize": raise or skip per on_error), never read into memory."""
     volatile: list[str] = field(default_factory=list)
     """Random identifiers replaced by <id> in every document as it is read, for training, embedding and scoring
-    alike (e.g. [cookie, session_id, hex, base64] for HTTP); the rest of the text is unchanged. Empty: none."""
+    alike (the HTTP recipes: [cookie, session_id]); the rest of the text is unchanged. Empty: none."""
     num_samples: int = 0
     """Use at most this many training documents per epoch (quick runs); 0: all."""
     max_records_per_file: int = 0
@@ -532,9 +532,10 @@ CHOICES = {
         "skip": "skip it and count it in metrics and summary",
     },
     "data.volatile": {  # data/volatile.py applies them, in this order
-        "cookie": "the value of every name=value pair of Cookie: header lines, and the first one of Set-Cookie:",
-        "session_id": "the value of session and token parameters (jsessionid, phpsessid, sid, sessionid, token, csrf...) "
-        "in URLs, paths and form bodies",
+        "cookie": "the values of Cookie: header lines' name=value pairs, and the first of Set-Cookie:, when "
+        "identifier-shaped (6+ letters, digits, . _ ~ -: an attack's quote, space, % or + keeps a value)",
+        "session_id": "identifier-shaped values of session and token parameters (jsessionid, phpsessid, sid, sessionid, "
+        "token, csrf...) in URLs, paths and form bodies",
         "hex": "runs of 16 or more hex digits with at least one digit and one letter (hashes, ids), not right after a %",
         "base64": "runs of 24 or more base64 characters with upper case, lower case and a digit (tokens, keys)",
     },

@@ -84,7 +84,15 @@ def load_masked_lm(cfg: RunConfig, device):
     from dapt.model.hub import from_config
 
     m = cfg.model
+    if not m.name_or_path:
+        raise ValueError(
+            "model.name_or_path is required: the MLM to score with (a dapt MLM run's final/, a hub id)"
+        )
     tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
+    if tokenizer.mask_token_id is None:
+        raise NoMLMHead(
+            f"model.name_or_path: the tokenizer of {m.name_or_path} has no mask token: MLM surprise needs one"
+        )
     model, info = from_config(
         AutoModelForMaskedLM.from_pretrained, m, dtype=torch.float32, output_loading_info=True
     )

@@ -49,6 +49,13 @@ class Surprise:
         return [(name, round(float(self.nll[i]), 3)) for name, i in zip(names, order)]
 
 
+def unscored_ids(tokenizer) -> list[int]:
+    """Token ids that are never masked or scored: the sequence markers, padding and the mask itself. The unknown token
+    is scored: a character the vocabulary lacks may be what makes a request odd."""
+    ids = (getattr(tokenizer, f"{t}_token_id", None) for t in ("cls", "sep", "pad", "mask", "bos", "eos"))
+    return sorted({i for i in ids if i is not None})
+
+
 def mask_patterns(max_len: int, patterns: int, rate: float, seed: int) -> np.ndarray:
     """(patterns, max_len) booleans: which positions each fixed pattern masks."""
     u = np.random.default_rng(seed).random(max_len)
@@ -66,13 +73,12 @@ def token_surprise(
     rate: float,
     seed: int,
     device,
+    sparse_head: bool = True,
 ) -> list[Surprise]:
     """Every document's Surprise (each rank computes its share; every rank returns all, in document order)."""
-    if tokenizer.mask_token_id is None:
-        raise ValueError(f"the tokenizer of {model.name_or_path} has no mask token: MLM surprise needs one")
     rows = pack("pad", tokenizer, [d.text for d in docs], [d.id for d in docs], max_len)
     masks = mask_patterns(max_len, patterns, rate, seed)
-    special = np.array(sorted(set(tokenizer.all_special_ids)))
+    special = np.array(unscored_ids(tokenizer))
     rank, world = group.rank(), group.world()
     mine = {i: np.full(len(rows[i].ids), np.nan) for i in range(rank, len(rows), world)}
     counts = {i: np.zeros(len(rows[i].ids)) for i in mine}
@@ -82,7 +88,7 @@ def token_surprise(
         for k in range(patterns)
         if (masks[k, : len(rows[i].ids)] & ~np.isin(rows[i].ids, special)).any()
     ]
-    sparse = SparsePrediction(model) if supports_sparse(model) else None
+    sparse = SparsePrediction(model) if sparse_head and supports_sparse(model) else None
     try:
         for start in range(0, len(work), batch):
             _score_batch(

@@ -14,16 +14,21 @@ from dapt.config.schema import CHOICES
 
 PLACEHOLDER = "<id>"
 
-_VALUE = r"[^;,\s]+"
+# A value replaced by the cookie and session_id rules: identifier-shaped from delimiter to delimiter (6 or more
+# letters, digits, . _ ~ -), so a quote, a space, a % escape or a + in it (an attack, never an id) keeps it as it is.
+_ID = r"[A-Za-z0-9._~-]{6,}(?![^;,&#?\s])"
 # Names of parameters that carry a session or a token, in a query string, a form body or a path (;jsessionid=...).
-_SESSION_NAMES = r"jsessionid|phpsessid|aspsessionid\w*|cfid|cftoken|sid|sessid|sessionid|session_id|session|token|csrf\w*|xsrf\w*|auth_token|access_token"
+_SESSION_NAMES = (
+    r"jsessionid|phpsessid|aspsessionid\w*|cfid|cftoken|sid|sessid|sessionid|session_id|session|token|csrf\w*|"
+    r"xsrf\w*|auth_token|access_token"
+)
 
 RULES = CHOICES["data.volatile"]  # rule name -> what it replaces, in the order applied
 
 _COOKIE_LINE = re.compile(r"(?im)^(cookie:[ \t]*)(.*)$")
-_COOKIE_PAIR = re.compile(rf"([^=;\s]+=)({_VALUE})")
-_SET_COOKIE = re.compile(rf"(?im)^(set-cookie:[ \t]*[^=;\s]+=)({_VALUE})")
-_SESSION = re.compile(rf"(?i)((?<![\w-])(?:{_SESSION_NAMES})=)([^&;#?\s]+)")
+_COOKIE_PAIR = re.compile(rf"(?<![^;,\s])([^=;,\s]+=)({_ID})")  # a pair starts after a delimiter: linear time
+_SET_COOKIE = re.compile(rf"(?im)^(set-cookie:[ \t]*[^=;,\s]+=)({_ID})")
+_SESSION = re.compile(rf"(?i)((?<![\w-])(?:{_SESSION_NAMES})=)({_ID})")
 _HEX = re.compile(
     r"(?<![0-9A-Za-z%])(?=[0-9A-Fa-f]*[0-9])(?=[0-9A-Fa-f]*[A-Fa-f])[0-9A-Fa-f]{16,}(?![0-9A-Za-z])"
 )

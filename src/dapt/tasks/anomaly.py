@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dapt.config.schema import RunConfig
-from dapt.data.embedding import embed_documents, load_encoder, load_masked_lm, splits_of
+from dapt.data.embedding import NoMLMHead, embed_documents, load_encoder, load_masked_lm, splits_of
 from dapt.data.novelty import CharNovelty
 from dapt.data.stream import in_valid_split
 from dapt.data.surprise import AGGREGATES, token_surprise
@@ -117,6 +117,8 @@ class Scores:
         self.cfg, self.e, self.device = cfg, cfg.embed, device
         e = self.e
         self.needed = list(dict.fromkeys(e.fuse)) if e.score == "fused" else [e.score]
+        self.not_scored: dict[str, str] = {}
+        model, self.tokenizer = self._load(cfg, device)
         self.valid, self.test = splits["valid"], splits["test"]
         self.valid_attack = np.array([d.label != e.normal_label for d in self.valid])
         self.test_attack = np.array([d.label != e.normal_label for d in self.test])
@@ -126,14 +128,24 @@ class Scores:
         self.surprise: list | None = None  # the test documents' token surprises (mlm)
         self.chosen: dict = {}
         self.novelty = CharNovelty(e.ngram, e.ngram_digits).fit(d.text for d in self.normal_train)
-        model = tokenizer = None
-        if "mlm" in self.needed:
-            model, tokenizer = load_masked_lm(cfg, device)
-        elif "mahalanobis" in self.needed:
-            model, tokenizer = load_encoder(cfg, device)
-        self.tokenizer = tokenizer
         for name in self.needed:
             self.values[name] = getattr(self, "_" + name)(model)
+
+    def _load(self, cfg: RunConfig, device):
+        """The model the scores need (an MLM for mlm, else the encoder for mahalanobis, none for lexical alone). A
+        fusion over a model without a trained MLM head goes on without mlm, saying so; score=mlm stops."""
+        if "mlm" in self.needed:
+            try:
+                return load_masked_lm(cfg, device)
+            except NoMLMHead as e:
+                if cfg.embed.score != "fused" or len(self.needed) < 2:
+                    raise
+                self.needed.remove("mlm")
+                self.not_scored["mlm"] = str(e)
+                log.warning("embed.score=fused goes on without mlm: %s", e)
+        if "mahalanobis" in self.needed:
+            return load_encoder(cfg, device)
+        return None, None
 
     def _mahalanobis(self, model) -> tuple[np.ndarray, np.ndarray]:
         cfg, e = self.cfg, self.e
@@ -171,6 +183,7 @@ class Scores:
                 e.mask_rate,
                 cfg.seed,
                 self.device,
+                cfg.train.sparse_prediction,
             )
 
         valid, self.surprise = surprise(self.valid), surprise(self.test)
@@ -222,7 +235,8 @@ class Scores:
                 f"best on validation: {separations(table)}" if table else "no validation attacks to choose by"
             )
             log.info("embed.score=fused combines %s (%s)", ", ".join(names), why)
-        self.chosen |= {"fused": names, "fuse_validation": table}
+        self.chosen |= {"fuse_validation": table}
+        self.fuse = names
         return self.fused(names)
 
 
@@ -254,7 +268,8 @@ def run(cfg: RunConfig) -> dict:
     result = dict(cal["deployable"])
     result |= {
         "score": e.score,
-        "fuse": scores.chosen.get("fused", []),
+        "fuse": getattr(scores, "fuse", []),
+        "unscored": scores.not_scored,
         "calibrations": {
             name: {k: r.get(k) for k in ("recall_at_max_fpr", "test_fpr", "threshold")}
             for name, r in cal.items()
@@ -264,6 +279,7 @@ def run(cfg: RunConfig) -> dict:
         "pooling": e.pooling,
         **scores.chosen,
         "train_normal": len(scores.normal_train),
+        "fit_normal": len(scores.fit_docs),
         "valid_normal": int((~scores.valid_attack).sum()),
         "valid_attack": int(scores.valid_attack.sum()),
         "valid_from_test": e.valid_from_test,
@@ -373,6 +389,10 @@ def write_report(scores: Scores, test: np.ndarray, result: dict, out: Path) -> N
     (out / "anomaly_report.md").write_text(report_markdown(scores, findings, result))
 
 
+def _number(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def _cell(text: str, width: int = 80) -> str:
     text = " ".join(str(text).split())
     text = text if len(text) <= width else text[: width - 1] + "…"
@@ -388,7 +408,7 @@ def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
         "",
         f"Score: **{e.score}**"
         + (f" ({', '.join(result['fuse'])})" if result["fuse"] else "")
-        + f"; {result['test']} test documents, AUROC {result.get('auroc', float('nan')):.4f}.",
+        + f"; {result['test']} test documents, AUROC {_number(result.get('auroc'))}.",
         "",
         "| threshold set on | threshold | recall | test FPR |",
         "|---|---|---|---|",
@@ -397,7 +417,7 @@ def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
         r = cal[name]
         if r.get("threshold") is not None:
             lines.append(
-                f"| {where} | {r['threshold']:.4g} | {r['recall_at_max_fpr']:.4f} | {r['test_fpr']:.4f} |"
+                f"| {where} | {r['threshold']:.4g} | {_number(r['recall_at_max_fpr'])} | {_number(r['test_fpr'])} |"
             )
     lines += [
         "",

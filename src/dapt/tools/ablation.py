@@ -2,7 +2,7 @@
 
 Every stage is an ordinary dapt run (launch/mlm.py or launch/classify.py / launch/anomaly.py) configured from its
 recipe, with the model it starts from and its output folder set here; stage folders sit under output_dir:
-dapt/, tapt/, eval_base/, eval_dapt/, eval_dapt_tapt/. A stage whose final/ or result file exists is not run again, so
+dapt/, tapt/, eval_base/, eval_dapt/, eval_dapt_tapt/ (eval_base_mlm/, ... with ablation.score=mlm). A stage whose final/ or result file exists is not run again, so
 rerunning the command after a crash continues (and each run resumes from its own checkpoints).
 """
 
@@ -60,6 +60,13 @@ def _evaluate(a, model: str, out: Path, overrides: list[str]) -> dict:
     return _result(out, a.protocol)
 
 
+def _eval_folder(row: str, a) -> str:
+    """eval_base, eval_dapt, eval_dapt_tapt; with ablation.score, eval_base_mlm etc., so a rerun by another score
+    does not reuse the first one's results."""
+    name = "eval_" + row.strip("+").replace("+", "_").lower()
+    return f"{name}_{a.score}" if a.protocol == "anomaly" and a.score else name
+
+
 def _result(out: Path, protocol: str) -> dict | None:
     """What an evaluation left in `out`: the anomaly result; for classifiers the mean over classify.seeds, else the
     test set, else the best validation result. None: not run yet."""
@@ -90,17 +97,18 @@ def run(cfg: RunConfig) -> dict:
     if a.tapt_recipe:
         rows["+DAPT+TAPT"] = _mlm(a.tapt_recipe, rows["+DAPT"], out / "tapt", a.overrides)
     results = {
-        name: _evaluate(a, model, out / f"eval_{name.strip('+').replace('+', '_').lower()}", a.overrides)
-        for name, model in rows.items()
+        name: _evaluate(a, model, out / _eval_folder(name, a), a.overrides) for name, model in rows.items()
     }
     table = ablation_table(results, METRICS[a.protocol])
+    stem = "ablation" + _eval_folder("", a).removeprefix("eval_")  # ablation.md, ablation_mlm.md, ...
+    keep = [*METRICS[a.protocol], "score", "not_scored"]
     if group.rank() == 0:
-        (out / "ablation.md").write_text(table)
-        (out / "ablation.json").write_text(
+        (out / f"{stem}.md").write_text(table)
+        (out / f"{stem}.json").write_text(
             json.dumps(
                 {
                     "models": rows,
-                    "results": {k: {m: v.get(m) for m in METRICS[a.protocol]} for k, v in results.items()},
+                    "results": {k: {m: v.get(m) for m in keep if m in v} for k, v in results.items()},
                 },
                 indent=1,
             )
