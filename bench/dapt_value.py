@@ -146,7 +146,7 @@ def budget(full: bool, a) -> dict:
         "kdd_dapt": [
             f"--train.max_steps={a.kdd_steps}",
             "--train.lr=1e-4",
-            f"--train.warmup_steps={a.kdd_steps // 10}",
+            "--train.warmup_ratio=0.1",  # the recipe sets a ratio, not steps
             "--train.micro_batch_size=8",
             "--train.grad_accum=1",
             "--data.max_seq_length=256",
