@@ -149,7 +149,9 @@ def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
     assert 100 < saved["valid_normal"] + saved["valid_attack"] <= 250 and saved["valid_attack"] > 30
     assert saved["test"] == 250  # embed.sample
     assert 0.0 <= saved["test_fpr"] < 0.25 and saved["auroc"] > 0.5
-    assert saved["components"]["lexical"]["auroc"] > 0.75  # lexical novelty separates even beside an untrained MLM
+    assert (
+        saved["components"]["lexical"]["auroc"] > 0.75
+    )  # lexical novelty separates even beside an untrained MLM
     lit = saved["calibrations"]["test_calibrated"]
     assert lit["test_fpr"] <= 0.05 and lit["recall_at_max_fpr"] > 0.2  # the threshold from normal test data
     assert set(saved["components"]) == {"mahalanobis", "mlm", "lexical"} and len(saved["fuse"]) >= 2
