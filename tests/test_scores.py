@@ -19,7 +19,7 @@ from dapt.data.formats import Document
 from dapt.data.novelty import CharNovelty
 from dapt.data.surprise import Surprise, mask_patterns, token_surprise
 from dapt.model.build import train_wordpiece
-from dapt.tasks.anomaly import tail_scores
+from dapt.tasks.anomaly import combine, tail_scores
 
 ATTACK = "GET /shop/item.jsp?id=1'+OR+'1'='1&qty=2 HTTP/1.1\nHost: shop"
 
@@ -122,6 +122,20 @@ def test_tail_scores_rank_against_normal_validation():
     assert (np.diff(tail_scores(normal, np.linspace(0, 120, 50))) >= 0).all()  # monotone
 
 
+def test_fusion_rules_sum_or_take_the_strongest():
+    """Two components' tail scores: an attack only the second sees stands out under max, and is diluted by the first's
+    ordinary value under sum, below a document both find unusual."""
+    normal = np.arange(1.0, 100.0)
+    first = tail_scores(normal, np.array([50.0, 97.0]))  # ordinary, unusual
+    second = tail_scores(normal, np.array([1000.0, 97.0]))  # beyond every normal, unusual
+    assert combine([first, second], "sum") == pytest.approx(first + second)
+    by_sum, by_max = combine([first, second], "sum"), combine([first, second], "max")
+    assert by_max[0] > by_max[1] and by_sum[0] < by_sum[1]
+    assert by_max == pytest.approx(np.maximum(first, second), abs=1e-4)
+    tie = combine([np.array([3.0, 3.0]), np.array([0.5, 1.0])], "max")  # the same max: the sum breaks the tie
+    assert tie[1] > tie[0] and tie[0] == pytest.approx(3.0, abs=1e-4)
+
+
 def test_unknown_tokens_are_scored(tokenizer):
     model = _bert(len(tokenizer))
     text = "GET /shop/item.jsp?id=\u2603\u2603 HTTP/1.1"  # a character the vocabulary lacks
@@ -210,7 +224,15 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
 
     fused = _run(_anomaly_args(paths, headless, tmp_path / "fused"))
     assert "no trained MLM head" in fused["unscored"]["mlm"] and fused["fuse"] == ["mahalanobis", "lexical"]
-    assert set(fused["components"]) == {"mahalanobis", "lexical"}
+    assert set(fused["components"]) == {"mahalanobis", "lexical"} and fused["fuse_rule"] in ("sum", "max")
+    assert set(fused["fuse_validation"]) == {"mahalanobis+lexical by sum", "mahalanobis+lexical by max"}
+    rows = (tmp_path / "fused" / "anomaly_scores.csv").read_text().splitlines()
+    assert rows[0] == "split,id,label,score,mahalanobis,lexical"
+    assert len(rows) == 1 + fused["valid_normal"] + fused["valid_attack"] + fused["test"]
+    flagged = [r.split(",") for r in rows[1:] if r.startswith("test,")]
+    assert sum(float(r[3]) > fused["threshold"] for r in flagged) == len(
+        (tmp_path / "fused" / "anomaly_report.jsonl").read_text().splitlines()
+    )  # the report lists exactly the test documents above the deployable threshold
     with pytest.raises(NoMLMHead, match="no trained MLM head"):
         _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm"])
 

@@ -424,6 +424,8 @@ class EmbedConfig:
     """anomaly, fused: the scores that may be combined, each first calibrated on normal validation documents. With
     attacks in the validation set (embed.valid_from_test) the combination of two or more of them that separates them
     best is used; without, all of them."""
+    fuse_rule: str = "auto"
+    """anomaly, fused: how the calibrated scores are combined."""
     ngram: int = 3
     """anomaly, lexical: the n of the character n-grams (a document's score: the share never seen in normal
     training documents)."""
@@ -552,7 +554,14 @@ CHOICES = {
         "mlm": "the MLM's surprise at the document's masked tokens (needs a trained MLM head: a dapt MLM run's final/)",
         "lexical": "the share of character n-grams never seen in normal training documents",
         "fused": "the embed.fuse scores, each turned into its tail probability among normal validation documents, "
-        "combined by Fisher's sum of -log p",
+        "combined by embed.fuse_rule",
+    },
+    "embed.fuse_rule": {
+        "sum": "Fisher's method, the sum of -log p: evidence from several scores adds up",
+        "max": "Tippett's method, the largest -log p (ties broken by the sum): what one score alone sees is not "
+        "diluted by the others",
+        "auto": "whichever of the two, with the combination, separates attacks from normal validation documents "
+        "best (needs attacks in validation, e.g. embed.valid_from_test); sum without them",
     },
     "embed.token_score": {
         "mean": "mean surprise of the masked tokens",

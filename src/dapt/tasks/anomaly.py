@@ -10,6 +10,7 @@ listed with its most surprising tokens and novel character spans (anomaly_report
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import logging
@@ -26,6 +27,8 @@ from dapt.data.surprise import AGGREGATES, token_surprise
 from dapt.runtime import group
 from dapt.runtime.plots import pyplot, save
 from dapt.runtime.runner import start
+
+FUSE_RULES = ("sum", "max")  # embed.fuse_rule's choices besides auto
 
 log = logging.getLogger("dapt")
 
@@ -84,6 +87,18 @@ def tail_scores(normal_valid: np.ndarray, x: np.ndarray) -> np.ndarray:
     ranked = np.sort(normal_valid)
     above = len(ranked) - np.searchsorted(ranked, x, side="left")
     return -np.log((1.0 + above) / (len(ranked) + 1.0))
+
+
+def combine(tails: list[np.ndarray], rule: str) -> np.ndarray:
+    """Several components' tail scores (each on tail_scores' scale) as one. sum: Fisher's method, evidence adds up;
+    max: Tippett's, the strongest component decides (ties broken by the sum), so what one score alone sees is not
+    diluted by the others."""
+    stacked = np.vstack(tails)
+    total = stacked.sum(axis=0)
+    if rule == "sum":
+        return total
+    # distinct tail scores differ by at least log((n + 2) / (n + 1)) >> 1e-6 x the largest possible sum
+    return stacked.max(axis=0) + 1e-6 * total
 
 
 def separation(normal: np.ndarray, attack: np.ndarray, max_fpr: float) -> dict:
@@ -204,40 +219,49 @@ class Scores:
             np.array([s.score(how, e.top_k) for s in self.surprise]),
         )
 
-    def fused(self, names) -> tuple[np.ndarray, np.ndarray]:
-        """The sum of the components' tail scores, each calibrated on the normal validation documents."""
-        fused_valid, fused_test = np.zeros(len(self.valid)), np.zeros(len(self.test))
+    def fused(self, names, rule: str) -> tuple[np.ndarray, np.ndarray]:
+        """The components' tail scores, each calibrated on the normal validation documents, combined by `rule`."""
+        tails = []
         for name in names:
             valid, test = self.values[name]
             normal = valid[~self.valid_attack]
-            fused_valid += tail_scores(normal, valid)
-            fused_test += tail_scores(normal, test)
-        return fused_valid, fused_test
+            tails.append((tail_scores(normal, valid), tail_scores(normal, test)))
+        return combine([v for v, _ in tails], rule), combine([t for _, t in tails], rule)
 
     def final(self) -> tuple[np.ndarray, np.ndarray]:
-        """The score of embed.score for (valid, test): one component, or the fusion of embed.fuse (of the
-        combination that separates validation attacks best, when there are some)."""
+        """The score of embed.score for (valid, test): one component, or the fusion of embed.fuse by
+        embed.fuse_rule (the combination and rule that separate validation attacks best, when there are some)."""
         e = self.e
         if e.score != "fused":
             return self.values[e.score]
-        choices = [c for n in range(2, len(self.needed) + 1) for c in itertools.combinations(self.needed, n)]
+        rules = FUSE_RULES if e.fuse_rule == "auto" else (e.fuse_rule,)
+        choices = [
+            (names, rule)
+            for n in range(2, len(self.needed) + 1)
+            for names in itertools.combinations(self.needed, n)
+            for rule in rules
+        ]
         table = {}
         if self.valid_attack.any():
-            for names in choices:
-                valid = self.fused(names)[0]
-                table["+".join(names)] = separation(
+            for names, rule in choices:
+                valid = self.fused(names, rule)[0]
+                table[f"{'+'.join(names)} by {rule}"] = separation(
                     valid[~self.valid_attack], valid[self.valid_attack], e.max_fpr
                 )
         best = best_of(table)
-        names = best.split("+") if best else self.needed
+        if best:
+            joined, rule = best.split(" by ")
+            names = joined.split("+")
+        else:
+            names, rule = self.needed, rules[0]
         if len(choices) > 1:
             why = (
                 f"best on validation: {separations(table)}" if table else "no validation attacks to choose by"
             )
-            log.info("embed.score=fused combines %s (%s)", ", ".join(names), why)
+            log.info("embed.score=fused combines %s by %s (%s)", ", ".join(names), rule, why)
         self.chosen |= {"fuse_validation": table}
-        self.fuse = names
-        return self.fused(names)
+        self.fuse, self.fuse_rule = names, rule
+        return self.fused(names, rule)
 
 
 def calibrations(scores: Scores, valid: np.ndarray, test: np.ndarray, max_fpr: float) -> dict:
@@ -269,6 +293,7 @@ def run(cfg: RunConfig) -> dict:
     result |= {
         "score": e.score,
         "fuse": getattr(scores, "fuse", []),
+        "fuse_rule": getattr(scores, "fuse_rule", None),
         "unscored": scores.not_scored,
         "calibrations": {
             name: {k: r.get(k) for k in ("recall_at_max_fpr", "test_fpr", "threshold")}
@@ -294,6 +319,7 @@ def run(cfg: RunConfig) -> dict:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_report(scores, test, result, out)
+        write_scores(scores, valid, test, out / "anomaly_scores.csv")
         (out / "anomaly.json").write_text(json.dumps(result, indent=1))
         if "auroc" in result:
             plot_roc(result, e.max_fpr, out / "plots" / "roc.png")
@@ -389,6 +415,19 @@ def write_report(scores: Scores, test: np.ndarray, result: dict, out: Path) -> N
     (out / "anomaly_report.md").write_text(report_markdown(scores, findings, result))
 
 
+def write_scores(scores: Scores, valid: np.ndarray, test: np.ndarray, path: Path) -> None:
+    """anomaly_scores.csv: every validation and test document's score and components (raw, before calibration), to
+    set another threshold or try another fusion without scoring again."""
+    names = list(scores.values)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["split", "id", "label", "score", *names])
+        for split, docs, final, at in (("valid", scores.valid, valid, 0), ("test", scores.test, test, 1)):
+            for i, doc in enumerate(docs):
+                parts = [f"{scores.values[n][at][i]:.6g}" for n in names]
+                out.writerow([split, doc.id, doc.label, f"{final[i]:.6g}", *parts])
+
+
 def _number(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -407,7 +446,7 @@ def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
         f"# Anomaly report: {result['model']}",
         "",
         f"Score: **{e.score}**"
-        + (f" ({', '.join(result['fuse'])})" if result["fuse"] else "")
+        + (f" ({', '.join(result['fuse'])} by {result['fuse_rule']})" if result["fuse"] else "")
         + f"; {result['test']} test documents, AUROC {_number(result.get('auroc'))}.",
         "",
         "| threshold set on | threshold | recall | test FPR |",
