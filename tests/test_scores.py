@@ -70,16 +70,20 @@ def test_mask_patterns_partition_the_positions():
 
 def test_surprise_aggregates_and_top_tokens(tokenizer):
     ids = np.array(tokenizer.convert_tokens_to_ids(["[CLS]", "get", "shop", "id", "[SEP]"]))
-    s = Surprise(ids, np.array([np.nan, 1.0, 4.0, 2.0, np.nan]))
+    s = Surprise(ids, np.array([np.nan, 1.0, 4.0, 2.0, np.nan]), np.array([np.nan, 0.5, 3.9, 0.5, np.nan]))
     assert s.score("mean", 2) == pytest.approx(7 / 3) and s.score("max", 2) == 4.0
     assert s.score("topk", 2) == pytest.approx(3.0)
     assert s.top(tokenizer, 2) == [("shop", 4.0), ("id", 2.0)]
-    assert Surprise(ids, np.full(5, np.nan)).score("mean", 2) == 0.0
+    # excess: "shop" was as surprising as the model expected there; "id" surprised it most
+    assert s.score("max", 2, "excess") == pytest.approx(1.5)
+    assert [t for t, _ in s.top(tokenizer, 2, "excess")] == ["id", "get"]
+    assert Surprise(ids, np.full(5, np.nan), np.full(5, np.nan)).score("mean", 2) == 0.0
 
 
 def test_token_surprise_is_the_mlm_loss_at_each_masked_position(tokenizer, http_docs):
     """Sparse scoring (head at masked positions only, batched across documents and patterns) equals a plain dense
-    forward of each (document, pattern) with the true token's negative log-likelihood read at each masked position."""
+    forward of each (document, pattern) with the true token's negative log-likelihood and the prediction's entropy read
+    at each masked position."""
     model = _bert(len(tokenizer))
     docs = [Document(t, f"d:{i}") for i, t in enumerate(http_docs[0][:3] + [ATTACK])]
     got = token_surprise(model, tokenizer, docs, 96, 5, patterns=3, rate=0.2, seed=7, device="cpu")
@@ -88,7 +92,7 @@ def test_token_surprise_is_the_mlm_loss_at_each_masked_position(tokenizer, http_
     for doc, s in zip(docs, got):
         ids = tokenizer(doc.text, truncation=True, max_length=96)["input_ids"]
         assert s.ids.tolist() == ids
-        want = np.full(len(ids), np.nan)
+        want, entropy = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
         for k in range(3):
             pos = [p for p in range(len(ids)) if masks[k, p] and ids[p] not in special]
             x = torch.tensor([ids])
@@ -96,8 +100,10 @@ def test_token_surprise_is_the_mlm_loss_at_each_masked_position(tokenizer, http_
             with torch.no_grad():
                 logp = model(input_ids=x).logits[0].log_softmax(-1)
             want[pos] = [-logp[p, ids[p]].item() for p in pos]
+            entropy[pos] = [-(logp[p].exp() * logp[p]).sum().item() for p in pos]
         assert np.array_equal(np.isnan(want), np.isnan(s.nll)) and (~np.isnan(s.nll)).sum() > 10
         assert np.allclose(s.nll[~np.isnan(want)], want[~np.isnan(want)], atol=1e-4)
+        assert np.allclose(s.entropy[~np.isnan(want)], entropy[~np.isnan(want)], atol=1e-4)
     with torch.no_grad():  # the hook is gone afterwards: the model's dense output is whole again
         assert model(input_ids=torch.tensor([[2, 5, 3]])).logits.shape == (1, 3, len(tokenizer))
 
@@ -154,10 +160,18 @@ def test_score_config_errors_come_together():
                 "--embed.mask_rate=0",
                 "--embed.valid_from_test=1.5",
                 "--embed.token_score=median",
+                "--embed.token_surprise=entropy",
                 "--embed.top_k=0",
             ]
         )
-    for key in ("embed.fuse", "embed.mask_rate", "embed.valid_from_test", "embed.token_score", "embed.top_k"):
+    for key in (
+        "embed.fuse",
+        "embed.mask_rate",
+        "embed.valid_from_test",
+        "embed.token_score",
+        "embed.token_surprise",
+        "embed.top_k",
+    ):
         assert key in str(e.value), key
     with pytest.raises(ConfigError, match="leave data.valid empty"):
         load_config(["--embed.valid_from_test=0.2", "--data.valid=[x.txt]"])
@@ -251,6 +265,8 @@ def test_two_ranks_score_as_one(tmp_path, http_docs, tokenizer):
         )
     one, two = (json.loads((tmp_path / f"r{r}" / "anomaly.json").read_text()) for r in (1, 2))
     assert one["test"] == two["test"] > 50 and one["valid_attack"] > 5
+    assert len(one["token_score_validation"]) == 6  # mean, max, top-k of nll and of excess surprise
+    assert one["token_score_validation"] == pytest.approx(two["token_score_validation"])
     for name in ("mahalanobis", "mlm", "lexical"):
         assert one["components"][name]["auroc"] == pytest.approx(two["components"][name]["auroc"], abs=1e-9)
     assert one["threshold"] == pytest.approx(two["threshold"], rel=1e-6)

@@ -418,6 +418,8 @@ class EmbedConfig:
     patterns (the default 4 x 0.25) score every token exactly once: an attack is a few tokens, none may be missed."""
     token_score: str = "auto"
     """anomaly, mlm: how the token surprises of a document become its score."""
+    token_surprise: str = "auto"
+    """anomaly, mlm: what a token's surprise is."""
     top_k: int = 5
     """anomaly, mlm: the k of token_score=topk, and how many surprising tokens the report lists per finding."""
     fuse: list[str] = field(default_factory=lambda: ["mahalanobis", "mlm", "lexical"])
@@ -569,6 +571,13 @@ CHOICES = {
         "topk": "mean of the embed.top_k most surprising tokens",
         "auto": "whichever of the three separates attacks from normal validation documents best (needs attacks in "
         "validation, e.g. embed.valid_from_test); topk without them",
+    },
+    "embed.token_surprise": {
+        "nll": "the negative log-likelihood of the true token at its masked position",
+        "excess": "that NLL minus the entropy of the model's prediction there: surprise beyond what the model "
+        "expected (a random name where any name may come is not, a quote where only a digit may is)",
+        "auto": "whichever of the two, with the token score, separates attacks from normal validation documents "
+        "best (needs attacks in validation); nll without them",
     },
     "embed.fuse": {
         "mahalanobis": "embedding distance",

@@ -4,7 +4,8 @@ Every document is scored under the same K fixed mask patterns: position p is mas
 (u_p + k * rate) mod 1 < rate, with u drawn once from the run's seed. With K * rate <= 1 the patterns are disjoint
 (K = 1 / rate masks every token exactly once). A token's surprise is the negative log-likelihood the model gives the
 true token at a masked position (averaged over the patterns that mask it); tokens never masked, and special tokens,
-have none. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
+have none. Its excess surprise is that NLL minus the entropy of the model's prediction there (the NLL it expected):
+a random name where any name may come is not surprising beyond expectation, a quote where only a digit may come is. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
 r, r + W, ... in batches of (document, pattern) rows.
 """
 
@@ -21,18 +22,26 @@ from dapt.model.sparse import SparsePrediction, supports_sparse
 from dapt.runtime import group
 
 AGGREGATES = ("mean", "max", "topk")
+MEASURES = ("nll", "excess")
 
 
 @dataclass
 class Surprise:
-    """One document's tokens (ids, with special tokens) and each token's surprise in nats (NaN: not masked)."""
+    """One document's tokens (ids, with special tokens), each token's surprise in nats and the entropy of the model's
+    prediction at its position (NaN: not masked)."""
 
     ids: np.ndarray
     nll: np.ndarray
+    entropy: np.ndarray
 
-    def score(self, how: str, k: int) -> float:
+    def of(self, measure: str) -> np.ndarray:
+        """Each token's surprise: nll, or excess (nll - entropy)."""
+        return self.nll if measure == "nll" else self.nll - self.entropy
+
+    def score(self, how: str, k: int, measure: str = "nll") -> float:
         """mean: the mean over masked tokens; max: the largest; topk: the mean of the k largest."""
-        v = self.nll[~np.isnan(self.nll)]
+        v = self.of(measure)
+        v = v[~np.isnan(v)]
         if not len(v):
             return 0.0
         if how == "mean":
@@ -41,12 +50,13 @@ class Surprise:
             return float(v.max())
         return float(np.sort(v)[-k:].mean())
 
-    def top(self, tokenizer, n: int) -> list[tuple[str, float]]:
-        """The n most surprising tokens, most surprising first, as (token, nats)."""
-        masked = np.flatnonzero(~np.isnan(self.nll))
-        order = masked[np.argsort(-self.nll[masked], kind="stable")][:n]
+    def top(self, tokenizer, n: int, measure: str = "nll") -> list[tuple[str, float]]:
+        """The n most surprising tokens by `measure`, most surprising first, as (token, nats)."""
+        v = self.of(measure)
+        masked = np.flatnonzero(~np.isnan(v))
+        order = masked[np.argsort(-v[masked], kind="stable")][:n]
         names = tokenizer.convert_ids_to_tokens(self.ids[order].tolist())
-        return [(name, round(float(self.nll[i]), 3)) for name, i in zip(names, order)]
+        return [(name, round(float(v[i]), 3)) for name, i in zip(names, order)]
 
 
 def unscored_ids(tokenizer) -> list[int]:
@@ -80,7 +90,7 @@ def token_surprise(
     masks = mask_patterns(max_len, patterns, rate, seed)
     special = np.array(unscored_ids(tokenizer))
     rank, world = group.rank(), group.world()
-    mine = {i: np.full(len(rows[i].ids), np.nan) for i in range(rank, len(rows), world)}
+    mine = {i: np.full((2, len(rows[i].ids)), np.nan) for i in range(rank, len(rows), world)}  # nll, entropy
     counts = {i: np.zeros(len(rows[i].ids)) for i in mine}
     work = [
         (i, k)
@@ -110,8 +120,8 @@ def token_surprise(
     for part in group.gather(
         [(i, rows[i].ids, mine[i] / np.where(counts[i] > 0, counts[i], np.nan)) for i in mine]
     ):
-        for i, ids, nll in part:
-            out[i] = Surprise(np.asarray(ids), nll)
+        for i, ids, (nll, entropy) in part:
+            out[i] = Surprise(np.asarray(ids), nll, entropy)
     return out
 
 
@@ -134,11 +144,14 @@ def _score_batch(model, sparse, rows, masks, special, chunk, tokenizer, device, 
         logits = model(input_ids=inputs.to(device), attention_mask=attention.to(device)).logits[
             masked.to(device)
         ]
-    nll = torch.nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="none").cpu().numpy()
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(1, labels.to(device)[:, None])[:, 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+    both = torch.stack([nll, entropy]).cpu().numpy()  # (2, masked positions)
     at = 0
     for j, (i, _) in enumerate(chunk):
         positions = np.flatnonzero(masked[j].numpy())
-        values = nll[at : at + len(positions)]
+        values = both[:, at : at + len(positions)]
         at += len(positions)
-        total[i][positions] = np.nan_to_num(total[i][positions]) + values
+        total[i][:, positions] = np.nan_to_num(total[i][:, positions]) + values
         counts[i][positions] += 1

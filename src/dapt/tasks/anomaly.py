@@ -23,7 +23,7 @@ from dapt.config.schema import RunConfig
 from dapt.data.embedding import NoMLMHead, embed_documents, load_encoder, load_masked_lm, splits_of
 from dapt.data.novelty import CharNovelty
 from dapt.data.stream import in_valid_split
-from dapt.data.surprise import AGGREGATES, token_surprise
+from dapt.data.surprise import AGGREGATES, MEASURES, token_surprise
 from dapt.runtime import group
 from dapt.runtime.plots import pyplot, save
 from dapt.runtime.runner import start
@@ -202,21 +202,30 @@ class Scores:
             )
 
         valid, self.surprise = surprise(self.valid), surprise(self.test)
-        how, table = e.token_score, {}
+        aggregates = AGGREGATES if e.token_score == "auto" else (e.token_score,)
+        measures = MEASURES if e.token_surprise == "auto" else (e.token_surprise,)
+        table = {}
         if self.valid_attack.any():
-            for agg in AGGREGATES:
-                v = np.array([s.score(agg, e.top_k) for s in valid])
-                table[agg] = separation(v[~self.valid_attack], v[self.valid_attack], e.max_fpr)
-        if how == "auto":
-            how = best_of(table) or "topk"
+            for measure in measures:
+                for agg in aggregates:
+                    v = np.array([s.score(agg, e.top_k, measure) for s in valid])
+                    table[f"{agg} of {measure}"] = separation(
+                        v[~self.valid_attack], v[self.valid_attack], e.max_fpr
+                    )
+        best = best_of(table)
+        how, measure = (
+            best.split(" of ") if best else ("topk" if len(aggregates) > 1 else aggregates[0], measures[0])
+        )
+        if len(table) > 1 or not best:
             why = (
                 separations(table) or "no attacks in the validation set to choose by (embed.valid_from_test)"
             )
-            log.info("embed.token_score=auto chose %s: %s", how, why)
-        self.chosen |= {"token_score": how, "token_score_validation": table}
+            log.info("embed.score=mlm takes the %s of each token's %s surprise: %s", how, measure, why)
+        self.measure = measure
+        self.chosen |= {"token_score": how, "token_surprise": measure, "token_score_validation": table}
         return (
-            np.array([s.score(how, e.top_k) for s in valid]),
-            np.array([s.score(how, e.top_k) for s in self.surprise]),
+            np.array([s.score(how, e.top_k, measure) for s in valid]),
+            np.array([s.score(how, e.top_k, measure) for s in self.surprise]),
         )
 
     def fused(self, names, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -407,7 +416,7 @@ def write_report(scores: Scores, test: np.ndarray, result: dict, out: Path) -> N
             "novel_spans": scores.novelty.spans(doc.text, e.top_k),
         }
         if scores.surprise is not None:
-            finding["surprising_tokens"] = scores.surprise[i].top(scores.tokenizer, e.top_k)
+            finding["surprising_tokens"] = scores.surprise[i].top(scores.tokenizer, e.top_k, scores.measure)
         findings.append(finding)
     with (out / "anomaly_report.jsonl").open("w") as f:
         for finding in findings:
@@ -447,6 +456,11 @@ def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
         "",
         f"Score: **{e.score}**"
         + (f" ({', '.join(result['fuse'])} by {result['fuse_rule']})" if result["fuse"] else "")
+        + (
+            f"; MLM surprise: the {result['token_score']} of each token's {result['token_surprise']} surprise"
+            if result.get("token_surprise")
+            else ""
+        )
         + f"; {result['test']} test documents, AUROC {_number(result.get('auroc'))}.",
         "",
         "| threshold set on | threshold | recall | test FPR |",
