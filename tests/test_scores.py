@@ -19,7 +19,7 @@ from dapt.data.formats import Document
 from dapt.data.novelty import CharNovelty
 from dapt.data.surprise import Surprise, mask_patterns, token_surprise
 from dapt.model.build import train_wordpiece
-from dapt.tasks.anomaly import combine, tail_scores
+from dapt.tasks.anomaly import best_of, combine, separation, tail_scores, valid_key
 
 ATTACK = "GET /shop/item.jsp?id=1'+OR+'1'='1&qty=2 HTTP/1.1\nHost: shop"
 
@@ -142,6 +142,31 @@ def test_fusion_rules_sum_or_take_the_strongest():
     assert tie[1] > tie[0] and tie[0] == pytest.approx(3.0, abs=1e-4)
 
 
+def test_validation_from_test_splits_normal_records_and_attack_texts():
+    """embed.valid_from_test: a normal request repeated 400 times falls on both sides (by record); 400 copies of an
+    attack stay on one side (by text), so no copy of a test attack chooses a score."""
+    from dapt.data.stream import in_valid_split
+
+    normal = [Document("GET /index.jsp HTTP/1.1", f"normal.txt:{i}", "normal") for i in range(400)]
+    attack = [Document(ATTACK, f"attack.txt:{i}", "attack") for i in range(400)]
+    side = [in_valid_split(valid_key(d, "normal"), 0.2) for d in normal]
+    assert 40 < sum(side) < 120  # about 20% of the records
+    assert len({in_valid_split(valid_key(d, "normal"), 0.2) for d in attack}) == 1
+
+
+def test_choices_go_by_partial_auroc():
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=2000)
+    r = separation(normal, rng.normal(3, 1, 500), 0.05)
+    assert 0.5 < r["partial_auroc"] < r["auroc"] <= 1 and 0.5 < r["recall_at_max_fpr"] < 1
+    assert separation(normal, rng.normal(size=500), 0.05)["partial_auroc"] == pytest.approx(0.5, abs=0.05)
+    table = {
+        "a": {"recall_at_max_fpr": 0.2, "partial_auroc": 0.9, "auroc": 0.8},
+        "b": {"recall_at_max_fpr": 0.3, "partial_auroc": 0.6, "auroc": 0.9},
+    }
+    assert best_of(table) == "a" and best_of({}) is None
+
+
 def test_unknown_tokens_are_scored(tokenizer):
     model = _bert(len(tokenizer))
     text = "GET /shop/item.jsp?id=\u2603\u2603 HTTP/1.1"  # a character the vocabulary lacks
@@ -249,6 +274,12 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
     )  # the report lists exactly the test documents above the deployable threshold
     with pytest.raises(NoMLMHead, match="no trained MLM head"):
         _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm"])
+    paths["normal_train"].write_text("GET /shop HTTP/1.1\n" + "x" * 5000)  # a record too long to read
+    small = ["--data.max_record_bytes=4096"]
+    with pytest.raises(NoMLMHead, match="no trained MLM head"):  # the model is loaded before any data is read
+        _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm", *small])
+    with pytest.raises(Exception, match="normal_train.http"):  # the bad record, once the model is fine
+        _run(_anomaly_args(paths, headless, tmp_path / "maha2") + ["--embed.score=mahalanobis", *small])
 
 
 @pytest.mark.slow
@@ -266,7 +297,8 @@ def test_two_ranks_score_as_one(tmp_path, http_docs, tokenizer):
     one, two = (json.loads((tmp_path / f"r{r}" / "anomaly.json").read_text()) for r in (1, 2))
     assert one["test"] == two["test"] > 50 and one["valid_attack"] > 5
     assert len(one["token_score_validation"]) == 6  # mean, max, top-k of nll and of excess surprise
-    assert one["token_score_validation"] == pytest.approx(two["token_score_validation"])
+    for choice, r in one["token_score_validation"].items():
+        assert r == pytest.approx(two["token_score_validation"][choice])
     for name in ("mahalanobis", "mlm", "lexical"):
         assert one["components"][name]["auroc"] == pytest.approx(two["components"][name]["auroc"], abs=1e-9)
     assert one["threshold"] == pytest.approx(two["threshold"], rel=1e-6)

@@ -10,7 +10,7 @@ import torch
 
 from dapt.config.schema import RunConfig
 from dapt.data.formats import Document
-from dapt.data.labelled import read_labelled
+from dapt.data.labelled import padded, read_labelled
 from dapt.data.packing import pack
 from dapt.data.sources import expand
 from dapt.data.stream import in_valid_split
@@ -29,12 +29,7 @@ def embed_documents(
     out = []
     for start in range(0, len(mine), batch):
         idx = mine[start : start + batch]
-        width = max(len(rows[i].ids) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, : len(rows[i].ids)] = torch.from_numpy(rows[i].ids)
-            mask[j, : len(rows[i].ids)] = 1
+        ids, mask = padded([rows[i].ids for i in idx], pad)
         hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
         if pooling == "cls":
             vec = hidden[:, 0]

@@ -119,13 +119,19 @@ def encode(
     )
 
 
-def collate(ids: list[np.ndarray], y, pad_id: int) -> dict[str, torch.Tensor]:
-    """A padded micro-batch (width rounded up to a multiple of 8) with its label ids."""
-    width = -(-max(len(x) for x in ids) // 8) * 8
+def padded(ids: list[np.ndarray], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one right-padded (input_ids, attention_mask) pair, the width rounded up to `multiple`."""
+    width = -(-max(len(x) for x in ids) // multiple) * multiple
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, x in enumerate(ids):
         input_ids[i, : len(x)], mask[i, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.int64)), 1
+    return input_ids, mask
+
+
+def collate(ids: list[np.ndarray], y, pad_id: int) -> dict[str, torch.Tensor]:
+    """A padded micro-batch (width rounded up to a multiple of 8) with its label ids."""
+    input_ids, mask = padded(ids, pad_id, multiple=8)
     return {
         "input_ids": input_ids,
         "attention_mask": mask,

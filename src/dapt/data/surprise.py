@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dapt.data.formats import Document
+from dapt.data.labelled import padded
 from dapt.data.packing import pack
 from dapt.model.sparse import SparsePrediction, supports_sparse
 from dapt.runtime import group
@@ -126,14 +127,10 @@ def token_surprise(
 
 
 def _score_batch(model, sparse, rows, masks, special, chunk, tokenizer, device, total, counts) -> None:
-    width = max(len(rows[i].ids) for i, _ in chunk)
-    ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-    attention = torch.zeros((len(chunk), width), dtype=torch.long)
-    masked = torch.zeros((len(chunk), width), dtype=torch.bool)
+    ids, attention = padded([rows[i].ids for i, _ in chunk], tokenizer.pad_token_id or 0)
+    masked = torch.zeros(ids.shape, dtype=torch.bool)
     for j, (i, k) in enumerate(chunk):
         n = len(rows[i].ids)
-        ids[j, :n] = torch.from_numpy(rows[i].ids)
-        attention[j, :n] = 1
         masked[j, :n] = torch.from_numpy(masks[k, :n] & ~np.isin(rows[i].ids, special))
     labels = ids[masked]
     inputs = ids.masked_fill(masked, tokenizer.mask_token_id)
