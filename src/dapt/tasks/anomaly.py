@@ -382,10 +382,11 @@ def sample(docs: list, n: int, seed: int) -> list:
 
 
 def valid_key(doc, normal_label: str) -> str:
-    """What embed.valid_from_test hashes: a normal document's record (file:line), so repeated normal requests fall on
-    both sides and the threshold sees the traffic mix the test has (one request repeated a hundred times, all on one
-    side, skews a text split's quantiles); an attack's text, so no copy of a test attack chooses a score."""
-    return doc.id if doc.label == normal_label else doc.text
+    """What embed.valid_from_test hashes: a normal document's record (file name and line, wherever the file lies), so
+    repeated normal requests fall on both sides and the threshold sees the traffic mix the test has (one request
+    repeated a hundred times, all on one side, skews a text split's quantiles); an attack's text, so no copy of a test
+    attack chooses a score."""
+    return doc.id.rsplit("/", 1)[-1] if doc.label == normal_label else doc.text
 
 
 def anomaly_splits(cfg: RunConfig, skipped: Counter) -> dict:
