@@ -434,7 +434,8 @@ class EmbedConfig:
     ngram_digits: bool = True
     """anomaly, lexical: read every digit as 0 first, so new numbers are not novel (a digit among letters still is)."""
     valid_from_test: float = 0.0
-    """anomaly: the share of the test documents (by a hash of their text) that is the validation set instead
+    """anomaly: the share of the test documents (normal ones by a hash of their file name and line, attacks of their
+    text) that is the validation set instead
     (data.valid and the train split are then not used): normal ones set the threshold, attacks let token_score=auto
     choose; none of them is reported as test. 0: validation is data.valid or the hash split of data.train."""
     sample: int = 0
