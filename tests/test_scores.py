@@ -152,7 +152,8 @@ def test_validation_from_test_splits_normal_records_and_attack_texts():
     side = [in_valid_split(valid_key(d, "normal"), 0.2) for d in normal]
     assert 40 < sum(side) < 120  # about 20% of the records
     assert len({in_valid_split(valid_key(d, "normal"), 0.2) for d in attack}) == 1
-    moved = [Document(d.text, f"/elsewhere/{d.id}", d.label) for d in normal]  # the same files in another folder
+    # the same files in another folder: the same split
+    moved = [Document(d.text, f"/elsewhere/{d.id}", d.label) for d in normal]
     assert [in_valid_split(valid_key(d, "normal"), 0.2) for d in moved] == side
 
 
