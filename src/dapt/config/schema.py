@@ -436,8 +436,8 @@ class EmbedConfig:
     valid_from_test: float = 0.0
     """anomaly: the share of the test documents (normal ones by a hash of their file name and line, attacks of their
     text) that is the validation set instead
-    (data.valid and the train split are then not used): normal ones set the threshold, attacks let token_score=auto
-    choose; none of them is reported as test. 0: validation is data.valid or the hash split of data.train."""
+    (data.valid and the train split are then not used): normal ones set the threshold, attacks let the auto settings
+    (token_score, token_surprise, fuse_rule, the fused combination) choose; none of them is reported as test. 0: validation is data.valid or the hash split of data.train."""
     sample: int = 0
     """anomaly: score at most this many documents of each split (training documents for the Mahalanobis fit,
     validation, test), drawn by the run's seed: a CPU-sized look at a large test set. Lexical novelty

@@ -4,8 +4,9 @@ Every document is scored under the same K fixed mask patterns: position p is mas
 (u_p + k * rate) mod 1 < rate, with u drawn once from the run's seed. With K * rate <= 1 the patterns are disjoint
 (K = 1 / rate masks every token exactly once). A token's surprise is the negative log-likelihood the model gives the
 true token at a masked position (averaged over the patterns that mask it); tokens never masked, and special tokens,
-have none. Its excess surprise is that NLL minus the entropy of the model's prediction there (the NLL it expected):
-a random name where any name may come is not surprising beyond expectation, a quote where only a digit may come is. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
+have none. Its excess surprise is that NLL minus the entropy of the model's prediction there (the NLL it
+expected): a random name where any name may come is not surprising beyond expectation, a quote where only a digit
+may come is. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
 r, r + W, ... in batches of (document, pattern) rows.
 """
 
@@ -143,7 +144,9 @@ def _score_batch(model, sparse, rows, masks, special, chunk, tokenizer, device, 
         ]
     logp = torch.log_softmax(logits.float(), dim=-1)
     nll = -logp.gather(1, labels.to(device)[:, None])[:, 0]
-    entropy = -(logp.exp() * logp).sum(-1)
+    # -sum p log p, in place on p (peak: two vocabulary-wide tensors); p = 0 at a -inf logit counts 0, not NaN
+    plogp = logp.exp().mul_(logp).nan_to_num_(nan=0.0)
+    entropy = -plogp.sum(-1)
     both = torch.stack([nll, entropy]).cpu().numpy()  # (2, masked positions)
     at = 0
     for j, (i, _) in enumerate(chunk):

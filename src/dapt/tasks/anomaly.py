@@ -90,16 +90,18 @@ def tail_scores(normal_valid: np.ndarray, x: np.ndarray) -> np.ndarray:
     return -np.log((1.0 + above) / (len(ranked) + 1.0))
 
 
-def combine(tails: list[np.ndarray], rule: str) -> np.ndarray:
-    """Several components' tail scores (each on tail_scores' scale) as one. sum: Fisher's method, evidence adds up;
-    max: Tippett's, the strongest component decides (ties broken by the sum), so what one score alone sees is not
-    diluted by the others."""
+def combine(tails: list[np.ndarray], rule: str, n_normal: int) -> np.ndarray:
+    """Several components' tail scores (each tail_scores' against n_normal documents) as one. sum: Fisher's method,
+    evidence adds up; max: Tippett's, the strongest component decides (ties broken by the sum), so what one score
+    alone sees is not diluted by the others."""
     stacked = np.vstack(tails)
     total = stacked.sum(axis=0)
     if rule == "sum":
         return total
-    # distinct tail scores differ by at least log((n + 2) / (n + 1)) >> 1e-6 x the largest possible sum
-    return stacked.max(axis=0) + 1e-6 * total
+    # distinct tail scores differ by at least log((n + 1) / n) > 1 / (n + 1), and no sum exceeds
+    # components x log(n + 1): the tie-break below never reorders two different maxima
+    scale = 0.5 / ((n_normal + 1) * len(tails) * np.log(n_normal + 2))
+    return stacked.max(axis=0) + scale * total
 
 
 def separation(normal: np.ndarray, attack: np.ndarray, max_fpr: float) -> dict:
@@ -225,7 +227,7 @@ class Scores:
         how, measure = (
             best.split(" of ") if best else ("topk" if len(aggregates) > 1 else aggregates[0], measures[0])
         )
-        if len(table) > 1 or not best:
+        if len(aggregates) * len(measures) > 1:
             why = (
                 separations(table) or "no attacks in the validation set to choose by (embed.valid_from_test)"
             )
@@ -244,7 +246,8 @@ class Scores:
             valid, test = self.values[name]
             normal = valid[~self.valid_attack]
             tails.append((tail_scores(normal, valid), tail_scores(normal, test)))
-        return combine([v for v, _ in tails], rule), combine([t for _, t in tails], rule)
+        n = int((~self.valid_attack).sum())
+        return combine([v for v, _ in tails], rule, n), combine([t for _, t in tails], rule, n)
 
     def final(self) -> tuple[np.ndarray, np.ndarray]:
         """The score of embed.score for (valid, test): one component, or the fusion of embed.fuse by
@@ -446,8 +449,8 @@ def write_scores(scores: Scores, valid: np.ndarray, test: np.ndarray, path: Path
         out.writerow(["split", "id", "label", "score", *names])
         for split, docs, final, at in (("valid", scores.valid, valid, 0), ("test", scores.test, test, 1)):
             for i, doc in enumerate(docs):
-                parts = [f"{scores.values[n][at][i]:.6g}" for n in names]
-                out.writerow([split, doc.id, doc.label, f"{final[i]:.6g}", *parts])
+                parts = [repr(float(scores.values[n][at][i])) for n in names]  # exact: ties at the threshold
+                out.writerow([split, doc.id, doc.label, repr(float(final[i])), *parts])
 
 
 def _number(x) -> str:
