@@ -119,7 +119,8 @@ def anomaly_rows(result: dict) -> dict:
             k: c.get(k) for k in ("recall_at_max_fpr", "test_fpr", "recall_test_calibrated", "auroc")
         }
     lit = result["calibrations"]["test_calibrated"]
-    rows["fused (" + "+".join(result["fuse"]) + f" by {result.get('fuse_rule') or 'sum'})"] = {
+    how = "+".join(result["fuse"]) + (f" by {result['fuse_rule']}" if result.get("fuse_rule") else " alone")
+    rows[f"fused ({how})"] = {
         "recall_at_max_fpr": result["recall_at_max_fpr"],
         "test_fpr": result["test_fpr"],
         "recall_test_calibrated": lit["recall_at_max_fpr"],

@@ -154,14 +154,17 @@ def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
     )  # lexical novelty separates even beside an untrained MLM
     lit = saved["calibrations"]["test_calibrated"]
     assert lit["test_fpr"] <= 0.05 and lit["recall_at_max_fpr"] > 0.2  # the threshold from normal test data
-    assert set(saved["components"]) == {"mahalanobis", "mlm", "lexical"} and len(saved["fuse"]) >= 2
-    assert saved["token_score"] in ("mean", "max", "topk") and saved["token_surprise"] in ("nll", "excess")
+    assert set(saved["components"]) == {"mahalanobis", "mlm", "lexical"} and saved["fuse"]
+    assert saved["token_score"] in ("mean", "max", "topk", "novel") and saved["token_surprise"] in (
+        "nll",
+        "excess",
+    )
     assert set(saved["token_score_validation"]) == {
-        f"{how} of {measure}" for how in ("mean", "max", "topk") for measure in ("nll", "excess")
+        f"{how} of {measure}" for how in ("mean", "max", "topk", "novel") for measure in ("nll", "excess")
     }
     assert (
-        len(saved["fuse_validation"]) == 8
-    )  # three pairs and the triple, each by sum and by max, on validation
+        len(saved["fuse_validation"]) == 11
+    )  # each score alone, then three pairs and the triple, each by sum and by max, on validation
     findings = [json.loads(line) for line in (out / "anomaly_report.jsonl").read_text().splitlines()]
     flagged_attacks = sum(f["label"] == "attack" for f in findings)
     assert flagged_attacks == round(saved["recall_at_max_fpr"] * saved["test_attack"])

@@ -78,6 +78,13 @@ def test_surprise_aggregates_and_top_tokens(tokenizer):
     assert s.score("max", 2, "excess") == pytest.approx(1.5)
     assert [t for t, _ in s.top(tokenizer, 2, "excess")] == ["id", "get"]
     assert Surprise(ids, np.full(5, np.nan), np.full(5, np.nan)).score("mean", 2) == 0.0
+    with pytest.raises(ValueError, match="novelty"):
+        s.score("novel", 2)
+    s.novel = np.array(
+        [False, False, True, True, False]
+    )  # "shop" and "id" touch a novel n-gram, "get" does not
+    assert s.score("novel", 2) == pytest.approx((4.0 + 2.0) / 3)  # per masked token, not per novel one
+    assert s.score("novel", 2, "excess") == pytest.approx((0.1 + 1.5) / 3)
 
 
 def test_token_surprise_is_the_mlm_loss_at_each_masked_position(tokenizer, http_docs):
@@ -119,6 +126,43 @@ def test_lexical_novelty_scores_and_explains(http_docs):
     assert any("'+OR+'" in s for s in spans) and not any("Host" in s for s in spans)
     raw = CharNovelty(3, digits=False).fit(normal[:200])
     assert raw.score(normal[200:]).mean() > lex.score(normal[200:]).mean()
+
+
+def test_novel_tokens_line_up_with_the_scored_rows(tokenizer, http_docs):
+    """Each token's novelty is read on the row token_surprise scores: the same length, the markers never novel, the
+    tokens of the injected SQL novel and the request line's familiar ones not; rows cut at max_len stay aligned."""
+    normal, _ = http_docs
+    lex = CharNovelty(3, digits=True).fit(normal[:200])
+    model = _bert(len(tokenizer))
+    texts = [normal[250], ATTACK]
+    assert lex.novel_chars("GET /shop").sum() == 0 and lex.novel_chars("'+OR+'").all()
+    for max_len in (96, 12):
+        flags = lex.novel_tokens(tokenizer, texts, max_len)
+        scored = token_surprise(
+            model,
+            tokenizer,
+            [Document(t, f"d:{i}") for i, t in enumerate(texts)],
+            max_len,
+            4,
+            patterns=2,
+            rate=0.5,
+            seed=0,
+            device="cpu",
+        )
+        for f, s in zip(flags, scored):
+            assert len(f) == len(s.ids) and not f[0] and not f[-1]
+        assert not flags[0].any()  # a normal request: nothing novel
+        tokens = tokenizer.convert_ids_to_tokens(scored[1].ids.tolist())
+        assert not any(f for t, f in zip(tokens, flags[1]) if t in ("get", "shop"))
+    # max_len 12: the row ends at "id", "=": only the "=" that opens the novel "=1'" is novel
+    assert flags[1].tolist() == [False] * 10 + [True, False]
+    full = lex.novel_tokens(tokenizer, [ATTACK], 96)[0]
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(ATTACK)["input_ids"])
+    run = np.flatnonzero(full)
+    assert (
+        np.diff(run) == 1
+    ).all()  # one novel span: from the "=" before the quote to the "&" after the injection
+    assert tokens[run[0]] == "=" and tokens[run[-1]] == "&" and {"'", "+"} <= {tokens[i] for i in run}
 
 
 def test_tail_scores_rank_against_normal_validation():
@@ -275,11 +319,21 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
     assert "| normal validation data |" in (tmp_path / "lex" / "anomaly_report.md").read_text()
 
     fused = _run(_anomaly_args(paths, headless, tmp_path / "fused"))
-    assert "no trained MLM head" in fused["unscored"]["mlm"] and fused["fuse"] == ["mahalanobis", "lexical"]
-    assert set(fused["components"]) == {"mahalanobis", "lexical"} and fused["fuse_rule"] in ("sum", "max")
-    assert set(fused["fuse_validation"]) == {"mahalanobis+lexical by sum", "mahalanobis+lexical by max"}
+    assert "no trained MLM head" in fused["unscored"]["mlm"] and "mlm" not in fused["fuse"]
+    assert set(fused["components"]) == {"mahalanobis", "lexical"}
+    table = fused["fuse_validation"]  # either score alone, and both by each rule
+    assert set(table) == {
+        "mahalanobis",
+        "lexical",
+        "mahalanobis+lexical by sum",
+        "mahalanobis+lexical by max",
+    }
+    best = max(table, key=lambda c: (table[c]["partial_auroc"], table[c]["auroc"]))
+    chosen = "+".join(fused["fuse"]) + (f" by {fused['fuse_rule']}" if fused["fuse_rule"] else "")
+    assert chosen == best and (fused["fuse_rule"] is None) == (len(fused["fuse"]) == 1)
     fixed = _run(_anomaly_args(paths, headless, tmp_path / "fmax") + ["--embed.fuse_rule=max"])
-    assert fixed["fuse_rule"] == "max" and list(fixed["fuse_validation"]) == ["mahalanobis+lexical by max"]
+    assert list(fixed["fuse_validation"]) == ["mahalanobis", "lexical", "mahalanobis+lexical by max"]
+    assert fixed["fuse_rule"] in ("max", None)
     rows = (tmp_path / "fused" / "anomaly_scores.csv").read_text().splitlines()
     assert rows[0] == "split,id,label,score,mahalanobis,lexical"
     assert len(rows) == 1 + fused["valid_normal"] + fused["valid_attack"] + fused["test"]
@@ -311,7 +365,7 @@ def test_two_ranks_score_as_one(tmp_path, http_docs, tokenizer):
         )
     one, two = (json.loads((tmp_path / f"r{r}" / "anomaly.json").read_text()) for r in (1, 2))
     assert one["test"] == two["test"] > 50 and one["valid_attack"] > 5
-    assert len(one["token_score_validation"]) == 6  # mean, max, top-k of nll and of excess surprise
+    assert len(one["token_score_validation"]) == 8  # mean, max, top-k, novel of nll and of excess surprise
     for choice, r in one["token_score_validation"].items():
         assert r == pytest.approx(two["token_score_validation"][choice])
     for name in ("mahalanobis", "mlm", "lexical"):

@@ -424,8 +424,8 @@ class EmbedConfig:
     """anomaly, mlm: the k of token_score=topk, and how many surprising tokens the report lists per finding."""
     fuse: list[str] = field(default_factory=lambda: ["mahalanobis", "mlm", "lexical"])
     """anomaly, fused: the scores that may be combined, each first calibrated on normal validation documents. With
-    attacks in the validation set (embed.valid_from_test) the combination of two or more of them that separates them
-    best is used; without, all of them."""
+    attacks in the validation set (embed.valid_from_test) the choice that separates them best is used: one of these
+    scores alone, or a combination of two or more by a rule; without, all of them."""
     fuse_rule: str = "auto"
     """anomaly, fused: how the calibrated scores are combined."""
     ngram: int = 3
@@ -570,7 +570,9 @@ CHOICES = {
         "mean": "mean surprise of the masked tokens",
         "max": "the most surprising token",
         "topk": "mean of the embed.top_k most surprising tokens",
-        "auto": "whichever of the three separates attacks from normal validation documents best (needs attacks in "
+        "novel": "the surprise of the tokens inside character n-grams never seen in normal training documents "
+        "(as lexical finds them), per masked token: surprise where the text is also new (needs a fast tokenizer)",
+        "auto": "whichever of these separates attacks from normal validation documents best (needs attacks in "
         "validation, e.g. embed.valid_from_test); topk without them",
     },
     "embed.token_surprise": {

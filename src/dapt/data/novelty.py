@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from dapt.data.packing import wrappers
+
 _DIGIT = re.compile(r"[0-9]")
 
 
@@ -38,6 +40,36 @@ class CharNovelty:
             grams = self._grams(text)
             out.append(sum(g not in self.seen for g in grams) / max(1, len(grams)))
         return np.asarray(out, dtype=np.float64)
+
+    def novel_chars(self, text: str) -> np.ndarray:
+        """Per character of the text: does it lie in a novel n-gram?"""
+        out = np.zeros(len(text), dtype=bool)
+        for i, g in enumerate(self._grams(text)):
+            if g not in self.seen:
+                out[i : i + self.n] = True
+        return out
+
+    def novel_tokens(self, tokenizer, texts: list[str], max_len: int) -> list[np.ndarray] | None:
+        """Per token of each text's row as packing's "pad" builds it (the sequence markers around the tokens that fit
+        max_len): does the token touch a novel n-gram? None for a tokenizer without offsets (not a fast one)."""
+        if not getattr(tokenizer, "is_fast", False):
+            return None
+        head, tail = wrappers(tokenizer)
+        body = max_len - len(head) - len(tail)
+        enc = tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            return_offsets_mapping=True,
+            verbose=False,
+        )
+        out = []
+        for text, offsets in zip(texts, enc["offset_mapping"]):
+            chars = self.novel_chars(text)
+            inner = [start < end and bool(chars[start:end].any()) for start, end in offsets[:body]]
+            out.append(np.array([False] * len(head) + inner + [False] * len(tail), dtype=bool))
+        return out
 
     def spans(self, text: str, most: int) -> list[str]:
         """The text's novel spans (overlapping novel n-grams merged), longest first, at most `most`."""

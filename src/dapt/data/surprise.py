@@ -4,7 +4,8 @@ Every document is scored under the same K fixed mask patterns: position p is mas
 (u_p + k * rate) mod 1 < rate, with u drawn once from the run's seed. With K * rate <= 1 the patterns are disjoint
 (K = 1 / rate masks every token exactly once). A token's surprise is the negative log-likelihood the model gives the
 true token at a masked position (averaged over the patterns that mask it); tokens never masked, and special tokens,
-have none. Its excess surprise is that NLL minus the entropy of the model's prediction there (the NLL it
+have none. The `novel` aggregate sums it over the tokens inside character n-grams never seen in normal training
+documents (data/novelty.py), per masked token: surprise where the text is also new. Its excess surprise is that NLL minus the entropy of the model's prediction there (the NLL it
 expected): a random name where any name may come is not surprising beyond expectation, a quote where only a digit
 may come is. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
 r, r + W, ... in batches of (document, pattern) rows.
@@ -23,27 +24,37 @@ from dapt.data.packing import pack
 from dapt.model.sparse import SparsePrediction, supports_sparse
 from dapt.runtime import group
 
-AGGREGATES = ("mean", "max", "topk")
+AGGREGATES = ("mean", "max", "topk", "novel")
 MEASURES = ("nll", "excess")
 
 
 @dataclass
 class Surprise:
     """One document's tokens (ids, with special tokens), each token's surprise in nats and the entropy of the model's
-    prediction at its position (NaN: not masked)."""
+    prediction at its position (NaN: not masked); whether each token touches a novel character n-gram, once known
+    (CharNovelty.novel_tokens)."""
 
     ids: np.ndarray
     nll: np.ndarray
     entropy: np.ndarray
+    novel: np.ndarray | None = None
 
     def of(self, measure: str) -> np.ndarray:
         """Each token's surprise: nll, or excess (nll - entropy)."""
         return self.nll if measure == "nll" else self.nll - self.entropy
 
     def score(self, how: str, k: int, measure: str = "nll") -> float:
-        """mean: the mean over masked tokens; max: the largest; topk: the mean of the k largest."""
+        """mean: the mean over masked tokens; max: the largest; topk: the mean of the k largest; novel: the sum over
+        the masked tokens that touch a novel n-gram, divided by the number of masked tokens."""
         v = self.of(measure)
-        v = v[~np.isnan(v)]
+        masked = ~np.isnan(v)
+        if how == "novel":
+            if self.novel is None:
+                raise ValueError(
+                    "embed.token_score=novel needs each token's novelty: a fast tokenizer (offsets)"
+                )
+            return float(v[masked & self.novel].sum() / masked.sum()) if masked.any() else 0.0
+        v = v[masked]
         if not len(v):
             return 0.0
         if how == "mean":

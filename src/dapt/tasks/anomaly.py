@@ -199,7 +199,7 @@ class Scores:
         cfg, e = self.cfg, self.e
 
         def surprise(docs):
-            return token_surprise(
+            found = token_surprise(
                 model,
                 self.tokenizer,
                 docs,
@@ -211,9 +211,20 @@ class Scores:
                 self.device,
                 cfg.train.sparse_prediction,
             )
+            novel = self.novelty.novel_tokens(self.tokenizer, [d.text for d in docs], cfg.data.max_seq_length)
+            for s, flags in zip(found, novel or ()):
+                s.novel = flags
+            return found
 
         valid, self.surprise = surprise(self.valid), surprise(self.test)
         aggregates = AGGREGATES if e.token_score == "auto" else (e.token_score,)
+        if not getattr(self.tokenizer, "is_fast", False):
+            if e.token_score == "novel":
+                raise ValueError(
+                    f"embed.token_score=novel needs token offsets, which {type(self.tokenizer).__name__} "
+                    "(not a fast tokenizer) lacks: choose mean, max, topk or auto"
+                )
+            aggregates = tuple(a for a in aggregates if a != "novel")
         measures = MEASURES if e.token_surprise == "auto" else (e.token_surprise,)
         table = {}
         if self.valid_attack.any():
@@ -251,37 +262,35 @@ class Scores:
 
     def final(self) -> tuple[np.ndarray, np.ndarray]:
         """The score of embed.score for (valid, test): one component, or the fusion of embed.fuse by
-        embed.fuse_rule (the combination and rule that separate validation attacks best, when there are some)."""
+        embed.fuse_rule: the choice (one of them alone, or a combination by a rule) that separates validation
+        attacks best, when there are some; all of them, without."""
         e = self.e
         if e.score != "fused":
             return self.values[e.score]
         rules = FUSE_RULES if e.fuse_rule == "auto" else (e.fuse_rule,)
-        choices = [
-            (names, rule)
+        # one score alone is calibrated the same by any rule (each keeps its order): it is weighed once
+        choices = {name: ((name,), rules[0]) for name in self.needed} if len(self.needed) > 1 else {}
+        choices |= {
+            f"{'+'.join(names)} by {rule}": (names, rule)
             for n in range(2, len(self.needed) + 1)
             for names in itertools.combinations(self.needed, n)
             for rule in rules
-        ]
+        }
         table = {}
         if self.valid_attack.any():
-            for names, rule in choices:
+            for label, (names, rule) in choices.items():
                 valid = self.fused(names, rule)[0]
-                table[f"{'+'.join(names)} by {rule}"] = separation(
-                    valid[~self.valid_attack], valid[self.valid_attack], e.max_fpr
-                )
+                table[label] = separation(valid[~self.valid_attack], valid[self.valid_attack], e.max_fpr)
         best = best_of(table)
-        if best:
-            joined, rule = best.split(" by ")
-            names = joined.split("+")
-        else:
-            names, rule = self.needed, rules[0]
+        names, rule = choices[best] if best else (tuple(self.needed), rules[0])
         if len(choices) > 1:
             why = (
                 f"best on validation: {separations(table)}" if table else "no validation attacks to choose by"
             )
-            log.info("embed.score=fused combines %s by %s (%s)", ", ".join(names), rule, why)
+            how = f"takes {names[0]} alone" if len(names) == 1 else f"combines {', '.join(names)} by {rule}"
+            log.info("embed.score=fused %s (%s)", how, why)
         self.chosen |= {"fuse_validation": table}
-        self.fuse, self.fuse_rule = names, rule
+        self.fuse, self.fuse_rule = list(names), (rule if len(names) > 1 else None)
         return self.fused(names, rule)
 
 
@@ -471,7 +480,7 @@ def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
         f"# Anomaly report: {result['model']}",
         "",
         f"Score: **{e.score}**"
-        + (f" ({', '.join(result['fuse'])} by {result['fuse_rule']})" if result["fuse"] else "")
+        + (f" ({', '.join(result['fuse'])} by {result['fuse_rule'] or 'itself'})" if result["fuse"] else "")
         + (
             f"; MLM surprise: the {result['token_score']} of each token's {result['token_surprise']} surprise"
             if result.get("token_surprise")
