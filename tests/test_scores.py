@@ -17,6 +17,7 @@ from dapt.config.schema import ConfigError
 from dapt.data.embedding import NoMLMHead
 from dapt.data.formats import Document
 from dapt.data.novelty import CharNovelty
+from dapt.data.packing import pack
 from dapt.data.surprise import Surprise, mask_patterns, token_surprise
 from dapt.model.build import train_wordpiece
 from dapt.tasks.anomaly import best_of, combine, separation, tail_scores, valid_key
@@ -80,11 +81,12 @@ def test_surprise_aggregates_and_top_tokens(tokenizer):
     assert Surprise(ids, np.full(5, np.nan), np.full(5, np.nan)).score("mean", 2) == 0.0
     with pytest.raises(ValueError, match="novelty"):
         s.score("novel", 2)
-    s.novel = np.array(
-        [False, False, True, True, False]
-    )  # "shop" and "id" touch a novel n-gram, "get" does not
+    # "shop" and "id" touch a novel n-gram, "get" does not; [CLS] is flagged but never masked
+    s.novel = np.array([True, False, True, True, False])
     assert s.score("novel", 2) == pytest.approx((4.0 + 2.0) / 3)  # per masked token, not per novel one
     assert s.score("novel", 2, "excess") == pytest.approx((0.1 + 1.5) / 3)
+    assert s.top(tokenizer, 1) == [("shop", 4.0)]
+    assert s.top(tokenizer, 3, "excess", novel_only=True) == [("id", 1.5), ("shop", 0.1)]
 
 
 def test_token_surprise_is_the_mlm_loss_at_each_masked_position(tokenizer, http_docs):
@@ -163,6 +165,46 @@ def test_novel_tokens_line_up_with_the_scored_rows(tokenizer, http_docs):
         np.diff(run) == 1
     ).all()  # one novel span: from the "=" before the quote to the "&" after the injection
     assert tokens[run[0]] == "=" and tokens[run[-1]] == "&" and {"'", "+"} <= {tokens[i] for i in run}
+
+
+def test_novel_tokens_for_byte_level_bpe_and_a_tokenizer_without_offsets(http_docs):
+    """RoBERTa-style rows (<s> ... </s>) line up too, a space that byte-level BPE counts into a token's span does not
+    make the token novel, and a tokenizer without offsets (CANINE's) gives None: `auto` then leaves novel out."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import CanineTokenizer, PreTrainedTokenizerFast
+
+    normal, attacks = http_docs
+    bpe = ByteLevelBPETokenizer(trim_offsets=False)
+    bpe.train_from_iterator(
+        normal + attacks, vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<mask>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
+    text = "GET /a HTTP/1.1 zq"
+    ids = pack("pad", tok, [text], ["d:0"], 64)[0].ids.tolist()  # the row token_surprise scores
+    pieces = tok.convert_ids_to_tokens(ids)
+    lex = CharNovelty(3, digits=True).fit(
+        ["GET /a HTTP/1.1 "]
+    )  # "0 z", " zq": the last digit, the space, z, q
+    flags = lex.novel_tokens(tok, [text], 64)[0]
+    assert len(flags) == len(ids) and ids[0] == tok.bos_token_id and not flags[0] and not flags[-1]
+    assert pieces[-4:-1] == ["Ġ", "z", "q"] and flags.tolist() == [0] * 8 + [
+        1,
+        0,
+        1,
+        1,
+        0,
+    ]  # "Ġ": a space alone
+    spaces = CharNovelty(1).fit(
+        ["GET/aHTTP/1.1zq"]
+    )  # only the spaces are new; "Ġ/" and "ĠHTTP" start with one
+    assert spaces.novel_chars(text).sum() == 3 and not spaces.novel_tokens(tok, [text], 64)[0].any()
+    assert CharNovelty().fit(normal).novel_tokens(CanineTokenizer(), [text], 64) is None
 
 
 def test_tail_scores_rank_against_normal_validation():
@@ -333,7 +375,15 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
     assert chosen == best and (fused["fuse_rule"] is None) == (len(fused["fuse"]) == 1)
     fixed = _run(_anomaly_args(paths, headless, tmp_path / "fmax") + ["--embed.fuse_rule=max"])
     assert list(fixed["fuse_validation"]) == ["mahalanobis", "lexical", "mahalanobis+lexical by max"]
-    assert fixed["fuse_rule"] in ("max", None)
+    assert fixed["fuse_rule"] == ("max" if len(fixed["fuse"]) == 2 else None)
+    for run in (fused, fixed):
+        if len(run["fuse"]) == 1:  # one score chosen alone is used as it is: its own result
+            alone = run["components"][run["fuse"][0]]
+            assert (run["recall_at_max_fpr"], run["test_fpr"]) == (
+                alone["recall_at_max_fpr"],
+                alone["test_fpr"],
+            )
+            assert run["auroc"] == pytest.approx(alone["auroc"])
     rows = (tmp_path / "fused" / "anomaly_scores.csv").read_text().splitlines()
     assert rows[0] == "split,id,label,score,mahalanobis,lexical"
     assert len(rows) == 1 + fused["valid_normal"] + fused["valid_attack"] + fused["test"]

@@ -564,14 +564,16 @@ CHOICES = {
         "max": "Tippett's method, the largest -log p (ties broken by the sum): what one score alone sees is not "
         "diluted by the others",
         "auto": "whichever of the two, with the combination, separates attacks from normal validation documents "
-        "best (needs attacks in validation, e.g. embed.valid_from_test); sum without them",
+        "best (needs attacks in validation, e.g. embed.valid_from_test); sum without them. One score chosen alone "
+        "needs no rule (fuse_rule null in anomaly.json)",
     },
     "embed.token_score": {
         "mean": "mean surprise of the masked tokens",
         "max": "the most surprising token",
         "topk": "mean of the embed.top_k most surprising tokens",
-        "novel": "the surprise of the tokens inside character n-grams never seen in normal training documents "
-        "(as lexical finds them), per masked token: surprise where the text is also new (needs a fast tokenizer)",
+        "novel": "the surprise of the tokens that touch a character n-gram never seen in normal training documents "
+        "(as lexical finds them), summed and divided by the number of masked tokens: surprise where the text is new "
+        "too (needs a fast tokenizer; auto leaves it out without one)",
         "auto": "whichever of these separates attacks from normal validation documents best (needs attacks in "
         "validation, e.g. embed.valid_from_test); topk without them",
     },

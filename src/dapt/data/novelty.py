@@ -51,9 +51,12 @@ class CharNovelty:
 
     def novel_tokens(self, tokenizer, texts: list[str], max_len: int) -> list[np.ndarray] | None:
         """Per token of each text's row as packing's "pad" builds it (the sequence markers around the tokens that fit
-        max_len): does the token touch a novel n-gram? None for a tokenizer without offsets (not a fast one)."""
+        max_len): does the token touch a novel n-gram (a space that byte-level BPE counts into its span aside)? None
+        for a tokenizer without offsets (not a fast one)."""
         if not getattr(tokenizer, "is_fast", False):
             return None
+        if not texts:
+            return []
         head, tail = wrappers(tokenizer)
         body = max_len - len(head) - len(tail)
         enc = tokenizer(
@@ -67,7 +70,11 @@ class CharNovelty:
         out = []
         for text, offsets in zip(texts, enc["offset_mapping"]):
             chars = self.novel_chars(text)
-            inner = [start < end and bool(chars[start:end].any()) for start, end in offsets[:body]]
+            inner = []
+            for start, end in offsets[:body]:
+                while start < end and text[start].isspace():
+                    start += 1
+                inner.append(bool(chars[start:end].any()))
             out.append(np.array([False] * len(head) + inner + [False] * len(tail), dtype=bool))
         return out
 

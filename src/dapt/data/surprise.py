@@ -4,10 +4,11 @@ Every document is scored under the same K fixed mask patterns: position p is mas
 (u_p + k * rate) mod 1 < rate, with u drawn once from the run's seed. With K * rate <= 1 the patterns are disjoint
 (K = 1 / rate masks every token exactly once). A token's surprise is the negative log-likelihood the model gives the
 true token at a masked position (averaged over the patterns that mask it); tokens never masked, and special tokens,
-have none. The `novel` aggregate sums it over the tokens inside character n-grams never seen in normal training
-documents (data/novelty.py), per masked token: surprise where the text is also new. Its excess surprise is that NLL minus the entropy of the model's prediction there (the NLL it
+have none. Its excess surprise is that NLL minus the entropy of the model's prediction there (the NLL it
 expected): a random name where any name may come is not surprising beyond expectation, a quote where only a digit
-may come is. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
+may come is. A document's score aggregates its tokens' surprises; `novel` sums them over the tokens that touch a
+character n-gram never seen in normal training documents (data/novelty.py), per masked token: surprise where the
+text is new too. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
 r, r + W, ... in batches of (document, pattern) rows.
 """
 
@@ -63,10 +64,16 @@ class Surprise:
             return float(v.max())
         return float(np.sort(v)[-k:].mean())
 
-    def top(self, tokenizer, n: int, measure: str = "nll") -> list[tuple[str, float]]:
-        """The n most surprising tokens by `measure`, most surprising first, as (token, nats)."""
+    def top(
+        self, tokenizer, n: int, measure: str = "nll", novel_only: bool = False
+    ) -> list[tuple[str, float]]:
+        """The n most surprising tokens by `measure`, most surprising first, as (token, nats); with `novel_only`, of
+        the novel tokens (those the novel aggregate counts) when there are any."""
         v = self.of(measure)
-        masked = np.flatnonzero(~np.isnan(v))
+        scored = ~np.isnan(v)
+        if novel_only and self.novel is not None and (scored & self.novel).any():
+            scored &= self.novel
+        masked = np.flatnonzero(scored)
         order = masked[np.argsort(-v[masked], kind="stable")][:n]
         names = tokenizer.convert_ids_to_tokens(self.ids[order].tolist())
         return [(name, round(float(v[i]), 3)) for name, i in zip(names, order)]

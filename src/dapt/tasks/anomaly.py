@@ -123,6 +123,13 @@ def best_of(table: dict) -> str | None:
     return max(table, key=lambda c: (table[c]["partial_auroc"], table[c]["auroc"])) if table else None
 
 
+def surprise_phrase(how: str, measure: str) -> str:
+    """embed.token_score and token_surprise in words, for the log and the report."""
+    if how == "novel":
+        return f"each token's {measure} surprise summed over the tokens in novel n-grams, per masked token"
+    return f"the {how} of each token's {measure} surprise"
+
+
 def separations(table: dict) -> str:
     return "; ".join(
         f"{c} recall {r['recall_at_max_fpr']:.3f} partial AUROC {r['partial_auroc']:.3f} AUROC {r['auroc']:.3f}"
@@ -197,6 +204,14 @@ class Scores:
 
     def _mlm(self, model) -> tuple[np.ndarray, np.ndarray]:
         cfg, e = self.cfg, self.e
+        aggregates = AGGREGATES if e.token_score == "auto" else (e.token_score,)
+        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: no token's novelty
+            if e.token_score == "novel":
+                raise ValueError(
+                    f"embed.token_score=novel needs token offsets, which {type(self.tokenizer).__name__} "
+                    "(not a fast tokenizer) lacks: choose mean, max, topk or auto"
+                )
+            aggregates = tuple(a for a in aggregates if a != "novel")
 
         def surprise(docs):
             found = token_surprise(
@@ -211,20 +226,17 @@ class Scores:
                 self.device,
                 cfg.train.sparse_prediction,
             )
-            novel = self.novelty.novel_tokens(self.tokenizer, [d.text for d in docs], cfg.data.max_seq_length)
-            for s, flags in zip(found, novel or ()):
-                s.novel = flags
+            if "novel" in aggregates:
+                texts = [d.text for d in docs]
+                for s, flags in zip(
+                    found, self.novelty.novel_tokens(self.tokenizer, texts, cfg.data.max_seq_length)
+                ):
+                    if len(flags) != len(s.ids):
+                        raise RuntimeError(f"{len(flags)} novelty flags for the {len(s.ids)} tokens scored")
+                    s.novel = flags
             return found
 
         valid, self.surprise = surprise(self.valid), surprise(self.test)
-        aggregates = AGGREGATES if e.token_score == "auto" else (e.token_score,)
-        if not getattr(self.tokenizer, "is_fast", False):
-            if e.token_score == "novel":
-                raise ValueError(
-                    f"embed.token_score=novel needs token offsets, which {type(self.tokenizer).__name__} "
-                    "(not a fast tokenizer) lacks: choose mean, max, topk or auto"
-                )
-            aggregates = tuple(a for a in aggregates if a != "novel")
         measures = MEASURES if e.token_surprise == "auto" else (e.token_surprise,)
         table = {}
         if self.valid_attack.any():
@@ -242,7 +254,7 @@ class Scores:
             why = (
                 separations(table) or "no attacks in the validation set to choose by (embed.valid_from_test)"
             )
-            log.info("embed.score=mlm takes the %s of each token's %s surprise: %s", how, measure, why)
+            log.info("embed.score=mlm takes %s: %s", surprise_phrase(how, measure), why)
         self.measure = measure
         self.chosen |= {"token_score": how, "token_surprise": measure, "token_score_validation": table}
         return (
@@ -268,7 +280,8 @@ class Scores:
         if e.score != "fused":
             return self.values[e.score]
         rules = FUSE_RULES if e.fuse_rule == "auto" else (e.fuse_rule,)
-        # one score alone is calibrated the same by any rule (each keeps its order): it is weighed once
+        # one score alone keeps its order under any rule: weighed once, first (a tie goes to the simpler choice),
+        # and used as it is
         choices = {name: ((name,), rules[0]) for name in self.needed} if len(self.needed) > 1 else {}
         choices |= {
             f"{'+'.join(names)} by {rule}": (names, rule)
@@ -291,7 +304,7 @@ class Scores:
             log.info("embed.score=fused %s (%s)", how, why)
         self.chosen |= {"fuse_validation": table}
         self.fuse, self.fuse_rule = list(names), (rule if len(names) > 1 else None)
-        return self.fused(names, rule)
+        return self.fused(names, rule) if len(names) > 1 else self.values[names[0]]
 
 
 def calibrations(scores: Scores, valid: np.ndarray, test: np.ndarray, max_fpr: float) -> dict:
@@ -441,7 +454,9 @@ def write_report(scores: Scores, test: np.ndarray, result: dict, out: Path) -> N
             "novel_spans": scores.novelty.spans(doc.text, e.top_k),
         }
         if scores.surprise is not None:
-            finding["surprising_tokens"] = scores.surprise[i].top(scores.tokenizer, e.top_k, scores.measure)
+            finding["surprising_tokens"] = scores.surprise[i].top(
+                scores.tokenizer, e.top_k, scores.measure, novel_only=scores.chosen["token_score"] == "novel"
+            )
         findings.append(finding)
     with (out / "anomaly_report.jsonl").open("w") as f:
         for finding in findings:
@@ -482,7 +497,7 @@ def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
         f"Score: **{e.score}**"
         + (f" ({', '.join(result['fuse'])} by {result['fuse_rule'] or 'itself'})" if result["fuse"] else "")
         + (
-            f"; MLM surprise: the {result['token_score']} of each token's {result['token_surprise']} surprise"
+            f"; MLM surprise: {surprise_phrase(result['token_score'], result['token_surprise'])}"
             if result.get("token_surprise")
             else ""
         )
