@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, launch
+from conftest import ROOT, byte_level_bpe, launch
 from transformers import BertConfig, BertForMaskedLM, BertModel
 
 from dapt.cli.load import load_config
@@ -170,21 +170,10 @@ def test_novel_tokens_line_up_with_the_scored_rows(tokenizer, http_docs):
 def test_novel_tokens_for_byte_level_bpe_and_a_tokenizer_without_offsets(http_docs):
     """RoBERTa-style rows (<s> ... </s>) line up too, a space that byte-level BPE counts into a token's span does not
     make the token novel, and a tokenizer without offsets (CANINE's) gives None: `auto` then leaves novel out."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import CanineTokenizer, PreTrainedTokenizerFast
+    from transformers import CanineTokenizer
 
     normal, attacks = http_docs
-    bpe = ByteLevelBPETokenizer(trim_offsets=False)
-    bpe.train_from_iterator(
-        normal + attacks, vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<mask>"]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-    )
+    tok = byte_level_bpe(normal + attacks, 400)
     text = "GET /a HTTP/1.1 zq"
     ids = pack("pad", tok, [text], ["d:0"], 64)[0].ids.tolist()  # the row token_surprise scores
     pieces = tok.convert_ids_to_tokens(ids)

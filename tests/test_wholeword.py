@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tokenizers import ByteLevelBPETokenizer
-from transformers import PreTrainedTokenizerFast
+from conftest import byte_level_bpe
 
 from dapt.data.corpus import generate
 from dapt.data.masking import IGNORE, MLMCollator
@@ -16,17 +15,8 @@ from dapt.model.build import train_wordpiece
 TEXTS = generate(1500, seed=3)
 
 
-def _bpe() -> PreTrainedTokenizerFast:
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TEXTS, vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
+def _bpe():
+    return byte_level_bpe(TEXTS, 600)
 
 
 TOKENIZERS = {"wordpiece": lambda: train_wordpiece(TEXTS, 600, 64), "bpe": _bpe}

@@ -435,9 +435,9 @@ class EmbedConfig:
     """anomaly, lexical: read every digit as 0 first, so new numbers are not novel (a digit among letters still is)."""
     valid_from_test: float = 0.0
     """anomaly: the share of the test documents (normal ones by a hash of their file name and line, attacks of their
-    text) that is the validation set instead
-    (data.valid and the train split are then not used): normal ones set the threshold, attacks let the auto settings
-    (token_score, token_surprise, fuse_rule, the fused combination) choose; none of them is reported as test. 0: validation is data.valid or the hash split of data.train."""
+    text) that is the validation set instead (data.valid and the train split are then not used): normal ones set the
+    threshold, attacks let the auto settings (token_score, token_surprise, fuse_rule, the fused choice) choose; none
+    of them is reported as test. 0: validation is data.valid or the hash split of data.train."""
     sample: int = 0
     """anomaly: score at most this many documents of each split (training documents for the Mahalanobis fit,
     validation, test), drawn by the run's seed: a CPU-sized look at a large test set. Lexical novelty

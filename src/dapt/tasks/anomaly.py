@@ -66,7 +66,9 @@ def threshold_for(normal_scores: np.ndarray, max_fpr: float) -> float:
     return float(ranked[len(ranked) - allowed - 1])
 
 
-def evaluate_detector(scores: np.ndarray, is_anomaly: np.ndarray, threshold: float) -> dict:
+def evaluate_detector(
+    scores: np.ndarray, is_anomaly: np.ndarray, threshold: float, curve: bool = True
+) -> dict:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     flagged = scores > threshold
@@ -77,8 +79,9 @@ def evaluate_detector(scores: np.ndarray, is_anomaly: np.ndarray, threshold: flo
     }
     if is_anomaly.any() and (~is_anomaly).any():
         result["auroc"] = float(roc_auc_score(is_anomaly, scores))
-        fpr, tpr, _ = roc_curve(is_anomaly, scores)
-        result["roc_curve"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+        if curve:
+            fpr, tpr, _ = roc_curve(is_anomaly, scores)
+            result["roc_curve"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     return result
 
 
@@ -112,7 +115,7 @@ def separation(normal: np.ndarray, attack: np.ndarray, max_fpr: float) -> dict:
     from sklearn.metrics import roc_auc_score
 
     labels = np.r_[np.zeros(len(normal), bool), np.ones(len(attack), bool)]
-    r = evaluate_detector(np.r_[normal, attack], labels, threshold_for(normal, max_fpr))
+    r = evaluate_detector(np.r_[normal, attack], labels, threshold_for(normal, max_fpr), curve=False)
     partial = roc_auc_score(labels, np.r_[normal, attack], max_fpr=max_fpr)
     return {"recall_at_max_fpr": r["recall_at_max_fpr"], "partial_auroc": float(partial), "auroc": r["auroc"]}
 
@@ -160,6 +163,8 @@ class Scores:
         self.values: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (valid, test)
         self.surprise: list | None = None  # the test documents' token surprises (mlm)
         self.chosen: dict = {}
+        self.fuse: list[str] = []  # score=fused: the scores chosen, and their rule (None for one alone)
+        self.fuse_rule: str | None = None
         self.novelty = CharNovelty(e.ngram, e.ngram_digits).fit(d.text for d in self.normal_train)
         for name in self.needed:
             self.values[name] = getattr(self, "_" + name)(model)
@@ -255,7 +260,6 @@ class Scores:
                 separations(table) or "no attacks in the validation set to choose by (embed.valid_from_test)"
             )
             log.info("embed.score=mlm takes %s: %s", surprise_phrase(how, measure), why)
-        self.measure = measure
         self.chosen |= {"token_score": how, "token_surprise": measure, "token_score_validation": table}
         return (
             np.array([s.score(how, e.top_k, measure) for s in valid]),
@@ -330,8 +334,8 @@ def run(cfg: RunConfig) -> dict:
     result = dict(cal["deployable"])
     result |= {
         "score": e.score,
-        "fuse": getattr(scores, "fuse", []),
-        "fuse_rule": getattr(scores, "fuse_rule", None),
+        "fuse": scores.fuse,
+        "fuse_rule": scores.fuse_rule,
         "unscored": scores.not_scored,
         "calibrations": {
             name: {k: r.get(k) for k in ("recall_at_max_fpr", "test_fpr", "threshold")}
@@ -455,7 +459,10 @@ def write_report(scores: Scores, test: np.ndarray, result: dict, out: Path) -> N
         }
         if scores.surprise is not None:
             finding["surprising_tokens"] = scores.surprise[i].top(
-                scores.tokenizer, e.top_k, scores.measure, novel_only=scores.chosen["token_score"] == "novel"
+                scores.tokenizer,
+                e.top_k,
+                scores.chosen["token_surprise"],
+                novel_only=scores.chosen["token_score"] == "novel",
             )
         findings.append(finding)
     with (out / "anomaly_report.jsonl").open("w") as f:
