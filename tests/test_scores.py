@@ -380,6 +380,11 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
     assert sum(float(r[3]) > fused["threshold"] for r in flagged) == len(
         (tmp_path / "fused" / "anomaly_report.jsonl").read_text().splitlines()
     )  # the report lists exactly the test documents above the deployable threshold
+    valid = [r.split(",") for r in rows[1:] if r.startswith("valid,")]
+    attack = np.array([r[2] != "normal" for r in valid])
+    for col, name in ((4, "mahalanobis"), (5, "lexical")):  # a score alone is weighed by its own values
+        raw = np.array([float(r[col]) for r in valid])
+        assert fused["fuse_validation"][name] == pytest.approx(separation(raw[~attack], raw[attack], 0.05))
     with pytest.raises(NoMLMHead, match="no trained MLM head"):
         _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm"])
     paths["normal_train"].write_text("GET /shop HTTP/1.1\n" + "x" * 5000)  # a record too long to read

@@ -296,7 +296,7 @@ class Scores:
         table = {}
         if self.valid_attack.any():
             for label, (names, rule) in choices.items():
-                valid = self.fused(names, rule)[0]
+                valid = self.fused(names, rule)[0] if len(names) > 1 else self.values[names[0]][0]
                 table[label] = separation(valid[~self.valid_attack], valid[self.valid_attack], e.max_fpr)
         best = best_of(table)
         names, rule = choices[best] if best else (tuple(self.needed), rules[0])
