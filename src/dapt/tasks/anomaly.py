@@ -267,7 +267,10 @@ class Scores:
         )
 
     def fused(self, names, rule: str) -> tuple[np.ndarray, np.ndarray]:
-        """The components' tail scores, each calibrated on the normal validation documents, combined by `rule`."""
+        """The components' tail scores, each calibrated on the normal validation documents, combined by `rule`; one
+        component alone is its own values (any calibration keeps its order)."""
+        if len(names) == 1:
+            return self.values[names[0]]
         tails = []
         for name in names:
             valid, test = self.values[name]
@@ -284,8 +287,7 @@ class Scores:
         if e.score != "fused":
             return self.values[e.score]
         rules = FUSE_RULES if e.fuse_rule == "auto" else (e.fuse_rule,)
-        # one score alone keeps its order under any rule: weighed once, first (a tie goes to the simpler choice),
-        # and used as it is
+        # one score alone needs no rule: weighed once, first (a tie goes to the simpler choice)
         choices = {name: ((name,), rules[0]) for name in self.needed} if len(self.needed) > 1 else {}
         choices |= {
             f"{'+'.join(names)} by {rule}": (names, rule)
@@ -296,7 +298,7 @@ class Scores:
         table = {}
         if self.valid_attack.any():
             for label, (names, rule) in choices.items():
-                valid = self.fused(names, rule)[0] if len(names) > 1 else self.values[names[0]][0]
+                valid = self.fused(names, rule)[0]
                 table[label] = separation(valid[~self.valid_attack], valid[self.valid_attack], e.max_fpr)
         best = best_of(table)
         names, rule = choices[best] if best else (tuple(self.needed), rules[0])
@@ -308,7 +310,7 @@ class Scores:
             log.info("embed.score=fused %s (%s)", how, why)
         self.chosen |= {"fuse_validation": table}
         self.fuse, self.fuse_rule = list(names), (rule if len(names) > 1 else None)
-        return self.fused(names, rule) if len(names) > 1 else self.values[names[0]]
+        return self.fused(names, rule)
 
 
 def calibrations(scores: Scores, valid: np.ndarray, test: np.ndarray, max_fpr: float) -> dict:
@@ -502,7 +504,7 @@ def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
         f"# Anomaly report: {result['model']}",
         "",
         f"Score: **{e.score}**"
-        + (f" ({', '.join(result['fuse'])} by {result['fuse_rule'] or 'itself'})" if result["fuse"] else "")
+        + (f" ({', '.join(result['fuse'])} by {result['fuse_rule'] or 'alone'})" if result["fuse"] else "")
         + (
             f"; MLM surprise: {surprise_phrase(result['token_score'], result['token_surprise'])}"
             if result.get("token_surprise")
