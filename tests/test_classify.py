@@ -358,23 +358,6 @@ def run_inprocess_classify(argv: list) -> dict:
     )
 
 
-def test_entry_point_help():
-    import subprocess
-    import sys
-
-    from conftest import child_env
-
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "classify.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
-    )
-    assert proc.returncode == 0 and "--classify.head_lr_mult=float" in proc.stdout
-    assert "usage: launch/classify.py" in proc.stdout
-
-
 @pytest.mark.slow
 def test_classify_on_two_ranks(labelled_jsonl, tmp_path):
     """The same run on 2 gloo ranks: predictions gathered from both ranks cover the whole test set."""

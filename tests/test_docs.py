@@ -280,6 +280,15 @@ def test_help_runs(script: str):
     assert "--" in _help(script), f"{script} --help printed no options"
 
 
+@pytest.mark.slow
+def test_help_shows_each_field_with_its_type_choices_and_doc():
+    """`--help` is built from the config's fields: type, choices, the field's doc and the section headings."""
+    mlm, classify = _help("launch/mlm.py"), _help("launch/classify.py")
+    assert "--train.max_steps=int" in mlm and "Optimizer steps to run" in mlm
+    assert "--data.packing=concat | packed | pad" in mlm and "[checkpoint]" in mlm
+    assert "--classify.head_lr_mult=float" in classify and "usage: launch/classify.py" in classify
+
+
 CHECKABLE = [cmd for cmd in COMMANDS if not cmd.has_placeholder]
 
 

@@ -95,7 +95,10 @@ def global_order(out: Path, worlds: list[tuple[int, int]]) -> list[str]:
     return order
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-1 and -2 share one optimizer class and one checkpoint layout (DeepSpeed's stage_1_and_2.py), so their
+# conversion is one path: stage 1 stands for both here, and stage 2 is moved 2 -> 1 (and killed inside the
+# conversion) by the SIGTERM test below. ZeRO-3 partitions the weights too and has its own path, moved both ways.
+@pytest.mark.parametrize("stage", [1, 3])
 def test_a_run_moves_from_2_ranks_to_1_and_back_at_every_zero_stage(stage, recipe, tmp_path):
     args = common(recipe, fp32_ds(tmp_path, stage))
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -241,18 +244,16 @@ def _kill_inside_the_conversion(args: list, point: Path) -> None:
     assert not (point / "universal").exists()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_sigterm_on_2_ranks_then_the_same_command_on_1_rank_continues_the_uninterrupted_run(
-    stage, recipe, tmp_path
-):
+def test_sigterm_on_2_ranks_then_the_same_command_on_1_rank_continues_the_uninterrupted_run(recipe, tmp_path):
     """The check of issue 16: a 2-rank run is SIGTERMed mid-run and rerun on 1 rank with the same command; it
-    continues, the documents trained are an uninterrupted run's, and final/ loads. At ZeRO-2 the first rerun is
-    SIGKILLed inside the conversion, and the next converts again and finishes."""
+    continues, the documents trained are an uninterrupted run's, and final/ loads. At ZeRO-2: the first rerun is
+    SIGKILLed inside the conversion, and the next converts again and finishes. (A checkpoint written on SIGTERM is
+    written as any other: ZeRO-3's is moved 2 -> 1 and back above.)"""
     from transformers import AutoModelForMaskedLM
 
     from dapt.runtime.group import free_port
 
-    base = [*common(recipe, fp32_ds(tmp_path, stage)), "--train.max_steps=40", "--checkpoint.every=1000"]
+    base = [*common(recipe, fp32_ds(tmp_path, 2)), "--train.max_steps=40", "--checkpoint.every=1000"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     launch([*base, "--output_dir", ref, "--train.grad_accum=4"])
     args = [*base, "--output_dir", out, "--train.grad_accum=2"]
@@ -268,8 +269,7 @@ def test_sigterm_on_2_ranks_then_the_same_command_on_1_rank_continues_the_uninte
     stopped = _sigterm_when_trained([*cmd, str(MLM), *map(str, args)], out, 5)
     assert 5 <= stopped < 40
     point = out / "checkpoints" / f"step_{stopped:08d}"
-    if stage == 2:
-        _kill_inside_the_conversion(args, point)
+    _kill_inside_the_conversion(args, point)
     again = launch(args)  # the same command, 1 rank
     assert f"resumed from {point}" in again.stdout and "converting" in again.stdout
     assert (point / "universal" / "manifest.json").is_file() and not (point / ".tmp-universal").exists()
