@@ -91,6 +91,16 @@ def run_inprocess(argv: list[str]) -> dict:
     return run(cfg)
 
 
+def launch_command(ranks: int, script: Path = MLM, port: int | None = None) -> list[str]:
+    """The command line that starts `script` on `ranks` processes: plain python for 1, DeepSpeed's runner for more."""
+    from dapt.runtime.group import free_port
+
+    if ranks == 1:
+        return [sys.executable, str(script)]
+    runner = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
+    return [*runner, "--master_port", str(port or free_port()), str(script)]
+
+
 def launch(
     args: list[str],
     ranks: int = 1,
@@ -100,23 +110,8 @@ def launch(
     script: Path = MLM,
 ) -> subprocess.CompletedProcess:
     """Run a launch/ script in fresh processes: plain python for 1 rank, the DeepSpeed launcher for more."""
-    from dapt.runtime.group import free_port
-
-    if ranks == 1:
-        cmd = [sys.executable, str(script)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
-            str(script),
-        ]
     proc = subprocess.run(
-        cmd + [str(a) for a in args],
+        launch_command(ranks, script) + [str(a) for a in args],
         capture_output=True,
         text=True,
         timeout=timeout,

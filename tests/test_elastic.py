@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MLM, ROOT, child_env, launch, series
+from conftest import ROOT, child_env, launch, launch_command, series
 from test_runner import CLASSIFY, _args
 from transformers import AutoModelForSequenceClassification
 
@@ -251,22 +251,11 @@ def test_sigterm_on_2_ranks_then_the_same_command_on_1_rank_continues_the_uninte
     written as any other: ZeRO-3's is moved 2 -> 1 and back above.)"""
     from transformers import AutoModelForMaskedLM
 
-    from dapt.runtime.group import free_port
-
     base = [*common(recipe, fp32_ds(tmp_path, 2)), "--train.max_steps=40", "--checkpoint.every=1000"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     launch([*base, "--output_dir", ref, "--train.grad_accum=4"])
     args = [*base, "--output_dir", out, "--train.grad_accum=2"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    stopped = _sigterm_when_trained([*cmd, str(MLM), *map(str, args)], out, 5)
+    stopped = _sigterm_when_trained([*launch_command(2), *map(str, args)], out, 5)
     assert 5 <= stopped < 40
     point = out / "checkpoints" / f"step_{stopped:08d}"
     _kill_inside_the_conversion(args, point)

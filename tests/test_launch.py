@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DS, MLM, ROOT, child_env, launch, series
+from conftest import DS, MLM, ROOT, child_env, launch, launch_command, series
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
 
@@ -160,16 +160,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(recipe, tmp_path):
     ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     launch(args + ["--output_dir", straight], ranks=ranks)
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        str(MLM),
-    ]
+    cmd = launch_command(ranks)
     code = _run_until_killed(cmd + args + ["--output_dir", str(broken)], broken, "step_00000040")
     assert code == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
     assert not (broken / "final").exists()
@@ -231,16 +222,7 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_continues(how, recipe, tmp_pa
     if how == "deepspeed":
         commands = [
             (
-                [
-                    sys.executable,
-                    "-m",
-                    "deepspeed.launcher.runner",
-                    "--num_gpus",
-                    "2",
-                    "--master_port",
-                    port,
-                    str(MLM),
-                ],
+                launch_command(2, port=int(port)),
                 {},
             )
         ]
