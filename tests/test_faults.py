@@ -151,9 +151,10 @@ def test_sigkill_at_five_random_points_then_reruns_equal_an_uninterrupted_run(re
         )
         log.append(where)
         assert code == -signal.SIGKILL, f"kill {i + 1} came too late (the run finished): {log}"
-    launch(args + ["--output_dir", broken])
+    last = launch(args + ["--output_dir", broken])
     print("killed", "; ".join(log))
-    for key in ("train/loss", "eval/loss", "train/tokens_seen"):
+    assert "resumed from" in last.stdout, log  # the last kill came after step 6's checkpoint: no fresh start
+    for key in ("train/loss", "train/grad_norm", "eval/loss", "train/tokens_seen"):
         a, b = series(straight, key), series(broken, key)
         assert [s for s, _ in a] == [s for s, _ in b], (key, log)
         assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6, abs=1e-7), (key, log)
