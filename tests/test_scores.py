@@ -365,7 +365,13 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
     fixed = _run(_anomaly_args(paths, headless, tmp_path / "fmax") + ["--embed.fuse_rule=max"])
     assert list(fixed["fuse_validation"]) == ["mahalanobis", "lexical", "mahalanobis+lexical by max"]
     assert fixed["fuse_rule"] == ("max" if len(fixed["fuse"]) == 2 else None)
-    for run in (fused, fixed):
+    for run, out in ((fused, "fused"), (fixed, "fmax")):
+        said = (
+            f"{run['fuse'][0]} alone"
+            if len(run["fuse"]) == 1
+            else f"{', '.join(run['fuse'])} by {run['fuse_rule']}"
+        )
+        assert f"Score: **fused** ({said})" in (tmp_path / out / "anomaly_report.md").read_text()
         if len(run["fuse"]) == 1:  # one score chosen alone is used as it is: its own result
             alone = run["components"][run["fuse"][0]]
             assert (run["recall_at_max_fpr"], run["test_fpr"]) == (

@@ -126,6 +126,11 @@ def best_of(table: dict) -> str | None:
     return max(table, key=lambda c: (table[c]["partial_auroc"], table[c]["auroc"])) if table else None
 
 
+def fused_choice(names: list[str], rule: str | None) -> str:
+    """What `fused` takes, as the log and the report say it: `lexical alone`, `mahalanobis, lexical by max`."""
+    return f"{names[0]} alone" if len(names) == 1 else f"{', '.join(names)} by {rule}"
+
+
 def surprise_phrase(how: str, measure: str) -> str:
     """embed.token_score and token_surprise in words, for the log and the report."""
     if how == "novel":
@@ -306,8 +311,7 @@ class Scores:
             why = (
                 f"best on validation: {separations(table)}" if table else "no validation attacks to choose by"
             )
-            how = f"takes {names[0]} alone" if len(names) == 1 else f"combines {', '.join(names)} by {rule}"
-            log.info("embed.score=fused %s (%s)", how, why)
+            log.info("embed.score=fused: %s (%s)", fused_choice(names, rule), why)
         self.chosen |= {"fuse_validation": table}
         self.fuse, self.fuse_rule = list(names), (rule if len(names) > 1 else None)
         return self.fused(names, rule)
@@ -504,7 +508,7 @@ def report_markdown(scores: Scores, findings: list[dict], result: dict) -> str:
         f"# Anomaly report: {result['model']}",
         "",
         f"Score: **{e.score}**"
-        + (f" ({', '.join(result['fuse'])} by {result['fuse_rule'] or 'alone'})" if result["fuse"] else "")
+        + (f" ({fused_choice(result['fuse'], result['fuse_rule'])})" if result["fuse"] else "")
         + (
             f"; MLM surprise: {surprise_phrase(result['token_score'], result['token_surprise'])}"
             if result.get("token_surprise")
