@@ -109,7 +109,7 @@ def launch(
     check: bool = True,
     script: Path = MLM,
 ) -> subprocess.CompletedProcess:
-    """Run a launch/ script in fresh processes: plain python for 1 rank, the DeepSpeed launcher for more."""
+    """Run a launch/ script in fresh processes (launch_command) and wait for it; `check`: a failure raises."""
     proc = subprocess.run(
         launch_command(ranks, script) + [str(a) for a in args],
         capture_output=True,

@@ -15,11 +15,7 @@ from dapt.model.build import train_wordpiece
 TEXTS = generate(1500, seed=3)
 
 
-def _bpe():
-    return byte_level_bpe(TEXTS, 600)
-
-
-TOKENIZERS = {"wordpiece": lambda: train_wordpiece(TEXTS, 600, 64), "bpe": _bpe}
+TOKENIZERS = {"wordpiece": lambda: train_wordpiece(TEXTS, 600, 64), "bpe": lambda: byte_level_bpe(TEXTS, 600)}
 
 
 def _chunks_of_tokens(tok, text: str) -> list[list[int]]:
