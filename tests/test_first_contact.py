@@ -299,7 +299,7 @@ def _two_rank_run(tmp_path, recipe, cmd_prefix: list[str], envs: list[dict], nam
 
 
 def test_torchrun_makes_one_two_rank_run(tmp_path, recipe):
-    from dapt.runtime.group import free_port
+    from conftest import free_port
 
     logs = _two_rank_run(
         tmp_path,
@@ -323,7 +323,7 @@ def test_srun_and_mpirun_style_ranks_find_each_other(tmp_path, recipe):
     """One plain `python launch/mlm.py` per rank, as `srun` or `mpirun -np 2` start them (no torch launcher): the
     scheduler's variables give rank, world size, local rank and the first node; before, each process made itself
     rank 0 of 1 and two runs wrote one output_dir."""
-    from dapt.runtime.group import free_port
+    from conftest import free_port
 
     slurm = [
         {
@@ -427,7 +427,7 @@ def test_scheduler_variables_map_to_ranks_or_a_clear_refusal():
 def test_accelerate_launch_is_honoured(tmp_path, recipe):
     """accelerate launch's DeepSpeed config file and mixed precision, or its ZeRO flags without a file, reach the run
     (it starts the ranks through torchrun); contradictions with the command line are config errors."""
-    from dapt.runtime.group import free_port
+    from conftest import free_port
 
     accelerate = [
         sys.executable,

@@ -93,7 +93,7 @@ def test_hub_push_config_problems_are_reported_before_anything_starts(tmp_path, 
 
 def _closed_port() -> int:
     """A local port where nothing listens: every connection is refused at once."""
-    from dapt.runtime.group import free_port
+    from conftest import free_port
 
     return free_port()
 

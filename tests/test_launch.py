@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DS, MLM, ROOT, child_env, launch, launch_command, series
+from conftest import DS, MLM, ROOT, child_env, free_port, launch, launch_command, series
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM
-
-from dapt.runtime.group import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -64,7 +64,7 @@ def _check_run(out: Path, text: str) -> None:
 
 
 def test_two_local_nodes_run_the_rendered_per_node_script(recipe, tmp_path):
-    from dapt.runtime.group import free_port
+    from conftest import free_port
 
     out = tmp_path / "run"
     script = _render(recipe, out, "nodes", free_port())
@@ -85,7 +85,7 @@ def test_two_local_nodes_run_the_rendered_per_node_script(recipe, tmp_path):
 
 
 def test_the_rendered_sbatch_script_runs_two_nodes_under_a_recorded_srun(recipe, tmp_path):
-    from dapt.runtime.group import free_port
+    from conftest import free_port
 
     out = tmp_path / "run"
     script = _render(recipe, out, "slurm", free_port())
@@ -142,7 +142,7 @@ def slurm(tmp_path):
     import socket
     import time
 
-    from dapt.runtime.group import free_port
+    from conftest import free_port
 
     missing = [b for b in ("slurmctld", "slurmd", "sbatch", "sinfo") if not shutil.which(b)]
     if missing or os.geteuid() != 0:
@@ -188,7 +188,8 @@ def slurm(tmp_path):
 def test_the_rendered_sbatch_script_runs_two_nodes_under_a_real_slurm(recipe, tmp_path, slurm):
     """sbatch reads the #SBATCH lines, srun starts the launcher on both nodes, scontrol lists them. The node names
     n1/n2 do not resolve here, so the master address is given; everything else comes from the allocation."""
-    from dapt.runtime.group import free_port
+    from conftest import free_port
+
     from dapt.tools.submit import main
 
     out = tmp_path / "run"

@@ -390,7 +390,7 @@ def test_doctor_passes_a_sound_setup_and_writes_nothing(recipe, tmp_path, capsys
     hostfile = tmp_path / "hosts"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     before = _tree(tmp_path)
-    from dapt.runtime.group import free_port
+    from conftest import free_port
 
     code, out = _doctor(
         [
