@@ -96,25 +96,29 @@ def run_inprocess(argv: list[str]) -> dict:
 def free_port() -> int:
     """A port for a rendezvous that a launched rank binds seconds from now: below the kernel's ephemeral range, so no
     outgoing connection of another xdist worker's runs is handed it meanwhile, and in a block of 1,000 of this
-    worker's own, so no other worker picks it (dapt's own `free_port`, bind to port 0, serves one process)."""
+    worker's own, so no other worker picks it; not the same twice in this worker (dapt's own `free_port`, bind to port 0,
+    serves one process, and is the fallback)."""
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
     block = range(10000 + 1000 * worker, 11000 + 1000 * worker)
     ephemeral_from = int(EPHEMERAL.read_text().split()[0]) if EPHEMERAL.is_file() else 0
-    if block.stop > ephemeral_from:  # no room below it (or not Linux): one the kernel says is free now
-        from dapt.runtime.group import free_port as any_free_port
-
-        return any_free_port()
-    for port in random.sample(block, len(block)):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
+    if block.stop <= ephemeral_from:  # else no room below it (or not Linux)
+        for port in random.sample(block, len(block)):
+            if port in _HANDED_OUT:  # free now, but a run this test starts may be still to bind it
                 continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
             return port
-    raise RuntimeError(f"no free port in {block.start}-{block.stop - 1}")
+    from dapt.runtime.group import free_port as any_free_port
+
+    return any_free_port()  # one the kernel says is free now
 
 
 EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")  # Linux's: the ports connect() hands out
+_HANDED_OUT: set[int] = set()
 
 
 def launch_command(ranks: int, script: Path = MLM, port: int | None = None) -> list[str]:
