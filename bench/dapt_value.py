@@ -7,7 +7,8 @@ domain-adaptive MLM, every stage an ordinary dapt command.
 CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/http_anomaly.yaml):
 - DAPT: launch/mlm.py on the normal training requests (all-MiniLM-L6-v2 has no MLM head; the run trains one);
 - each encoder scored by launch/anomaly.py with embed.score=fused, which reports each of its components as well:
-  Mahalanobis distance of mean-pooled embeddings, MLM surprise (the adapted encoder only: the base has no MLM head),
+  Mahalanobis distance of mean-pooled embeddings, cosine distance to the 5th nearest normal training request's
+  embedding (centred), MLM surprise (the adapted encoder only: the base has no MLM head),
   and the lexical novelty of character n-grams (no model; the same for both). Validation is 20% of the test files,
   chosen by a hash of each request and never reported; its normal requests set the threshold for 5% false
   positives (the deployable calibration), its attacks choose the token score and the fusion. The threshold set on
@@ -209,7 +210,7 @@ def main() -> int:
         "base": stages.run(
             "csic_base",
             "anomaly.py",
-            [*score, f"--model.name_or_path={base}", "--embed.fuse=[mahalanobis, lexical]"],
+            [*score, f"--model.name_or_path={base}", "--embed.fuse=[mahalanobis, knn, lexical]"],
             "anomaly.json",
         ),
         "+DAPT": stages.run(

@@ -191,6 +191,7 @@ embed.mask_rate                R R R R R R R R R R R R R R R
 embed.token_score              R R R R R R R R R R R R R A R
 embed.token_surprise           R R R R R R R R R R R R R A R
 embed.top_k                    R R R R R R R R R R R R R R R
+embed.knn_k                    R R R R R R R R R R R R R R R
 embed.fuse                     R R R R R R R R R R R R R R R
 embed.fuse_rule                R R R R R R R R R R R R R A R
 embed.ngram                    R R R R R R R R R R R R R R R

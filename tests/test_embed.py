@@ -12,7 +12,7 @@ from scipy import stats
 from transformers import BertConfig, BertForMaskedLM
 
 from dapt.model.build import train_wordpiece
-from dapt.tasks.anomaly import Mahalanobis, evaluate_detector, threshold_for
+from dapt.tasks.anomaly import Mahalanobis, NearestNormal, evaluate_detector, threshold_for
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -46,6 +46,36 @@ def test_fixed_shrinkage_and_threshold_semantics():
     scores = np.arange(100.0)
     t = threshold_for(scores, 0.05)
     assert (scores > t).mean() <= 0.05 and (scores >= t).mean() > 0.05
+
+
+def test_nearest_normal_measures_to_the_kth_neighbour_after_centring():
+    """Normal embeddings in two tight clusters far from the origin (as an encoder's share one direction): a point
+    between them is far from both, which neither a Gaussian's centre nor uncentred cosine sees."""
+    rng = np.random.default_rng(0)
+    offset = np.full(8, 50.0)  # the shared direction: uncentred, every cosine similarity is ~1
+    a, b = np.eye(8)[0] * 4, np.eye(8)[1] * 4
+    normal = np.vstack([offset + a + rng.normal(0, 0.1, (200, 8)), offset - a + rng.normal(0, 0.1, (200, 8))])
+    det = NearestNormal(k=5).fit(normal)
+    inlier, between, elsewhere = offset + a, offset.copy(), offset + b
+    s = det.score(np.vstack([inlier, between, elsewhere]))
+    assert s[0] < 0.01 and s[1] > 0.5 and s[2] > 0.9
+    assert det.score(det.mean[None])[0] == pytest.approx(
+        1.0
+    )  # the normal mean itself: no direction, distance 1
+    gauss = Mahalanobis("ledoit_wolf").fit(normal).score(np.vstack([inlier, between]))
+    assert (
+        gauss[1] < gauss[0]
+    )  # the Gaussian's centre is its most normal point, though no normal request lies there
+    # the k-th, not the nearest: a copy of one stray normal point is near to 1 neighbour, far from the 5th
+    stray = offset + b
+    det = NearestNormal(k=5).fit(np.vstack([normal, stray]))
+    near = NearestNormal(k=1).fit(np.vstack([normal, stray]))
+    assert near.score(stray[None])[0] == pytest.approx(0.0, abs=1e-6) and det.score(stray[None])[0] > 0.9
+    # scored in chunks as at once; k is at most the number of normal documents
+    x = rng.normal(size=(50, 8)) + offset
+    whole = NearestNormal(5).fit(normal).score(x)
+    assert NearestNormal(5, chunk=7).fit(normal).score(x) == pytest.approx(whole, abs=1e-6)
+    assert NearestNormal(5).fit(normal[:3]).k == 3
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +184,7 @@ def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
     )  # lexical novelty separates even beside an untrained MLM
     lit = saved["calibrations"]["test_calibrated"]
     assert lit["test_fpr"] <= 0.05 and lit["recall_at_max_fpr"] > 0.2  # the threshold from normal test data
-    assert set(saved["components"]) == {"mahalanobis", "mlm", "lexical"} and saved["fuse"]
+    assert set(saved["components"]) == {"mahalanobis", "knn", "mlm", "lexical"} and saved["fuse"]
     assert saved["token_score"] in ("mean", "max", "topk", "novel") and saved["token_surprise"] in (
         "nll",
         "excess",
@@ -163,8 +193,8 @@ def test_anomaly_end_to_end_on_csic(encoder, tmp_path):
         f"{how} of {measure}" for how in ("mean", "max", "topk", "novel") for measure in ("nll", "excess")
     }
     assert (
-        len(saved["fuse_validation"]) == 11
-    )  # each score alone, then three pairs and the triple, each by sum and by max, on validation
+        len(saved["fuse_validation"]) == 4 + 2 * 11
+    )  # each score alone, then six pairs, four triples and all four, each by sum and by max, on validation
     findings = [json.loads(line) for line in (out / "anomaly_report.jsonl").read_text().splitlines()]
     flagged_attacks = sum(f["label"] == "attack" for f in findings)
     assert flagged_attacks == round(saved["recall_at_max_fpr"] * saved["test_attack"])

@@ -275,6 +275,7 @@ def test_score_config_errors_come_together():
                 "--embed.token_score=median",
                 "--embed.token_surprise=entropy",
                 "--embed.top_k=0",
+                "--embed.knn_k=0",
             ]
         )
     for key in (
@@ -284,6 +285,7 @@ def test_score_config_errors_come_together():
         "embed.token_score",
         "embed.token_surprise",
         "embed.top_k",
+        "embed.knn_k",
     ):
         assert key in str(e.value), key
     with pytest.raises(ConfigError, match="leave data.valid empty"):
@@ -351,20 +353,20 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
 
     fused = _run(_anomaly_args(paths, headless, tmp_path / "fused"))
     assert "no trained MLM head" in fused["unscored"]["mlm"] and "mlm" not in fused["fuse"]
-    assert set(fused["components"]) == {"mahalanobis", "lexical"}
-    table = fused["fuse_validation"]  # either score alone, and both by each rule
-    assert set(table) == {
-        "mahalanobis",
-        "lexical",
-        "mahalanobis+lexical by sum",
-        "mahalanobis+lexical by max",
-    }
+    assert set(fused["components"]) == {"mahalanobis", "knn", "lexical"} and fused["knn_k"] == 5
+    table = fused["fuse_validation"]  # each score alone, then each pair and the three, by each rule
+    combos = ["mahalanobis+knn", "mahalanobis+lexical", "knn+lexical", "mahalanobis+knn+lexical"]
+    assert list(table) == ["mahalanobis", "knn", "lexical"] + [
+        f"{c} by {rule}" for c in combos for rule in ("sum", "max")
+    ]
     best = max(table, key=lambda c: (table[c]["partial_auroc"], table[c]["auroc"]))
     chosen = "+".join(fused["fuse"]) + (f" by {fused['fuse_rule']}" if fused["fuse_rule"] else "")
     assert chosen == best and (fused["fuse_rule"] is None) == (len(fused["fuse"]) == 1)
     fixed = _run(_anomaly_args(paths, headless, tmp_path / "fmax") + ["--embed.fuse_rule=max"])
-    assert list(fixed["fuse_validation"]) == ["mahalanobis", "lexical", "mahalanobis+lexical by max"]
-    assert fixed["fuse_rule"] == ("max" if len(fixed["fuse"]) == 2 else None)
+    assert list(fixed["fuse_validation"]) == ["mahalanobis", "knn", "lexical"] + [
+        f"{c} by max" for c in combos
+    ]
+    assert fixed["fuse_rule"] == ("max" if len(fixed["fuse"]) > 1 else None)
     for run, out in ((fused, "fused"), (fixed, "fmax")):
         said = (
             f"{run['fuse'][0]} alone"
@@ -380,7 +382,7 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
             )
             assert run["auroc"] == pytest.approx(alone["auroc"])
     rows = (tmp_path / "fused" / "anomaly_scores.csv").read_text().splitlines()
-    assert rows[0] == "split,id,label,score,mahalanobis,lexical"
+    assert rows[0] == "split,id,label,score,mahalanobis,knn,lexical"
     assert len(rows) == 1 + fused["valid_normal"] + fused["valid_attack"] + fused["test"]
     flagged = [r.split(",") for r in rows[1:] if r.startswith("test,")]
     assert sum(float(r[3]) > fused["threshold"] for r in flagged) == len(
@@ -388,9 +390,12 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
     )  # the report lists exactly the test documents above the deployable threshold
     valid = [r.split(",") for r in rows[1:] if r.startswith("valid,")]
     attack = np.array([r[2] != "normal" for r in valid])
-    for col, name in ((4, "mahalanobis"), (5, "lexical")):  # a score alone is weighed by its own values
+    for col, name in ((4, "mahalanobis"), (5, "knn"), (6, "lexical")):  # a score alone: by its own values
         raw = np.array([float(r[col]) for r in valid])
         assert fused["fuse_validation"][name] == pytest.approx(separation(raw[~attack], raw[attack], 0.05))
+    knn = _run(_anomaly_args(paths, headless, tmp_path / "knn") + ["--embed.score=knn", "--embed.knn_k=3"])
+    assert knn["knn_k"] == 3 and "shrinkage" not in knn and knn["components"] == {}  # knn alone, no Gaussian
+    assert knn["validation"] != fused["components"]["knn"]["validation"]  # k=3 is not the fusion's k=5
     with pytest.raises(NoMLMHead, match="no trained MLM head"):
         _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm"])
     paths["normal_train"].write_text("GET /shop HTTP/1.1\n" + "x" * 5000)  # a record too long to read
@@ -418,7 +423,7 @@ def test_two_ranks_score_as_one(tmp_path, http_docs, tokenizer):
     assert len(one["token_score_validation"]) == 8  # mean, max, top-k, novel of nll and of excess surprise
     for choice, r in one["token_score_validation"].items():
         assert r == pytest.approx(two["token_score_validation"][choice])
-    for name in ("mahalanobis", "mlm", "lexical"):
+    for name in ("mahalanobis", "knn", "mlm", "lexical"):
         assert one["components"][name]["auroc"] == pytest.approx(two["components"][name]["auroc"], abs=1e-9)
     assert one["threshold"] == pytest.approx(two["threshold"], rel=1e-6)
     reports = [(tmp_path / f"r{r}" / "anomaly_report.jsonl").read_text().splitlines() for r in (1, 2)]

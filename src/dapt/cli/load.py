@@ -525,7 +525,7 @@ def _check_embed(cfg: RunConfig) -> list[str]:
             ok = False
         if not ok:
             p.append(f"embed.shrinkage: {e.shrinkage!r} must be ledoit_wolf or a number in [0, 1]")
-    for name in ("mask_patterns", "top_k", "ngram", "report_top"):
+    for name in ("mask_patterns", "top_k", "knn_k", "ngram", "report_top"):
         _positive(p, f"embed.{name}", getattr(e, name))
     _positive(p, "embed.sample", e.sample, minimum=0)
     if not 0 < e.mask_rate <= 1:

@@ -422,7 +422,10 @@ class EmbedConfig:
     """anomaly, mlm: what a token's surprise is."""
     top_k: int = 5
     """anomaly, mlm: the k of token_score=topk, and how many surprising tokens the report lists per finding."""
-    fuse: list[str] = field(default_factory=lambda: ["mahalanobis", "mlm", "lexical"])
+    knn_k: int = 5
+    """anomaly, knn: a document's distance is to its k-th nearest normal training embedding (k > 1: one stray normal
+    document does not make its neighbourhood normal)."""
+    fuse: list[str] = field(default_factory=lambda: ["mahalanobis", "knn", "mlm", "lexical"])
     """anomaly, fused: the scores that may be combined, each first calibrated on normal validation documents. With
     attacks in the validation set (embed.valid_from_test) the choice that separates them best is used: one of these
     scores alone, or a combination of two or more by a rule; without, all of them."""
@@ -459,8 +462,8 @@ class AblationConfig:
     protocol: str = "classify"
     """How each checkpoint is evaluated."""
     score: str = ""
-    """anomaly protocol: the embed.score every checkpoint is evaluated by (mahalanobis, mlm, lexical, fused); empty:
-    the eval recipe's. A model without a trained MLM head (the base, often) gets no mlm row, with the reason."""
+    """anomaly protocol: the embed.score every checkpoint is evaluated by (mahalanobis, knn, mlm, lexical, fused);
+    empty: the eval recipe's. A model without a trained MLM head (the base, often) gets no mlm row, with the reason."""
     overrides: list[str] = field(default_factory=list)
     """Extra --section.field=value arguments given to every stage (e.g. --train.max_steps=100 for a quick look)."""
 
@@ -554,6 +557,8 @@ CHOICES = {
     "embed.pooling": {"cls": "the first token's state", "mean": "the average over real tokens"},
     "embed.score": {
         "mahalanobis": "squared Mahalanobis distance of the pooled embedding to the normal training ones (seed 000)",
+        "knn": "cosine distance of the pooled embedding to its embed.knn_k-th nearest normal training embedding, all "
+        "centred on the normal training mean first",
         "mlm": "the MLM's surprise at the document's masked tokens (needs a trained MLM head: a dapt MLM run's final/)",
         "lexical": "the share of character n-grams never seen in normal training documents",
         "fused": "the embed.fuse scores, each turned into its tail probability among normal validation documents, "
@@ -585,12 +590,13 @@ CHOICES = {
         "best (needs attacks in validation); nll without them",
     },
     "embed.fuse": {
-        "mahalanobis": "embedding distance",
+        "mahalanobis": "embedding distance to a Gaussian",
+        "knn": "embedding distance to the nearest normal documents",
         "mlm": "MLM surprise",
         "lexical": "character n-gram novelty",
     },
     "ablation.protocol": ("classify", "anomaly"),
-    "ablation.score": ("", "mahalanobis", "mlm", "lexical", "fused"),
+    "ablation.score": ("", "mahalanobis", "knn", "mlm", "lexical", "fused"),
     "checkpoint.disk_check": ("refuse", "warn", "off"),
     "checkpoint.export": {
         "best": "the best evaluation's checkpoint when there is an evaluation set (and keep_best), else the last",

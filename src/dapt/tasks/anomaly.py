@@ -1,5 +1,5 @@
-"""launch/anomaly.py: anomaly detection with an encoder, scored by embedding distance, MLM surprise, lexical
-novelty or their fusion (embed.score).
+"""launch/anomaly.py: anomaly detection with an encoder, scored by embedding distance (to a Gaussian, or to the
+nearest normal documents), MLM surprise, lexical novelty or their fusion (embed.score).
 
 Seed 000's protocol: fit on normal training traffic (a Gaussian of pooled embeddings, the character n-grams seen),
 set the threshold on normal validation data for a maximum false-positive rate (5% by default), and report the
@@ -57,6 +57,35 @@ class Mahalanobis:
     def score(self, x: np.ndarray) -> np.ndarray:
         centred = x.astype(np.float64) - self.mean
         return np.einsum("ij,jk,ik->i", centred, self.precision, centred)
+
+
+class NearestNormal:
+    """Cosine distance to the k-th nearest normal training embedding, every embedding first centred on the normal
+    training mean: the direction all of an encoder's embeddings share otherwise dominates their cosine similarity. No
+    Gaussian is assumed, so normal traffic of several kinds (pages, forms, methods) is not one blurred cloud."""
+
+    def __init__(self, k: int = 5, chunk: int = 1024):
+        self.k, self.chunk = k, chunk
+
+    def fit(self, x: np.ndarray) -> NearestNormal:
+        self.mean = x.astype(np.float64).mean(axis=0)
+        self.normal = self._unit(x)
+        self.k = min(self.k, len(x))  # the k used, for anomaly.json
+        return self
+
+    def _unit(self, x: np.ndarray) -> np.ndarray:
+        centred = x.astype(np.float64) - self.mean
+        return (centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)).astype(
+            np.float32
+        )
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty(len(x), dtype=np.float64)
+        for at in range(0, len(x), self.chunk):  # a chunk x fit-documents block of similarities at a time
+            sims = self._unit(x[at : at + self.chunk]) @ self.normal.T
+            kth = np.partition(sims, -self.k, axis=1)[:, -self.k]  # the k-th largest similarity
+            out[at : at + len(sims)] = 1.0 - kth
+        return out
 
 
 def threshold_for(normal_scores: np.ndarray, max_fpr: float) -> float:
@@ -146,7 +175,7 @@ def separations(table: dict) -> str:
 
 
 class Scores:
-    """Every component score (mahalanobis, mlm, lexical) of the validation and test documents, computed once."""
+    """Every component score (mahalanobis, knn, mlm, lexical) of the validation and test documents, computed once."""
 
     def __init__(self, cfg: RunConfig, read_splits: Callable[[], dict], device):
         """Loads the model first (a missing MLM head is reported before minutes of reading), then the splits."""
@@ -167,6 +196,7 @@ class Scores:
         self.fit_docs = sample(self.normal_train, e.sample, cfg.seed)
         self.values: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (valid, test)
         self.surprise: list | None = None  # the test documents' token surprises (mlm)
+        self.embedded: tuple | None = None  # the pooled embeddings of fit, valid, test (mahalanobis, knn)
         self.chosen: dict = {}
         self.fuse: list[str] = []  # score=fused: the scores chosen, and their rule (None for one alone)
         self.fuse_rule: str | None = None
@@ -175,8 +205,8 @@ class Scores:
             self.values[name] = getattr(self, "_" + name)(model)
 
     def _load(self, cfg: RunConfig, device):
-        """The model the scores need (an MLM for mlm, else the encoder for mahalanobis, none for lexical alone). A
-        fusion over a model without a trained MLM head goes on without mlm, saying so; score=mlm stops."""
+        """The model the scores need (an MLM for mlm, else the encoder for mahalanobis or knn, none for lexical
+        alone). A fusion over a model without a trained MLM head goes on without mlm, saying so; score=mlm stops."""
         if "mlm" in self.needed:
             try:
                 return load_masked_lm(cfg, device)
@@ -186,28 +216,41 @@ class Scores:
                 self.needed.remove("mlm")
                 self.not_scored["mlm"] = str(e)
                 log.warning("embed.score=fused goes on without mlm: %s", e)
-        if "mahalanobis" in self.needed:
+        if {"mahalanobis", "knn"} & set(self.needed):
             return load_encoder(cfg, device)
         return None, None
 
+    def _embeddings(self, model) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pooled embeddings of the fit, validation and test documents, computed once for every embedding score."""
+        if self.embedded is None:
+            cfg = self.cfg
+            encoder = model.base_model if "mlm" in self.needed else model
+
+            def emb(docs):
+                return embed_documents(
+                    encoder,
+                    self.tokenizer,
+                    docs,
+                    cfg.data.max_seq_length,
+                    cfg.train.micro_batch_size,
+                    self.e.pooling,
+                    self.device,
+                )
+
+            self.embedded = emb(self.fit_docs), emb(self.valid), emb(self.test)
+        return self.embedded
+
     def _mahalanobis(self, model) -> tuple[np.ndarray, np.ndarray]:
-        cfg, e = self.cfg, self.e
-        encoder = model.base_model if "mlm" in self.needed else model
-
-        def emb(docs):
-            return embed_documents(
-                encoder,
-                self.tokenizer,
-                docs,
-                cfg.data.max_seq_length,
-                cfg.train.micro_batch_size,
-                e.pooling,
-                self.device,
-            )
-
-        detector = Mahalanobis(e.shrinkage).fit(emb(self.fit_docs))
+        fit, valid, test = self._embeddings(model)
+        detector = Mahalanobis(self.e.shrinkage).fit(fit)
         self.chosen["shrinkage"] = detector.coefficient
-        return detector.score(emb(self.valid)), detector.score(emb(self.test))
+        return detector.score(valid), detector.score(test)
+
+    def _knn(self, model) -> tuple[np.ndarray, np.ndarray]:
+        fit, valid, test = self._embeddings(model)
+        detector = NearestNormal(self.e.knn_k).fit(fit)
+        self.chosen["knn_k"] = detector.k
+        return detector.score(valid), detector.score(test)
 
     def _lexical(self, model) -> tuple[np.ndarray, np.ndarray]:
         return self.novelty.score(d.text for d in self.valid), self.novelty.score(d.text for d in self.test)
