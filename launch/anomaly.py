@@ -1,13 +1,15 @@
-"""Mahalanobis anomaly detection on encoder embeddings (seed 000's protocol).
+"""Anomaly detection with an encoder (seed 000's protocol), scored by embed.score: Mahalanobis or nearest-neighbour
+distance of pooled embeddings, MLM surprise, character n-gram novelty, or their fusion.
 
     python launch/anomaly.py --model.name_or_path=runs/secbert_dapt/final \
         --data.format=http --data.train=normalTrafficTraining.txt.gz \
         --data.test=[normalTrafficTest.txt.gz,anomalousTrafficTest.txt.gz] \
         --classify.label_files="{'normal*': normal, 'anomalous*': attack}"
 
-Fits mean and shrinkage covariance on normal training embeddings, sets the threshold on normal validation data
-(data.valid, or the hash split of data.train) for embed.max_fpr (5%), and writes output_dir/anomaly.json
-(recall_at_max_fpr, max_fpr, test_fpr, threshold, auroc) and plots/roc.png.
+Fits each score on normal training documents, sets the threshold on normal validation data (data.valid, the hash
+split of data.train, or embed.valid_from_test) for embed.max_fpr (5%), and writes output_dir/anomaly.json
+(recall_at_max_fpr, max_fpr, test_fpr, threshold, auroc, both calibrations, each fused component), plots/roc.png,
+anomaly_report.jsonl and .md (why each flagged document was flagged) and anomaly_scores.csv.
 """
 
 import sys

@@ -49,33 +49,40 @@ def test_fixed_shrinkage_and_threshold_semantics():
 
 
 def test_nearest_normal_measures_to_the_kth_neighbour_after_centring():
-    """Normal embeddings in two tight clusters far from the origin (as an encoder's share one direction): a point
-    between them is far from both, which neither a Gaussian's centre nor uncentred cosine sees."""
+    """Normal embeddings in three tight clusters far from the origin (as an encoder's share one direction): a point
+    between two of them is far from all three, which neither a Gaussian nor uncentred cosine sees."""
     rng = np.random.default_rng(0)
     offset = np.full(8, 50.0)  # the shared direction: uncentred, every cosine similarity is ~1
-    a, b = np.eye(8)[0] * 4, np.eye(8)[1] * 4
-    normal = np.vstack([offset + a + rng.normal(0, 0.1, (200, 8)), offset - a + rng.normal(0, 0.1, (200, 8))])
+    a, b, c = np.eye(8)[:3] * 4
+    normal = np.vstack([offset + v + rng.normal(0, 0.1, (200, 8)) for v in (a, b, c)])
     det = NearestNormal(k=5).fit(normal)
-    inlier, between, elsewhere = offset + a, offset.copy(), offset + b
+    inlier, between, elsewhere = offset + a, offset + (a + b) / 2, offset + np.eye(8)[3] * 4
     s = det.score(np.vstack([inlier, between, elsewhere]))
-    assert s[0] < 0.01 and s[1] > 0.5 and s[2] > 0.9
+    # centred, `between` is (a + b - 2c) / 6 and each cluster e.g. (2a - b - c) / 3: cosine 0.5 at best
+    assert s[0] < 0.01 and 0.35 < s[1] < 0.55 and s[2] > 0.9  # 0.5 to the centres; noise brings some nearer
     assert det.score(det.mean[None])[0] == pytest.approx(
         1.0
     )  # the normal mean itself: no direction, distance 1
     gauss = Mahalanobis("ledoit_wolf").fit(normal).score(np.vstack([inlier, between]))
     assert (
         gauss[1] < gauss[0]
-    )  # the Gaussian's centre is its most normal point, though no normal request lies there
+    )  # the Gaussian finds the point between clusters more normal than a cluster's centre
+    far_out = det.mean + 3 * (inlier - det.mean)  # three times as far from the normal mean as cluster a
+    assert det.score(far_out[None])[0] < 0.01  # as normal as cluster a by cosine ...
+    assert Mahalanobis().fit(normal).score(far_out[None])[0] > 5 * gauss[0]  # ... which a Gaussian sees
     # the k-th, not the nearest: a copy of one stray normal point is near to 1 neighbour, far from the 5th
-    stray = offset + b
-    det = NearestNormal(k=5).fit(np.vstack([normal, stray]))
-    near = NearestNormal(k=1).fit(np.vstack([normal, stray]))
-    assert near.score(stray[None])[0] == pytest.approx(0.0, abs=1e-6) and det.score(stray[None])[0] > 0.9
-    # scored in chunks as at once; k is at most the number of normal documents
+    stray = offset + np.eye(8)[3] * 4
+    with_stray = np.vstack([normal, stray])
+    assert NearestNormal(k=1).fit(with_stray).score(stray[None])[0] < 1e-6
+    assert NearestNormal(k=1).fit(normal).score(normal).min() == 0.0  # float32 rounding clipped: never -1e-7
+    assert NearestNormal(k=5).fit(with_stray).score(stray[None])[0] > 0.9
+    # scored in chunks as at once; k is at most the number of normal documents, and at least 1
     x = rng.normal(size=(50, 8)) + offset
     whole = NearestNormal(5).fit(normal).score(x)
     assert NearestNormal(5, chunk=7).fit(normal).score(x) == pytest.approx(whole, abs=1e-6)
     assert NearestNormal(5).fit(normal[:3]).k == 3
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        NearestNormal(0)
 
 
 @pytest.fixture(scope="module")

@@ -394,8 +394,12 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
         raw = np.array([float(r[col]) for r in valid])
         assert fused["fuse_validation"][name] == pytest.approx(separation(raw[~attack], raw[attack], 0.05))
     knn = _run(_anomaly_args(paths, headless, tmp_path / "knn") + ["--embed.score=knn", "--embed.knn_k=3"])
-    assert knn["knn_k"] == 3 and "shrinkage" not in knn and knn["components"] == {}  # knn alone, no Gaussian
-    assert knn["validation"] != fused["components"]["knn"]["validation"]  # k=3 is not the fusion's k=5
+    assert knn["knn_k"] == 3 and "shrinkage" not in knn  # knn alone: no Gaussian fitted
+    k3 = [r.split(",") for r in (tmp_path / "knn" / "anomaly_scores.csv").read_text().splitlines()[1:]]
+    k5 = {r[1]: float(r[5]) for r in (x.split(",") for x in rows[1:])}  # the fusion's knn column, k=5
+    assert all(float(r[4]) == float(r[3]) >= 0 for r in k3)  # knn alone: the score is its column
+    assert all(float(r[4]) <= k5[r[1]] + 1e-6 for r in k3)  # the 3rd neighbour is no farther than the 5th
+    assert sum(float(r[4]) < k5[r[1]] - 1e-6 for r in k3) > len(k3) // 2
     with pytest.raises(NoMLMHead, match="no trained MLM head"):
         _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm"])
     paths["normal_train"].write_text("GET /shop HTTP/1.1\n" + "x" * 5000)  # a record too long to read

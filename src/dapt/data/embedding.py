@@ -97,8 +97,8 @@ def load_masked_lm(cfg: RunConfig, device):
         raise NoMLMHead(
             f"model.name_or_path: {m.name_or_path} has no trained MLM head ({len(untrained)} head weights missing, "
             f"e.g. {sorted(untrained)[0]}), so MLM surprise would come from random weights; adapt it first with "
-            "launch/mlm.py (which trains the head) and score its final/, or leave mlm out (embed.score=mahalanobis "
-            "or lexical, embed.fuse without mlm)"
+            "launch/mlm.py (which trains the head) and score its final/, or leave mlm out (embed.score=mahalanobis, "
+            "knn or lexical, embed.fuse without mlm)"
         )
     return model.to(device).eval(), tokenizer
 

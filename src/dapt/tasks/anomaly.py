@@ -62,15 +62,22 @@ class Mahalanobis:
 class NearestNormal:
     """Cosine distance to the k-th nearest normal training embedding, every embedding first centred on the normal
     training mean: the direction all of an encoder's embeddings share otherwise dominates their cosine similarity. No
-    Gaussian is assumed, so normal traffic of several kinds (pages, forms, methods) is not one blurred cloud."""
+    Gaussian is assumed, so normal traffic of several kinds (pages, forms, methods) is not one blurred cloud. Being a
+    cosine, it does not see how far from the mean an embedding lies, only in which direction (Mahalanobis sees both)."""
 
     def __init__(self, k: int = 5, chunk: int = 1024):
-        self.k, self.chunk = k, chunk
+        if k < 1:
+            raise ValueError(f"k must be >= 1, not {k}")
+        self.requested, self.chunk = k, chunk
 
     def fit(self, x: np.ndarray) -> NearestNormal:
         self.mean = x.astype(np.float64).mean(axis=0)
         self.normal = self._unit(x)
-        self.k = min(self.k, len(x))  # the k used, for anomaly.json
+        self.k = min(self.requested, len(x))  # the k used, for anomaly.json
+        if self.k < self.requested:
+            log.warning(
+                "embed.knn_k=%d, but %d normal documents were embedded: k=%d", self.requested, len(x), self.k
+            )
         return self
 
     def _unit(self, x: np.ndarray) -> np.ndarray:
@@ -85,7 +92,18 @@ class NearestNormal:
             sims = self._unit(x[at : at + self.chunk]) @ self.normal.T
             kth = np.partition(sims, -self.k, axis=1)[:, -self.k]  # the k-th largest similarity
             out[at : at + len(sims)] = 1.0 - kth
-        return out
+        return np.clip(out, 0.0, 2.0)  # float32 rounding: a copy of a normal document is never below 0
+
+
+def by_rank(score: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """score(x), each rank scoring rows r, r+W, ... of x; every rank returns the whole (as embed_documents does)."""
+    if group.world() == 1:
+        return score(x)
+    mine = np.arange(group.rank(), len(x), group.world())
+    out = np.empty(len(x), dtype=np.float64)
+    for rows, part in group.gather((mine, score(x[mine]))):
+        out[rows] = part
+    return out
 
 
 def threshold_for(normal_scores: np.ndarray, max_fpr: float) -> float:
@@ -244,13 +262,13 @@ class Scores:
         fit, valid, test = self._embeddings(model)
         detector = Mahalanobis(self.e.shrinkage).fit(fit)
         self.chosen["shrinkage"] = detector.coefficient
-        return detector.score(valid), detector.score(test)
+        return by_rank(detector.score, valid), by_rank(detector.score, test)
 
     def _knn(self, model) -> tuple[np.ndarray, np.ndarray]:
         fit, valid, test = self._embeddings(model)
         detector = NearestNormal(self.e.knn_k).fit(fit)
         self.chosen["knn_k"] = detector.k
-        return detector.score(valid), detector.score(test)
+        return by_rank(detector.score, valid), by_rank(detector.score, test)
 
     def _lexical(self, model) -> tuple[np.ndarray, np.ndarray]:
         return self.novelty.score(d.text for d in self.valid), self.novelty.score(d.text for d in self.test)

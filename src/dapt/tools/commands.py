@@ -12,7 +12,11 @@ COMMANDS = {
     "mlm": ("dapt.tasks.mlm", "run", "masked-language-model pretraining (DAPT, TAPT)"),
     "classify": ("dapt.tasks.classify", "run", "sequence-classification fine-tuning"),
     "embed": ("dapt.tasks.embed", "run", "embeddings of a dataset to .npz"),
-    "anomaly": ("dapt.tasks.anomaly", "run", "Mahalanobis anomaly detection on embeddings"),
+    "anomaly": (
+        "dapt.tasks.anomaly",
+        "run",
+        "anomaly detection: embedding distance, MLM surprise, n-gram novelty",
+    ),
     "fill_mask": ("dapt.tasks.fill_mask", "run", "masked prediction with a trained MLM"),
     "profile": ("dapt.tools.profile", "run", "timed optimizer steps of the MLM loop, FLOPs and MFU"),
     "plan": ("dapt.tools.plan", "run", "memory and time plan for a recipe on a GPU type"),
