@@ -442,9 +442,9 @@ class EmbedConfig:
     threshold, attacks let the auto settings (token_score, token_surprise, fuse_rule, the fused choice) choose; none
     of them is reported as test. 0: validation is data.valid or the hash split of data.train."""
     sample: int = 0
-    """anomaly: score at most this many documents of each split (normal training documents for the
-    Mahalanobis and knn fit, validation, test), drawn by the run's seed: a CPU-sized look at a large test set. Lexical novelty
-    is still fitted on every normal training document. 0: all."""
+    """anomaly: score at most this many documents of each split (normal training documents for the Mahalanobis and
+    knn fit, validation, test), drawn by the run's seed: a CPU-sized look at a large test set. Lexical novelty is still
+    fitted on every normal training document. 0: all."""
     report_top: int = 50
     """anomaly: the findings shown in anomaly_report.md (anomaly_report.jsonl has every flagged document)."""
 
