@@ -60,13 +60,11 @@ def test_nearest_normal_measures_to_the_kth_neighbour_after_centring():
     s = det.score(np.vstack([inlier, between, elsewhere]))
     # centred, `between` is (a + b - 2c) / 6 and each cluster e.g. (2a - b - c) / 3: cosine 0.5 at best
     assert s[0] < 0.01 and 0.35 < s[1] < 0.55 and s[2] > 0.9  # 0.5 to the centres; noise brings some nearer
-    assert det.score(det.mean[None])[0] == pytest.approx(
-        1.0
-    )  # the normal mean itself: no direction, distance 1
+    # the normal mean itself: no direction, distance 1
+    assert det.score(det.mean[None])[0] == pytest.approx(1.0)
     gauss = Mahalanobis("ledoit_wolf").fit(normal).score(np.vstack([inlier, between]))
-    assert (
-        gauss[1] < gauss[0]
-    )  # the Gaussian finds the point between clusters more normal than a cluster's centre
+    # the Gaussian finds the point between clusters more normal than a cluster's centre
+    assert gauss[1] < gauss[0]
     far_out = det.mean + 3 * (inlier - det.mean)  # three times as far from the normal mean as cluster a
     assert det.score(far_out[None])[0] < 0.01  # as normal as cluster a by cosine ...
     assert Mahalanobis().fit(normal).score(far_out[None])[0] > 5 * gauss[0]  # ... which a Gaussian sees

@@ -71,7 +71,7 @@ class NearestNormal:
         self.requested, self.chunk = k, chunk
 
     def fit(self, x: np.ndarray) -> NearestNormal:
-        self.mean = x.astype(np.float64).mean(axis=0)
+        self.mean = x.mean(axis=0, dtype=np.float64)
         self.normal = self._unit(x)
         self.k = min(self.requested, len(x))  # the k used, for anomaly.json
         if self.k < self.requested:
