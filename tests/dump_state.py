@@ -49,8 +49,21 @@ def main(argv: list[str]) -> None:
     }
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
     steps_taken = sorted({float(st["step"]) for st in optimizer.state.values() if "step" in st})
+    # where torch's fused AdamW needs each step: on its parameter's device, a tensor of its own (ZeRO-3 empties the
+    # groups' parameter lists between steps, so the state is read by its keys)
+    fused = optimizer.defaults.get("fused")
+    placed = [(st["step"], p.device) for p, st in optimizer.state.items() if fused and "step" in st]
     if group.rank() == 0:
-        torch.save({"params": state, "steps": steps_taken}, os.environ["DUMP_TO"])
+        torch.save(
+            {
+                "params": state,
+                "steps": steps_taken,
+                "fused_steps": len(placed),
+                "steps_on_param_device": all(step.device == device for step, device in placed),
+                "steps_distinct": len({id(step) for step, _ in placed}) == len(placed),
+            },
+            os.environ["DUMP_TO"],
+        )
     group.barrier()
 
 

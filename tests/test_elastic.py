@@ -72,6 +72,8 @@ def dump(args: list, ranks: int, tmp_path: Path, name: str) -> dict:
 
 def assert_same_state(a: dict, b: dict) -> None:
     assert a["steps"] == b["steps"] and len(a["steps"]) == 1  # one Adam step count, the checkpoint's
+    # torch's fused AdamW (dapt's default) needs each step on its parameter's device, a tensor of its own
+    assert b["fused_steps"] > 0 and b["steps_on_param_device"] and b["steps_distinct"]
     assert a["params"].keys() == b["params"].keys()
     for name, tensors in a["params"].items():
         for key, value in tensors.items():

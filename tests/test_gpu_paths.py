@@ -124,6 +124,12 @@ def test_parameters_are_counted_under_zero3_partitioning(tmp_path, corpus_file, 
     model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
     assert all(p.numel() == 0 for p in model.parameters())  # really partitioned
     assert parameter_count(model) == expected
+    import deepspeed
+
+    loaded = reference.state_dict()  # the partitions hold the folder's weights (in bf16), not a fresh init
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            assert torch.equal(p.detach().float(), loaded[name].to(torch.bfloat16).float()), name
 
     cfg = load_config(
         [
@@ -344,3 +350,111 @@ def test_a_pretrained_model_saved_in_bf16_trains_and_exports_in_fp32(tmp_path, c
     module = safe_load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt")["module"]
     assert all(t.dtype == torch.float32 for t in module.values() if t.is_floating_point())  # trained in fp32
     assert all(torch.equal(final[k], module[k]) for k in final if k in module)
+
+
+def _pretrained_folder(tmp_path, corpus_file, size: int = 32):
+    """A saved pretrained BERT MLM and its tokenizer: (folder, tokenizer, the folder's fp32 weights)."""
+    from conftest import TINY_MODEL
+
+    from dapt.model.build import train_wordpiece
+
+    tok = train_wordpiece(corpus_file.read_text().splitlines(), 300, size)
+    src = tmp_path / "pretrained"
+    fields = {k: v for k, v in TINY_MODEL.items() if k != "model_type"}
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(**fields, vocab_size=len(tok))).save_pretrained(src)
+    tok.save_pretrained(src)
+    return src, tok, load_file(src / "model.safetensors")
+
+
+def test_zero3_masters_of_a_pretrained_model_are_the_folders_fp32_weights(tmp_path, corpus_file):
+    """zero.Init (run by transformers without a dtype) makes bf16 partitions in a bf16 ZeRO-3 run and DeepSpeed takes
+    the fp32 masters from them: the masters are set from the folder's own fp32 weights instead, every one exactly."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from dapt.cli.load import load_config
+    from dapt.config.dsconfig import finalize_ds_config
+    from dapt.model.build import build_model
+    from dapt.runtime.runner import build_engine
+
+    init()
+    src, tok, saved = _pretrained_folder(tmp_path, corpus_file)
+    cfg = load_config(
+        [
+            "--model.name_or_path",
+            str(src),
+            "--data.train",
+            str(corpus_file),
+            "--ds",
+            str(DS / "zero3_bf16.json"),
+        ]
+        + ["--data.max_seq_length=32", "--output_dir", str(tmp_path / "out")],
+        world_size=1,
+        accelerator="cpu",
+    )
+    model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
+    assert all(p.ds_tensor.dtype == torch.bfloat16 for p in model.parameters())  # what zero.Init made
+    finalize_ds_config(cfg.ds_config, 10, 1, model.config.hidden_size)
+    engine = build_engine(cfg, model, 10)
+    names = [name for name, _ in engine.module.named_parameters()]
+    assert set(names) <= set(saved)
+    for name, p in engine.module.named_parameters():
+        assert torch.equal(safe_get_full_fp32_param(p).cpu(), saved[name]), name
+    # bf16-rounded masters would differ: the equality above is not one bf16 could pass
+    assert (
+        sum(not torch.equal(saved[n].to(torch.bfloat16).float(), saved[n]) for n in names) > len(names) // 3
+    )
+
+
+def test_the_classifier_decays_as_many_parameters_under_zero3_as_at_zero0(tmp_path, corpus_file):
+    """The classifier's groups tell matrices by their real shape: zero.Init leaves every parameter 1-D and empty."""
+    from dapt.cli.load import load_config
+    from dapt.model.build import build_model
+    from dapt.tasks.classify import classifier_groups
+
+    init()
+    src, tok, _ = _pretrained_folder(tmp_path, corpus_file)
+    counts = {}
+    for stage in (0, 3):
+        cfg = load_config(
+            ["--model.name_or_path", str(src), "--data.train", str(corpus_file)]
+            + ["--ds", str(DS / f"zero{stage}_bf16.json"), "--data.max_seq_length=32"],
+            world_size=1,
+            accelerator="cpu",
+        )
+        model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config, task="classify", labels=["a", "b"])
+        groups = classifier_groups(model, 1e-3, 0.01, 10.0)
+        counts[stage] = [
+            (len(g["params"]), sum(getattr(p, "ds_numel", p.numel()) for p in g["params"])) for g in groups
+        ]
+        assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+    assert all(p.numel() == 0 for p in model.parameters())  # the ZeRO-3 model really is partitioned
+    assert counts[3] == counts[0] and counts[0][0][0] > 5  # decayed: the body's matrices, at both stages
+
+
+def test_adams_step_is_placed_on_the_parameters_device_after_an_elastic_load():
+    """DeepSpeed's universal load leaves each Adam `step` on the CPU, one tensor shared by every group; torch's fused
+    (or capturable) AdamW needs it on the parameter's device, a GPU, and stops at the first step otherwise. Here the
+    meta device stands for the GPU: a real torch optimizer whose state is placed as DeepSpeed leaves it, one state
+    keyed by a tensor in no group, as ZeRO-3 leaves its fp32 partitions between steps."""
+    from dapt.runtime.elastic import place_steps
+
+    on_gpu, outside = (torch.nn.Parameter(torch.zeros(3, device="meta")) for _ in range(2))
+    on_cpu, fused = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW(
+        [{"params": [on_gpu]}, {"params": [on_cpu], "capturable": False}, {"params": [fused], "fused": True}],
+        capturable=True,
+    )
+    shared = torch.tensor(7, dtype=torch.int64)  # as loaded: CPU, one object, not even a float
+    params = (on_gpu, on_cpu, fused, outside)
+    for p in params:
+        opt.state[p] = {"step": shared, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    place_steps(opt)
+    steps = [opt.state[p]["step"] for p in params]
+    assert [s.device.type for s in steps] == ["meta", "cpu", "cpu", "meta"]
+    assert steps[0].dtype == steps[3].dtype == torch.float32
+    assert int(steps[1]) == 7 and int(steps[2]) == 7
+    assert len({id(s) for s in steps}) == 4 and all(s is not shared for s in steps)
+    fused.grad = torch.ones(2)
+    opt.step()  # the fused kernel takes the placed step, and counts from it
+    assert float(opt.state[fused]["step"]) == 8 and float(steps[1]) == 7  # each group counts its own

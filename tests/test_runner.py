@@ -341,9 +341,17 @@ def test_the_classifier_loads_a_pretrained_encoder_partitioned_under_zero3_and_t
     assert all(p.numel() == 0 for p in model.parameters())  # really partitioned, the head too
     assert parameter_count(model) > 0 and model.config.id2label == {0: "http", 1: "report"}
     out = tmp_path / "run"
-    summary = _classify([*argv, "--output_dir", str(out), "--train.max_steps=3", "--train.eval_every=0"])
+    summary = _classify(
+        [*argv, "--output_dir", str(out), "--train.max_steps=3", "--train.eval_every=0", "--train.lr=1e-12"]
+    )
     assert summary["steps"] == 3
     assert AutoModelForSequenceClassification.from_pretrained(out / "final").config.num_labels == 2
+    # at a learning rate too small to move an fp32 weight, the encoder in final/ is the folder's, exactly as saved
+    from safetensors.torch import load_file
+
+    saved, final = load_file(src / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    encoder = [k for k in saved if k.startswith("bert.") and "pooler" not in k]
+    assert len(encoder) > 20 and all((final[k] - saved[k]).abs().max() < 1e-9 for k in encoder)
 
 
 def test_tensorboard_events_hold_the_metrics_of_metrics_jsonl_once_each_after_a_resume(recipe, tmp_path):

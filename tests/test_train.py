@@ -161,13 +161,18 @@ def test_final_folder_reloads_and_fills_a_mask(recipe, tmp_path):
 
 
 def test_pretrained_folder_under_zero3_with_gradient_checkpointing(tmp_path, corpus_file):
-    """A local pretrained folder loads partitioned (zero.Init) and trains with HF gradient checkpointing."""
+    """A local pretrained folder loads partitioned (zero.Init) and trains with HF gradient checkpointing; at a
+    learning rate too small to move an fp32 weight, final/ holds the folder's own weights: loaded, not initialised
+    afresh, and not rounded to bf16 on the way into the fp32 masters."""
+    from safetensors.torch import load_file
+
     texts = corpus_file.read_text().splitlines()
     tok = train_wordpiece(texts, 400, 32)
     src = tmp_path / "pretrained"
     config = BertConfig(**{k: v for k, v in TINY_MODEL.items() if k != "model_type"}, vocab_size=len(tok))
     BertForMaskedLM(config).save_pretrained(src)
     tok.save_pretrained(src)
+    saved = load_file(src / "model.safetensors")
     out = tmp_path / "run"
     summary = run_inprocess(
         [
@@ -184,12 +189,16 @@ def test_pretrained_folder_under_zero3_with_gradient_checkpointing(tmp_path, cor
             "--data.max_seq_length=32",
             "--train.max_steps=4",
             "--train.micro_batch_size=4",
+            "--train.lr=1e-12",
             "--log.progress=false",
         ]
     )
     assert summary["steps"] == 4
     reloaded = AutoModelForMaskedLM.from_pretrained(out / "final")
     assert reloaded.config.vocab_size == len(tok)
+    final = load_file(out / "final" / "model.safetensors")
+    for name, weight in saved.items():  # 4 Adam steps of 1e-12 move a weight by about 4e-12
+        assert (final[name] - weight).abs().max() < 1e-9, name
 
 
 def test_learning_rate_schedule_counts_optimizer_steps(recipe, tmp_path):

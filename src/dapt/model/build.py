@@ -192,7 +192,8 @@ def build_model(
     attention implementation that works, in fp32, with gradient checkpointing when model.gradient_checkpointing.
 
     Under ZeRO-3 a pretrained model is loaded partitioned (zero.Init through HfDeepSpeedConfig), so a model larger
-    than one rank's memory still loads.
+    than one rank's memory still loads; in bf16/fp16 those partitions are in that precision, and the runner sets the
+    fp32 masters from the folder's own weights (dapt.runtime.zero3).
     """
     m = cfg.model
     conf = model_config(cfg, tokenizer)
@@ -264,7 +265,8 @@ def _instantiate(cfg, conf, impl: str, ds_config: dict | None, auto, maps: dict)
         keep_alive = HfDeepSpeedConfig(ds_config)  # must live while from_pretrained runs, and not longer
     try:
         # fp32 whatever the hub config says (transformers 5 loads dtype="auto"): DeepSpeed keeps fp32 masters from
-        # these weights in bf16/fp16, and an fp32 run must not train bf16 weights without masters
+        # these weights in bf16/fp16, and an fp32 run must not train bf16 weights without masters (under ZeRO-3,
+        # zero.Init still makes bf16/fp16 partitions: see dapt.runtime.zero3)
         torch.manual_seed(cfg.seed)  # a classifier's new head
         return from_config(auto.from_pretrained, m, attn_implementation=impl, dtype=torch.float32, **maps)
     finally:

@@ -230,17 +230,16 @@ def _convert(point: Path, out: Path) -> None:
 
 
 def repair_universal_load(engine, folder: Path) -> None:
-    """Two things DeepSpeed's ZeRO-3 universal load gets wrong, set right from the converted checkpoint:
-    - every parameter group gets the hyperparameters of the first one, so biases and norms would get weight decay
-      (and a classifier's head the encoder's learning rate);
-    - every group's Adam `step` is one shared tensor, so an optimizer step would count once per group, and the bias
-      correction would drift from an uninterrupted run's."""
+    """Three things DeepSpeed's universal load gets wrong, set right from the converted checkpoint:
+    - every parameter group gets the hyperparameters of the first one (ZeRO-3), so biases and norms would get weight
+      decay (and a classifier's head the encoder's learning rate);
+    - every group's Adam `step` is one shared tensor (ZeRO-3), so an optimizer step would count once per group, and
+      the bias correction would drift from an uninterrupted run's;
+    - `step` is loaded onto the CPU, where torch's fused AdamW (dapt's default) refuses it on a GPU: place_steps."""
     from dapt.runtime.checkpoint import safe_load
 
     torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in torch_optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+    place_steps(torch_optimizer)
     state = safe_load(folder / "zero" / "optimizer_state.pt")
     saved = (
         state["optimizer_state_dict"]["param_groups"]
@@ -255,6 +254,21 @@ def repair_universal_load(engine, folder: Path) -> None:
         )
     for group_now, group_then in zip(groups, saved):
         group_now.update({k: v for k, v in group_then.items() if k != "params"})
+
+
+def place_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Each parameter's Adam `step` a tensor of its own, placed as torch's own load_state_dict places it: on the
+    parameter's device in fp32 for a fused or capturable group (else the fused kernel fails at the first step on a
+    GPU: "Expected all tensors to be on the same device ... _fused_adamw_"), where it is otherwise. DeepSpeed's
+    universal load sets the state directly, on the CPU, bypassing that placement. ZeRO-3 empties the groups'
+    parameter lists between steps: a state whose parameter is in no group follows the optimizer's defaults."""
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for p, state in optimizer.state.items():
+        settings = groups.get(id(p), optimizer.defaults)
+        step = state.get("step")
+        if torch.is_tensor(step):
+            on_device = settings.get("fused") or settings.get("capturable")
+            state["step"] = step.to(p.device, torch.float32, copy=True) if on_device else step.clone()
 
 
 def conversion_bytes(info: dict) -> int:

@@ -28,7 +28,7 @@ import torch
 from dapt.config.dsconfig import bf16_in_hardware, describe_optimizer
 from dapt.config.redact import redact
 from dapt.config.schema import RunConfig
-from dapt.runtime import elastic, group
+from dapt.runtime import elastic, group, zero3
 from dapt.runtime.checkpoint import Checkpointer, check_disk, verify
 from dapt.runtime.metrics import MetricsLogger
 from dapt.runtime.numerics import StepGuard, StepOutcome, engine_config
@@ -66,13 +66,18 @@ def start(cfg: RunConfig) -> Start:
     return Start(out, accelerator, device)
 
 
+def decays(p: torch.nn.Parameter) -> bool:
+    """Whether weight decay applies: to matrices, not to biases and norm weights (1-D). Read from the parameter's
+    real shape: zero.Init leaves every ZeRO-3 parameter a 1-D empty tensor and keeps the shape in ds_shape."""
+    return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: biases and norm weights (1-D) get none."""
     decay, plain = [], []
     for p in model.parameters():
         if p.requires_grad:
-            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions leave p itself empty
-            (decay if len(shape) >= 2 else plain).append(p)
+            (decay if decays(p) else plain).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
@@ -87,9 +92,11 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int, groups: lis
         def scheduler(optimizer):
             return build_scheduler(optimizer, cfg.train, steps)
 
+    exact = zero3.fp32_partitions(cfg, model)  # ZeRO-3 from a pretrained folder: masters not rounded to bf16
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=engine_config(cfg.ds_config), lr_scheduler=scheduler
     )
+    zero3.set_masters(engine, exact)
     backend = cfg.train.compile
     if backend != "off":
         engine.compile(backend=backend)

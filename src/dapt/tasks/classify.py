@@ -41,6 +41,7 @@ from dapt.runtime.runner import (
     Checkpoints,
     TrainState,
     build_engine,
+    decays,
     log_choices,
     open_metrics,
     optimizer_step,
@@ -70,7 +71,8 @@ def class_weights(spec: str, counts: list[int], n: int) -> torch.Tensor | None:
 
 
 def classifier_groups(model: torch.nn.Module, lr: float, weight_decay: float, head_mult: float) -> list[dict]:
-    """Body matrices decay; body biases/norms and the whole new head do not; the head runs at head_mult x lr."""
+    """Body matrices decay; body biases/norms and the whole new head do not; the head runs at head_mult x lr (matrices
+    told by their real shape, also when ZeRO-3 has partitioned them)."""
     prefix = model.base_model_prefix + "."
     body_decay, body_plain, head = [], [], []
     for name, p in model.named_parameters():
@@ -79,7 +81,7 @@ def classifier_groups(model: torch.nn.Module, lr: float, weight_decay: float, he
         if not name.startswith(prefix):
             head.append(p)
         else:
-            (body_decay if p.ndim >= 2 else body_plain).append(p)
+            (body_decay if decays(p) else body_plain).append(p)
     return [
         {"params": body_decay, "weight_decay": weight_decay, "lr": lr},
         {"params": body_plain, "weight_decay": 0.0, "lr": lr},
