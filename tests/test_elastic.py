@@ -148,6 +148,31 @@ def test_a_run_moves_from_2_ranks_to_1_and_back_at_zero_1_and_3(stage, recipe, t
         assert not (run / "checkpoints" / "step_00000012" / "universal").exists()
 
 
+@pytest.mark.parametrize("before, after", [(2, 3), (3, 1)])
+def test_a_run_continues_at_another_zero_stage_on_the_same_ranks(before, after, recipe, tmp_path):
+    """DeepSpeed writes a universal checkpoint in the layout of the stage it converts from, and reads ZeRO 1/2 and
+    ZeRO 3 checkpoints from two different layouts: a run moved between them failed to load ("assert len(ckpt_list) >
+    0", KeyError 'optimizer_state_dict', "Empty ds_version"). Now it loads the original's weights and moments and
+    trains on as the uninterrupted run at the first stage."""
+    from conftest import run_inprocess
+
+    first, second = common(recipe, fp32_ds(tmp_path, before)), common(recipe, fp32_ds(tmp_path, after))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_inprocess([*first, "--output_dir", ref, "--train.max_steps=8"])
+    run_inprocess([*first, "--output_dir", run, "--train.max_steps=4"])
+    step4 = run / "checkpoints" / "step_00000004"
+    original = dump([*first, "--output_dir", run, f"--resume={step4}"], 1, tmp_path, "original")
+    converted = dump([*second, "--output_dir", run, f"--resume={step4}"], 1, tmp_path, "converted")
+    assert_same_state(original, converted)
+    run_inprocess([*second, "--output_dir", run, "--train.max_steps=8"])
+    a, b = series(ref, "train/loss"), series(run, "train/loss")
+    assert [s for s, _ in b] == list(range(1, 9)) and [v for _, v in b] == pytest.approx(
+        [v for _, v in a], rel=1e-5
+    )
+    saved = json.loads((run / "checkpoints" / "step_00000008" / "dapt_checkpoint.json").read_text())
+    assert saved["zero_stage"] == after
+
+
 def _doctor_sizes_the_conversion(args: list, run: Path) -> None:
     import contextlib
     import io

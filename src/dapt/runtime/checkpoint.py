@@ -58,12 +58,13 @@ def _deepspeed_records() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: Path):
+def safe_load(path: Path, mmap: bool = True):
     """torch.load(weights_only=True): tensors, plain Python data and DeepSpeed's data records; anything else (a
-    class or function a pickle could call) raises UnsafeCheckpoint naming it. Tensors are memory-mapped, not read."""
+    class or function a pickle could call) raises UnsafeCheckpoint naming it. Tensors are memory-mapped, not read
+    (mmap=False for files in torch's legacy format, which DeepSpeed's universal converter writes)."""
     try:
         with torch.serialization.safe_globals(_deepspeed_records()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:Unsupported global|Unsupported operand|unsupported)[^\n]*", str(e))
         raise UnsafeCheckpoint(

@@ -191,6 +191,7 @@ def universal(point: Path) -> Path:
             log.info("resume: converting %s to DeepSpeed's universal format (once) ...", point)
             try:
                 _convert(point, tmp)
+                _loadable_at_every_stage(tmp)
                 write_manifest(tmp)
                 os.replace(tmp, target)
                 log.info("resume: converted %s -> %s", point, target)
@@ -227,6 +228,49 @@ def _convert(point: Path, out: Path) -> None:
             ds_to_universal.main(args)
     finally:
         (out / "convert.log").write_text(printed.getvalue())
+
+
+def _loadable_at_every_stage(folder: Path) -> None:
+    """DeepSpeed writes a universal checkpoint in the layout of the stage it converts from, and its ZeRO 1/2 and ZeRO 3
+    readers expect two layouts: a ZeRO-2 checkpoint could not be continued at ZeRO 3 ("assert len(self.ckpt_list) >
+    0", then KeyError 'optimizer_state_dict'), nor a ZeRO-3 one at ZeRO 1/2 ("Empty ds_version in checkpoint").
+    Completed here to hold both, with the same values:
+    - rank 0's model-states file (counters and client state; the weights come from zero/) under both names,
+      mp_rank_00_model_states.pt (ZeRO 1/2) and zero_pp_rank_0_mp_rank_00_model_states.pt (ZeRO 3), a hard link where
+      the file system allows one;
+    - zero/optimizer_state.pt with ZeRO 3's optimizer_state_dict (the Adam step, the parameter groups) and ZeRO 1/2's
+      ds_version;
+    - each parameter's fp32, exp_avg and exp_avg_sq files as ZeRO 1/2 read them ({"param": tensor, "cat_dim": 0}, which
+      ZeRO 3 reads too) and its step.pt."""
+    import deepspeed
+
+    from dapt.runtime.checkpoint import safe_load
+
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    have = [folder / n for n in names if (folder / n).is_file()]
+    for target in (folder / n for n in names):
+        if have and not target.exists():
+            try:
+                os.link(have[0], target)
+            except OSError:
+                shutil.copy2(have[0], target)
+    zero = folder / "zero"
+    params = sorted(d for d in zero.iterdir() if d.is_dir())
+    state = safe_load(zero / "optimizer_state.pt", mmap=False)
+    if "optimizer_state_dict" in state:  # from ZeRO 3
+        step = next(iter(state["optimizer_state_dict"]["state"].values()))["step"]
+        for d in params:
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                value = safe_load(d / f"{key}.pt", mmap=False)
+                if torch.is_tensor(value):
+                    torch.save({"param": value.detach(), "cat_dim": 0}, d / f"{key}.pt")
+            if not (d / "step.pt").exists():
+                torch.save(step, d / "step.pt")
+    else:  # from ZeRO 1/2: every parameter's step.pt holds the same count
+        step = safe_load(params[0] / "step.pt", mmap=False)
+        state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": state["param_groups"]}
+    state.setdefault("ds_version", deepspeed.__version__)
+    torch.save(state, zero / "optimizer_state.pt")
 
 
 def repair_universal_load(engine, folder: Path) -> None:
