@@ -182,7 +182,9 @@ class TrainConfig:
     compile: str = "off"
     """torch.compile the model through DeepSpeed's engine.compile with this
     backend. inductor needs a C compiler (and Triton on GPU); the first steps are slow while graphs compile, and
-    rows of new lengths compile again until shapes are treated as dynamic."""
+    rows of new lengths compile again until shapes are treated as dynamic. The sparse MLM head's masked positions
+    (a count that depends on the data) are traced into the graph (capture_dynamic_output_shape_ops), so it does not
+    break there. On a 2-core CPU it is slower than eager; not yet measured on a GPU."""
     sparse_prediction: bool = True
     """MLM: run the head (transform + vocabulary projection) only at masked positions, as MosaicBERT/ModernBERT do;
     the same loss, and for a small encoder with a large vocabulary about half the compute. false: the dense head."""
