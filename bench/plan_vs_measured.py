@@ -77,7 +77,19 @@ MODERNBERT_BASE = {
     **SPECIAL,
 }
 
-# name: (model, tokens, micro batch, cases of (sparse prediction, gradient checkpointing), plan.measure_tokens)
+TINY = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+# name: (model, tokens, micro batch, cases of (sparse prediction, gradient checkpointing), plan.measure_tokens);
+# "tiny" is the plumbing (bench/gpu_check.py --tiny), on either table
+TINY_CASES = {"tiny": (TINY, 64, 2, [(True, False)], 64)}
 CPU_CASES = {
     "minilm128": (MINILM, 128, 16, [(True, False), (False, False), (True, True), (False, True)], 2048),
     "minilm512": (MINILM, 512, 4, [(True, False), (True, True)], 2048),
@@ -160,10 +172,14 @@ def main() -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    table = GPU_CASES if cuda else CPU_CASES
+    default = GPU_CASES if cuda else CPU_CASES
+    table = {**default, **TINY_CASES}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default=",".join(table), help=f"comma-separated, of: {', '.join(table)}")
+    ap.add_argument("--cases", default=",".join(default), help=f"comma-separated, of: {', '.join(table)}")
     args = ap.parse_args()
+    unknown = [c for c in args.cases.split(",") if c not in table]
+    if unknown:
+        ap.error(f"--cases: unknown {', '.join(unknown)}; the cases here are: {', '.join(table)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):

