@@ -786,3 +786,38 @@ def test_each_tool_lists_and_takes_only_the_sections_it_reads(script, reads, not
         f"--{not_read[0]}.x: {script} does not read the [{not_read[0]}] section"
     )
     assert all(section in refused[0] for section in reads)
+
+
+def test_a_misspelt_deepspeed_key_at_any_level_is_a_config_error_naming_the_closest_key(tmp_path):
+    """DeepSpeed ignores a top-level key it does not know (a run "with" zero_optimisation trained at ZeRO 0) and never
+    looks inside optimizer/scheduler params until deepspeed.initialize: each is reported before any rank starts, with
+    the key DeepSpeed knows that is closest. The known keys are read off DeepSpeed's own parser and constructors.
+    An "auto" inside a misspelt block is not reported as a value dapt cannot fill: the key is the problem."""
+    ds = json.loads((DS_DIR / "zero2_bf16.json").read_text())
+    ds["zero_optimisation"] = ds.pop("zero_optimization")
+    ds["gradient_acumulation_steps"] = 4
+    ds["optimizer"]["params"]["betass"] = [0.9, 0.99]
+    ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_step": 3}}
+    problems = problems_of(["--recipe", recipe(tmp_path), "--ds", write_json(tmp_path, ds)])
+    one_matching(
+        problems, "unknown key 'zero_optimisation' at the top level", "did you mean 'zero_optimization'"
+    )
+    one_matching(problems, "'gradient_acumulation_steps'", "did you mean 'gradient_accumulation_steps'")
+    one_matching(problems, "'betass' in optimizer.params (AdamW)", "did you mean 'betas'")
+    one_matching(
+        problems, "'warmup_num_step' in scheduler.params (WarmupLR)", "did you mean 'warmup_num_steps'"
+    )
+    assert not [p for p in problems if "cannot fill" in p], (
+        problems
+    )  # zero_optimisation.reduce_bucket_size: auto
+    inside = json.loads((DS_DIR / "zero2_bf16.json").read_text())
+    inside["zero_optimization"]["overlap_comms"] = True  # inside a block: DeepSpeed's own model says so
+    one_matching(
+        problems_of(["--recipe", recipe(tmp_path), "--ds", write_json(tmp_path, inside)]), "overlap_comms"
+    )
+    for shipped in sorted(
+        DS_DIR.glob("*.json")
+    ):  # every shipped config and the built-in one know only real keys
+        from dapt.config.dsconfig import DEFAULT_DS, unknown_keys
+
+        assert unknown_keys(json.loads(shipped.read_text())) == [] and unknown_keys(DEFAULT_DS) == [], shipped

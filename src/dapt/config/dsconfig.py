@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -63,6 +64,8 @@ def resolve_ds_config(cfg, world: int, accelerator: str, problems: list[str]) ->
     ds = load_ds_json(cfg.ds, problems)
     if not ds or not _well_formed(ds, problems):
         return ds
+    unknown = unknown_keys(ds)
+    problems += [f"ds {cfg.ds or 'config'}: {message}" for _, message in unknown]
     for path, value in cfg.ds_set.items():  # accelerate launch's DeepSpeed flags, when it gave no config file
         given = _get(ds, path)
         if cfg.ds and given is not None and given != value:
@@ -77,10 +80,160 @@ def resolve_ds_config(cfg, world: int, accelerator: str, problems: list[str]) ->
     _fill_optimizer(ds, cfg, accelerator, problems)
     _check_scheduler(ds, cfg, problems)
     ds.setdefault("steps_per_print", 10**9)  # dapt logs its own metrics
+    misspelt = [path for path, _ in unknown]
     for path in _autos(ds):
-        if path not in DEFERRED:
+        if path not in DEFERRED and not any(path[: len(m)] == m for m in misspelt):
             problems.append(f'ds {".".join(path)}: "auto" that dapt cannot fill; give a value')
     return ds
+
+
+# ---------------------------------------------------------------- keys DeepSpeed would ignore
+
+
+class _Asked(dict):
+    """A config mapping that records every key DeepSpeed's parser asks it for (get, [], in, `in d.keys()`), by its
+    path: the keys a DeepSpeed version knows, read off DeepSpeed itself rather than kept in a list here."""
+
+    def __init__(self, data: dict, path: tuple, asked: set):
+        super().__init__(
+            {k: _Asked(v, (*path, k), asked) if isinstance(v, dict) else v for k, v in data.items()}
+        )
+        self.path, self.asked = path, asked
+
+    def _ask(self, key) -> None:
+        self.asked.add((*self.path, key))
+
+    def get(self, key, default=None):
+        self._ask(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self._ask(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        self._ask(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _AskedKeys(self)
+
+
+class _AskedKeys:
+    def __init__(self, mapping: _Asked):
+        self.mapping = mapping
+
+    def __contains__(self, key) -> bool:
+        return key in self.mapping
+
+    def __iter__(self):
+        return iter(dict.keys(self.mapping))
+
+    def __len__(self) -> int:
+        return len(self.mapping)
+
+
+def _asked_by_deepspeed(ds: dict) -> set[tuple]:
+    """The key paths DeepSpeed's config parser asks `ds` for (all of them up to where it stops, if it rejects it)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    asked: set[tuple] = set()
+    with contextlib.suppress(Exception), _quiet_deepspeed():
+        DeepSpeedConfig(_Asked(_trial(ds), (), asked))
+    return asked
+
+
+_MINIMAL = {
+    "train_batch_size": 1,
+    "optimizer": {"type": "AdamW", "params": {}},
+    "scheduler": {"type": "WarmupLR"},
+}
+
+
+@functools.cache
+def _deepspeed_names() -> frozenset[str]:
+    """Every upper-case string constant of DeepSpeed's constants and config modules: its config keys (and values),
+    including those it reads only in some configurations (bfloat16 for bf16, ...)."""
+    import importlib
+    import pkgutil
+
+    import deepspeed
+
+    names: set[str] = set()
+    for module in pkgutil.walk_packages(deepspeed.__path__, "deepspeed."):
+        if module.name.rsplit(".", 1)[-1] in ("constants", "config"):
+            with contextlib.suppress(Exception):
+                found = vars(importlib.import_module(module.name))
+                names |= {v for k, v in found.items() if k.isupper() and isinstance(v, str)}
+    return frozenset(names)
+
+
+def unknown_keys(ds: dict) -> list[tuple[tuple, str]]:
+    """(path, problem) for each key of the DeepSpeed config that DeepSpeed would silently ignore: at the top level and
+    in the optimizer and scheduler blocks, a key DeepSpeed's parser never asks for (this config's parse and a
+    minimal config's) and none of its constants names; in optimizer.params (Adam/AdamW) and scheduler.params, a
+    name the optimizer's or schedule's constructor does not take. The blocks DeepSpeed parses with its own models
+    (zero_optimization, bf16, ...) are checked by those (check_with_deepspeed)."""
+    import difflib
+
+    asked = _asked_by_deepspeed(ds) | _asked_by_deepspeed(_MINIMAL)
+    names = _deepspeed_names()
+    found = []
+    for path, keys in [((), ds)] + [
+        ((b,), ds[b]) for b in ("optimizer", "scheduler") if isinstance(ds.get(b), dict)
+    ]:
+        known = {p[-1] for p in asked if p[:-1] == path}
+        for key in keys:
+            if key not in known and key not in names:
+                where = f"in {path[0]}" if path else "at the top level"
+                close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+                hint = (
+                    f"; did you mean {close[0]!r}?"
+                    if close
+                    else f"; DeepSpeed's keys here: {', '.join(sorted(known))}"
+                )
+                found.append(
+                    (
+                        (*path, key),
+                        f"unknown key {key!r} {where}, which DeepSpeed would silently ignore{hint}",
+                    )
+                )
+    for block in ("optimizer", "scheduler"):
+        taken = _constructor_parameters(ds.get(block))
+        params = ds.get(block, {}).get("params") if isinstance(ds.get(block), dict) else None
+        for key in params if taken and isinstance(params, dict) else ():
+            if key not in taken and key not in names:
+                close = difflib.get_close_matches(str(key), sorted(taken), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; it takes: {', '.join(sorted(taken))}"
+                found.append(
+                    (
+                        (block, "params", key),
+                        f"unknown key {key!r} in {block}.params ({ds[block].get('type')}){hint}",
+                    )
+                )
+    return found
+
+
+def _constructor_parameters(block: Any) -> set[str]:
+    """What the optimizer (Adam/AdamW: torch's AdamW and DeepSpeed's FusedAdam and CPUAdam) or DeepSpeed schedule named
+    by `block` takes as params; empty when dapt does not know (another optimizer: DeepSpeed checks it)."""
+    import inspect
+
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        return set()
+    kind = block["type"]
+    if kind.lower() in ADAM_TYPES:
+        import torch
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        classes = [torch.optim.AdamW, torch.optim.Adam, FusedAdam, DeepSpeedCPUAdam]
+    else:
+        from deepspeed.runtime import lr_schedules
+
+        schedule = getattr(lr_schedules, kind, None) if kind in lr_schedules.VALID_LR_SCHEDULES else None
+        classes = [schedule] if schedule else []
+    skip = {"self", "params", "optimizer", "model_params"}
+    return {n for c in classes for n in inspect.signature(c).parameters if n not in skip}
 
 
 # DeepSpeed's names for the pydantic models of its config blocks
@@ -103,15 +256,9 @@ def check_with_deepspeed(ds: dict, problems: list[str]) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
 
-    trial = copy.deepcopy(ds)
-    for path in _autos(trial):  # the deferred autos are all counts, filled once the model is known
-        _set(trial, path, 1)
-    micro, accum = trial.get("train_micro_batch_size_per_gpu"), trial.get("gradient_accumulation_steps")
-    if isinstance(micro, int) and isinstance(accum, int):
-        trial["train_batch_size"] = micro * accum
     try:
         with _quiet_deepspeed():
-            DeepSpeedConfig(trial)
+            DeepSpeedConfig(_trial(ds))
     except ValidationError as e:
         block = BLOCKS.get(e.title, e.title)
         for err in e.errors():
@@ -122,6 +269,18 @@ def check_with_deepspeed(ds: dict, problems: list[str]) -> None:
     ) as e:  # DeepSpeed's own asserts: they overlap dapt's checks, so only when those found nothing
         if not problems:
             problems.append(f"ds: DeepSpeed rejects the config: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def _trial(ds: dict) -> dict:
+    """`ds` as DeepSpeed's parser can take it here: "auto" (counts filled once the model is known) as 1, the batch
+    stated for one rank (dapt checks it for the real world size)."""
+    trial = copy.deepcopy(ds)
+    for path in _autos(trial):
+        _set(trial, path, 1)
+    micro, accum = trial.get("train_micro_batch_size_per_gpu"), trial.get("gradient_accumulation_steps")
+    if isinstance(micro, int) and isinstance(accum, int):
+        trial["train_batch_size"] = micro * accum
+    return trial
 
 
 @contextlib.contextmanager
