@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     model, _ = mlm_model(cfg, corpus.tokenizer)
     finalize_ds_config(cfg.ds_config, steps, warmup_steps(cfg.train, steps), model.config.hidden_size)
     engine = build_engine(cfg, model, steps)
-    Checkpoints(cfg, s.out).resume(engine)
+    Checkpoints(cfg, s.out, steps=steps).resume(engine)
     if hasattr(
         engine.optimizer, "_lazy_init_hp_params_optimizer_state"
     ):  # ZeRO 1/2: link the loaded moments to

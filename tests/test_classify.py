@@ -14,9 +14,9 @@ from conftest import ROOT, shared_slice
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from dapt.config.schema import ClassifyConfig
+from dapt.runtime.evaluation import classification_metrics
 from dapt.tasks.classify import (
     class_weights,
-    classification_metrics,
     classifier_groups,
     collapse,
     loss_sum,

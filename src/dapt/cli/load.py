@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from dapt.config.schema import CHOICES, NOT_YET, ConfigError, RunConfig, section_problems, tool_of, type_name
+from dapt.runtime import folder
 
 
 class _Loader(yaml.SafeLoader):
@@ -254,13 +255,23 @@ def collect_config(
     explicit: set[str] = set()
     cfg = _build(RunConfig, values, "", problems, explicit)
     cfg.explicit, cfg.notes, cfg.ds_set = explicit, launch_notes + notes, ds_set
+    cfg.task = task_of(prog)
+    if "output_dir" not in explicit:
+        cfg.output_dir = folder.default_output_dir(cfg.task)
+    cfg.notes += _format_from_extensions(cfg)
+    if cfg.task == "predict":
+        problems += _predict_problems(cfg)
     problems += _adopt_launcher_settings(cfg, added)
     from dapt.config.dsconfig import check_with_deepspeed, resolve_ds_config
     from dapt.runtime import elastic
 
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     cfg.ds_config = resolve_ds_config(cfg, world, accelerator or _accelerator(), problems)
-    cfg.notes += elastic.plan(cfg, world, problems)  # a resume on another world size or ZeRO stage
+    problems += folder.problems(
+        cfg, cfg.task
+    )  # another task's run, or another configuration's, in output_dir
+    if cfg.task in (None, *RESUMES) and not problems:
+        cfg.notes += elastic.plan(cfg, world, problems)  # a resume on another world size or ZeRO stage
     if cfg.data.streams % world:
         problems.append(
             f"data.streams: {cfg.data.streams} is not a multiple of the world size {world} (each rank "
@@ -275,6 +286,52 @@ def collect_config(
     if cfg.ds_config:
         check_with_deepspeed(cfg.ds_config, problems)
     return cfg, list(dict.fromkeys(problems))
+
+
+# The entry scripts that resume from output_dir's checkpoints (the others only write results there, or nothing)
+RESUMES = ("mlm", "classify")
+
+
+def task_of(prog: str | None) -> str | None:
+    """The entry script's name: "launch/classify.py" and "dapt classify" -> "classify"; None without one."""
+    return Path(prog.split()[-1]).stem if prog and prog.strip() else None
+
+
+EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def _format_from_extensions(cfg: RunConfig) -> list[str]:
+    """data.format from the data files' extension when the recipe and command line leave it unset and every file
+    named agrees (a CSV given as data.train is read as CSV, not as lines of text); returns the note to log."""
+    d = cfg.data
+    files = [*d.train, *d.valid, *d.test]
+    if "data.format" in cfg.explicit or not files:
+        return []
+    found = set()
+    for name in files:
+        suffixes = [x for x in Path(str(name)).suffixes if x not in (".gz", ".zst", ".bz2", ".xz")]
+        found.add(EXTENSIONS.get(suffixes[-1].lower()) if suffixes else None)
+    if len(found) != 1 or None in found:
+        return []
+    d.format = found.pop()
+    return [
+        f"data.format={d.format}: from the data files' extension (set data.format to read them otherwise)"
+    ]
+
+
+def _predict_problems(cfg: RunConfig) -> list[str]:
+    """launch/predict.py: a trained model and the files to predict; the model's training text settings adopted."""
+    from dapt.data.prepare import adopt_text_settings
+
+    p = []
+    if not cfg.model.name_or_path:
+        p.append("model.name_or_path: the trained model to predict with (a dapt run's final/, or a hub id)")
+    if not cfg.data.test:
+        p.append(
+            "data.test: the files to predict (any format dapt reads; with the label field, also evaluated)"
+        )
+    cfg.notes += adopt_text_settings(cfg)
+    return p
 
 
 def _adopt_launcher_settings(cfg: RunConfig, settings: dict[str, Any]) -> list[str]:
@@ -476,7 +533,7 @@ def _check_data(cfg: RunConfig, check_files: bool) -> list[str]:
                     f"data.{name}: {path!r} is a DatasetDict folder (several splits): name one split's folder, "
                     f"e.g. {path.rstrip('/')}/train"
                 )
-    if not d.train and (d.valid or d.test):
+    if not d.train and (d.valid or d.test) and cfg.task != "predict":  # predict reads data.test alone
         p.append("data.valid/data.test given without data.train")
     _positive(p, "data.max_seq_length", d.max_seq_length, minimum=8)
     if not 0 <= d.valid_fraction < 1:

@@ -57,6 +57,10 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
     setup_logging(cfg.log.level, cfg.log.all_ranks)
     try:
         run(cfg)
+    except ConfigError as e:  # one that only the data or a checkpoint shows (a resume that cannot go on)
+        if first:
+            print(redact_text(f"{prog}: {e}"), file=sys.stderr)
+        return 2
     except (Preempted, Diverged, PushFailed) as e:
         if first:
             print(redact_text(f"{prog}: {e.message}"), file=sys.stderr)

@@ -64,7 +64,8 @@ class DataConfig:
     test: list[str] = field(default_factory=list)
     """Test files, evaluated once at the end."""
     format: str = "lines"
-    """The format of data.train / valid / test."""
+    """The format of data.train / valid / test; when not given, the files' own extension decides where they all
+    agree (.csv, .tsv, .jsonl, .json, .parquet, also compressed), else lines."""
     text_field: str = "text"
     """The jsonl/json field or parquet/arrow column that holds the document text."""
     records_field: str = ""
@@ -472,8 +473,10 @@ class AblationConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    output_dir: str = "runs/default"
-    """Where the run writes config, metrics, checkpoints, final model and plots."""
+    output_dir: str = ""
+    """Where the run writes config, metrics, checkpoints, final model and plots; empty: runs/<script> (runs/mlm for
+    launch/mlm.py, runs/classify for launch/classify.py, ...). A folder holding another task's run, or a run of
+    another configuration, is refused."""
     seed: int = 42
     """Seed for model init, data order and masking."""
     resume: str = "auto"
@@ -498,6 +501,7 @@ class RunConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
     # Not config fields: filled by load_config.
+    task: str | None = field(default=None, repr=False, metadata={"internal": True})  # the entry script's name
     ds_config: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
     explicit: set = field(default_factory=set, repr=False, metadata={"internal": True})
     adopted: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
@@ -661,6 +665,7 @@ TOOL_SECTIONS = {
     "embed": ("model", "data", "train", "log", "cluster", "classify", "embed"),
     "anomaly": ("model", "data", "train", "log", "cluster", "classify", "embed"),
     "fill_mask": ("model", "masking", "log", "fill"),
+    "predict": ("model", "data", "train", "log", "cluster", "classify", "embed"),
     "plan": ("model", "data", "masking", "train", "numerics", "log", "cluster", "plan"),
 }
 

@@ -303,16 +303,24 @@ def _delimited(delimiter: str):
                     after,
                 )
                 continue
-            if len(keep) == 1:  # one selected column (a domain, a sentence): its value is the text
-                text = _value(row[keep[0]], opts.round_digits)
-            else:
-                text = " ".join(f"{names[i]}:{_value(row[i], opts.round_digits)}" for i in keep)
+            text = record_text([(names[i], row[i]) for i in keep], opts.round_digits)
             if label_at is not None and not row[label_at].strip():
                 yield BadRecord(url, line, f"empty label column {opts.label_field!r}"), after
                 continue
             yield Document(text, item.id, row[label_at].strip() if label_at is not None else None), after
 
     return read
+
+
+def record_text(fields: list[tuple[str, str]], round_digits: int | None = None) -> str:
+    """The text a model reads for a record of several columns (csv/tsv), in training and in prediction alike: each
+    column as `name:value`, joined by single spaces, in the columns' order (data.columns, else the file's without the
+    label); one column alone is its value. With data.round_digits, values with a decimal point are rounded to that
+    many digits (%g). Give the same columns in the same order to a model trained on them, e.g. in transformers'
+    pipeline: `pipeline("text-classification", model=FOLDER)(record_text([("duration", "0"), ("service", "http")]))`."""
+    if len(fields) == 1:  # one selected column (a domain, a sentence): its value is the text
+        return _value(fields[0][1], round_digits)
+    return " ".join(f"{name}:{_value(value, round_digits)}" for name, value in fields)
 
 
 def _value(value: str, digits: int | None) -> str:

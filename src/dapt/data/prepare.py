@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +34,75 @@ def format_options(d) -> FormatOptions:
         records_field=d.records_field,
         volatile=tuple(d.volatile),
     )
+
+
+TEXT_FILE = "dapt_text.json"  # in final/: how the model's training records became text
+
+
+def text_settings(cfg) -> dict:
+    """How training records became the text the model read (the data fields that decide it, and the label field):
+    written into final/ as dapt_text.json, where launch/predict.py reads it so that new records become text the same
+    way, and described in the model card (text_description)."""
+    d = cfg.data
+    return {
+        "format": d.format,
+        "text_field": d.text_field,
+        "columns": list(d.columns),
+        "column_names": list(d.column_names),
+        "round_digits": d.round_digits,
+        "records_field": d.records_field,
+        "volatile": list(d.volatile),
+        "label_field": cfg.classify.label_field,
+        "max_seq_length": d.max_seq_length,
+    }
+
+
+def adopt_text_settings(cfg) -> list[str]:
+    """launch/predict.py: the settings of final/dapt_text.json (model.name_or_path's) as the defaults of the data fields
+    and the label field, so that new records become text as the training records did; a field given on the command
+    line or in the recipe keeps its value. Returns the note to log."""
+    path = Path(cfg.model.name_or_path or "") / TEXT_FILE
+    if not cfg.model.name_or_path or not path.is_file():
+        return []
+    settings, taken = json.loads(path.read_text()), []
+    for key, value in settings.items():
+        dotted = "classify.label_field" if key == "label_field" else f"data.{key}"
+        section, name = dotted.split(".")
+        if dotted not in cfg.explicit and hasattr(getattr(cfg, section), name):
+            setattr(getattr(cfg, section), name, value)
+            taken.append(dotted)
+    return [f"records become text as the model's training records did ({path}): {text_description(settings)}"]
+
+
+def text_description(settings: dict) -> str:
+    """In words, for the model card: what of a record the model read, and how."""
+    fmt, columns = settings["format"], settings["columns"]
+    if fmt in ("csv", "tsv"):
+        which = (
+            f"the columns {', '.join(columns)}"
+            if columns
+            else f"every column but the label ({settings['label_field']!r})"
+        )
+        rounding = (
+            f", values with a decimal point rounded to {settings['round_digits']} digits"
+            if settings["round_digits"] is not None
+            else ""
+        )
+        text = (
+            f"each {fmt} row as one text: {which}, in that order, each written `name:value` and joined by single spaces "
+            f"(one column alone: its value){rounding}; dapt.data.formats.record_text builds it"
+        )
+    elif fmt in ("jsonl", "json", "parquet", "arrow"):
+        text = f"the field {settings['text_field']!r} of each record, as it is"
+    else:
+        text = {
+            "lines": "each line",
+            "docs": "each blank-line-separated document",
+            "http": "each HTTP request",
+        }.get(fmt, fmt)
+    if settings["volatile"]:
+        text += f"; with data.volatile {settings['volatile']} applied first"
+    return text + f"; rows cut at {settings['max_seq_length']} tokens"
 
 
 def read_documents(

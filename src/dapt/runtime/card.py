@@ -22,10 +22,50 @@ def hub_datasets(sources: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def usage(task: str, text: str, folder: str = "FOLDER") -> list[str]:
+    """The card's "How to use" section: dapt predict, and transformers' pipeline fed the text as training made it."""
+    lines = [
+        "## How to use",
+        "",
+        f"The model read {text}." if text else "",
+        "",
+        "With dapt (the same text from records of any format it reads, in batches; the label column, when the files "
+        "have it, gives the metrics training reports):",
+        "",
+        "```",
+        "dapt predict --model.name_or_path=FOLDER --data.test=new_records.csv --output_dir=runs/predict",
+        "```",
+        "",
+    ]
+    if task == "classify":
+        lines += [
+            "With transformers, feed the text as training made it (dapt.data.formats.record_text for several "
+            "columns):",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            'classify = pipeline("text-classification", model="FOLDER", top_k=None)',
+            'classify("GET /index.html?id=1 HTTP/1.1")  # or record_text([("column", "value"), ...])',
+            "```",
+        ]
+    else:
+        lines += [
+            "With transformers:",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            'fill = pipeline("fill-mask", model="FOLDER")',
+            'fill(f"GET /index.html?id={fill.tokenizer.mask_token} HTTP/1.1")',
+            "```",
+        ]
+    return [line.replace("FOLDER", folder) for line in lines]
+
+
 def write_model_card(
-    folder: Path, cfg: RunConfig, task: str, summary: dict, results: dict[str, float]
+    folder: Path, cfg: RunConfig, task: str, summary: dict, results: dict[str, float], text: str = ""
 ) -> Path:
-    """Write folder/README.md; `results` are the evaluation figures to table (name -> value)."""
+    """Write folder/README.md; `results` are the evaluation figures to table (name -> value); `text` says how the
+    training records became text (dapt.data.prepare.text_description), for the usage section."""
     from huggingface_hub import ModelCard, ModelCardData
 
     m, d, t = cfg.model, cfg.data, cfg.train
@@ -58,7 +98,8 @@ def write_model_card(
         "## Training",
         "",
         f"- data: {', '.join(f'`{s}`' for s in redact(list(d.train))) or 'the embedded default corpus'} "
-        f"({d.format}, rows of {d.max_seq_length} tokens, {d.packing} packing)",
+        f"({d.format}, rows of {d.max_seq_length} tokens"
+        + (f", {d.packing} packing)" if task == "mlm" else ")"),
         f"- {summary.get('steps')} optimizer steps, global batch {ds.get('train_batch_size')} rows "
         f"({t.micro_batch_size} x {t.grad_accum} x {summary.get('world_size', 1)} ranks), lr {t.lr:g} "
         f"({t.lr_schedule}), precision {t.precision}, ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}",
@@ -70,6 +111,8 @@ def write_model_card(
         "## Evaluation",
         "",
         "| metric | value |\n|---|---|\n" + rows if rows else "No evaluation set.",
+        "",
+        *usage(task, text, str(folder)),
         "",
         "The full configuration is in `dapt_config.yaml` in this folder.",
     ]

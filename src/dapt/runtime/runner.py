@@ -27,12 +27,12 @@ import torch
 
 from dapt.config.dsconfig import bf16_in_hardware, describe_optimizer
 from dapt.config.redact import redact
-from dapt.config.schema import RunConfig
-from dapt.runtime import elastic, group, zero3
+from dapt.config.schema import ConfigError, RunConfig
+from dapt.runtime import elastic, folder, group, zero3
 from dapt.runtime.checkpoint import Checkpointer, check_disk, verify
 from dapt.runtime.metrics import MetricsLogger
 from dapt.runtime.numerics import StepGuard, StepOutcome, engine_config
-from dapt.runtime.schedule import build_scheduler, warmup_steps
+from dapt.runtime.schedule import build_scheduler, continuation_problem, schedule_of, warmup_steps
 
 log = logging.getLogger("dapt")
 
@@ -61,6 +61,7 @@ def start(cfg: RunConfig) -> Start:
     )
     if group.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
+        folder.claim(cfg)  # dapt_run.json: this folder holds this task's run
     group.barrier()
     log.info("%s", group.describe(cfg.cluster.env))
     return Start(out, accelerator, device)
@@ -175,9 +176,13 @@ class Resumed:
 class Checkpoints:
     """Checkpoint policy from the `checkpoint` section, the same for every task."""
 
-    def __init__(self, cfg: RunConfig, out: Path, keep_best: bool | None = None):
+    def __init__(self, cfg: RunConfig, out: Path, keep_best: bool | None = None, steps: int = 0):
+        """`steps`: the run's optimizer steps; its schedule is saved with every checkpoint, and a resume whose
+        learning rate would jump under this run's schedule is refused (continuation_problem)."""
         c = cfg.checkpoint
         self.cfg = cfg
+        own = steps and "scheduler" not in cfg.ds_config  # a DeepSpeed scheduler keeps its own state
+        self.schedule = schedule_of(cfg.train, steps) if own else None
         self.keep_best = c.keep_best if keep_best is None else keep_best
         self.store = Checkpointer(out / "checkpoints", c.keep, self.keep_best)
         self.carried_lines: dict[int, int] = {}  # sample-log lengths of ranks beyond this run's world size
@@ -252,6 +257,32 @@ class Checkpoints:
         )
         return resumed
 
+    def check_continuation(self) -> None:
+        """Before anything is written: continuing a run with another length is refused where its learning rate would
+        jump (ConfigError), and said where not. The schedule and step come from the checkpoint's dapt_checkpoint.json."""
+        point = elastic.resume_candidate(self.cfg)
+        info = (elastic.read_info(point) if point else None) or {}
+        saved, step = info.get("schedule"), info.get("step")
+        if not saved or not self.schedule or saved == self.schedule or step is None:
+            return
+        problem = continuation_problem(saved, self.schedule, step, self.cfg.train.lr)
+        if problem:
+            out = Path(self.cfg.output_dir)
+            raise ConfigError(
+                [
+                    f"resume: {point}: {problem}. To finish it as planned, keep --train.max_steps={saved['total']} "
+                    f"(or its train.epochs); to train on from its weights with a schedule of their own, start a new run "
+                    f"from them once it has finished: --model.name_or_path={out / 'final'} --output_dir=NEW. A "
+                    "constant schedule (train.lr_schedule=constant) can be lengthened"
+                ]
+            )
+        log.info(
+            "resume: the run goes on to %d optimizer steps (it was planned for %d); the learning rate goes on "
+            "without a jump",
+            self.schedule["total"],
+            saved["total"],
+        )
+
     def load(self, engine, point: Path) -> tuple[dict, dict]:
         """Load checkpoint `point` (a resume, or the weights to export): through its universal conversion when it was
         written on another world size or ZeRO stage (made once, then reused). Returns (client state, this rank's
@@ -276,7 +307,7 @@ class Checkpoints:
         extra = {"sample_lines": samples.lines if samples else 0}
         client = client_state(self.cfg, state, feeder, guard, task, extra["sample_lines"])
         client["samples"] = self.carried_lines | client["samples"]
-        info = elastic.checkpoint_info(engine, self.cfg)
+        info = elastic.checkpoint_info(engine, self.cfg) | {"schedule": self.schedule, "step": state.step}
         return self.store.save(engine, state.step, client, extra, score, info)
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dapt.config.dsconfig import finalize_ds_config
 from dapt.config.schema import RunConfig, save_resolved
 from dapt.data.labelled import Labelled, LabelledCorpus, collate, prepare_labelled
+from dapt.data.prepare import TEXT_FILE, text_description, text_settings
 from dapt.data.prepare import feeder as data_feeder
 from dapt.data.stream import RowFeeder
 from dapt.model.attention import forward
@@ -32,9 +33,9 @@ from dapt.model.build import build_model, parameter_count
 from dapt.runtime import group
 from dapt.runtime.card import write_model_card
 from dapt.runtime.checkpoint import export_hf
+from dapt.runtime.evaluation import classification_metrics, plot_confusion, write_predictions
 from dapt.runtime.metrics import plot_curves
 from dapt.runtime.numerics import Diverged, StepGuard
-from dapt.runtime.plots import pyplot, save
 from dapt.runtime.preempt import Preempted, PreemptionWatch
 from dapt.runtime.publish import publish
 from dapt.runtime.runner import (
@@ -110,38 +111,6 @@ def logits_of(engine, batch: dict, device) -> torch.Tensor:
 # ---------------------------------------------------------------- metrics
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
-    from sklearn.metrics import (
-        accuracy_score,
-        average_precision_score,
-        confusion_matrix,
-        f1_score,
-        precision_recall_fscore_support,
-        roc_auc_score,
-    )
-
-    y_pred = probs.argmax(1)
-    ids = list(range(len(labels)))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
-    out = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
-        "micro_f1": float(f1_score(y_true, y_pred, labels=ids, average="micro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)),
-        "per_class": {
-            label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-            for i, label in enumerate(labels)
-        },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
-        "labels": labels,
-        "predicted": np.bincount(y_pred, minlength=len(labels)).tolist(),
-    }
-    if len(labels) == 2 and len(set(y_true.tolist())) == 2:
-        out["roc_auc"] = float(roc_auc_score(y_true, probs[:, 1]))
-        out["pr_auc"] = float(average_precision_score(y_true, probs[:, 1]))
-    return out
-
-
 def collapse(result: dict, warn_share: float) -> tuple[list[str], list[str]]:
     """(classes predicted < warn_share x as often as they occur, classes that occur but are never predicted).
 
@@ -159,24 +128,6 @@ def collapse(result: dict, warn_share: float) -> tuple[list[str], list[str]]:
         elif predicted < warn_share * support:
             rare.append(label)
     return rare, never
-
-
-def plot_confusion(result: dict, path: Path) -> None:
-    plt = pyplot()
-    cm, labels = np.array(result["confusion_matrix"]), result["labels"]
-    size = max(4, 0.5 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(
-            j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black"
-        )
-    fig.tight_layout()
-    save(fig, path)
 
 
 @torch.no_grad()
@@ -277,6 +228,8 @@ def run_one(cfg: RunConfig) -> dict:
     corpus = prepare_labelled(cfg, s.out)
     t, c = cfg.train, cfg.classify
     steps, steps_per_epoch = _length(cfg, corpus)
+    ckpts = Checkpoints(cfg, s.out, steps=steps)
+    ckpts.check_continuation()
     labels = corpus.labels
     model = build_model(cfg, corpus.tokenizer, t.precision, cfg.ds_config, task="classify", labels=labels)
     finalize_ds_config(
@@ -300,7 +253,6 @@ def run_one(cfg: RunConfig) -> dict:
         None if weights is None else [round(float(w), 3) for w in weights],
         c.label_smoothing,
     )
-    ckpts = Checkpoints(cfg, s.out)
     ckpts.check_disk(parameter_count(model))
     engine = build_engine(cfg, model, steps, classifier_groups(model, t.lr, t.weight_decay, c.head_lr_mult))
     resumed = ckpts.resume(engine)
@@ -477,23 +429,6 @@ def _evaluate(loop: Loop, step: int, task: dict, steps_per_epoch: int, metrics) 
     return score
 
 
-def write_predictions(path: Path, data: Labelled, probs: np.ndarray, labels: list[str]) -> None:
-    """One JSON line per example: its id (file:line), true and predicted label, and every class probability."""
-    with path.open("w") as f:
-        for doc_id, y, p in zip(data.doc_ids, data.y, probs):
-            f.write(
-                json.dumps(
-                    {
-                        "id": doc_id,
-                        "label": labels[y],
-                        "predicted": labels[int(p.argmax())],
-                        "probabilities": {label: float(q) for label, q in zip(labels, p)},
-                    }
-                )
-                + "\n"
-            )
-
-
 def _should_stop(c, result: dict, stale: int, done: int, steps_per_epoch: int) -> str | None:
     rare, never = collapse(result, c.collapse_warn)
     if rare:
@@ -539,7 +474,9 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
         summary["test"] = result
         if group.rank() == 0:
             (out / "eval_test.json").write_text(json.dumps(result, indent=1))
-            write_predictions(out / "predictions_test.jsonl", corpus.test, probs, corpus.labels)
+            write_predictions(
+                out / "predictions_test.jsonl", corpus.test.doc_ids, probs, corpus.labels, corpus.test.y
+            )
             plot_confusion(result, out / "plots" / "confusion_matrix.png")
             log.info(
                 "test: accuracy %.4f macro_f1 %.4f weighted_f1 %.4f%s",
@@ -558,7 +495,9 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
         (out / "final" / "label_mapping.json").write_text((out / "label_mapping.json").read_text())
         results = {f"{split} {k}": summary[split].get(k) for split in ("valid", "test") if summary.get(split)
                    for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}  # fmt: skip
-        write_model_card(out / "final", cfg, "classify", summary, results)
+        settings = text_settings(cfg)
+        (out / "final" / TEXT_FILE).write_text(json.dumps(settings, indent=1))
+        write_model_card(out / "final", cfg, "classify", summary, results, text_description(settings))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if cfg.log.plots:
             plot_curves(out / "metrics.jsonl", out / "plots")

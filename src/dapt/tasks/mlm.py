@@ -22,7 +22,15 @@ from dapt.config.dsconfig import finalize_ds_config
 from dapt.config.schema import RunConfig, save_resolved
 from dapt.data.masking import IGNORE, MLMCollator
 from dapt.data.packing import Row
-from dapt.data.prepare import Corpus, RowDataset, eval_batches, prepare_data
+from dapt.data.prepare import (
+    TEXT_FILE,
+    Corpus,
+    RowDataset,
+    eval_batches,
+    prepare_data,
+    text_description,
+    text_settings,
+)
 from dapt.data.prepare import feeder as data_feeder
 from dapt.data.stream import RowFeeder, epoch_pass, rows_for_passes
 from dapt.model.attention import forward
@@ -206,10 +214,11 @@ def run(cfg: RunConfig) -> dict:
     finalize_ds_config(
         cfg.ds_config, steps, warmup_steps(cfg.train, steps), getattr(model.config, "hidden_size", None)
     )
+    ckpts = Checkpoints(cfg, s.out, steps=steps)
+    ckpts.check_continuation()
     if group.rank() == 0:
         save_resolved(cfg, s.out / "config.resolved.yaml")
     log_choices(cfg, s.accelerator, steps)
-    ckpts = Checkpoints(cfg, s.out)
     ckpts.check_disk(parameter_count(model))
     engine = build_engine(cfg, model, steps)
     resumed = ckpts.resume(engine)
@@ -478,7 +487,9 @@ def _write_results(cfg: RunConfig, summary: dict, metrics, final, wall: float) -
         for k in ("loss", "accuracy", "top5_accuracy")
     }
     results |= {f"test {k}": summary.get(f"test_{k}") for k in ("loss", "accuracy")}
-    write_model_card(out / "final", cfg, "mlm", summary, results)
+    settings = text_settings(cfg)
+    (out / "final" / TEXT_FILE).write_text(json.dumps(settings, indent=1))
+    write_model_card(out / "final", cfg, "mlm", summary, results, text_description(settings))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
     metrics.finish(summary)

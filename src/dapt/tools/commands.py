@@ -18,6 +18,11 @@ COMMANDS = {
         "anomaly detection: embedding distance, MLM surprise, n-gram novelty",
     ),
     "fill_mask": ("dapt.tasks.fill_mask", "run", "masked prediction with a trained MLM"),
+    "predict": (
+        "dapt.tasks.predict",
+        "run",
+        "a trained classifier (or MLM) on new files: predictions.jsonl, metrics with labels",
+    ),
     "profile": ("dapt.tools.profile", "run", "timed optimizer steps of the MLM loop, FLOPs and MFU"),
     "plan": ("dapt.tools.plan", "run", "memory and time plan for a recipe on a GPU type"),
     "ablation": ("dapt.tools.ablation", "run", "DAPT ablation: base vs adapted checkpoints, evaluated"),

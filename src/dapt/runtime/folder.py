@@ -1,0 +1,169 @@
+"""An output folder holds one run: one task, one configuration of what it trains or computes.
+
+A run writes `dapt_run.json` into its output folder when it starts: its task and its identity, the config values
+that decide what the run produces (model, data, masking, optimiser settings, seed, ...). A later run into the same
+folder is refused before any rank starts when the folder holds another task's run or another identity's: it would
+overwrite final/, summary.json and the metrics, mix plots and checkpoints, or resume from checkpoints that are not
+its own. What may change between the runs of one folder (a resume) is operational: where and how it runs (world
+size, ZeRO stage, precision, batch split, logging, checkpoint cadence) and how long (train.max_steps, train.epochs).
+Folders written by a dapt without dapt_run.json are read from their config.resolved.yaml and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLAIM = "dapt_run.json"
+
+# Config keys (or whole sections) that may differ between the runs of one folder.
+OPERATIONAL = (
+    "output_dir",
+    "resume",
+    "ds",
+    "log.",
+    "cluster.",
+    "hub.",
+    "numerics.",
+    "checkpoint.",
+    "submit.",
+    "profile.",
+    "plan.",
+    "fill.",
+    "ablation.",
+    "model.attn_implementation",
+    "model.gradient_checkpointing",
+    "model.trust_remote_code",
+    "data.valid",
+    "data.test",
+    "data.valid_max_docs",
+    "data.num_workers",
+    "data.log_sample_ids",
+    "data.streams",
+    "data.on_error",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.log_every",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.precision",
+    "train.compile",
+    "train.optimizer_impl",
+    "classify.seeds",
+    "classify.patience",
+    "classify.metric",
+    "classify.collapse_warn",
+    "classify.collapse_stop",
+)
+
+
+def default_output_dir(task: str | None) -> str:
+    """runs/<task>: each entry script's runs have a folder of their own by default."""
+    return f"runs/{task or 'default'}"
+
+
+def identity(values: dict, sections: list[str] | None) -> dict[str, Any]:
+    """The dotted config values (of `sections`, and the run's own seed) that are not OPERATIONAL."""
+    flat = _flatten({k: v for k, v in values.items() if sections is None or k in sections or k == "seed"})
+    return {k: v for k, v in flat.items() if not k.startswith(OPERATIONAL)}
+
+
+def read_claim(folder: Path) -> dict | None:
+    """The run a folder holds: {"task", "identity"}; inferred for a folder of an older dapt; None when it holds none."""
+    try:
+        return json.loads((folder / CLAIM).read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    marks = ("config.resolved.yaml", "summary.json", "final", "checkpoints", "metrics.jsonl")
+    if not folder.is_dir() or not any((folder / m).exists() for m in marks):
+        return None
+    task = (
+        "classify"
+        if (folder / "label_mapping.json").exists()
+        else "mlm"
+        if (folder / "checkpoints").exists()
+        else None
+    )
+    try:
+        resolved = yaml.safe_load((folder / "config.resolved.yaml").read_text()) or {}
+        values = {k: v for k, v in resolved.items() if k != "ds_config"}
+    except (OSError, yaml.YAMLError):
+        values = None
+    return {
+        "task": task,
+        "identity": identity(values, None) if values is not None else None,
+        "inferred": True,
+    }
+
+
+# The entry scripts whose runs write into output_dir
+WRITERS = ("mlm", "classify", "embed", "anomaly", "profile", "plan", "ablation", "predict")
+
+
+def _sections(task: str) -> list[str] | None:
+    from dapt.config.schema import sections_of, tool_of
+
+    tool = tool_of(task)
+    return sections_of(tool) if tool else None
+
+
+def problems(cfg, task: str | None) -> list[str]:
+    """Why this run may not write into cfg.output_dir (empty when it may): the folder holds another task's run, or a
+    run of this task with another identity."""
+    folder = Path(cfg.output_dir)
+    held = read_claim(folder) if task in WRITERS else None
+    if held is None:
+        return []
+    where = f"output_dir {folder}"
+    keep = f"; pass --output_dir=NEW for a new folder, or remove {folder} to start over there"
+    if held.get("task") != task:
+        article = "an" if str(held.get("task"))[:1] in "aeiou" or held.get("task") == "mlm" else "a"
+        what = f"{article} {held['task']} run" if held.get("task") else "the outputs of another dapt run"
+        return [
+            f"{where} holds {what} (final/, checkpoints, metrics), which this {task} run would overwrite{keep}"
+        ]
+    mine, theirs = identity(cfg.to_dict(), _sections(task)), held.get("identity")
+    if theirs is None:
+        return []
+    changed = [k for k in sorted(set(mine) & set(theirs)) if mine[k] != theirs[k]]
+    if not changed:
+        return []
+    shown = ", ".join(f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in changed[:4]) + (
+        ", ..." if len(changed) > 4 else ""
+    )
+    article = "an" if task[:1] in "aeiou" or task == "mlm" else "a"
+    return [
+        f"{where} holds {article} {task} run of another configuration ({shown}); this run would mix its outputs with that "
+        f"run's or resume from its checkpoints{keep}"
+    ]
+
+
+def claim(cfg) -> None:
+    """Write dapt_run.json into cfg.output_dir (its task: cfg.task) unless it holds one; call on one rank. A folder that
+    holds another task's run is refused here too (a run configured without the entry script's check)."""
+    folder, task = Path(cfg.output_dir), cfg.task
+    if task not in WRITERS or (folder / CLAIM).exists():
+        return
+    held = read_claim(folder)
+    if held and held.get("task") not in (None, task):
+        raise ValueError(problems(cfg, task)[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"task": task, "identity": identity(cfg.to_dict(), _sections(task))}
+    (folder / CLAIM).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if (
+            isinstance(value, dict) and value and prefix.count(".") < 1
+        ):  # sections; a mapping value stays whole
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

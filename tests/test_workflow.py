@@ -1,0 +1,140 @@
+"""Runs in a row, as a new user makes them: adapt (the README's first command), fine-tune a classifier with data
+arguments alone, fill masks with the adapted model, predict with the classifier. Each run has its own default
+folder; nothing of an earlier run changes; a run pointed at another task's or configuration's folder is refused
+before anything starts (exit 2), and so is a resume whose learning rate would jump."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import DS, ROOT, launch
+
+pytestmark = pytest.mark.slow
+CLASSIFY, FILL, PREDICT = (ROOT / "launch" / f"{name}.py" for name in ("classify", "fill_mask", "predict"))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _csv(path: Path, rows: list[tuple[str, str]], labels: bool = True) -> None:
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["text", "source", "label"] if labels else ["text", "source"])
+        out.writerows([(text, "generated", label) if labels else (text, "generated") for text, label in rows])
+
+
+def test_adapt_then_classify_then_fill_then_predict_each_in_its_own_folder(tmp_path):
+    from dapt.data.corpus import generate
+
+    rows = [
+        (t, "http" if t.split(" ", 1)[0] in ("GET", "POST", "PUT", "DELETE") else "report")
+        for t in generate(700, 3)
+    ]
+    _csv(tmp_path / "train.csv", rows[:500])
+    _csv(tmp_path / "test.csv", rows[500:])
+    _csv(tmp_path / "new.csv", rows[500:560], labels=False)
+    quiet = "--log.progress=false"
+
+    # 1. the README's first command (shorter): runs/mlm
+    launch(["--ds", DS / "zero2_bf16.json", "--train.max_steps=40", quiet], cwd=tmp_path)
+    mlm = tmp_path / "runs" / "mlm"
+    before = _digest(mlm)
+    assert (
+        json.loads((mlm / "dapt_run.json").read_text())["task"] == "mlm"
+        and "final/model.safetensors" in before
+    )
+
+    # 2. the classifier with data arguments alone (the format from the files' extension): runs/classify
+    done = launch(
+        ["--data.train=train.csv", "--data.test=test.csv", "--train.max_steps=30", quiet],
+        cwd=tmp_path,
+        script=CLASSIFY,
+    )
+    assert "data.format=csv: from the data files' extension" in done.stdout
+    classify = tmp_path / "runs" / "classify"
+    tested = json.loads((classify / "eval_test.json").read_text())
+    card = (classify / "final" / "README.md").read_text()
+    assert "## How to use" in card and "dapt predict --model.name_or_path=runs/classify/final" in card
+    assert "each written `name:value`" in card and "concat packing" not in card
+
+    # 3. fill-mask on the adapted model: no output folder, no resume check
+    filled = launch(
+        ["--model.name_or_path=runs/mlm/final", '--fill.text=["GET /index.php?id=[MASK] HTTP/1.1"]'],
+        cwd=tmp_path,
+        script=FILL,
+    )
+    assert "[1]" in filled.stdout
+
+    # 4. the classifier on new records (no label column) and, evaluation only, on the labelled test set
+    launch(
+        ["--model.name_or_path=runs/classify/final", "--data.test=new.csv", quiet],
+        cwd=tmp_path,
+        script=PREDICT,
+    )
+    predicted = [
+        json.loads(x) for x in (tmp_path / "runs" / "predict" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(predicted) == 60 and {p["predicted"] for p in predicted} <= {"http", "report"}
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 and "label" not in p for p in predicted)
+    args = [
+        "--model.name_or_path=runs/classify/final",
+        "--data.test=test.csv",
+        "--output_dir=runs/evaluated",
+        quiet,
+    ]
+    launch(args, cwd=tmp_path, script=PREDICT)
+    again = json.loads((tmp_path / "runs" / "evaluated" / "eval.json").read_text())
+    # the same records made the same text as in training: the same predictions, the same metrics
+    assert again["confusion_matrix"] == tested["confusion_matrix"] and again["accuracy"] == tested["accuracy"]
+
+    # refused before anything starts, naming the folder and the way on; the adapted model untouched throughout
+    other_task = launch(
+        ["--data.train=train.csv", "--output_dir=runs/mlm", quiet], cwd=tmp_path, script=CLASSIFY, check=False
+    )
+    assert other_task.returncode == 2 and "output_dir runs/mlm holds an mlm run" in other_task.stderr
+    assert "--output_dir=NEW" in other_task.stderr
+    other_config = launch(
+        ["--ds", DS / "zero2_bf16.json", "--train.max_steps=40", "--train.lr=0.002", quiet],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert (
+        other_config.returncode == 2
+        and "of another configuration (train.lr 0.001 -> 0.002)" in other_config.stderr
+    )
+    longer = launch(
+        ["--ds", DS / "zero2_bf16.json", "--train.max_steps=80", quiet], cwd=tmp_path, check=False
+    )
+    assert longer.returncode == 2 and "keep --train.max_steps=40" in longer.stderr, longer.stderr[-2000:]
+    assert _digest(mlm) == before
+
+
+def test_a_constant_schedule_is_lengthened_and_says_so(recipe, tmp_path):
+    """Continuing a finished run with more steps goes on where its learning rate does not jump (a constant schedule),
+    with a line saying so; the learning rates logged are those of one uninterrupted run."""
+    args = [
+        "--recipe",
+        recipe,
+        "--train.lr_schedule=constant",
+        "--train.warmup_steps=0",
+        "--log.progress=false",
+    ]
+    out = tmp_path / "run"
+    launch([*args, "--output_dir", out, "--train.max_steps=6"])
+    more = launch([*args, "--output_dir", out, "--train.max_steps=9"])
+    assert "the run goes on to 9 optimizer steps (it was planned for 6)" in more.stdout
+    rates = [
+        json.loads(x)["train/learning_rate"]
+        for x in (out / "metrics.jsonl").read_text().splitlines()
+        if "train/learning_rate" in x
+    ]
+    assert len(rates) == 9 and len(set(rates)) == 1
