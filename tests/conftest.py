@@ -230,3 +230,18 @@ def flash_stub(monkeypatch):
     monkeypatch.undo()
     for cached in (import_utils._package_distribution_mapping, import_utils.is_flash_attn_2_available):
         cached.cache_clear()
+
+
+def hub_cache(root: Path, models: list[str]) -> Path:
+    """A Hugging Face cache (the layout huggingface_hub reads: refs/main naming a snapshot) holding each hub model's
+    config.json, written from dapt's architecture table: what a machine that fetched the models once has."""
+    from dapt.model.archs import model_config
+
+    for name in models:
+        repo = root / f"models--{name.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        snapshot = repo / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / "config.json").write_text(model_config(name).to_json_string())
+    return root

@@ -96,6 +96,7 @@ train.betas                    R R R R R R R R R R R R R R R
 train.eps                      R R R A R R R R R R R A R R R
 train.grad_clip                R A R A R R R R R R R A R R R
 train.lr_schedule              R R R R R R R R R R R R R R R
+train.rebuild_schedule         R R R R R R R R R R A R R R R
 train.warmup_steps             R A R R R R R R R R R R R R R
 train.warmup_ratio             R A R R R R R R R R R R R R R
 train.decay_ratio              R A R R R R R R R R R R R R R

@@ -943,3 +943,59 @@ def test_json_that_is_not_a_list_of_records_is_one_clear_bad_record(tmp_path):
         )
     ]
     assert len(items) == 1 and "oversize" in str(items[0]) and "data.max_record_bytes" in str(items[0])
+
+
+def test_lone_carriage_returns_end_lines_and_resume_inside_them(tmp_path):
+    """A file saved with classic Mac line endings (a lone \\r) is lines, not one line; \\r\\n stays one line end; a
+    position taken after any of them resumes at the next line."""
+    from dapt.data.formats import FormatOptions, read_lines
+    from dapt.data.sources import Position
+
+    path = tmp_path / "cr.txt"
+    path.write_bytes(b"first\rsecond\r\nthird\rfourth")
+    items = list(read_lines(str(path), Position(), FormatOptions()))
+    assert [doc.text for doc, _ in items] == ["first", "second", "third", "fourth"]
+    assert [doc.id.rsplit(":", 1)[1] for doc, _ in items] == ["1", "2", "3", "4"]
+    after_second = items[1][1]
+    rest = list(read_lines(str(path), after_second, FormatOptions()))
+    assert [doc.text for doc, _ in rest] == ["third", "fourth"] and rest[0][0].id.endswith(":3")
+
+
+@pytest.mark.parametrize(
+    "name, content, fmt",
+    [
+        ("one_document.txt", "\n".join(f"line {i} of one long document" for i in range(400)), "docs"),
+        ("no_newline.txt", "the attacker used a crafted request " * 20000, "lines"),
+        ("carriage_returns.txt", "\r".join(f"GET /index.php?id={i} HTTP/1.1" for i in range(200)), "lines"),
+    ],
+)
+def test_a_corpus_of_one_document_or_of_lone_carriage_returns_trains(name, content, fmt, tmp_path):
+    """One record cannot fill data.streams (8): the corpus gets the streams it can fill (one), found from the data,
+    instead of an empty stream stopping the run after the engine started; a \\r file is its lines."""
+    from conftest import run_inprocess
+
+    path = tmp_path / name
+    path.write_bytes(content.encode())
+    model = '{"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}'
+    summary = run_inprocess(
+        [
+            "--data.train",
+            path,
+            f"--data.format={fmt}",
+            "--model.config",
+            model,
+            "--model.tokenizer_vocab_size=200",
+        ]
+        + [
+            "--data.max_seq_length=32",
+            "--train.max_steps=3",
+            "--train.micro_batch_size=4",
+            "--output_dir",
+            tmp_path / "run",
+        ]
+        + ["--log.progress=false", "--data.valid_fraction=0"]
+    )
+    assert summary["steps"] == 3 and summary["tokens_seen"] > 0
+    resolved = (tmp_path / "run" / "config.resolved.yaml").read_text()
+    expected_streams = 8 if name == "carriage_returns.txt" else 1
+    assert f"streams: {expected_streams}\n" in resolved

@@ -212,7 +212,9 @@ def test_a_checkpoint_that_would_run_code_is_refused(recipe, tmp_path):
     torch.save(state, model_file)
     write_manifest(ckpt)
     with pytest.raises(UnsafeCheckpoint, match=r"mp_rank_00_model_states.pt: refusing to unpickle it"):
-        run_inprocess(args[:-2] + ["--train.max_steps=6", "--checkpoint.every=3"])
+        run_inprocess(
+            args[:-2] + ["--train.max_steps=6", "--checkpoint.every=3", "--train.rebuild_schedule=true"]
+        )
     assert not marker.exists()
 
 

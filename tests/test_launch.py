@@ -295,7 +295,15 @@ def test_resume_on_a_different_world_size_continues_the_global_order(recipe, tmp
     launch(args + ["--output_dir", moved, "--train.max_steps=10"])
     # 2 ranks x 4 rows = the same 8 rows per optimizer step; steps 11-30 continue the order
     proc = launch(
-        args + ["--output_dir", moved, "--train.max_steps=30", "--train.micro_batch_size=4"], ranks=2
+        args
+        + [
+            "--output_dir",
+            moved,
+            "--train.max_steps=30",
+            "--train.micro_batch_size=4",
+            "--train.rebuild_schedule=true",
+        ],
+        ranks=2,
     )
     assert "resumed from" in proc.stdout
     one = (straight / "samples.rank0.txt").read_text().splitlines()

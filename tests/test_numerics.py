@@ -161,7 +161,17 @@ def test_skip_count_survives_a_resume(recipe, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=4", "--checkpoint.every=2"])
     monkeypatch.undo()
-    run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=6", "--checkpoint.every=2"])
+    run_inprocess(
+        [
+            "--recipe",
+            recipe,
+            "--output_dir",
+            out,
+            "--train.max_steps=6",
+            "--checkpoint.every=2",
+            "--train.rebuild_schedule=true",
+        ]
+    )
     assert dict(series(out, "train/skipped_steps"))[6] == 1
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, hub_cache
 
 RECIPES = ROOT / "recipes"
 SHARED = ROOT.parent / "shared" / "data"
@@ -92,15 +92,26 @@ def test_secbert_is_bert_base_with_its_own_vocabulary():
 FULL = [name for names in SEEDS.values() for name in names if name != "modernbert_ablation"]
 
 
+def _hub_models(name: str) -> list[str]:
+    model = yaml.safe_load((RECIPES / f"{name}.yaml").read_text()).get("model", {})
+    found = [STARTS_FROM.get(name), model.get("name_or_path"), model.get("tokenizer")]
+    return [m for m in dict.fromkeys(found) if m and not m.startswith(("runs/", "/", "."))]
+
+
 @needs_shared
 @pytest.mark.parametrize("name", FULL)
 def test_full_scale_recipe_passes_doctor_offline(name, monkeypatch, capsys, tmp_path):
-    """No hub here: the model is sized from the architecture table; the world is 2 nodes x 8 GPUs where the data
-    streams allow it, else one GPU. Nothing is written."""
+    """No hub here: the model fetched once before is in the local cache, and is sized from the architecture table;
+    the world is 2 nodes x 8 GPUs where the data streams allow it, else one GPU. Nothing is written."""
+    import huggingface_hub.constants
+
     from dapt.tools.doctor import main
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path / "hub", _hub_models(name)))
+    )
     argv = [
         "--recipe",
         f"recipes/{name}.yaml",
@@ -139,7 +150,7 @@ def test_full_scale_mlm_recipe_plans_offline(name, gpu, monkeypatch, tmp_path):
     ]
     if name in STARTS_FROM:
         argv.append(f"--model.name_or_path={STARTS_FROM[name]}")
-    result = run_plan(load_config(argv, world_size=1, accelerator="cpu"))
+    result = run_plan(load_config(argv, world_size=1, accelerator="cpu", prog="launch/plan.py"))  # sizes only
     assert result["recommendation"] is not None, (name, gpu)
     assert (tmp_path / "plan.md").is_file()
     if name == "modernbert_dapt" and gpu == "RTX-3090":  # seed 001: 8192 tokens on 24 GB needs checkpointing
@@ -255,6 +266,38 @@ def test_seed_004_smoke_canine_mlm_fill_mask_then_dga_classifier(in_root, tmp_pa
         _main(classify, _smoke("dga_classifier", tmp_path, f"--model.name_or_path={final}"), monkeypatch) == 0
     )
     assert json.loads((tmp_path / "dga_classifier" / "eval_valid.json").read_text())["accuracy"] > 0.5
+
+
+def test_a_hub_model_not_in_the_cache_offline_fails_doctor_and_the_run_before_anything_starts(
+    monkeypatch, capsys, tmp_path, corpus_file
+):
+    """bert-base-uncased is in dapt's table of sizes, which says nothing of whether the run can load it: offline and
+    not cached, doctor fails it and the run stops with exit 2 before any rank starts, with the same message (one
+    function); launch/plan.py, which only sizes it, goes on."""
+    import huggingface_hub.constants
+
+    from dapt.cli.load import collect_config
+    from dapt.tools.doctor import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    argv = [
+        "--model.name_or_path=bert-base-uncased",
+        f"--data.train={corpus_file}",
+        f"--output_dir={tmp_path / 'run'}",
+    ]
+    assert main([*argv, "--cluster.gpu=cpu"]) == 2
+    out = capsys.readouterr().out
+    said = "model.name_or_path 'bert-base-uncased' cannot be loaded: bert-base-uncased is not in the local Hugging Face cache"
+    assert "FAIL  recipe and ds config" in out and said in out, out
+    assert said in " ".join(collect_config(argv, 1, "cpu", prog="launch/mlm.py")[1])
+    assert not [
+        p for p in collect_config(argv, 1, "cpu", prog="launch/plan.py")[1] if "cannot be loaded" in p
+    ]
+    cached = hub_cache(tmp_path / "hub", ["bert-base-uncased"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cached))
+    assert not [p for p in collect_config(argv, 1, "cpu", prog="launch/mlm.py")[1] if "cannot be loaded" in p]
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_earlier_stage_output_that_is_missing_is_named_not_fetched(tmp_path, monkeypatch):

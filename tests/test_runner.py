@@ -254,7 +254,7 @@ def test_old_classifier_checkpoints_are_refused_with_a_clear_message(labelled, t
     states.with_suffix(".new").replace(states)
     write_manifest(states.parent)
     with pytest.raises(ValueError, match=r"older dapt .* --resume=never"):
-        _classify(_args(labelled, out, "--train.max_steps=4"))
+        _classify(_args(labelled, out, "--train.max_steps=4", "--train.rebuild_schedule=true"))
 
 
 def _two_files(tmp_path: Path, n: int, header: bool = False) -> list[Path]:

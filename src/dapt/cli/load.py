@@ -228,6 +228,7 @@ def collect_config(
     accelerator: str | None = None,
     check_files: bool = True,
     prog: str | None = None,
+    task: str | None = None,
 ) -> tuple[RunConfig, list[str]]:
     """The config tree and every problem found in it, without raising for them (launch/doctor.py reports each;
     launch/submit.py checks a run for other machines, where data files need not exist here: check_files=False).
@@ -236,6 +237,16 @@ def collect_config(
         ConfigError: for command-line arguments that cannot be parsed at all.
     """
     recipe, overrides, _ = parse_argv(argv)
+    if any(key.startswith("ds.") for key in overrides):
+        raise ConfigError(
+            [
+                f"--{next(k for k in overrides if k.startswith('ds.'))}: the DeepSpeed config is a file, not a section: "
+                "--ds zero2_bf16 (a shipped one: "
+                + ", ".join(_shipped("ds_configs"))
+                + ") or --ds PATH.json; "
+                "the ZeRO stage, precision and offload are set there"
+            ]
+        )
     from dapt.config.accelerate import accelerate_settings
 
     added, ds_set, launch_notes, problems = accelerate_settings(dict(os.environ), overrides)
@@ -244,6 +255,8 @@ def collect_config(
         overrides = {**overrides, "ds": added.pop("ds")}
     if recipe:
         values = _read_yaml(recipe, problems)
+        if problems:  # nothing else can be judged without the recipe (its model, its data)
+            raise ConfigError(problems)
         model = values.get("model")
         if "model.name_or_path" in overrides and isinstance(model, dict) and "model.config" not in overrides:
             # the command line beats the recipe: a pretrained model replaces the recipe's from-scratch config
@@ -255,7 +268,7 @@ def collect_config(
     explicit: set[str] = set()
     cfg = _build(RunConfig, values, "", problems, explicit)
     cfg.explicit, cfg.notes, cfg.ds_set = explicit, launch_notes + notes, ds_set
-    cfg.task = task_of(prog)
+    cfg.task = task or task_of(prog)  # task: launch/doctor.py checks the run of the script it names
     if "output_dir" not in explicit:
         cfg.output_dir = folder.default_output_dir(cfg.task)
     cfg.notes += _format_from_extensions(cfg)
@@ -290,6 +303,12 @@ def collect_config(
 
 # The entry scripts that resume from output_dir's checkpoints (the others only write results there, or nothing)
 RESUMES = ("mlm", "classify")
+
+
+def _shipped(kind: str) -> list[str]:
+    from dapt.config import shipped
+
+    return shipped.names(kind)
 
 
 def task_of(prog: str | None) -> str | None:
@@ -390,10 +409,15 @@ def _accelerator() -> str:
 
 
 def _read_yaml(path: str, problems: list[str]) -> dict:
+    from dapt.config import shipped
+
+    path = str(shipped.resolve("recipes", path) or path)  # a shipped recipe, from any folder
     try:
         text = Path(path).read_text()
     except OSError as e:
-        problems.append(f"recipe {path}: cannot read ({e.strerror})")
+        problems.append(
+            f"recipe {path}: cannot read ({e.strerror}); the shipped recipes: {', '.join(shipped.names('recipes'))}"
+        )
         return {}
     try:
         data = read_yaml_value(text) or {}
@@ -506,6 +530,10 @@ def _check_model(cfg: RunConfig, check_files: bool) -> list[str]:
         p.append("model.config: a mapping needs model_type (bert, roberta, distilbert, modernbert, ...)")
     if m.name_or_path and check_files:
         p += _pretrained_problems(cfg, m.name_or_path)
+        if m.tokenizer and m.tokenizer != m.name_or_path and cfg.task != "plan":
+            from dapt.model.hub import availability_problem
+
+            p += [x for x in [availability_problem(m.tokenizer, "model.tokenizer")] if x]
     elif isinstance(m.config, str) and check_files:
         p += _pretrained_problems(cfg, m.config, "model.config") if m.config else ["model.config: empty"]
     if m.revision is not None and (not m.name_or_path or Path(m.name_or_path).expanduser().exists()):
@@ -747,8 +775,13 @@ def _pretrained_problems(cfg: RunConfig, name: str, field: str = "model.name_or_
     dapt's table of the seeds' models (no network) or the hub; an earlier stage's output that does not exist yet is
     left for the run to name."""
     from dapt.model.archs import model_config, position_limit
-    from dapt.model.hub import HubError
+    from dapt.model.hub import HubError, availability_problem
 
+    revision = cfg.model.revision if field == "model.name_or_path" else None
+    # dapt's table of sizes says nothing of whether the run can load the model; launch/plan.py only sizes it
+    missing = availability_problem(name, field, revision) if cfg.task != "plan" else None
+    if missing:
+        return [missing]
     try:
         revision = cfg.model.revision if field == "model.name_or_path" else None
         conf = model_config(name, cfg.model.trust_remote_code, field, revision)

@@ -40,10 +40,15 @@ ADAM_TYPES = ("adam", "adamw")
 
 
 def load_ds_json(path: str | None, problems: list[str]) -> dict:
+    """The DeepSpeed config: dapt's built-in one without --ds, else the file (a shipped one by name: zero2_bf16)."""
+    from dapt.config import shipped
+
     if path is None:
         return copy.deepcopy(DEFAULT_DS)
+    path = str(shipped.resolve("ds_configs", path) or path)
     if not Path(path).is_file():
-        problems.append(f"ds {path}: file not found")
+        known = ", ".join(shipped.names("ds_configs"))
+        problems.append(f"ds {path}: file not found (the shipped configs, by name: {known})")
         return {}
     try:
         data = json.loads(Path(path).read_text())

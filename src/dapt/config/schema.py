@@ -160,6 +160,11 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 turns clipping off (fills gradient_clipping)."""
     lr_schedule: str = "linear"
     """Learning-rate schedule (wsd: warmup-stable-decay), counted in optimizer steps."""
+    rebuild_schedule: bool = False
+    """A resume with another length (train.max_steps, train.epochs) whose learning rate would jump at the step it
+    resumes from (a linear decay that has run, lengthened): false refuses it, naming the ways on; true rebuilds the
+    schedule over the new length and goes on from the rate it gives there (logged). A constant schedule is lengthened
+    either way."""
     warmup_steps: int = 0
     """Warmup length in optimizer steps (give this or warmup_ratio)."""
     warmup_ratio: float = 0.06
@@ -482,7 +487,9 @@ class RunConfig:
     resume: str = "auto"
     """auto: continue from the latest complete checkpoint in output_dir | never | a checkpoint folder."""
     ds: str | None = None
-    """DeepSpeed JSON config; default: the built-in ZeRO-0 config with precision from train.precision."""
+    """DeepSpeed JSON config: a path, or a shipped one by name (zero0_bf16, zero1_bf16, zero2_bf16, zero2_fp16,
+    zero3_bf16, zero3_offload_bf16: the ZeRO stage, precision and offload); default: the built-in ZeRO-0 config
+    with precision from train.precision."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
@@ -670,6 +677,22 @@ TOOL_SECTIONS = {
 }
 
 
+# What each entry script does, in one line: the first line of its --help and of `dapt --help`
+PURPOSE = {
+    "mlm": "masked-language-model pretraining (DAPT, TAPT) of a Hugging Face encoder on a DeepSpeed engine",
+    "classify": "sequence-classification fine-tuning, optionally over several seeds (mean +- std)",
+    "embed": "embeddings of a dataset (CLS or mean pooling) to output_dir/embeddings_<split>.npz",
+    "anomaly": "anomaly detection by embedding distance, MLM surprise, n-gram novelty or their fusion, at a fixed FPR",
+    "fill_mask": "masked prediction with a trained MLM, token or character level",
+    "predict": "a trained classifier (or MLM) on new files: predictions.jsonl, and the metrics when they have labels",
+    "profile": "timed optimizer steps of the MLM loop: step parts, tokens/s, TFLOPS, MFU, peak memory",
+    "plan": "memory and time plan of a recipe on a GPU type: the ZeRO stage and micro batch that fit",
+    "ablation": "base -> +DAPT -> +DAPT+TAPT, each evaluated with one classifier or anomaly protocol",
+    "doctor": "preflight check of a run before it starts (config, world size, GPUs, disk, network); writes nothing",
+    "submit": "writes the SLURM, SkyPilot, per-node or pdsh job that runs a recipe on several nodes",
+}
+
+
 def tool_of(prog: str) -> str | None:
     """The entry script's name ("launch/classify.py" -> "classify") when it reads only some sections."""
     name = Path(prog.split()[-1]).stem if prog.strip() else ""  # "launch/classify.py" or "dapt classify"
@@ -697,8 +720,17 @@ def section_problems(keys: list[str], tool: str | None, prog: str) -> list[str]:
 def help_text(prog: str | None = None) -> str:
     """`--help`: the run's own fields, then each section the script reads (all of them without `prog`), every field
     with its type (or its allowed values), default and docstring."""
-    lines = [
-        f"usage: {prog or 'launch/<script>.py'} [--recipe RECIPE.yaml] [--ds DS_CONFIG.json] [--section.field=value ...]",
+    from dapt.config import shipped
+
+    name = Path(prog.split()[-1]).stem if prog and prog.strip() else ""
+    lines = [f"{prog}: {PURPOSE[name]}", ""] if name in PURPOSE else []
+    lines += [
+        f"usage: {prog or 'launch/<script>.py'} [--recipe RECIPE.yaml] [--ds DS_CONFIG] [--section.field=value ...]",
+        "",
+        f"--ds: the DeepSpeed config (ZeRO stage, precision, offload): a shipped one by name, "
+        f"{', '.join(shipped.names('ds_configs')) or 'none found'}, or a JSON file of your own.",
+        f"--recipe: a YAML recipe; shipped: {', '.join(shipped.names('recipes')) or 'none found'} (recipes/NAME.yaml, "
+        "recipes/smoke/NAME.yaml for CPU).",
         "",
     ]
     run_docs, run_hints = field_docs(RunConfig), typing.get_type_hints(RunConfig)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -256,8 +257,14 @@ def lines_from(url: str, start: Position, max_line: int = MAX_LINE_BYTES) -> Ite
                 while (chunk := f.readline(1 << 20)) and not chunk.endswith(b"\n"):
                     size += len(chunk)
                 raw = Oversize(size + len(chunk))
-            yield lineno, raw, offset
-            offset += len(raw)
-            lineno += 1
+            for piece in [raw] if isinstance(raw, Oversize) else _lone_cr.split(raw):
+                if piece:
+                    yield lineno, piece, offset
+                    offset += len(piece)
+                    lineno += 1
     finally:
         f.close()
+
+
+# a line end of its own: \r not followed by \n (files saved with classic Mac line endings, some log exporters)
+_lone_cr = re.compile(rb"(?<=\r)(?!\n)")

@@ -58,7 +58,12 @@ def file_splits(
                 marks, every = marks[::2], every * 2
     bounds = [marks[min(len(marks) - 1, round(k * total / parts) // every)] for k in range(parts)]
     ends = [b.record for b in bounds[1:]] + [end]
-    return [(url, first, last) for first, last in zip(bounds, ends) if last is None or last > first.record]
+    last_record = start.record + total  # a run starting there holds no record (one document cut into 8 parts)
+    return [
+        (url, first, last)
+        for first, last in zip(bounds, ends)
+        if (last is None or last > first.record) and first.record < last_record
+    ]
 
 
 def records_end(url: str, fmt: str, options: FormatOptions, n: int) -> int | None:

@@ -29,7 +29,7 @@ def unfetchable(name: str, field: str, error: BaseException) -> str:
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     if Path(name).expanduser().exists():
         hint = "the folder exists but does not hold a complete model (config.json, weights, tokenizer files)"
-    elif os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    elif offline():
         hint = (
             "HF_HUB_OFFLINE is set and it is not in the local cache: fetch it once with network access, or "
             "give a local folder"
@@ -54,3 +54,28 @@ def from_config(load: Callable[..., Any], m, tokenizer: bool = False, **kwargs) 
     if m.revision and name == m.name_or_path:
         kwargs["revision"] = m.revision
     return pretrained(load, name, field, trust_remote_code=m.trust_remote_code, **kwargs)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def availability_problem(
+    name: str, field: str = "model.name_or_path", revision: str | None = None
+) -> str | None:
+    """Why the model (or tokenizer) `name` cannot be loaded here, or None: a local folder that exists is there; a hub
+    id with HF_HUB_OFFLINE set must be in the local cache (its config.json); online, the fetch decides (the run and
+    launch/doctor.py fetch its config). The config check and launch/doctor.py both ask this, before any rank starts."""
+    if Path(name).expanduser().exists() or not offline():
+        return None
+    if name.count("/") > 1 or name.startswith((".", "/", "~")):  # a folder to be (an earlier stage's final/)
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    except ValueError:  # not a valid repository id either
+        cached = None
+    if isinstance(cached, str):
+        return None
+    return unfetchable(name, field, OSError(f"{name} is not in the local Hugging Face cache"))

@@ -3,7 +3,9 @@ Hugging Face export of the final weights (verified by reloading)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -403,7 +405,9 @@ def export_state(
         # no check_unpickling here: the checkpoint is one this run wrote, or the one it resumed from (checked then)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        quiet = io.StringIO()  # its progress lines and bars are not dapt's log
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
         return {k: v.to("cpu", torch.float32) for k, v in state.items()}, named(engine, live)
     return named(engine, live), named(engine, saved_masters(engine, checkpoint))
 

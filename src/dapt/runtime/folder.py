@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from dapt.config.redact import redact
+
 CLAIM = "dapt_run.json"
 
 # Config keys (or whole sections) that may differ between the runs of one folder.
@@ -54,6 +56,7 @@ OPERATIONAL = (
     "train.precision",
     "train.compile",
     "train.optimizer_impl",
+    "train.rebuild_schedule",
     "classify.seeds",
     "classify.patience",
     "classify.metric",
@@ -116,18 +119,25 @@ def problems(cfg, task: str | None) -> list[str]:
     """Why this run may not write into cfg.output_dir (empty when it may): the folder holds another task's run, or a
     run of this task with another identity."""
     folder = Path(cfg.output_dir)
+    if cfg.resume not in ("auto", "never") and task in WRITERS:  # a checkpoint named: its own run's task
+        run = read_claim(Path(cfg.resume).parent.parent)
+        if run and run.get("task") not in (None, task):
+            return [
+                f"resume: {cfg.resume} is a checkpoint of {_a(run['task'])} run; {_a(task)} run cannot continue it: "
+                f"start from its weights instead (--model.name_or_path={Path(cfg.resume).parent.parent / 'final'}) "
+                "with --resume=never, or name a checkpoint of this task"
+            ]
     held = read_claim(folder) if task in WRITERS else None
     if held is None:
         return []
     where = f"output_dir {folder}"
     keep = f"; pass --output_dir=NEW for a new folder, or remove {folder} to start over there"
     if held.get("task") != task:
-        article = "an" if str(held.get("task"))[:1] in "aeiou" or held.get("task") == "mlm" else "a"
-        what = f"{article} {held['task']} run" if held.get("task") else "the outputs of another dapt run"
+        what = f"{_a(held['task'])} run" if held.get("task") else "the outputs of another dapt run"
         return [
             f"{where} holds {what} (final/, checkpoints, metrics), which this {task} run would overwrite{keep}"
         ]
-    mine, theirs = identity(cfg.to_dict(), _sections(task)), held.get("identity")
+    mine, theirs = identity(redact(cfg.to_dict()), _sections(task)), held.get("identity")
     if theirs is None:
         return []
     changed = [k for k in sorted(set(mine) & set(theirs)) if mine[k] != theirs[k]]
@@ -136,9 +146,8 @@ def problems(cfg, task: str | None) -> list[str]:
     shown = ", ".join(f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in changed[:4]) + (
         ", ..." if len(changed) > 4 else ""
     )
-    article = "an" if task[:1] in "aeiou" or task == "mlm" else "a"
     return [
-        f"{where} holds {article} {task} run of another configuration ({shown}); this run would mix its outputs with that "
+        f"{where} holds {_a(task)} run of another configuration ({shown}); this run would mix its outputs with that "
         f"run's or resume from its checkpoints{keep}"
     ]
 
@@ -153,8 +162,16 @@ def claim(cfg) -> None:
     if held and held.get("task") not in (None, task):
         raise ValueError(problems(cfg, task)[0])
     folder.mkdir(parents=True, exist_ok=True)
-    doc = {"task": task, "identity": identity(cfg.to_dict(), _sections(task))}
+    doc = {
+        "task": task,
+        "identity": identity(redact(cfg.to_dict()), _sections(task)),
+    }  # no secret in the folder
     (folder / CLAIM).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def _a(task: str) -> str:
+    """ "an mlm", "a classify": the article as the task's name is spoken."""
+    return f"{'an' if task[:1] in 'aeiou' or task == 'mlm' else 'a'} {task}"
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import warnings
 
 import torch
 
@@ -221,3 +222,8 @@ def setup_logging(level: str = "info", all_ranks: bool = False) -> None:
             other.addFilter(RedactingFilter())
     log.propagate = False
     log.setLevel(getattr(logging, level.upper()) if r == 0 or all_ranks else logging.WARNING)
+    # torch deprecating the collectives DeepSpeed calls (all_gather_into_tensor, ...): nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars of every export and reload

@@ -186,6 +186,8 @@ class Checkpoints:
         self.keep_best = c.keep_best if keep_best is None else keep_best
         self.store = Checkpointer(out / "checkpoints", c.keep, self.keep_best)
         self.carried_lines: dict[int, int] = {}  # sample-log lengths of ranks beyond this run's world size
+        self.resumed_elapsed = 0.0  # training seconds of the runs this one continues
+        self._point: tuple[Path | None] | None = None  # the resume point, once found
 
     def check_disk(self, parameters: int) -> None:
         c = self.cfg.checkpoint
@@ -214,7 +216,13 @@ class Checkpoints:
         return self.store.latest(), "checkpoint.export=last"
 
     def resume_point(self) -> Path | None:
-        """resume=never: none; auto: the latest complete checkpoint; a path: that checkpoint, verified first."""
+        """resume=never: none; auto: the latest complete checkpoint; a path: that checkpoint, verified first. Found
+        once (verifying reads every file) and kept."""
+        if self._point is None:
+            self._point = (self._find_resume_point(),)
+        return self._point[0]
+
+    def _find_resume_point(self) -> Path | None:
         resume = self.cfg.resume
         if resume == "never":
             return None
@@ -249,6 +257,7 @@ class Checkpoints:
             client.get("task", {}),
             point,
         )
+        self.resumed_elapsed = resumed.state.elapsed
         log.info(
             "resumed from %s at optimizer step %d (%d rows trained)",
             point,
@@ -260,20 +269,28 @@ class Checkpoints:
     def check_continuation(self) -> None:
         """Before anything is written: continuing a run with another length is refused where its learning rate would
         jump (ConfigError), and said where not. The schedule and step come from the checkpoint's dapt_checkpoint.json."""
-        point = elastic.resume_candidate(self.cfg)
-        info = (elastic.read_info(point) if point else None) or {}
+        point = self.resume_point()  # verified (a damaged one raises, as the resume itself would)
+        if point is None:
+            return
+        info = elastic.read_info(point) or {}
         saved, step = info.get("schedule"), info.get("step")
         if not saved or not self.schedule or saved == self.schedule or step is None:
             return
         problem = continuation_problem(saved, self.schedule, step, self.cfg.train.lr)
+        if problem and self.cfg.train.rebuild_schedule:
+            log.warning(
+                "resume: %s; train.rebuild_schedule=true: the schedule is rebuilt over the new length",
+                problem,
+            )
+            return
         if problem:
-            out = Path(self.cfg.output_dir)
             raise ConfigError(
                 [
                     f"resume: {point}: {problem}. To finish it as planned, keep --train.max_steps={saved['total']} "
                     f"(or its train.epochs); to train on from its weights with a schedule of their own, start a new run "
-                    f"from them once it has finished: --model.name_or_path={out / 'final'} --output_dir=NEW. A "
-                    "constant schedule (train.lr_schedule=constant) can be lengthened"
+                    f"from them once it has finished: --model.name_or_path={point.parent.parent / 'final'} "
+                    "--output_dir=NEW; to go on with the schedule rebuilt over the new length, the rate jumping there, "
+                    "--train.rebuild_schedule=true. A constant schedule is lengthened as it is"
                 ]
             )
         log.info(

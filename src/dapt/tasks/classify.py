@@ -242,17 +242,7 @@ def run_one(cfg: RunConfig) -> dict:
         )
     weights = class_weights(c.class_weights, [corpus.counts[label] for label in labels], len(labels))
     log_choices(cfg, s.accelerator, steps)
-    log.info(
-        "classifier %s, %d labels, %d optimizer steps (%d per epoch); head lr x%g; class weights %s; "
-        "label smoothing %g",
-        type(model).__name__,
-        len(labels),
-        steps,
-        steps_per_epoch,
-        c.head_lr_mult,
-        None if weights is None else [round(float(w), 3) for w in weights],
-        c.label_smoothing,
-    )
+    _log_classifier(cfg, model, labels, weights, steps, steps_per_epoch)
     ckpts.check_disk(parameter_count(model))
     engine = build_engine(cfg, model, steps, classifier_groups(model, t.lr, t.weight_decay, c.head_lr_mult))
     resumed = ckpts.resume(engine)
@@ -284,6 +274,23 @@ def run_one(cfg: RunConfig) -> dict:
     finally:
         loop.watch.close()
     return _finish(loop, ckpts, state, task, metrics, time.time() - started)
+
+
+def _log_classifier(
+    cfg: RunConfig, model, labels: list[str], weights, steps: int, steps_per_epoch: int
+) -> None:
+    c = cfg.classify
+    log.info(
+        "classifier %s, %d labels, %d optimizer steps (%d per epoch); head lr x%g; class weights %s; "
+        "label smoothing %g",
+        type(model).__name__,
+        len(labels),
+        steps,
+        steps_per_epoch,
+        c.head_lr_mult,
+        None if weights is None else [round(float(w), 3) for w in weights],
+        c.label_smoothing,
+    )
 
 
 def _length(cfg: RunConfig, corpus: LabelledCorpus) -> tuple[int, int]:
@@ -345,7 +352,7 @@ def train_loop(
             reason = loop.guard.check(state.step, step.outcome, step.grad_norm)
             if reason:
                 raise Diverged(reason, ckpts.store.before(loop.guard.since))
-            if state.step % t.log_every == 0 or state.step == steps:
+            if state.step % t.log_every == 0 or state.step in (1, steps):  # the first: warmup shows
                 _log_train(loop, state, window, step, steps_per_epoch, metrics)
                 window = Counter()
             score = None
@@ -411,14 +418,8 @@ def _evaluate(loop: Loop, step: int, task: dict, steps_per_epoch: int, metrics) 
     )
     score = result.get(c.metric, result["macro_f1"])
     metrics.log(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
-    log.info(
-        "step %d eval %s %.4f accuracy %.4f macro_f1 %.4f",
-        step,
-        c.metric,
-        score,
-        result["accuracy"],
-        result["macro_f1"],
-    )
+    shown = {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]} | {c.metric: score}
+    log.info("step %d eval %s", step, " ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     improved = task["best"] is None or score > task["best"]
     task["best"], task["stale"] = (score, 0) if improved else (task["best"], task["stale"] + 1)
     if group.rank() == 0:  # eval_valid.json: the best evaluation; eval_valid_last.json: the latest
@@ -427,6 +428,42 @@ def _evaluate(loop: Loop, step: int, task: dict, steps_per_epoch: int, metrics) 
             (Path(cfg.output_dir) / name).write_text(text)
     task["stopped"] = _should_stop(c, result, task["stale"], step, steps_per_epoch)
     return score
+
+
+def _test(loop: Loop, out: Path) -> dict:
+    """The test set with the weights loaded: eval_test.json, predictions_test.jsonl, the confusion matrix."""
+    cfg, corpus = loop.cfg, loop.corpus
+    probs = predict(loop.engine, corpus.test, cfg.train.micro_batch_size, loop.pad_id, loop.device)
+    result = classification_metrics(corpus.test.y, probs, corpus.labels)
+    if group.rank() == 0:
+        (out / "eval_test.json").write_text(json.dumps(result, indent=1))
+        write_predictions(
+            out / "predictions_test.jsonl", corpus.test.doc_ids, probs, corpus.labels, corpus.test.y
+        )
+        plot_confusion(result, out / "plots" / "confusion_matrix.png")
+        log.info(
+            "test: accuracy %.4f macro_f1 %.4f weighted_f1 %.4f%s",
+            result["accuracy"],
+            result["macro_f1"],
+            result["weighted_f1"],
+            f" roc_auc {result['roc_auc']:.4f}" if "roc_auc" in result else "",
+        )
+    return result
+
+
+def _log_done(out: Path, summary: dict, wall: float, plots: list) -> None:
+    """The closing line: where everything is, and the test set's figures."""
+    tested = summary.get("test") or {}
+    scores = f"test accuracy {tested['accuracy']:.4f} macro_f1 {tested['macro_f1']:.4f} | " if tested else ""
+    log.info(
+        "done in %.0f s: model %s | %smetrics %s | plots %s | summary %s",
+        wall,
+        out / "final",
+        scores,
+        out / "metrics.jsonl",
+        ", ".join(str(p) for p in plots) or "off",
+        out / "summary.json",
+    )
 
 
 def _should_stop(c, result: dict, stale: int, done: int, steps_per_epoch: int) -> str | None:
@@ -469,22 +506,7 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
         "skipped_records": dict(corpus.epoch_skipped + corpus.skipped),
     }
     if corpus.test is not None:
-        probs = predict(engine, corpus.test, cfg.train.micro_batch_size, loop.pad_id, loop.device)
-        result = classification_metrics(corpus.test.y, probs, corpus.labels)
-        summary["test"] = result
-        if group.rank() == 0:
-            (out / "eval_test.json").write_text(json.dumps(result, indent=1))
-            write_predictions(
-                out / "predictions_test.jsonl", corpus.test.doc_ids, probs, corpus.labels, corpus.test.y
-            )
-            plot_confusion(result, out / "plots" / "confusion_matrix.png")
-            log.info(
-                "test: accuracy %.4f macro_f1 %.4f weighted_f1 %.4f%s",
-                result["accuracy"],
-                result["macro_f1"],
-                result["weighted_f1"],
-                f" roc_auc {result['roc_auc']:.4f}" if "roc_auc" in result else "",
-            )
+        summary["test"] = _test(loop, out)
     evaluated = out / ("eval_valid.json" if best else "eval_valid_last.json")
     if evaluated.exists():  # the validation result of the weights chosen
         summary["valid"] = {k: v for k, v in json.loads(evaluated.read_text()).items() if k != "step"}
@@ -499,9 +521,9 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
         (out / "final" / TEXT_FILE).write_text(json.dumps(settings, indent=1))
         write_model_card(out / "final", cfg, "classify", summary, results, text_description(settings))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        if cfg.log.plots:
-            plot_curves(out / "metrics.jsonl", out / "plots")
+        plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
         metrics.finish(summary)
+        _log_done(out, summary, wall, plots)
     group.barrier()
     publish(cfg, out, summary)  # hub.push, after the last collective
     return summary

@@ -277,7 +277,7 @@ def train_loop(
             stop = loop.guard.check(state.step, step.outcome, step.grad_norm)
             if stop:
                 raise Diverged(stop, ckpts.store.before(loop.guard.since))
-            if state.step % t.log_every == 0 or state.step == steps:
+            if state.step % t.log_every == 0 or state.step in (1, steps):  # the first: warmup shows
                 _log_train(
                     engine,
                     state,
@@ -454,7 +454,8 @@ def finish(
         "final_checkpoint": chosen.name,
         "final_step": int(chosen.name.rsplit("_", 1)[-1]),
         "final_from": why,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(wall, 1),  # every run's training time, over resumes
+        "this_run_seconds": round(wall - ckpts.resumed_elapsed, 1),
         "world_size": group.world(),
         "packing_efficiency": state.tokens_seen / max(1, state.slots_seen),
         "skipped_records": dict(skipped),
@@ -493,5 +494,8 @@ def _write_results(cfg: RunConfig, summary: dict, metrics, final, wall: float) -
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
     metrics.finish(summary)
-    log.info("done in %.0f s: model %s | metrics %s | plots %s | summary %s", wall, final, out / "metrics.jsonl",
-             ", ".join(str(p) for p in plots) or "off", out / "summary.json")  # fmt: skip
+    earlier = (
+        f" ({wall:.0f} s with the runs it continued)" if summary["this_run_seconds"] < round(wall, 1) else ""
+    )
+    log.info("done in %.0f s%s: model %s | metrics %s | plots %s | summary %s", summary["this_run_seconds"], earlier,
+             final, out / "metrics.jsonl", ", ".join(str(p) for p in plots) or "off", out / "summary.json")  # fmt: skip

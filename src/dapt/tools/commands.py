@@ -7,39 +7,53 @@ from __future__ import annotations
 import importlib
 import sys
 
+from dapt.config.schema import PURPOSE
+
 # command -> (module, what it holds: a task's or tool's run(cfg), or a tool's own main(argv)); one per launch/ script
 COMMANDS = {
-    "mlm": ("dapt.tasks.mlm", "run", "masked-language-model pretraining (DAPT, TAPT)"),
-    "classify": ("dapt.tasks.classify", "run", "sequence-classification fine-tuning"),
-    "embed": ("dapt.tasks.embed", "run", "embeddings of a dataset to .npz"),
-    "anomaly": (
-        "dapt.tasks.anomaly",
-        "run",
-        "anomaly detection: embedding distance, MLM surprise, n-gram novelty",
-    ),
-    "fill_mask": ("dapt.tasks.fill_mask", "run", "masked prediction with a trained MLM"),
-    "predict": (
-        "dapt.tasks.predict",
-        "run",
-        "a trained classifier (or MLM) on new files: predictions.jsonl, metrics with labels",
-    ),
-    "profile": ("dapt.tools.profile", "run", "timed optimizer steps of the MLM loop, FLOPs and MFU"),
-    "plan": ("dapt.tools.plan", "run", "memory and time plan for a recipe on a GPU type"),
-    "ablation": ("dapt.tools.ablation", "run", "DAPT ablation: base vs adapted checkpoints, evaluated"),
-    "doctor": ("dapt.tools.doctor", "main", "preflight check of a run before it starts"),
-    "submit": ("dapt.tools.submit", "main", "render a multi-node job (SLURM, SkyPilot, nodes, pdsh)"),
+    name: (module, entry, PURPOSE[name])
+    for name, module, entry in [
+        ("mlm", "dapt.tasks.mlm", "run"),
+        ("classify", "dapt.tasks.classify", "run"),
+        ("embed", "dapt.tasks.embed", "run"),
+        ("anomaly", "dapt.tasks.anomaly", "run"),
+        ("fill_mask", "dapt.tasks.fill_mask", "run"),
+        ("predict", "dapt.tasks.predict", "run"),
+        ("profile", "dapt.tools.profile", "run"),
+        ("plan", "dapt.tools.plan", "run"),
+        ("ablation", "dapt.tools.ablation", "run"),
+        ("doctor", "dapt.tools.doctor", "main"),
+        ("submit", "dapt.tools.submit", "main"),
+    ]
 }
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [
-        "usage: dapt <command> [--recipe RECIPE.yaml] [--ds DS.json] [--section.field=value ...]",
+        "usage: dapt <command> [--recipe RECIPE.yaml] [--ds DS.json] [--section.field=value ...] | dapt --version",
         "",
         "commands (each is launch/<command>.py; `dapt <command> --help` lists its fields):",
     ]
     lines += [f"  {name:<{width}}  {about}" for name, (_, _, about) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """dapt's version and the versions of what it runs on."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    import dapt
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    parts = ", ".join(f"{name} {of(name)}" for name in ("torch", "deepspeed", "transformers", "tokenizers"))
+    return f"dapt {dapt.__version__} ({parts}; Python {sys.version.split()[0]})"
 
 
 def console(argv: list[str] | None = None) -> int:
@@ -49,6 +63,9 @@ def console(argv: list[str] | None = None) -> int:
     at = next((i for i, a in enumerate(argv) if not a.startswith("--local_rank")), len(argv))
     if at == len(argv) or argv[at] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[at] in ("-V", "--version", "version"):
+        print(version())
         return 0
     name, rest = argv[at].replace("-", "_"), argv[:at] + argv[at + 1 :]
     if name not in COMMANDS:

@@ -286,7 +286,7 @@ def check_launcher(cfg: RunConfig) -> Item:
 
 
 def diagnose(argv: list[str]) -> list[Item]:
-    cfg, problems = load_for_cluster(argv, check_files=True)
+    cfg, problems = load_for_cluster(argv, check_files=True, as_entry=True)
     world = world_size(cfg)
     items = check_config(cfg, problems)
     items.append(check_hostfile(cfg))

@@ -351,6 +351,19 @@ def estimate_for(result: dict, checkpointing: bool, stage: int = 0, offload: str
     )
 
 
+def asked_setup(cfg: RunConfig) -> tuple[int, str] | None:
+    """(ZeRO stage, offload) of the DeepSpeed config given with --ds, which the plan keeps to; None without --ds."""
+    if not cfg.ds:
+        return None
+    zero = cfg.ds_config.get("zero_optimization", {})
+    offload = [
+        name
+        for name, key in (("optimizer", "offload_optimizer"), ("params", "offload_param"))
+        if zero.get(key, {}).get("device", "none") != "none"
+    ]
+    return int(zero.get("stage", 0)), "+".join(offload) or "none"
+
+
 def candidates(micro_batches: list[int]) -> list[Setup]:
     """Fastest first: no offload before offload, no recomputation before it, lower ZeRO stages first."""
     out = []
@@ -400,9 +413,22 @@ def run(cfg: RunConfig) -> dict:
             facts, s, seq, p.gpus, bf16, attention, cfg.masking.rate, cfg.train.sparse_prediction, measured
         )
         rows.append({**s.__dict__, **{k: round(v, 3) for k, v in e.items()}, "fits": e["total_gb"] <= budget})
-    fitting = [r for r in rows if r["fits"]]
+    asked = asked_setup(cfg)
+    pool = [r for r in rows if (r["stage"], r["offload"]) == asked] if asked else rows
+    fitting = [r for r in pool if r["fits"]]
     good = [r for r in fitting if r["micro_batch"] >= p.min_micro_batch] or fitting
     choice = good[0] if good else None
+    if asked and choice is None:  # the ZeRO stage asked for does not fit: say so, and what would
+        log.warning(
+            "ZeRO %d with offload %s (--ds %s) does not fit %s at any micro batch of %s; planning over every stage",
+            *asked,
+            cfg.ds,
+            p.gpu,
+            p.micro_batches,
+        )
+        fitting = [r for r in rows if r["fits"]]
+        good = [r for r in fitting if r["micro_batch"] >= p.min_micro_batch] or fitting
+        choice = good[0] if good else None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -416,6 +442,7 @@ def run(cfg: RunConfig) -> dict:
         "attention": attention,
         "sparse_prediction": cfg.train.sparse_prediction,
         "activations": _activation_source(measured, seq, attention),
+        "asked": {"stage": asked[0], "offload": asked[1], "ds": cfg.ds} if asked else None,
         "recommendation": choice,
         "estimates": rows,
     }
@@ -424,6 +451,13 @@ def run(cfg: RunConfig) -> dict:
     result["time"] = estimated_time(cfg, facts)
     (out / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "plan.md").write_text(_markdown(result))
+    log.info(
+        "estimated training time: %s on %d x %s (%s)",
+        duration(result["time"]["hours"]),
+        p.gpus,
+        p.gpu,
+        result["time"]["tokens_from"],
+    )
     if choice:
         log.info(
             "plan for %d x %s: ZeRO %d, offload %s, micro batch %d%s: %.1f GB of %d GB per GPU (%s)",
@@ -512,6 +546,16 @@ def estimated_time(cfg: RunConfig, facts: dict) -> dict:
     }
 
 
+def duration(hours: float) -> str:
+    """Hours as a person reads them: 12.3 h, 25 min, 40 s, under 1 s (a tiny run is not "0.00 h")."""
+    seconds = hours * 3600
+    if hours >= 1:
+        return f"{hours:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s" if seconds >= 1 else "under 1 s"
+
+
 def write_ds_config(choice: dict, path: Path) -> Path:
     """The shipped config of that stage (bf16, "auto" for the recipe's values), with offload as chosen."""
     root = Path(__file__).resolve().parents[3] / "ds_configs"
@@ -549,7 +593,14 @@ def _markdown(r: dict) -> str:
         lines += [
             f"**Recommended:** ZeRO {c['stage']}, offload {c['offload']}, micro batch {c['micro_batch']}"
             f"{', gradient checkpointing' if c['checkpointing'] else ''}: {c['total_gb']:.1f} GB per GPU"
-            + (f" (DeepSpeed config written to {r['ds_config']})" if r.get("ds_config") else ""),
+            + (f" (DeepSpeed config written to {r['ds_config']})" if r.get("ds_config") else "")
+            + (
+                f" (kept to ZeRO {r['asked']['stage']} of --ds {r['asked']['ds']})"
+                if r.get("asked") and r["asked"]["stage"] == c["stage"]
+                else f" (ZeRO {r['asked']['stage']} of --ds {r['asked']['ds']} does not fit)"
+                if r.get("asked")
+                else ""
+            ),
             "",
             f"    --train.micro_batch_size={c['micro_batch']}"
             + (" --model.gradient_checkpointing=true" if c["checkpointing"] else ""),
@@ -571,7 +622,7 @@ def _markdown(r: dict) -> str:
         lines += [f"**Activations** from the analytic formula: {a['source']}.", ""]
     tm = r["time"]
     lines += [
-        f"**Estimated time:** {tm['hours']:.2f} h for {tm['epochs']:g} epoch(s) of {tm['tokens_per_epoch']:,} "
+        f"**Estimated time:** {duration(tm['hours'])} for {tm['epochs']:g} epoch(s) of {tm['tokens_per_epoch']:,} "
         f"tokens ({tm['tokens_from']}), at an assumed {100 * tm['mfu_assumed']:.0f}% of {tm['peak_tflops']:g} "
         "TFLOPS per GPU: an estimate from analytic FLOPs, not a measurement (launch/profile.py measures).",
         "",

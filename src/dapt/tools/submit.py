@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from dapt.cli.load import collect_config, split_options
+from dapt.cli.load import collect_config, split_options, task_of
 from dapt.cli.main import front_door
 from dapt.config.gpus import BY_NAME, INSTANCES
 from dapt.config.redact import redact_text
@@ -64,10 +64,15 @@ def world_size(cfg: RunConfig) -> int:
     return cfg.cluster.nodes * gpus_per_node(cfg)
 
 
-def load_for_cluster(argv: list[str], check_files: bool = False) -> tuple[RunConfig, list[str]]:
-    """The config checked for the world size the cluster section describes (read in a first pass), for GPUs."""
+def load_for_cluster(
+    argv: list[str], check_files: bool = False, as_entry: bool = False
+) -> tuple[RunConfig, list[str]]:
+    """The config checked for the world size the cluster section describes (read in a first pass), for GPUs; with
+    `as_entry` (launch/doctor.py, on a node of the run), checked as the run of submit.entry checks it here: its
+    output folder, its resume, its default output_dir."""
     first, _ = collect_config(argv, 1, "cuda", check_files)
-    return collect_config(argv, world_size(first), "cuda", check_files)
+    task = task_of(first.submit.entry) if as_entry else None
+    return collect_config(argv, world_size(first), "cuda", check_files, task=task)
 
 
 def submit_problems(cfg: RunConfig) -> list[str]:
@@ -120,7 +125,41 @@ def _workdir(cfg: RunConfig) -> str:
 
 def _activate(cfg: RunConfig) -> list[str]:
     script = _q(str(Path(cfg.submit.venv) / "bin" / "activate"))
-    return [f"if [ -f {script} ]; then . {script}; fi"]
+    return [
+        f'if [ -f {script} ]; then . {script}; else echo "dapt job: no virtual environment at {cfg.submit.venv} '
+        '(submit.venv); running $(command -v python3)" >&2; fi'
+    ]
+
+
+def notes(cfg: RunConfig) -> list[str]:
+    """What the job takes from this machine that a user would want to know of: variables of this shell that change
+    what the job does (HF_HUB_OFFLINE=1: no download on the nodes), and a virtual environment that is not there."""
+    said = []
+    offline = [
+        n for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(n)
+    ]
+    carried = [n for n in carried_names(cfg.cluster.env) if n in os.environ]
+    if carried:
+        said.append(
+            f"carried into the job from this shell: {', '.join(carried)} (HF_*, WANDB_* and cluster.env)"
+        )
+    for name in offline:
+        if name in carried and os.environ[name].lower() in ("1", "true", "yes"):
+            said.append(
+                f"{name}={os.environ[name]} goes with the job: its nodes will not download models or data from the "
+                f"hub (unset {name} before launch/submit.py if they should)"
+            )
+    venv = (
+        Path(_workdir(cfg)) / cfg.submit.venv
+        if not Path(cfg.submit.venv).is_absolute()
+        else Path(cfg.submit.venv)
+    )
+    if not cfg.submit.workdir and not (venv / "bin" / "activate").is_file():
+        said.append(
+            f"no virtual environment at {venv} (submit.venv): the job runs the nodes' own python3, which needs dapt "
+            "installed; set submit.venv to the environment that has it"
+        )
+    return said
 
 
 def _exports(cfg: RunConfig) -> list[str]:
@@ -363,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, text in files.items():  # the pdsh env file may hold secrets: shown masked
             print(f"# ---- {name} ----\n{redact_text(text)}")
         print(f"# {summary} (dry run: nothing written)")
+        for note in notes(cfg):
+            print(f"# note: {note}")
         return 0
     out = job_folder(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,4 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary}\nwrote {', '.join(str(out / n) for n in files)}\nnext: "
         + NEXT[s.scheduler].format(path=main_file, name=s.job_name)
     )
+    for note in notes(cfg):
+        print(f"note: {note}")
     return 0
