@@ -174,8 +174,8 @@ def cases() -> list[Case]:
             "lines",
             _file("cr.txt", _good_lines(5).replace("\n", "\r") + "caf\xe9"),
             lenient="clean",
-            docs=(1,),
-        ),  # a CR is no line break in `lines`: one document, all of it trained
+            docs=(1, 2, 3, 4, 5, 6),
+        ),  # a lone CR ends a line (classic Mac line ends): six documents, all of them trained
         Case(
             "malformed JSON",
             "jsonl",

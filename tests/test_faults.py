@@ -248,18 +248,15 @@ def test_every_checkpoint_damaged_is_a_clear_error(recipe, tmp_path, monkeypatch
 def test_a_checkpoint_of_another_model_is_a_clear_error(recipe, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     run_inprocess(["--recipe", recipe, "--output_dir", out, "--train.max_steps=3", "--checkpoint.every=3"])
+    other = ["--recipe", recipe, "--model.config.hidden_size=64", "--model.config.intermediate_size=128"]
     capsys.readouterr()
+    # into the run's own folder: refused before anything starts (the folder holds another configuration's run)
+    assert _main([*other, "--output_dir", out, "--train.max_steps=6"], monkeypatch) == 2
+    assert "of another configuration (model.config" in capsys.readouterr().err
+    # its checkpoint named from another folder: the load itself says the checkpoint does not fit
+    point = out / "checkpoints" / "step_00000003"
     code = _main(
-        [
-            "--recipe",
-            recipe,
-            "--output_dir",
-            out,
-            "--train.max_steps=6",
-            "--model.config.hidden_size=64",
-            "--model.config.intermediate_size=128",
-        ],
-        monkeypatch,
+        [*other, "--output_dir", tmp_path / "other", "--train.max_steps=3", f"--resume={point}"], monkeypatch
     )
     err = capsys.readouterr()
     assert code == 3 and "does not fit this run" in err.err and "Traceback" not in err.out + err.err

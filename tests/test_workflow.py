@@ -102,6 +102,23 @@ def test_adapt_then_classify_then_fill_then_predict_each_in_its_own_folder(tmp_p
     )
     assert other_task.returncode == 2 and "output_dir runs/mlm holds an mlm run" in other_task.stderr
     assert "--output_dir=NEW" in other_task.stderr
+    doctor = (
+        ROOT / "launch" / "doctor.py"
+    )  # the preflight of that classifier run says the same, through the same check
+    checked = launch(
+        [
+            "--submit.entry=launch/classify.py",
+            "--data.train=train.csv",
+            "--output_dir=runs/mlm",
+            "--cluster.gpu=cpu",
+        ],
+        cwd=tmp_path,
+        script=doctor,
+        check=False,
+    )
+    assert checked.returncode == 2 and "output_dir runs/mlm holds an mlm run" in checked.stdout, (
+        checked.stdout[-2000:]
+    )
     other_config = launch(
         ["--ds", DS / "zero2_bf16.json", "--train.max_steps=40", "--train.lr=0.002", quiet],
         cwd=tmp_path,

@@ -65,6 +65,21 @@ OPERATIONAL = (
 )
 
 
+# What each task leaves in its folder, the most telling first: how a folder of an older dapt (no dapt_run.json) is told
+OUTPUTS = {
+    "label_mapping.json": "classify",
+    "seeds_summary.json": "classify",
+    "anomaly.json": "anomaly",
+    "embeddings_train.npz": "embed",
+    "profile.json": "profile",
+    "plan.json": "plan",
+    "ablation.json": "ablation",
+    "predictions.jsonl": "predict",
+    "checkpoints": "mlm",
+}
+MARKS = (*OUTPUTS, "config.resolved.yaml", "summary.json", "final", "metrics.jsonl")
+
+
 def default_output_dir(task: str | None) -> str:
     """runs/<task>: each entry script's runs have a folder of their own by default."""
     return f"runs/{task or 'default'}"
@@ -82,16 +97,9 @@ def read_claim(folder: Path) -> dict | None:
         return json.loads((folder / CLAIM).read_text())
     except (OSError, json.JSONDecodeError):
         pass
-    marks = ("config.resolved.yaml", "summary.json", "final", "checkpoints", "metrics.jsonl")
-    if not folder.is_dir() or not any((folder / m).exists() for m in marks):
+    if not folder.is_dir() or not any((folder / m).exists() for m in MARKS):
         return None
-    task = (
-        "classify"
-        if (folder / "label_mapping.json").exists()
-        else "mlm"
-        if (folder / "checkpoints").exists()
-        else None
-    )
+    task = next((t for mark, t in OUTPUTS.items() if (folder / mark).exists()), None)
     try:
         resolved = yaml.safe_load((folder / "config.resolved.yaml").read_text()) or {}
         values = {k: v for k, v in resolved.items() if k != "ds_config"}

@@ -30,7 +30,7 @@ from dapt.data.prepare import feeder as data_feeder
 from dapt.data.stream import RowFeeder
 from dapt.model.attention import forward
 from dapt.model.build import build_model, parameter_count
-from dapt.runtime import group
+from dapt.runtime import folder, group
 from dapt.runtime.card import write_model_card
 from dapt.runtime.checkpoint import export_hf
 from dapt.runtime.evaluation import classification_metrics, plot_confusion, write_predictions
@@ -161,6 +161,8 @@ def run(cfg: RunConfig) -> dict:
     seeds = cfg.classify.seeds
     if not seeds:
         return run_one(cfg)
+    if group.rank() == 0:
+        folder.claim(cfg)  # the seeds' parent folder holds this classifier's runs
     results = {}
     for seed in seeds:
         one = copy.deepcopy(cfg)
