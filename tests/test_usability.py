@@ -138,3 +138,30 @@ def test_a_resumed_run_says_its_own_time(recipe, tmp_path):
     assert summary["this_run_seconds"] == pytest.approx(summary["wall_seconds"], abs=0.2)
     again = run_inprocess(["--recipe", recipe, "--output_dir", tmp_path, "--train.max_steps=4"])
     assert again["this_run_seconds"] < again["wall_seconds"]  # a no-op rerun: not the first run's time
+
+
+def test_records_longer_than_the_rows_are_said_to_be_cut(caplog):
+    """A classifier's records cut at data.max_seq_length lose what follows: said with the share and the lengths."""
+    import logging
+
+    from dapt.data.labelled import say_what_is_cut
+    from dapt.model.build import train_wordpiece
+
+    tok = train_wordpiece(["duration:0 protocol_type:tcp service:http flag:SF src_bytes:181"], 200, 64)
+    long = [" ".join(f"field{i}:{i}" for i in range(40))] * 8 + ["short:1"] * 2
+    with caplog.at_level(logging.INFO, logger="dapt"):
+        share = say_what_is_cut(tok, long, 64, "training records")
+    assert share == 0.8
+    said = [r for r in caplog.records if "are cut to their first 64 tokens" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert "80% of 10 training records" in said[0].getMessage()
+    assert say_what_is_cut(tok, ["short:1"], 64, "records") == 0.0
+
+
+def test_a_classifier_without_a_recipe_keeps_the_schemas_row_length():
+    cfg, _ = collect_config(["--data.train=x.csv"], 1, "cpu", check_files=False, prog="launch/classify.py")
+    assert (
+        cfg.data.max_seq_length == 128 and cfg.train.lr == 5e-4 and cfg.model.config["model_type"] == "bert"
+    )
+    mlm, _ = collect_config([], 1, "cpu", check_files=False, prog="launch/mlm.py")
+    assert mlm.data.max_seq_length == 64  # the README's first command: the demo's own settings

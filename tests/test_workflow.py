@@ -65,6 +65,10 @@ def test_adapt_then_classify_then_fill_then_predict_each_in_its_own_folder(tmp_p
     card = (classify / "final" / "README.md").read_text()
     assert "## How to use" in card and "dapt predict --model.name_or_path=runs/classify/final" in card
     assert "each written `name:value`" in card and "concat packing" not in card
+    # the card's transformers call: the columns in training's order, cut where training cut (the schema's 128 tokens:
+    # a classifier given only data does not take the MLM demo's 64)
+    call = 'classify(record_text([("text", row["text"]), ("source", row["source"])]), truncation=True, max_length=128)'
+    assert call in card, card
 
     # 3. fill-mask on the adapted model: no output folder, no resume check
     filled = launch(
@@ -85,6 +89,11 @@ def test_adapt_then_classify_then_fill_then_predict_each_in_its_own_folder(tmp_p
     ]
     assert len(predicted) == 60 and {p["predicted"] for p in predicted} <= {"http", "report"}
     assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 and "label" not in p for p in predicted)
+    other_files = ["--model.name_or_path=runs/classify/final", "--data.test=test.csv", quiet]
+    kept = launch(
+        other_files, cwd=tmp_path, script=PREDICT, check=False
+    )  # runs/predict holds new.csv's predictions
+    assert kept.returncode == 2 and "of another configuration (data.test" in kept.stderr, kept.stderr[-2000:]
     args = [
         "--model.name_or_path=runs/classify/final",
         "--data.test=test.csv",
@@ -132,6 +141,7 @@ def test_adapt_then_classify_then_fill_then_predict_each_in_its_own_folder(tmp_p
         ["--ds", DS / "zero2_bf16.json", "--train.max_steps=80", quiet], cwd=tmp_path, check=False
     )
     assert longer.returncode == 2 and "keep --train.max_steps=40" in longer.stderr, longer.stderr[-2000:]
+    assert "rendezvous" not in longer.stdout  # refused by the config check: no process group started
     assert _digest(mlm) == before
 
 

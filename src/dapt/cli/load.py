@@ -262,7 +262,7 @@ def collect_config(
             # the command line beats the recipe: a pretrained model replaces the recipe's from-scratch config
             values["model"] = {k: v for k, v in model.items() if k not in ("config", "tokenizer_vocab_size")}
     else:
-        values = embedded_default(overrides)
+        values = embedded_default(overrides, task or task_of(prog))
     notes = _epochs_over_steps(values, overrides, recipe)
     values = _merge(values, _nest(overrides))
     explicit: set[str] = set()
@@ -285,6 +285,7 @@ def collect_config(
     )  # another task's run, or another configuration's, in output_dir
     if cfg.task in (None, *RESUMES) and not problems:
         cfg.notes += elastic.plan(cfg, world, problems)  # a resume on another world size or ZeRO stage
+        problems += _continuation_problems(cfg)
     if cfg.data.streams % world:
         problems.append(
             f"data.streams: {cfg.data.streams} is not a multiple of the world size {world} (each rank "
@@ -338,6 +339,20 @@ def _format_from_extensions(cfg: RunConfig) -> list[str]:
     ]
 
 
+def _continuation_problems(cfg: RunConfig) -> list[str]:
+    """A resume with another train.max_steps whose learning rate would jump: refused now, before any rank starts (with
+    train.epochs the run itself checks, once the data is counted)."""
+    from dapt.runtime import elastic
+    from dapt.runtime.runner import continuation
+    from dapt.runtime.schedule import schedule_of
+
+    point = elastic.resume_candidate(cfg)
+    if not cfg.train.max_steps or point is None or "scheduler" in cfg.ds_config or not point.is_dir():
+        return []
+    problem = continuation(cfg, point, schedule_of(cfg.train, cfg.train.max_steps))
+    return [problem] if problem else []
+
+
 def _predict_problems(cfg: RunConfig) -> list[str]:
     """launch/predict.py: a trained model and the files to predict; the model's training text settings adopted."""
     from dapt.data.prepare import adopt_text_settings
@@ -389,14 +404,17 @@ def _epochs_over_steps(values: dict, overrides: dict[str, Any], recipe: str | No
     ]
 
 
-def embedded_default(overrides: dict[str, Any]) -> dict:
-    """The recipe used without --recipe: a tiny BERT from scratch (dapt.data.corpus.DEFAULT_OVERRIDES).
-
-    Naming a pretrained model on the command line drops the from-scratch model fields.
+def embedded_default(overrides: dict[str, Any], task: str | None = None) -> dict:
+    """The recipe used without --recipe. launch/mlm.py: a tiny BERT from scratch on the corpus dapt generates
+    (dapt.data.corpus.DEFAULT_OVERRIDES: 300 steps of 64-token rows, the README's first command). The other scripts
+    get only its model, so a classifier given nothing but its data builds that tiny BERT and keeps the schema's own
+    data and training defaults (128-token rows, not the demo's 64). Naming a pretrained model drops the model fields.
     """
     from dapt.data.corpus import DEFAULT_OVERRIDES
 
     chosen = dict(DEFAULT_OVERRIDES)
+    if task not in (None, "mlm"):
+        chosen = {k: v for k, v in chosen.items() if k == "model.config"}
     if "model.name_or_path" in overrides or "model.config" in overrides:
         chosen = {k: v for k, v in chosen.items() if not k.startswith("model.")}
     return _nest(chosen)

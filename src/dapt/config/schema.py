@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True)
 class ModelConfig:
     name_or_path: str | None = None
-    """Hub id or local folder of a pretrained encoder, loaded with AutoModelForMaskedLM."""
+    """Hub id or local folder of a pretrained encoder (or a dapt run's final/), loaded with the task's head:
+    AutoModelForMaskedLM for MLM runs, AutoModelForSequenceClassification for classifiers, AutoModel for embeddings."""
     config: dict | str | None = None
     """Build from scratch instead: a mapping of config fields with `model_type` (bert, roberta, ...), or a config path."""
     revision: str | None = None

@@ -90,6 +90,28 @@ def read_labelled(
             yield item if url not in labels else Document(item.text, item.id, labels[url])
 
 
+def say_what_is_cut(tokenizer, texts: list[str], max_len: int, what: str) -> float:
+    """Log how many of `texts` are longer than data.max_seq_length and so cut to their first tokens (a warning when
+    more than a tenth are: the model never reads the rest); returns that share."""
+    if not texts:
+        return 0.0
+    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
+    share = float((lengths > max_len).mean())
+    if share:
+        (log.warning if share > 0.1 else log.info)(
+            "data.max_seq_length=%d: %.0f%% of %d %s are longer (median %d tokens, 95th percentile %d) and are cut to "
+            "their first %d tokens, the rest never read; raise --data.max_seq_length to keep more",
+            max_len,
+            100 * share,
+            len(texts),
+            what,
+            int(np.median(lengths)),
+            int(np.percentile(lengths, 95)),
+            max_len,
+        )
+    return share
+
+
 def encode(
     tokenizer,
     docs: list[Document],
@@ -170,6 +192,9 @@ def prepare_labelled(cfg: RunConfig, out: Path) -> LabelledCorpus:
         return (doc.text for doc in islice((x for x in docs if not _in(x, below)), d.tokenizer_docs))
 
     tokenizer = tokenizer_for(cfg, out, tokenizer_texts)
+    if group.rank() == 0:  # records longer than the rows: said, not silently cut
+        sample = [x.text for x in islice(read_labelled(cfg, d.train, Counter(), on_error="skip"), 200)]
+        say_what_is_cut(tokenizer, sample, d.max_seq_length, "training records")
     opts = format_options(d)
     if not c.label_files:
         opts = type(opts)(**{**opts.__dict__, "label_field": c.label_field})
@@ -193,19 +218,9 @@ def prepare_labelled(cfg: RunConfig, out: Path) -> LabelledCorpus:
     label2id = {label: i for i, label in enumerate(labels)}
     test_docs = list(read_labelled(cfg, d.test, skipped)) if d.test else []
     sets = [
-        encode(tokenizer, docs, label2id, d.max_seq_length, name, c.unseen, skipped) if docs else None
+        _evaluation_set(cfg, tokenizer, docs, label2id, name, skipped)
         for docs, name in ((valid_docs, "validation"), (test_docs, "test"))
     ]
-    for i, (docs, name) in enumerate(((valid_docs, "validation"), (test_docs, "test"))):
-        if (
-            docs and sets[i] is not None and len(sets[i].y) == 0
-        ):  # every record had a label never seen in training
-            log.warning(
-                "the %s set has no records left once unseen labels are skipped (%d left out): not evaluated",
-                name,
-                len(docs),
-            )
-            sets[i] = None
     rows = sum(per_stream.values())
     log.info(
         "classification data: %d training rows in %d streams / %d valid / %d test documents; labels %s",
@@ -216,6 +231,24 @@ def prepare_labelled(cfg: RunConfig, out: Path) -> LabelledCorpus:
         ", ".join(f"{k}={counts[k]}" for k in labels),
     )
     return LabelledCorpus(tokenizer, spec, labels, counts, rows, sets[0], sets[1], skipped, epoch_skipped)
+
+
+def _evaluation_set(
+    cfg: RunConfig, tokenizer, docs, label2id, name: str, skipped: Counter
+) -> Labelled | None:
+    """A validation or test set, encoded; None without documents, or when every one had a label never seen in
+    training (said)."""
+    if not docs:
+        return None
+    encoded = encode(tokenizer, docs, label2id, cfg.data.max_seq_length, name, cfg.classify.unseen, skipped)
+    if len(encoded.y) == 0:
+        log.warning(
+            "the %s set has no records left once unseen labels are skipped (%d left out): not evaluated",
+            name,
+            len(docs),
+        )
+        return None
+    return encoded
 
 
 def _streams(

@@ -54,7 +54,29 @@ def text_settings(cfg) -> dict:
         "volatile": list(d.volatile),
         "label_field": cfg.classify.label_field,
         "max_seq_length": d.max_seq_length,
+        "columns_in_order": columns_in_order(cfg),
     }
+
+
+def columns_in_order(cfg) -> list[str]:
+    """csv/tsv: the columns that made the text, in order (data.columns, else the first training file's header or
+    data.column_names, without the label); [] for other formats."""
+    import csv
+
+    from dapt.data.sources import lines_from
+
+    d = cfg.data
+    if d.format not in ("csv", "tsv"):
+        return []
+    if d.columns:
+        return list(d.columns)
+    names = list(d.column_names)
+    files = expand(d.train, d.format) if not names and d.train else []
+    for _, raw, _ in lines_from(files[0], Position()) if files else ():
+        line = raw.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n")
+        names = next(csv.reader([line], delimiter="," if d.format == "csv" else "\t"))
+        break
+    return [n for n in names if n != cfg.classify.label_field]
 
 
 def adopt_text_settings(cfg) -> list[str]:
@@ -76,7 +98,7 @@ def adopt_text_settings(cfg) -> list[str]:
 
 def text_description(settings: dict) -> str:
     """In words, for the model card: what of a record the model read, and how."""
-    fmt, columns = settings["format"], settings["columns"]
+    fmt, columns = settings["format"], settings.get("columns_in_order") or settings["columns"]
     if fmt in ("csv", "tsv"):
         which = (
             f"the columns {', '.join(columns)}"

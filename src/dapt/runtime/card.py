@@ -22,7 +22,7 @@ def hub_datasets(sources: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def usage(task: str, text: str, folder: str = "FOLDER") -> list[str]:
+def usage(task: str, text: str, folder: str = "FOLDER", settings: dict | None = None) -> list[str]:
     """The card's "How to use" section: dapt predict, and transformers' pipeline fed the text as training made it."""
     lines = [
         "## How to use",
@@ -38,14 +38,27 @@ def usage(task: str, text: str, folder: str = "FOLDER") -> list[str]:
         "",
     ]
     if task == "classify":
+        settings = settings or {}
+        columns = settings.get("columns_in_order") or []
+        shown = ", ".join(f'("{name}", row["{name}"])' for name in columns[:3]) + (
+            ", ..." if len(columns) > 3 else ""
+        )
+        call = f"record_text([{shown}])" if len(columns) > 1 else "text"
+        cut = settings.get("max_seq_length")
         lines += [
-            "With transformers, feed the text as training made it (dapt.data.formats.record_text for several "
-            "columns):",
+            "With transformers, feed the text as training made it"
+            + (
+                " (`dapt.data.formats.record_text` for several columns, in this order)"
+                if len(columns) > 1
+                else ""
+            )
+            + (f", cut as training cut it, at {cut} tokens:" if cut else ":"),
             "",
             "```python",
             "from transformers import pipeline",
+            *(["from dapt.data.formats import record_text"] if len(columns) > 1 else []),
             'classify = pipeline("text-classification", model="FOLDER", top_k=None)',
-            'classify("GET /index.html?id=1 HTTP/1.1")  # or record_text([("column", "value"), ...])',
+            f"classify({call}{f', truncation=True, max_length={cut}' if cut else ''})",
             "```",
         ]
     else:
@@ -62,7 +75,13 @@ def usage(task: str, text: str, folder: str = "FOLDER") -> list[str]:
 
 
 def write_model_card(
-    folder: Path, cfg: RunConfig, task: str, summary: dict, results: dict[str, float], text: str = ""
+    folder: Path,
+    cfg: RunConfig,
+    task: str,
+    summary: dict,
+    results: dict[str, float],
+    text: str = "",
+    settings: dict | None = None,
 ) -> Path:
     """Write folder/README.md; `results` are the evaluation figures to table (name -> value); `text` says how the
     training records became text (dapt.data.prepare.text_description), for the usage section."""
@@ -112,7 +131,7 @@ def write_model_card(
         "",
         "| metric | value |\n|---|---|\n" + rows if rows else "No evaluation set.",
         "",
-        *usage(task, text, str(folder)),
+        *usage(task, text, str(folder), settings),
         "",
         "The full configuration is in `dapt_config.yaml` in this folder.",
     ]

@@ -85,10 +85,16 @@ def default_output_dir(task: str | None) -> str:
     return f"runs/{task or 'default'}"
 
 
-def identity(values: dict, sections: list[str] | None) -> dict[str, Any]:
-    """The dotted config values (of `sections`, and the run's own seed) that are not OPERATIONAL."""
+# Scripts whose results are computed on data.valid / data.test themselves (for a training run those only evaluate)
+EVALUATES = ("predict", "anomaly", "embed")
+
+
+def identity(values: dict, sections: list[str] | None, task: str | None = None) -> dict[str, Any]:
+    """The dotted config values (of `sections`, and the run's own seed) that are not OPERATIONAL: for the scripts that
+    compute their results on data.valid and data.test, those are the identity too."""
     flat = _flatten({k: v for k, v in values.items() if sections is None or k in sections or k == "seed"})
-    return {k: v for k, v in flat.items() if not k.startswith(OPERATIONAL)}
+    evaluated = ("data.valid", "data.test") if task in EVALUATES else ()
+    return {k: v for k, v in flat.items() if k in evaluated or not k.startswith(OPERATIONAL)}
 
 
 def read_claim(folder: Path) -> dict | None:
@@ -107,7 +113,7 @@ def read_claim(folder: Path) -> dict | None:
         values = None
     return {
         "task": task,
-        "identity": identity(values, None) if values is not None else None,
+        "identity": identity(values, None, task) if values is not None else None,
         "inferred": True,
     }
 
@@ -145,7 +151,7 @@ def problems(cfg, task: str | None) -> list[str]:
         return [
             f"{where} holds {what} (final/, checkpoints, metrics), which this {task} run would overwrite{keep}"
         ]
-    mine, theirs = identity(redact(cfg.to_dict()), _sections(task)), held.get("identity")
+    mine, theirs = identity(redact(cfg.to_dict()), _sections(task), task), held.get("identity")
     if theirs is None:
         return []
     changed = [k for k in sorted(set(mine) & set(theirs)) if mine[k] != theirs[k]]
@@ -172,7 +178,7 @@ def claim(cfg) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     doc = {
         "task": task,
-        "identity": identity(redact(cfg.to_dict()), _sections(task)),
+        "identity": identity(redact(cfg.to_dict()), _sections(task), task),
     }  # no secret in the folder
     (folder / CLAIM).write_text(json.dumps(doc, indent=1, default=str) + "\n")
 

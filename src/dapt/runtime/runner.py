@@ -268,37 +268,12 @@ class Checkpoints:
 
     def check_continuation(self) -> None:
         """Before anything is written: continuing a run with another length is refused where its learning rate would
-        jump (ConfigError), and said where not. The schedule and step come from the checkpoint's dapt_checkpoint.json."""
+        jump (ConfigError), and said where not (continuation). With train.max_steps the config check has refused it
+        already, before any rank started; with train.epochs the length is known only now, the data counted."""
         point = self.resume_point()  # verified (a damaged one raises, as the resume itself would)
-        if point is None:
-            return
-        info = elastic.read_info(point) or {}
-        saved, step = info.get("schedule"), info.get("step")
-        if not saved or not self.schedule or saved == self.schedule or step is None:
-            return
-        problem = continuation_problem(saved, self.schedule, step, self.cfg.train.lr)
-        if problem and self.cfg.train.rebuild_schedule:
-            log.warning(
-                "resume: %s; train.rebuild_schedule=true: the schedule is rebuilt over the new length",
-                problem,
-            )
-            return
+        problem = continuation(self.cfg, point, self.schedule) if point and self.schedule else None
         if problem:
-            raise ConfigError(
-                [
-                    f"resume: {point}: {problem}. To finish it as planned, keep --train.max_steps={saved['total']} "
-                    f"(or its train.epochs); to train on from its weights with a schedule of their own, start a new run "
-                    f"from them once it has finished: --model.name_or_path={point.parent.parent / 'final'} "
-                    "--output_dir=NEW; to go on with the schedule rebuilt over the new length, the rate jumping there, "
-                    "--train.rebuild_schedule=true. A constant schedule is lengthened as it is"
-                ]
-            )
-        log.info(
-            "resume: the run goes on to %d optimizer steps (it was planned for %d); the learning rate goes on "
-            "without a jump",
-            self.schedule["total"],
-            saved["total"],
-        )
+            raise ConfigError([problem])
 
     def load(self, engine, point: Path) -> tuple[dict, dict]:
         """Load checkpoint `point` (a resume, or the weights to export): through its universal conversion when it was
@@ -326,6 +301,37 @@ class Checkpoints:
         client["samples"] = self.carried_lines | client["samples"]
         info = elastic.checkpoint_info(engine, self.cfg) | {"schedule": self.schedule, "step": state.step}
         return self.store.save(engine, state.step, client, extra, score, info)
+
+
+def continuation(cfg: RunConfig, point: Path, schedule: dict) -> str | None:
+    """Why the run cannot continue checkpoint `point` under `schedule` (another length, where the learning rate would
+    jump), or None, having said what happens where it can. The schedule and step come from the checkpoint's
+    dapt_checkpoint.json; the config check and the run both ask this."""
+    info = elastic.read_info(point) or {}
+    saved, step = info.get("schedule"), info.get("step")
+    if not saved or saved == schedule or step is None:
+        return None
+    problem = continuation_problem(saved, schedule, step, cfg.train.lr)
+    if problem and cfg.train.rebuild_schedule:
+        log.warning(
+            "resume: %s; train.rebuild_schedule=true: the schedule is rebuilt over the new length", problem
+        )
+        return None
+    if problem:
+        return (
+            f"resume: {point}: {problem}. To finish it as planned, keep --train.max_steps={saved['total']} (or its "
+            f"train.epochs); to train on from its weights with a schedule of their own, start a new run from them once "
+            f"it has finished: --model.name_or_path={point.parent.parent / 'final'} --output_dir=NEW; to go on with the "
+            "schedule rebuilt over the new length, the rate jumping there, --train.rebuild_schedule=true. A constant "
+            "schedule is lengthened as it is"
+        )
+    log.info(
+        "resume: the run goes on to %d optimizer steps (it was planned for %d); the learning rate goes on without a "
+        "jump",
+        schedule["total"],
+        saved["total"],
+    )
+    return None
 
 
 def client_state(

@@ -521,7 +521,9 @@ def _finish(loop: Loop, ckpts: Checkpoints, state: TrainState, task: dict, metri
                    for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}  # fmt: skip
         settings = text_settings(cfg)
         (out / "final" / TEXT_FILE).write_text(json.dumps(settings, indent=1))
-        write_model_card(out / "final", cfg, "classify", summary, results, text_description(settings))
+        write_model_card(
+            out / "final", cfg, "classify", summary, results, text_description(settings), settings
+        )
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
         metrics.finish(summary)

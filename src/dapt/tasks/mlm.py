@@ -490,7 +490,7 @@ def _write_results(cfg: RunConfig, summary: dict, metrics, final, wall: float) -
     results |= {f"test {k}": summary.get(f"test_{k}") for k in ("loss", "accuracy")}
     settings = text_settings(cfg)
     (out / "final" / TEXT_FILE).write_text(json.dumps(settings, indent=1))
-    write_model_card(out / "final", cfg, "mlm", summary, results, text_description(settings))
+    write_model_card(out / "final", cfg, "mlm", summary, results, text_description(settings), settings)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
     metrics.finish(summary)

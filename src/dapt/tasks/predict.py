@@ -22,7 +22,7 @@ import torch
 
 from dapt.config.schema import RunConfig
 from dapt.data.formats import READERS, BadRecord, Document
-from dapt.data.labelled import encode, padded, read_labelled
+from dapt.data.labelled import encode, padded, read_labelled, say_what_is_cut
 from dapt.data.packing import pack
 from dapt.data.prepare import format_options, read_documents
 from dapt.data.sources import Position, expand
@@ -117,6 +117,8 @@ def classify_records(cfg: RunConfig, docs: list[Document], labelled: bool, devic
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     label2id = {label: i for i, label in enumerate(labels)}
     max_len = cfg.data.max_seq_length
+    if group.rank() == 0:
+        say_what_is_cut(tokenizer, [x.text for x in docs[:200]], max_len, "records")
     if labelled:
         data = encode(tokenizer, docs, label2id, max_len, "prediction", cfg.classify.unseen, skipped)
         ids, doc_ids, truth = data.ids, data.doc_ids, data.y

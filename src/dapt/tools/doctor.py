@@ -291,7 +291,12 @@ def diagnose(argv: list[str]) -> list[Item]:
     items = check_config(cfg, problems)
     items.append(check_hostfile(cfg))
     items += check_gpus(cfg, gpus_per_node(cfg))
-    resume = check_resume(cfg, world)
+    refused = [p for p in problems if p.startswith(("output_dir ", "resume: "))]
+    resume = (
+        Item(SKIP, "resume", "not checked: the run's folder or checkpoint is refused (above)")
+        if refused
+        else check_resume(cfg, world)
+    )
     items += [resume] if resume else []
     items += [
         check_disk(cfg),
