@@ -28,6 +28,15 @@ def minilm_tokenizer() -> str:
 
 
 BERT_VOCAB = 30522  # bert-base-uncased's and all-MiniLM-L6-v2's WordPiece vocabulary
+# a tiny BERT: the benchmarks' plumbing at --tiny sizes (bench/gpu_check.py --tiny, and the benches it runs)
+TINY = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+}
 
 
 def standin_tokenizer(folder: Path, texts: list[str]) -> str:

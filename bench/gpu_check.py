@@ -54,7 +54,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common import ROOT, child_env, machine, standin_tokenizer
+from common import ROOT, TINY, child_env, machine, standin_tokenizer
 
 MINILM = {
     "model_type": "bert",
@@ -71,14 +71,6 @@ BERT_BASE = {
     "num_attention_heads": 12,
     "intermediate_size": 3072,
     "max_position_embeddings": 512,
-}
-TINY = {
-    "model_type": "bert",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 128,
 }
 # name: seconds it is expected to take on an H100/H200 (guessed: fresh processes about 15 s each, measured on no
 # GPU yet); a check starts only when the budget left holds its estimate, and is stopped when the budget runs out.

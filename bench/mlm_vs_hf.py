@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, child_env, machine, minilm_tokenizer, write_result
+from common import ROOT, TINY, child_env, machine, minilm_tokenizer, write_result
 
 CSIC = ROOT.parent / "shared" / "data" / "csic2010" / "normalTrafficTraining.txt.gz"
 MODEL = {
@@ -44,14 +44,6 @@ MODEL = {
     "max_position_embeddings": 512,
 }
 SEQ, MICRO, ACCUM, LR, MASK = 512, 8, 2, 2e-5, 0.15
-TINY = {  # --tiny: the plumbing (bench/gpu_check.py --tiny), not a measurement
-    "model_type": "bert",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 128,
-}
 
 
 def tiny() -> None:
