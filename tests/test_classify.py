@@ -380,6 +380,7 @@ def test_classify_on_two_ranks(labelled_jsonl, tmp_path):
             "--train.max_steps=30",
             "--train.eval_every=10",
             "--train.lr=2e-3",
+            "--train.micro_batch_size=16",
             "--classify.head_lr_mult=5",
             "--log.progress=false",
         ],

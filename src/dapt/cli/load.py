@@ -347,8 +347,10 @@ def _continuation_problems(cfg: RunConfig) -> list[str]:
     from dapt.runtime.schedule import schedule_of
 
     point = elastic.resume_candidate(cfg)
-    if not cfg.train.max_steps or point is None or "scheduler" in cfg.ds_config or not point.is_dir():
-        return []
+    if cfg.resume != "auto" or not cfg.train.max_steps or point is None or "scheduler" in cfg.ds_config:
+        return []  # a named checkpoint is verified first, by the run (which checks this then)
+    if not (point / "manifest.json").is_file():
+        return []  # a damaged latest: the run falls back to an older one, or says none is complete
     problem = continuation(cfg, point, schedule_of(cfg.train, cfg.train.max_steps))
     return [problem] if problem else []
 
