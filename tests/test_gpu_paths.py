@@ -110,19 +110,7 @@ def test_parameters_are_counted_under_zero3_partitioning(tmp_path, corpus_file, 
     reference.save_pretrained(src)
     tok.save_pretrained(src)
     expected = sum(p.numel() for p in reference.parameters())
-    cfg = load_config(
-        [
-            "--model.name_or_path",
-            str(src),
-            "--data.train",
-            str(corpus_file),
-            "--ds",
-            str(DS / "zero3_bf16.json"),
-            "--data.max_seq_length=32",
-        ],
-        world_size=1,
-        accelerator="cpu",
-    )
+    cfg = _pretrained_config(src, corpus_file)
     model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
     assert all(p.numel() == 0 for p in model.parameters())  # really partitioned
     assert parameter_count(model) == expected
@@ -398,6 +386,16 @@ def test_a_pretrained_model_saved_in_bf16_trains_and_exports_in_fp32(tmp_path, c
     assert all(torch.equal(final[k], module[k]) for k in final if k in module)
 
 
+def _pretrained_config(src, corpus_file, stage: int = 3, *extra: str):
+    """The config of an MLM run from pretrained folder `src` at ZeRO `stage` in bf16, 32-token rows."""
+    from dapt.cli.load import load_config
+
+    argv = ["--model.name_or_path", str(src), "--data.train", str(corpus_file), "--data.max_seq_length=32"]
+    return load_config(
+        [*argv, "--ds", str(DS / f"zero{stage}_bf16.json"), *extra], world_size=1, accelerator="cpu"
+    )
+
+
 def _pretrained_folder(tmp_path, corpus_file, size: int = 32):
     """A saved pretrained BERT MLM and its tokenizer: (folder, tokenizer, the folder's fp32 weights)."""
     from conftest import TINY_MODEL
@@ -418,26 +416,13 @@ def test_zero3_masters_of_a_pretrained_model_are_the_folders_fp32_weights(tmp_pa
     the fp32 masters from them: the masters are set from the folder's own fp32 weights instead, every one exactly."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from dapt.cli.load import load_config
     from dapt.config.dsconfig import finalize_ds_config
     from dapt.model.build import build_model
     from dapt.runtime.runner import build_engine
 
     init()
     src, tok, saved = _pretrained_folder(tmp_path, corpus_file)
-    cfg = load_config(
-        [
-            "--model.name_or_path",
-            str(src),
-            "--data.train",
-            str(corpus_file),
-            "--ds",
-            str(DS / "zero3_bf16.json"),
-        ]
-        + ["--data.max_seq_length=32", "--output_dir", str(tmp_path / "out")],
-        world_size=1,
-        accelerator="cpu",
-    )
+    cfg = _pretrained_config(src, corpus_file, 3, "--output_dir", str(tmp_path / "out"))
     model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
     assert all(p.ds_tensor.dtype == torch.bfloat16 for p in model.parameters())  # what zero.Init made
     finalize_ds_config(cfg.ds_config, 10, 1, model.config.hidden_size)
@@ -454,7 +439,6 @@ def test_zero3_masters_of_a_pretrained_model_are_the_folders_fp32_weights(tmp_pa
 
 def test_the_classifier_decays_as_many_parameters_under_zero3_as_at_zero0(tmp_path, corpus_file):
     """The classifier's groups tell matrices by their real shape: zero.Init leaves every parameter 1-D and empty."""
-    from dapt.cli.load import load_config
     from dapt.model.build import build_model
     from dapt.tasks.classify import classifier_groups
 
@@ -462,12 +446,7 @@ def test_the_classifier_decays_as_many_parameters_under_zero3_as_at_zero0(tmp_pa
     src, tok, _ = _pretrained_folder(tmp_path, corpus_file)
     counts = {}
     for stage in (0, 3):
-        cfg = load_config(
-            ["--model.name_or_path", str(src), "--data.train", str(corpus_file)]
-            + ["--ds", str(DS / f"zero{stage}_bf16.json"), "--data.max_seq_length=32"],
-            world_size=1,
-            accelerator="cpu",
-        )
+        cfg = _pretrained_config(src, corpus_file, stage)
         model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config, task="classify", labels=["a", "b"])
         groups = classifier_groups(model, 1e-3, 0.01, 10.0)
         counts[stage] = [

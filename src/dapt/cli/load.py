@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from dapt.config import shipped
 from dapt.config.schema import CHOICES, NOT_YET, ConfigError, RunConfig, section_problems, tool_of, type_name
 from dapt.runtime import folder
 
@@ -242,7 +243,7 @@ def collect_config(
             [
                 f"--{next(k for k in overrides if k.startswith('ds.'))}: the DeepSpeed config is a file, not a section: "
                 "--ds zero2_bf16 (a shipped one: "
-                + ", ".join(_shipped("ds_configs"))
+                + ", ".join(shipped.names("ds_configs"))
                 + ") or --ds PATH.json; "
                 "the ZeRO stage, precision and offload are set there"
             ]
@@ -304,12 +305,6 @@ def collect_config(
 
 # The entry scripts that resume from output_dir's checkpoints (the others only write results there, or nothing)
 RESUMES = ("mlm", "classify")
-
-
-def _shipped(kind: str) -> list[str]:
-    from dapt.config import shipped
-
-    return shipped.names(kind)
 
 
 def task_of(prog: str | None) -> str | None:
@@ -429,7 +424,6 @@ def _accelerator() -> str:
 
 
 def _read_yaml(path: str, problems: list[str]) -> dict:
-    from dapt.config import shipped
 
     path = str(shipped.resolve("recipes", path) or path)  # a shipped recipe, from any folder
     try:

@@ -156,6 +156,12 @@ _MINIMAL = {
 
 
 @functools.cache
+def _minimal_asked() -> frozenset[tuple]:
+    """What DeepSpeed asks any config for (parsed once): the keys it reads unconditionally."""
+    return frozenset(_asked_by_deepspeed(_MINIMAL))
+
+
+@functools.cache
 def _deepspeed_names() -> frozenset[str]:
     """Every upper-case string constant of DeepSpeed's constants and config modules: its config keys (and values),
     including those it reads only in some configurations (bfloat16 for bf16, ...)."""
@@ -181,7 +187,7 @@ def unknown_keys(ds: dict) -> list[tuple[tuple, str]]:
     (zero_optimization, bf16, ...) are checked by those (check_with_deepspeed)."""
     import difflib
 
-    asked = _asked_by_deepspeed(ds) | _asked_by_deepspeed(_MINIMAL)
+    asked = _asked_by_deepspeed(ds) | _minimal_asked()
     names = _deepspeed_names()
     found = []
     for path, keys in [((), ds)] + [

@@ -109,7 +109,7 @@ def splits_of(cfg: RunConfig, skipped: Counter, labelled: bool) -> dict[str, lis
     read = (
         (lambda sources: list(read_labelled(cfg, sources, skipped)))
         if labelled
-        else (lambda sources: _unlabelled(cfg, sources, skipped))
+        else (lambda sources: read_unlabelled(cfg, sources, skipped))
     )
     out = {"train": read(d.train)}
     if d.valid:
@@ -122,7 +122,8 @@ def splits_of(cfg: RunConfig, skipped: Counter, labelled: bool) -> dict[str, lis
     return out
 
 
-def _unlabelled(cfg: RunConfig, sources: list[str], skipped: Counter) -> list[Document]:
+def read_unlabelled(cfg: RunConfig, sources: list[str], skipped: Counter) -> list[Document]:
+    """Every document of `sources` without labels, at most data.max_records_per_file of each file."""
     from dapt.data.prepare import format_options, read_documents
 
     d = cfg.data

@@ -65,15 +65,22 @@ def file_labels(cfg: RunConfig, urls: list[str]) -> dict[str, str]:
     return out
 
 
+def labelled_options(cfg: RunConfig):
+    """The data's reading options with the label taken from classify.label_field (unless the files' names give it:
+    classify.label_files)."""
+    opts = format_options(cfg.data)
+    if cfg.classify.label_files:
+        return opts
+    return type(opts)(**{**opts.__dict__, "label_field": cfg.classify.label_field})
+
+
 def read_labelled(
     cfg: RunConfig, sources: list[str], skipped: Counter, on_error: str | None = None
 ) -> Iterator[Document]:
     """Documents with labels, from a label field/column or from classify.label_files (per file), read in order;
     bad records raise or are counted in `skipped` (data.on_error)."""
-    c, d = cfg.classify, cfg.data
-    opts = format_options(d)
-    if not c.label_files:
-        opts = type(opts)(**{**opts.__dict__, "label_field": c.label_field})
+    d = cfg.data
+    opts = labelled_options(cfg)
     urls = expand(sources, d.format)
     labels = file_labels(cfg, urls)
     for url in urls:
@@ -195,9 +202,7 @@ def prepare_labelled(cfg: RunConfig, out: Path) -> LabelledCorpus:
     if group.rank() == 0:  # records longer than the rows: said, not silently cut
         sample = [x.text for x in islice(read_labelled(cfg, d.train, Counter(), on_error="skip"), 200)]
         say_what_is_cut(tokenizer, sample, d.max_seq_length, "training records")
-    opts = format_options(d)
-    if not c.label_files:
-        opts = type(opts)(**{**opts.__dict__, "label_field": c.label_field})
+    opts = labelled_options(cfg)
     spec, per_stream, counts, epoch_skipped = _streams(
         cfg,
         lambda: stream_spec(

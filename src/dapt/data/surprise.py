@@ -145,6 +145,25 @@ def token_surprise(
     return out
 
 
+def run_surprise(cfg, model, tokenizer, docs: list[Document], device) -> list[Surprise]:
+    """token_surprise with a run's settings: rows of data.max_seq_length, batches of train.micro_batch_size,
+    embed.mask_patterns fixed masks at embed.mask_rate from the run's seed, the sparse head as train.sparse_prediction
+    says (launch/anomaly.py and launch/predict.py score alike)."""
+    e = cfg.embed
+    return token_surprise(
+        model,
+        tokenizer,
+        docs,
+        cfg.data.max_seq_length,
+        cfg.train.micro_batch_size,
+        e.mask_patterns,
+        e.mask_rate,
+        cfg.seed,
+        device,
+        cfg.train.sparse_prediction,
+    )
+
+
 def _score_batch(model, sparse, rows, masks, special, chunk, tokenizer, device, total, counts) -> None:
     ids, attention = padded([rows[i].ids for i, _ in chunk], tokenizer.pad_token_id or 0)
     masked = torch.zeros(ids.shape, dtype=torch.bool)

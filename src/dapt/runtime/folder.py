@@ -97,6 +97,11 @@ def identity(values: dict, sections: list[str] | None, task: str | None = None) 
     return {k: v for k, v in flat.items() if k in evaluated or not k.startswith(OPERATIONAL)}
 
 
+def run_identity(cfg, task: str) -> dict[str, Any]:
+    """This run's identity, secrets masked (it is written into the folder)."""
+    return identity(redact(cfg.to_dict()), _sections(task), task)
+
+
 def read_claim(folder: Path) -> dict | None:
     """The run a folder holds: {"task", "identity"}; inferred for a folder of an older dapt; None when it holds none."""
     try:
@@ -111,11 +116,7 @@ def read_claim(folder: Path) -> dict | None:
         values = {k: v for k, v in resolved.items() if k != "ds_config"}
     except (OSError, yaml.YAMLError):
         values = None
-    return {
-        "task": task,
-        "identity": identity(values, None, task) if values is not None else None,
-        "inferred": True,
-    }
+    return {"task": task, "identity": identity(values, None, task) if values is not None else None}
 
 
 # The entry scripts whose runs write into output_dir
@@ -151,7 +152,7 @@ def problems(cfg, task: str | None) -> list[str]:
         return [
             f"{where} holds {what} (final/, checkpoints, metrics), which this {task} run would overwrite{keep}"
         ]
-    mine, theirs = identity(redact(cfg.to_dict()), _sections(task), task), held.get("identity")
+    mine, theirs = run_identity(cfg, task), held.get("identity")
     if theirs is None:
         return []
     changed = [k for k in sorted(set(mine) & set(theirs)) if mine[k] != theirs[k]]
@@ -176,10 +177,7 @@ def claim(cfg) -> None:
     if held and held.get("task") not in (None, task):
         raise ValueError(problems(cfg, task)[0])
     folder.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "task": task,
-        "identity": identity(redact(cfg.to_dict()), _sections(task), task),
-    }  # no secret in the folder
+    doc = {"task": task, "identity": run_identity(cfg, task)}
     (folder / CLAIM).write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
@@ -188,13 +186,12 @@ def _a(task: str) -> str:
     return f"{'an' if task[:1] in 'aeiou' or task == 'mlm' else 'a'} {task}"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: dict) -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: sections one level down; a field's own mapping (model.config) whole."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if (
-            isinstance(value, dict) and value and prefix.count(".") < 1
-        ):  # sections; a mapping value stays whole
-            out |= _flatten(value, f"{prefix}{key}.")
+        if isinstance(value, dict) and value:
+            out |= {f"{key}.{name}": field for name, field in value.items()}
         else:
-            out[f"{prefix}{key}"] = value
+            out[key] = value
     return out

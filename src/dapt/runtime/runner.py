@@ -82,10 +82,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int, groups: list[dict] | None = None):
+def build_engine(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    steps: int,
+    groups: list[dict] | None = None,
+    resuming: bool = False,
+):
     """The DeepSpeed engine over `groups` (the task's optimizer parameter groups; default: param_groups with
     train.weight_decay): dapt's schedule unless the DeepSpeed config names one, torch.compile as train.compile
-    says."""
+    says; under ZeRO-3 from a pretrained folder, fp32 masters from the folder unless `resuming` (the checkpoint
+    brings its own)."""
     groups = groups or param_groups(model, cfg.train.weight_decay)
     scheduler = None
     if "scheduler" not in cfg.ds_config:
@@ -93,7 +100,8 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, steps: int, groups: lis
         def scheduler(optimizer):
             return build_scheduler(optimizer, cfg.train, steps)
 
-    exact = zero3.fp32_partitions(cfg, model)  # ZeRO-3 from a pretrained folder: masters not rounded to bf16
+    # ZeRO-3 from a pretrained folder: masters not rounded to bf16 (a resume loads its own masters instead)
+    exact = {} if resuming else zero3.fp32_partitions(cfg, model)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, config=engine_config(cfg.ds_config), lr_scheduler=scheduler
     )

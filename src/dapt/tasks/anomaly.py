@@ -24,7 +24,7 @@ from dapt.config.schema import RunConfig
 from dapt.data.embedding import NoMLMHead, embed_documents, load_encoder, load_masked_lm, splits_of
 from dapt.data.novelty import CharNovelty
 from dapt.data.stream import in_valid_split
-from dapt.data.surprise import AGGREGATES, MEASURES, token_surprise
+from dapt.data.surprise import AGGREGATES, MEASURES, run_surprise
 from dapt.runtime import group
 from dapt.runtime.plots import pyplot, save
 from dapt.runtime.runner import start
@@ -285,18 +285,7 @@ class Scores:
             aggregates = tuple(a for a in aggregates if a != "novel")
 
         def surprise(docs):
-            found = token_surprise(
-                model,
-                self.tokenizer,
-                docs,
-                cfg.data.max_seq_length,
-                cfg.train.micro_batch_size,
-                e.mask_patterns,
-                e.mask_rate,
-                cfg.seed,
-                self.device,
-                cfg.train.sparse_prediction,
-            )
+            found = run_surprise(cfg, model, self.tokenizer, docs, self.device)
             if "novel" in aggregates:
                 texts = [d.text for d in docs]
                 for s, flags in zip(

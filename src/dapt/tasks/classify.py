@@ -246,7 +246,8 @@ def run_one(cfg: RunConfig) -> dict:
     log_choices(cfg, s.accelerator, steps)
     _log_classifier(cfg, model, labels, weights, steps, steps_per_epoch)
     ckpts.check_disk(parameter_count(model))
-    engine = build_engine(cfg, model, steps, classifier_groups(model, t.lr, t.weight_decay, c.head_lr_mult))
+    groups = classifier_groups(model, t.lr, t.weight_decay, c.head_lr_mult)
+    engine = build_engine(cfg, model, steps, groups, resuming=ckpts.resume_point() is not None)
     resumed = ckpts.resume(engine)
     state, task = resumed.state, {"best": None, "stale": 0, "stopped": None} | resumed.task
     metrics = open_metrics(cfg, s.out, state.step)

@@ -220,7 +220,7 @@ def run(cfg: RunConfig) -> dict:
         save_resolved(cfg, s.out / "config.resolved.yaml")
     log_choices(cfg, s.accelerator, steps)
     ckpts.check_disk(parameter_count(model))
-    engine = build_engine(cfg, model, steps)
+    engine = build_engine(cfg, model, steps, resuming=ckpts.resume_point() is not None)
     resumed = ckpts.resume(engine)
     state = resumed.state
     metrics = open_metrics(cfg, s.out, state.step)

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from dapt.config.schema import RunConfig
+from dapt.data.embedding import read_unlabelled
 from dapt.data.formats import READERS, BadRecord, Document
-from dapt.data.labelled import encode, padded, read_labelled, say_what_is_cut
+from dapt.data.labelled import encode, labelled_options, padded, read_labelled, say_what_is_cut
 from dapt.data.packing import pack
-from dapt.data.prepare import format_options, read_documents
 from dapt.data.sources import Position, expand
 from dapt.runtime import group
 from dapt.runtime.evaluation import classification_metrics, plot_confusion, write_predictions
@@ -76,21 +76,13 @@ def read_inputs(cfg: RunConfig, skipped: Counter) -> tuple[list[Document], bool]
     d, c = cfg.data, cfg.classify
     if (c.label_field or c.label_files) and _first_has_label(cfg):
         return list(read_labelled(cfg, d.test, skipped)), True
-    opts = format_options(d)
-    docs = []
-    for url in expand(d.test, d.format):
-        docs += read_documents(
-            [url], d.format, on_error=d.on_error, skipped=skipped, options=opts, limit=d.max_records_per_file
-        )
-    return docs, False
+    return read_unlabelled(cfg, d.test, skipped), False
 
 
 def _first_has_label(cfg: RunConfig) -> bool:
     if cfg.classify.label_files:
         return True
-    d = cfg.data
-    opts = format_options(d)
-    opts = type(opts)(**{**opts.__dict__, "label_field": cfg.classify.label_field})
+    d, opts = cfg.data, labelled_options(cfg)
     for url in expand(d.test, d.format):
         for item, _ in READERS[d.format](url, Position(), opts):
             if isinstance(item, BadRecord):  # the label missing here means it is missing from the files
@@ -171,21 +163,11 @@ def score_surprise(cfg: RunConfig, docs: list[Document], device) -> dict:
     """Each record's MLM surprise (mean NLL of its masked tokens under embed.mask_patterns fixed masks) and its most
     surprising tokens, in predictions.jsonl."""
     from dapt.data.embedding import load_masked_lm
-    from dapt.data.surprise import token_surprise
+    from dapt.data.surprise import run_surprise
 
     e = cfg.embed
     model, tokenizer = load_masked_lm(cfg, device)
-    scored = token_surprise(
-        model,
-        tokenizer,
-        docs,
-        cfg.data.max_seq_length,
-        cfg.train.micro_batch_size,
-        e.mask_patterns,
-        e.mask_rate,
-        cfg.seed,
-        device,
-    )
+    scored = run_surprise(cfg, model, tokenizer, docs, device)
     values = [s.score("mean", e.top_k) for s in scored]
     if group.rank() == 0:
         with (Path(cfg.output_dir) / "predictions.jsonl").open("w") as f:
