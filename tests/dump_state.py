@@ -12,26 +12,17 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from dapt.cli.load import load_config
-from dapt.config.dsconfig import finalize_ds_config
-from dapt.data.prepare import prepare_data
 from dapt.runtime import group
 from dapt.runtime.group import setup_logging
-from dapt.runtime.runner import Checkpoints, build_engine, start
-from dapt.runtime.schedule import warmup_steps
-from dapt.tasks.mlm import mlm_model, total_steps
+from dapt.runtime.train import setup
+from dapt.tasks.mlm import MaskedLM
 
 
 def main(argv: list[str]) -> None:
     argv = [a for a in argv if not a.startswith("--local_rank")]
     cfg = load_config(argv)
     setup_logging("info")
-    s = start(cfg)
-    corpus = prepare_data(cfg, s.out)
-    steps, _ = total_steps(cfg, corpus)
-    model, _ = mlm_model(cfg, corpus.tokenizer)
-    finalize_ds_config(cfg.ds_config, steps, warmup_steps(cfg.train, steps), model.config.hidden_size)
-    engine = build_engine(cfg, model, steps)
-    Checkpoints(cfg, s.out, steps=steps).resume(engine)
+    engine = setup(cfg, MaskedLM()).engine
     if hasattr(
         engine.optimizer, "_lazy_init_hp_params_optimizer_state"
     ):  # ZeRO 1/2: link the loaded moments to

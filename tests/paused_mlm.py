@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import dapt.runtime.checkpoint as checkpoint
+import dapt.runtime.train as train
 from dapt.cli.main import main
 from dapt.tasks import mlm
 
@@ -35,8 +36,8 @@ if __name__ == "__main__":
             save_resolved(cfg, path)
             _pause_before(lambda folder: None, lambda folder: True)(path)
 
-        save_resolved = mlm.save_resolved
-        mlm.save_resolved = resolved_then_pause
+        save_resolved = train.save_resolved
+        train.save_resolved = resolved_then_pause
     elif where.startswith("checkpoint:"):
         tag = f".tmp-step_{int(where.split(':')[1]):08d}"
         checkpoint.write_manifest = _pause_before(checkpoint.write_manifest, lambda f: f.name == tag)

@@ -244,7 +244,10 @@ def test_unseen_test_label_is_a_clear_error_or_a_counted_skip(labelled_jsonl, tm
             accelerator="cpu",
         )
     )
-    assert summary["skipped_records"] == {"unseen label in test: novel": 1}
+    assert (
+        summary["eval_skipped_records"] == {"unseen label in test: novel": 1}
+        and summary["skipped_records"] == {}
+    )
 
 
 def test_seeds_give_mean_and_std(labelled_jsonl, tmp_path):

@@ -99,7 +99,8 @@ def test_parameters_are_counted_under_zero3_partitioning(tmp_path, corpus_file, 
     from conftest import TINY_MODEL
 
     from dapt.cli.load import load_config
-    from dapt.model.build import build_model, parameter_count, train_wordpiece
+    from dapt.model.build import build_model, train_wordpiece
+    from dapt.runtime.runner import parameter_count
     from dapt.tools.profile import run as run_profile
 
     init()

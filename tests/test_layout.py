@@ -77,6 +77,7 @@ def test_each_entry_script_runs_its_namesake():
 
 LOOP_AND_SET_UP = [
     "runtime/runner.py",
+    "runtime/train.py",
     "tasks/mlm.py",
     "tasks/classify.py",
     "tools/profile.py",
@@ -94,3 +95,19 @@ def test_no_function_in_the_loop_and_set_up_paths_is_over_60_lines(name):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60
     ]
     assert long == [], f"{name}: {long}"
+
+
+def test_the_training_loop_is_written_once():
+    """One loop for every task: only dapt.runtime.train calls optimizer_step, opens a progress bar or raises
+    Preempted and Diverged; the tasks and the profiler call train()."""
+    owners = {}
+    for path in _modules():
+        text = path.read_text()
+        for name in ("optimizer_step(", "tqdm(", "raise Preempted(", "raise Diverged(", ".export_point("):
+            if name in text:
+                owners.setdefault(name, set()).add(str(path.relative_to(SRC)))
+    assert owners["optimizer_step("] == {"runtime/runner.py", "runtime/train.py"}  # defined, called
+    for name in ("tqdm(", "raise Preempted(", "raise Diverged(", ".export_point("):
+        assert owners[name] == {"runtime/train.py"}, (name, owners[name])
+    for task in ("tasks/mlm.py", "tasks/classify.py", "tools/profile.py"):
+        assert "train(cfg, " in (SRC / task).read_text(), f"{task} does not run through dapt.runtime.train"

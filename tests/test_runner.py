@@ -321,8 +321,9 @@ def test_the_classifier_loads_a_pretrained_encoder_partitioned_under_zero3_and_t
     from transformers import BertConfig, BertForMaskedLM
 
     from dapt.cli.load import load_config
-    from dapt.model.build import build_model, parameter_count, train_wordpiece
+    from dapt.model.build import build_model, train_wordpiece
     from dapt.runtime import group
+    from dapt.runtime.runner import parameter_count
 
     texts = [json.loads(line)["text"] for line in labelled.read_text().splitlines()]
     tok = train_wordpiece(texts, 400, 48)

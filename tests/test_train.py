@@ -117,7 +117,11 @@ def test_run_lowers_loss_and_writes_everything(recipe, tmp_path):
     for name in ("loss.png", "learning_rate.png", "perplexity.png"):
         assert (out / "plots" / name).stat().st_size > 1000
     index = json.loads((out / "checkpoints" / "index.json").read_text())
-    assert index["latest"] and index["best"]["eval_loss"] == pytest.approx(min(evals))
+    assert (
+        index["latest"]
+        and index["best"]["score"] == pytest.approx(min(evals))
+        and index["best"]["metric"] == "loss"
+    )
     # concat rows are full except the last of each block, so nearly every token position holds a real token
     assert 0.9 * 40 * 8 * 32 < summary["tokens_seen"] <= 40 * 8 * 32
     assert summary["packing_efficiency"] == pytest.approx(summary["tokens_seen"] / (40 * 8 * 32), rel=1e-9)

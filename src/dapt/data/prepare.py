@@ -18,6 +18,7 @@ from dapt.data.packing import Row, pack
 from dapt.data.sources import Position, expand
 from dapt.data.stream import RowFeeder, StreamSpec, fitting_streams, in_valid_split
 from dapt.runtime import group
+from dapt.runtime.card import TEXT_FILE
 
 __all__ = ["BadRecord", "Document", "Row", "in_valid_split"]
 
@@ -34,9 +35,6 @@ def format_options(d) -> FormatOptions:
         records_field=d.records_field,
         volatile=tuple(d.volatile),
     )
-
-
-TEXT_FILE = "dapt_text.json"  # in final/: how the model's training records became text
 
 
 def text_settings(cfg) -> dict:

@@ -18,6 +18,7 @@ import dapt.model.canine  # noqa: F401  (registers CANINE's masked-LM class with
 from dapt.model.archs import position_limit
 from dapt.model.attention import FLASH_PACKED_MODELS
 from dapt.model.hub import HubError, from_config, pretrained
+from dapt.runtime.runner import parameter_count
 
 log = logging.getLogger("dapt")
 
@@ -271,9 +272,3 @@ def _instantiate(cfg, conf, impl: str, ds_config: dict | None, auto, maps: dict)
         return from_config(auto.from_pretrained, m, attn_implementation=impl, dtype=torch.float32, **maps)
     finally:
         del keep_alive
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    """Parameters of `model`, also when ZeRO-3 has partitioned it (zero.Init leaves p.numel() == 0 and keeps the real
-    count in ds_numel)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

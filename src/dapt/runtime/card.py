@@ -9,6 +9,7 @@ from dapt.config.redact import redact
 from dapt.config.schema import RunConfig, save_resolved
 
 PIPELINES = {"mlm": "fill-mask", "classify": "text-classification"}
+TEXT_FILE = "dapt_text.json"  # in final/: how the model's training records became text
 
 
 def hub_datasets(sources: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -123,6 +124,44 @@ def verify(folder: Path) -> str | None:
     return None
 
 
+class Score(NamedTuple):
+    """A checkpoint's evaluation as the index keeps it: the figure, its name and which way is better."""
+
+    metric: str
+    score: float
+    higher_is_better: bool
+
+    def beats(self, best: dict | None) -> bool:
+        """Better than the index's `best` entry (dapt 0.2's {"eval_loss": x} entries: a loss, or a classifier's
+        score stored negated, both lower-is-better)."""
+        if best is None:
+            return True
+        old = best["score"] if "score" in best else best["eval_loss"]
+        if best.get("higher_is_better", False) != self.higher_is_better:
+            old = -old
+        return self.score > old if self.higher_is_better else self.score < old
+
+
+def step_in(index: dict, folder: Path) -> int:
+    """The optimizer step checkpoint `folder` was written at: from the index, else its dapt_checkpoint.json."""
+    if folder.name in index.get("steps", {}):
+        return int(index["steps"][folder.name])
+    return step_of(folder)
+
+
+def step_of(folder: Path) -> int:
+    """The optimizer step checkpoint `folder` was written at, from what the checkpoint says of itself (its
+    dapt_checkpoint.json, else the client state's counters); never from the folder's name."""
+    try:
+        return int(json.loads((folder / "dapt_checkpoint.json").read_text())["step"])
+    except (OSError, KeyError, ValueError):
+        pass
+    states = sorted(folder.glob("*model_states.pt"))
+    if not states:
+        raise ValueError(f"{folder} is not a dapt checkpoint: no dapt_checkpoint.json and no model states")
+    return int(safe_load(states[0])["train_state"]["step"])
+
+
 class Checkpointer:
     """Saves under `root/<tag>/`, atomically: written as `.tmp-<tag>`, given a manifest of sizes and checksums,
     renamed, and only then named in `root/index.json` (latest, best, kept). Resume verifies the manifest and falls
@@ -147,8 +186,9 @@ class Checkpointer:
         return self.root / tag if tag else None
 
     def before(self, step: int) -> Path | None:
-        """The newest kept checkpoint written before optimizer step `step` (tags are step_<N>)."""
-        tags = [tag for tag in self.index()["saved"] if int(tag.rsplit("_", 1)[1]) < step]
+        """The newest kept checkpoint written before optimizer step `step`."""
+        index = self.index()
+        tags = [tag for tag in index["saved"] if step_in(index, self.root / tag) < step]
         return self.root / tags[-1] if tags else None
 
     def save(
@@ -157,9 +197,10 @@ class Checkpointer:
         step: int,
         client_state: dict,
         rank_extra: dict,
-        eval_loss: float | None,
+        score: Score | None,
         info: dict | None = None,
     ) -> Path:
+        """Checkpoint `step` (all ranks); `score`: its evaluation, for the index's best."""
         tag = f"step_{step:08d}"
         tmp = self.root / f".tmp-{tag}"
         if group.rank() == 0 and tmp.exists():
@@ -175,7 +216,7 @@ class Checkpointer:
             if (self.root / tag).exists():
                 shutil.rmtree(self.root / tag)
             os.replace(tmp, self.root / tag)
-            self._update_index(tag, eval_loss)
+            self._update_index(tag, step, score)
         group.barrier()
         return self.root / tag
 
@@ -201,20 +242,20 @@ class Checkpointer:
             torch.distributed.broadcast_object_list(choice, src=0)
         return self.root / choice[0] if choice[0] else None
 
-    def _update_index(self, tag: str, eval_loss: float | None) -> None:
+    def _update_index(self, tag: str, step: int, score: Score | None) -> None:
         idx = self.index()
         saved = [t for t in idx["saved"] if t != tag] + [tag]
         best = idx["best"]
-        if eval_loss is not None and (best is None or eval_loss < best["eval_loss"]):
-            best = {"tag": tag, "eval_loss": eval_loss}
+        if score is not None and score.beats(best):
+            best = {"tag": tag, "step": step} | score._asdict()
         keep = set(saved[-self.keep :]) | ({best["tag"]} if best and self.keep_best else set())
         for old in saved:
             if old not in keep:
                 shutil.rmtree(self.root / old, ignore_errors=True)
+        steps = {t: step if t == tag else step_in(idx, self.root / t) for t in saved if t in keep}
         tmp = self.index_path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"latest": tag, "saved": [t for t in saved if t in keep], "best": best}, indent=1)
-        )
+        index = {"latest": tag, "saved": [t for t in saved if t in keep], "steps": steps, "best": best}
+        tmp.write_text(json.dumps(index, indent=1))
         os.replace(tmp, self.index_path)
 
     def load(self, engine, path: Path, ranks: Path | None = None) -> tuple[dict, dict]:

@@ -29,7 +29,7 @@ from dapt.config.dsconfig import bf16_in_hardware, describe_optimizer
 from dapt.config.redact import redact
 from dapt.config.schema import ConfigError, RunConfig
 from dapt.runtime import elastic, folder, group, zero3
-from dapt.runtime.checkpoint import Checkpointer, check_disk, verify
+from dapt.runtime.checkpoint import Checkpointer, Score, check_disk, step_in, verify
 from dapt.runtime.metrics import MetricsLogger
 from dapt.runtime.numerics import StepGuard, StepOutcome, engine_config
 from dapt.runtime.schedule import build_scheduler, continuation_problem, schedule_of, warmup_steps
@@ -71,6 +71,12 @@ def decays(p: torch.nn.Parameter) -> bool:
     """Whether weight decay applies: to matrices, not to biases and norm weights (1-D). Read from the parameter's
     real shape: zero.Init leaves every ZeRO-3 parameter a 1-D empty tensor and keeps the shape in ds_shape."""
     return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of `model`, also when ZeRO-3 has partitioned it (zero.Init leaves p.numel() == 0 and keeps the real
+    count in ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -181,6 +187,17 @@ class Resumed:
     point: Path | None = None
 
 
+@dataclass(frozen=True)
+class ExportPoint:
+    """The checkpoint final/ is made from: where, its optimizer step, why, and its index entry when it is the best
+    evaluation (metric, score, direction)."""
+
+    path: Path
+    step: int
+    why: str
+    best: dict | None = None
+
+
 class Checkpoints:
     """Checkpoint policy from the `checkpoint` section, the same for every task."""
 
@@ -213,15 +230,20 @@ class Checkpoints:
         every = self.cfg.checkpoint.every
         return bool(every and step % every == 0) or step == steps or (evaluated and self.saves_evaluations)
 
-    def export_point(self) -> tuple[Path, str]:
+    def export_point(self) -> ExportPoint:
         """The checkpoint final/ is made from, and why (checkpoint.export)."""
-        best = self.store.index()["best"] if self.saves_evaluations else None
+        index = self.store.index()
+        best = index["best"] if self.saves_evaluations else None
         if best:
-            return self.store.root / best["tag"], "checkpoint.export=best: the best evaluation"
+            point = self.store.root / best["tag"]
+            return ExportPoint(
+                point, step_in(index, point), "checkpoint.export=best: the best evaluation", best
+            )
+        latest = self.store.latest()
         if self.cfg.checkpoint.export == "best":
             why = "no evaluation" if self.keep_best else "checkpoint.keep_best=false, the best is not kept"
-            return self.store.latest(), f"the last checkpoint ({why})"
-        return self.store.latest(), "checkpoint.export=last"
+            return ExportPoint(latest, step_in(index, latest), f"the last checkpoint ({why})")
+        return ExportPoint(latest, step_in(index, latest), "checkpoint.export=last")
 
     def resume_point(self) -> Path | None:
         """resume=never: none; auto: the latest complete checkpoint; a path: that checkpoint, verified first. Found
@@ -301,9 +323,9 @@ class Checkpoints:
         return client, mine
 
     def save(
-        self, engine, state: TrainState, feeder, guard: StepGuard, task: dict, samples, score: float | None
-    ):
-        """Save a checkpoint (all ranks); `score` is lower-is-better for the best-checkpoint index."""
+        self, engine, state: TrainState, feeder, guard: StepGuard, task: dict, samples, score: Score | None
+    ) -> Path:
+        """Save a checkpoint (all ranks); `score`: the evaluation at this step, for the best-checkpoint index."""
         extra = {"sample_lines": samples.lines if samples else 0}
         client = client_state(self.cfg, state, feeder, guard, task, extra["sample_lines"])
         client["samples"] = self.carried_lines | client["samples"]

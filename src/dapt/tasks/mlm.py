@@ -1,14 +1,10 @@
-"""launch/mlm.py: masked-language-model training through the runner: the MLM data, model and loss, the loop,
-evaluation and the end of a run."""
+"""launch/mlm.py: masked-language-model training, as a task of dapt.runtime.train: the MLM data and length, model
+(dense or sparse head), collator, loss over masked tokens, and evaluation on fixed masks."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import resource
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -16,46 +12,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from dapt.config.dsconfig import finalize_ds_config
-from dapt.config.schema import RunConfig, save_resolved
+from dapt.config.schema import RunConfig
 from dapt.data.masking import IGNORE, MLMCollator
 from dapt.data.packing import Row
-from dapt.data.prepare import (
-    TEXT_FILE,
-    Corpus,
-    RowDataset,
-    eval_batches,
-    prepare_data,
-    text_description,
-    text_settings,
-)
+from dapt.data.prepare import Corpus, RowDataset, eval_batches, prepare_data, text_description, text_settings
 from dapt.data.prepare import feeder as data_feeder
-from dapt.data.stream import RowFeeder, epoch_pass, rows_for_passes
+from dapt.data.stream import epoch_pass, rows_for_passes
 from dapt.model.attention import forward
-from dapt.model.build import build_model, parameter_count
+from dapt.model.build import build_model
 from dapt.model.sparse import SparsePrediction, supports_sparse
 from dapt.runtime import group
-from dapt.runtime.card import write_model_card
-from dapt.runtime.checkpoint import export_hf
-from dapt.runtime.metrics import plot_curves, read_metrics
-from dapt.runtime.numerics import Diverged, StepGuard
-from dapt.runtime.preempt import Preempted, PreemptionWatch
-from dapt.runtime.publish import publish
-from dapt.runtime.runner import (
-    Checkpoints,
-    Step,
-    TrainState,
-    build_engine,
-    log_choices,
-    no_clock,
-    open_metrics,
-    optimizer_step,
-    sample_log,
-    start,
-)
-from dapt.runtime.schedule import warmup_steps
+from dapt.runtime.metrics import read_metrics
+from dapt.runtime.runner import ExportPoint
+from dapt.runtime.train import Evaluation, Length, Run, perplexity, train
 
 log = logging.getLogger("dapt")
 
@@ -168,228 +138,96 @@ def mlm_model(cfg: RunConfig, tokenizer) -> tuple[torch.nn.Module, SparsePredict
     return model, sparse
 
 
-@dataclass
-class Loop:
-    """What an MLM optimizer step needs (launch/profile.py runs the same steps through it)."""
-
-    cfg: RunConfig
-    engine: object
-    guard: StepGuard
-    feeder: RowFeeder
-    collate: MLMCollator
-    device: torch.device
-    sparse: SparsePrediction | None
-    watch: PreemptionWatch | None = None
-
-
-def mlm_step(loop: Loop, clock=no_clock, around=contextlib.nullcontext) -> tuple[Step, list[dict], list]:
-    """Take this rank's rows of one optimizer step, collate them and run the step: (the step, its micro-batches,
-    its rows)."""
-    t, engine = loop.cfg.train, loop.engine
-    rows = [loop.feeder.take(t.micro_batch_size) for _ in range(t.grad_accum)]
-    micro = [loop.collate([row_item(g, row) for g, row in part]) for part in rows]
-    step = optimizer_step(
-        engine,
-        loop.guard,
-        micro,
-        lambda b: mlm_loss_sum(engine, b, loop.device, loop.sparse),
-        masked_count,
-        loop.watch.signum if loop.watch else 0,
-        clock,
-        around,
-    )
-    return step, micro, rows
-
-
 def masked_count(batch: dict) -> int:
     return int((batch["labels"] != IGNORE).sum())
-
-
-def run(cfg: RunConfig) -> dict:
-    """Train an MLM as `cfg` says; resume if a checkpoint exists; export final/; return the summary."""
-    s = start(cfg)
-    corpus = prepare_data(cfg, s.out)
-    steps, epoch = total_steps(cfg, corpus)
-    model, sparse = mlm_model(cfg, corpus.tokenizer)
-    finalize_ds_config(
-        cfg.ds_config, steps, warmup_steps(cfg.train, steps), getattr(model.config, "hidden_size", None)
-    )
-    ckpts = Checkpoints(cfg, s.out, steps=steps)
-    ckpts.check_continuation()
-    if group.rank() == 0:
-        save_resolved(cfg, s.out / "config.resolved.yaml")
-    log_choices(cfg, s.accelerator, steps)
-    ckpts.check_disk(parameter_count(model))
-    engine = build_engine(cfg, model, steps, resuming=ckpts.resume_point() is not None)
-    resumed = ckpts.resume(engine)
-    state = resumed.state
-    metrics = open_metrics(cfg, s.out, state.step)
-    if corpus.skipped and state.step == 0:
-        metrics.log(0, {f"data/eval_skipped/{reason}": n for reason, n in corpus.skipped.items()})
-    feeder = data_feeder(corpus.spec, cfg, resumed.streams, state.rows)
-    k = cfg.masking
-    loop = Loop(
-        cfg,
-        engine,
-        StepGuard(cfg.numerics, engine, cfg.ds_config, resumed.numerics),
-        feeder,
-        make_collator(cfg, corpus.tokenizer, model.config, k.rate, cfg.seed),
-        s.device,
-        sparse,
-        PreemptionWatch(),
-    )
-    started = time.time() - state.elapsed
-    try:
-        train_loop(
-            loop, state, steps, corpus, ckpts, metrics, sample_log(cfg, s.out, resumed.sample_lines), started
-        )
-    finally:
-        loop.watch.close()
-    return finish(
-        cfg, engine, corpus, state, ckpts, metrics, time.time() - started, s.device, feeder, epoch, sparse
-    )
-
-
-def train_loop(
-    loop: Loop,
-    state: TrainState,
-    steps: int,
-    corpus: Corpus,
-    ckpts: Checkpoints,
-    metrics,
-    samples,
-    started: float,
-) -> None:
-    cfg, engine, t = loop.cfg, loop.engine, loop.cfg.train
-    k = cfg.masking
-    eval_collate = make_collator(
-        cfg, corpus.tokenizer, engine.module.config, k.eval_rate or k.rate, cfg.seed + 1
-    )
-    window, window_start = Counter(), time.time()
-    bar = tqdm(
-        total=steps, initial=state.step, desc="train", disable=group.rank() != 0 or not cfg.log.progress
-    )
-    with bar:
-        while state.step < steps:
-            step, micro, rows = mlm_step(loop)
-            _account(state, window, step, micro, rows, samples)
-            bar.update(1)
-            stop = loop.guard.check(state.step, step.outcome, step.grad_norm)
-            if stop:
-                raise Diverged(stop, ckpts.store.before(loop.guard.since))
-            if state.step % t.log_every == 0 or state.step in (1, steps):  # the first: warmup shows
-                _log_train(
-                    engine,
-                    state,
-                    window,
-                    time.time() - window_start,
-                    metrics,
-                    bar,
-                    steps,
-                    loop.feeder,
-                    loop.guard.skipped,
-                )
-                window, window_start = Counter(), time.time()
-            eval_loss = None
-            if corpus.valid and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
-                result = evaluate(engine, corpus.valid, eval_collate, t, loop.device, loop.sparse)
-                _log_eval(state, result, metrics, "eval")
-                eval_loss = result["loss"]
-            if ckpts.due(state.step, steps, eval_loss is not None) or step.stop_votes:
-                state.elapsed = time.time() - started
-                saved = ckpts.save(engine, state, loop.feeder, loop.guard, {}, samples, eval_loss)
-                if step.stop_votes and state.step < steps:
-                    # a rank the signal did not reach stops because another one got it: report SIGTERM there
-                    raise Preempted(loop.watch.signum or signal.SIGTERM, state.step, str(saved))
-
-
-def _account(state: TrainState, window: Counter, step, micro: list[dict], rows: list, samples) -> None:
-    """After a step: the log window's tokens, slots, samples and loss; the counters; the sample log."""
-    for b in micro:
-        window["tokens"] += int(b["attention_mask"].sum())
-        window["slots"] += b["attention_mask"].numel()
-        window["samples"] += len(b["input_ids"])
-    window["grad_norm"] = step.grad_norm
-    if not step.outcome.skipped:
-        window["loss_sum"] += step.outcome.loss * step.weight
-        window["masked"] += step.weight
-    state.micro_step += len(micro)
-    state.step += 1
-    state.rows += sum(len(part) for part in rows) * group.world()
-    if samples:
-        samples.write([doc for part in rows for _, row in part for doc in row.doc_ids])
 
 
 def row_item(g: int, row: Row) -> dict:
     return {"input_ids": row.ids, "key": g, "index": g, "lengths": row.lengths, "words": row.words}
 
 
-def _log_train(
-    engine,
-    state: TrainState,
-    window: Counter,
-    seconds: float,
-    metrics,
-    bar,
-    steps: int,
-    feeder: RowFeeder,
-    skipped: int,
-) -> None:
-    tokens, slots, samples = group.all_sum(window["tokens"], window["slots"], window["samples"])
-    state.tokens_seen += int(tokens)
-    state.slots_seen += int(slots)
-    state.samples_seen += int(samples)
-    loss = (
-        window["loss_sum"] / window["masked"] if window["masked"] else float("nan")
-    )  # nan: all steps skipped
-    values = {
-        "train/loss": loss,
-        "train/perplexity": math.exp(min(loss, 50)),
-        "train/learning_rate": engine.get_lr()[0],
-        "train/grad_norm": window["grad_norm"],
-        "train/tokens_per_second": tokens / max(seconds, 1e-9),
-        "train/samples_per_second": samples / max(seconds, 1e-9),
-        "train/packing_efficiency": tokens / max(slots, 1),
-        "train/epoch": feeder.epoch(),
-        "train/tokens_seen": state.tokens_seen,
-        "train/peak_memory_gb": peak_memory_gb(),
-        "train/skipped_steps": skipped,
-    }
-    values |= {f"data/{k}": v for k, v in _gathered_counts(feeder).items()}
-    metrics.log(state.step, values)
-    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/learning_rate']:.2e}")
-    log.info(
-        "step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f",
-        state.step,
-        steps,
-        loss,
-        values["train/learning_rate"],
-        window["grad_norm"],
-        values["train/tokens_per_second"],
-    )
+class MaskedLM:
+    """The MLM task for dapt.runtime.train: packed rows, masked by MLMCollator; the loss over masked tokens; the
+    masked-token loss, accuracy and top-5 accuracy on fixed masks."""
+
+    name, auto_class = "mlm", "AutoModelForMaskedLM"
+
+    def prepare(self, cfg: RunConfig, out: Path) -> Length:
+        self.cfg = cfg
+        self.corpus = prepare_data(cfg, out)
+        self.tokenizer, self.eval_skipped = self.corpus.tokenizer, self.corpus.skipped
+        steps, epoch = total_steps(cfg, self.corpus)
+        return Length(
+            steps,
+            eval_every=cfg.train.eval_every,
+            epoch_rows=epoch.rows if epoch else None,
+            epoch_skipped=epoch.skipped if epoch else None,
+        )
+
+    def model(self, cfg: RunConfig) -> torch.nn.Module:
+        model, self.sparse = mlm_model(cfg, self.tokenizer)
+        k = cfg.masking
+        self.collate = make_collator(cfg, self.tokenizer, model.config, k.rate, cfg.seed)
+        # fixed masks: validation and test each get their own seed, the same at every evaluation
+        self.eval_collate = {
+            split: make_collator(cfg, self.tokenizer, model.config, k.eval_rate or k.rate, cfg.seed + offset)
+            for split, offset in (("valid", 1), ("test", 2))
+        }
+        return model
+
+    def groups(self, cfg: RunConfig, model) -> None:
+        return None
+
+    def feeder(self, cfg: RunConfig, streams: dict, rows: int):
+        return data_feeder(self.corpus.spec, cfg, streams, rows)
+
+    def micro_batches(self, rows: list) -> list[dict]:
+        return [self.collate([row_item(g, row) for g, row in part]) for part in rows]
+
+    def loss_sum(self, engine, batch: dict, device) -> torch.Tensor:
+        return mlm_loss_sum(engine, batch, device, self.sparse)
+
+    def weight(self, batch: dict) -> float:
+        return masked_count(batch)
+
+    def evaluate(self, engine, device, split: str) -> Evaluation | None:
+        rows = self.corpus.valid if split == "valid" else self.corpus.test
+        if not rows:
+            return None
+        result = evaluate(engine, rows, self.eval_collate[split], self.cfg.train, device, self.sparse)
+        return Evaluation(result, "loss", higher_is_better=False, shown=tuple(result))
+
+    def evaluated(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
+        if improved:
+            run.state.best_eval_loss = evaluation.score
+        return None
+
+    def train_values(self, loss: float) -> dict:
+        return {"train/perplexity": perplexity(loss)}
+
+    def final(self, run: Run, point: ExportPoint, summary: dict) -> dict:
+        """summary.json's evaluation figures (the last evaluation's, the test set's) and the model card's."""
+        evals = [r for r in read_metrics(run.out / "metrics.jsonl") if "eval/loss" in r]
+        summary["best_eval_loss"] = run.progress.best
+        for key in ("loss", "accuracy", "top5_accuracy"):
+            summary[f"final_eval_{key}"] = evals[-1].get(f"eval/{key}") if evals else None
+            if summary.get("test"):  # flat, as dapt 0.2 wrote them
+                summary[f"test_{key}"] = summary["test"][key]
+        exported = next((r for r in evals if r["step"] == point.step), evals[-1] if evals else {})
+        results = {
+            f"eval {k.replace('_', ' ')}": exported.get(f"eval/{k}")
+            for k in ("loss", "accuracy", "top5_accuracy")
+        }
+        return results | {f"test {k}": summary.get(f"test_{k}") for k in ("loss", "accuracy")}
+
+    def text(self, cfg: RunConfig) -> tuple[dict, str]:
+        settings = text_settings(cfg)
+        return settings, text_description(settings)
 
 
-def _gathered_counts(feeder: RowFeeder) -> Counter:
-    """Skipped and filtered records so far, over all ranks' streams."""
-    total: Counter = Counter()
-    for counts in group.gather(dict(feeder.counts())):
-        total.update(counts)
-    return total
-
-
-def _log_eval(state: TrainState, result: dict, metrics, prefix: str) -> None:
-    loss = result["loss"]
-    if prefix == "eval" and (state.best_eval_loss is None or loss < state.best_eval_loss):
-        state.best_eval_loss = loss
-    metrics.log(state.step, {f"{prefix}/{k}": v for k, v in result.items()})
-    log.info("step %d %s loss %.4f perplexity %.2f accuracy %.4f top-5 %.4f", state.step, prefix, loss,
-             result["perplexity"], result["accuracy"], result["top5_accuracy"])  # fmt: skip
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def run(cfg: RunConfig) -> dict:
+    """Train an MLM as `cfg` says; resume if a checkpoint exists; export final/; return the summary."""
+    return train(cfg, MaskedLM())
 
 
 @torch.no_grad()
@@ -416,86 +254,3 @@ def evaluate(
     n = max(n, 1.0)
     return {"loss": loss / n, "perplexity": math.exp(min(loss / n, 50)), "accuracy": exact / n,
             "top5_accuracy": top5 / n}  # fmt: skip
-
-
-# ---------------------------------------------------------------- the end of a run
-
-
-def finish(
-    cfg: RunConfig,
-    engine,
-    corpus: Corpus,
-    state: TrainState,
-    ckpts: Checkpoints,
-    metrics,
-    wall: float,
-    device,
-    feeder: RowFeeder,
-    epoch: EpochPass | None,
-    sparse: SparsePrediction | None = None,
-) -> dict:
-    out = Path(cfg.output_dir)
-    skipped = _gathered_counts(feeder)
-    if epoch and state.rows >= epoch.rows:
-        skipped = epoch.skipped  # epoch 0 was read to its end: its pass saw every record
-    chosen, why = ckpts.export_point()
-    if chosen != ckpts.store.latest():
-        ckpts.load(engine, chosen)  # final/ and the test set use the exported weights
-    log.info("final/ from %s (%s)", chosen.name, why)
-    final = export_hf(engine, corpus.tokenizer, chosen, out / "final")
-    summary = {
-        "steps": state.step,
-        "micro_steps": state.micro_step,
-        "tokens_seen": state.tokens_seen,
-        "samples_seen": state.samples_seen,
-        "rows_trained": state.rows,
-        "epoch_rows": epoch.rows if epoch else None,
-        "best_eval_loss": state.best_eval_loss,
-        "final_checkpoint": chosen.name,
-        "final_step": int(chosen.name.rsplit("_", 1)[-1]),
-        "final_from": why,
-        "wall_seconds": round(wall, 1),  # every run's training time, over resumes
-        "this_run_seconds": round(wall - ckpts.resumed_elapsed, 1),
-        "world_size": group.world(),
-        "packing_efficiency": state.tokens_seen / max(1, state.slots_seen),
-        "skipped_records": dict(skipped),
-        "eval_skipped_records": dict(corpus.skipped),
-    }
-    if corpus.test:
-        k = cfg.masking
-        test_collate = make_collator(
-            cfg, corpus.tokenizer, engine.module.config, k.eval_rate or k.rate, cfg.seed + 2
-        )
-        result = evaluate(engine, corpus.test, test_collate, cfg.train, device, sparse)
-        summary |= {f"test_{k}": v for k, v in result.items() if k != "perplexity"}
-        _log_eval(state, result, metrics, "test")
-    if group.rank() == 0:
-        _write_results(cfg, summary, metrics, final, wall)
-    group.barrier()
-    publish(cfg, out, summary)  # hub.push, after the last collective
-    return summary
-
-
-def _write_results(cfg: RunConfig, summary: dict, metrics, final, wall: float) -> None:
-    """Rank 0: the evaluation figures in summary.json and the model card, the plots, the closing log line."""
-    out = Path(cfg.output_dir)
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
-    for key in ("loss", "accuracy", "top5_accuracy"):
-        summary[f"final_eval_{key}"] = evals[-1].get(f"eval/{key}") if evals else None
-    exported = next((r for r in evals if r["step"] == summary["final_step"]), evals[-1] if evals else {})
-    results = {
-        f"eval {k.replace('_', ' ')}": exported.get(f"eval/{k}")
-        for k in ("loss", "accuracy", "top5_accuracy")
-    }
-    results |= {f"test {k}": summary.get(f"test_{k}") for k in ("loss", "accuracy")}
-    settings = text_settings(cfg)
-    (out / "final" / TEXT_FILE).write_text(json.dumps(settings, indent=1))
-    write_model_card(out / "final", cfg, "mlm", summary, results, text_description(settings), settings)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
-    metrics.finish(summary)
-    earlier = (
-        f" ({wall:.0f} s with the runs it continued)" if summary["this_run_seconds"] < round(wall, 1) else ""
-    )
-    log.info("done in %.0f s%s: model %s | metrics %s | plots %s | summary %s", summary["this_run_seconds"], earlier,
-             final, out / "metrics.jsonl", ", ".join(str(p) for p in plots) or "off", out / "summary.json")  # fmt: skip

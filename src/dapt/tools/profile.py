@@ -21,9 +21,13 @@ from pathlib import Path
 
 import torch
 
+from dapt.config.dsconfig import describe_optimizer
 from dapt.config.gpus import peak_for_device
 from dapt.config.schema import RunConfig
 from dapt.runtime import group
+from dapt.runtime.runner import Clock, parameter_count
+from dapt.runtime.train import take_step, train
+from dapt.tasks.mlm import MaskedLM, masked_count
 
 log = logging.getLogger("dapt")
 
@@ -84,84 +88,79 @@ def measured_matmul_tflops(dtype: torch.dtype, n: int = 1024, reps: int = 5) -> 
     return 2 * n**3 / best / 1e12
 
 
+class Timer:
+    """The profile's clock over dapt.runtime.train's loop: profile.warmup + profile.steps optimizer steps, the timed
+    ones split in parts (in a torch.profiler trace with profile.trace), then one more step alone for its peak
+    memory, and the report."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.p = cfg, cfg.profile
+        self.parts = {k: [] for k in ("step", "data", "forward", "backward", "optimizer")}
+        self.counts = {k: [] for k in ("tokens", "slots", "samples", "predicted")}
+        self.clock: Clock | None = None
+        self.tracer = None
+        self.timing = False
+
+    def steps(self) -> tuple[int, int]:
+        steps = self.p.warmup + self.p.steps
+        return steps, steps + 1  # one step more than timed: the last is run alone for its peak memory
+
+    def before_engine(self, cfg: RunConfig, out: Path) -> None:
+        self.out, self.accelerator = out, "cuda" if torch.cuda.is_available() else "cpu"
+        self.clock = Clock(self.accelerator)
+        _flops_profiler(cfg, out)
+
+    def begin(self, step: int) -> tuple:
+        self.timing = step >= self.p.warmup
+        if self.p.trace and step == self.p.warmup:
+            self.tracer = _tracer(self.out, self.accelerator)
+            self.tracer.__enter__()
+        self.clock.begin()
+        return (self.clock,)
+
+    def record(self, step, micro: list[dict]) -> None:
+        if not self.timing:
+            return
+        for key, value in {"step": sum(self.clock.parts.values()), **self.clock.parts}.items():
+            self.parts[key].append(value)
+        self.counts["tokens"].append(sum(int(b["attention_mask"].sum()) for b in micro))
+        self.counts["slots"].append(sum(b["attention_mask"].numel() for b in micro))
+        self.counts["samples"].append(sum(len(b["input_ids"]) for b in micro))
+        self.counts["predicted"].append(sum(masked_count(b) for b in micro))
+
+    def report(self, run) -> dict:
+        """profile.json and profile.md (rank 0) from the timed steps and one more step's peak memory."""
+        if self.tracer is not None:
+            self.tracer.__exit__(None, None, None)
+            self.tracer.export_chrome_trace(str(self.out / f"trace.rank{group.rank()}.json"))
+
+        def one_step(around=contextlib.nullcontext) -> None:
+            self.clock.begin()
+            take_step(run, self.clock, around)
+
+        memory = step_peak_memory(run.engine, self.accelerator, one_step)
+        sparse = run.task.sparse is not None
+        report = _report(
+            self.cfg,
+            run.engine.module,
+            run.engine,
+            self.parts,
+            self.counts,
+            self.accelerator,
+            sparse,
+            memory,
+            group.world(),
+        )
+        if group.rank() == 0:
+            _write(report, self.out)
+        group.barrier()
+        return report
+
+
 def run(cfg: RunConfig) -> dict:
-    """Build the run as launch/mlm.py does (no checkpoints, no resume), time warm-up + profile.steps of its optimizer
-    steps (the same function, dapt.tasks.mlm.mlm_step), write output_dir/profile.json and profile.md."""
-    from dapt.runtime.runner import Clock
-    from dapt.tasks.mlm import mlm_step
-
-    s, model, loop = _mlm_loop(cfg)
-    clock = Clock(s.accelerator)
-    done = [0]
-
-    def one_step(around=contextlib.nullcontext) -> tuple[dict, list[dict]]:
-        """One optimizer step of launch/mlm.py, timed in parts; `around()` wraps each micro-batch."""
-        clock.begin()
-        step, micro, _ = mlm_step(loop, clock, around)
-        done[0] += 1
-        loop.guard.check(done[0], step.outcome, step.grad_norm)
-        return {"step": sum(clock.parts.values()), **clock.parts}, micro
-
-    parts, counts = _timed_steps(cfg, one_step, s.out, s.accelerator)
-    memory = step_peak_memory(loop.engine, s.accelerator, one_step)
-    report = _report(
-        cfg, model, loop.engine, parts, counts, s.accelerator, loop.sparse is not None, memory, group.world()
-    )
-    if group.rank() == 0:
-        _write(report, s.out)
-    group.barrier()
-    return report
-
-
-def _mlm_loop(cfg: RunConfig):
-    """(start, model, loop): launch/mlm.py's set-up for profile.warmup + profile.steps steps and one more."""
-    from dapt.config.dsconfig import finalize_ds_config
-    from dapt.data.prepare import prepare_data
-    from dapt.data.stream import RowFeeder
-    from dapt.runtime.numerics import StepGuard
-    from dapt.runtime.runner import build_engine, log_choices, start
-    from dapt.runtime.schedule import warmup_steps
-    from dapt.tasks.mlm import Loop, make_collator, mlm_model
-
-    s = start(cfg)
-    corpus = prepare_data(cfg, s.out)
-    steps = cfg.profile.warmup + cfg.profile.steps
-    model, sparse = mlm_model(cfg, corpus.tokenizer)
-    # one step more than timed: the last is run alone for its peak memory
-    hidden = getattr(model.config, "hidden_size", None)
-    finalize_ds_config(cfg.ds_config, steps + 1, warmup_steps(cfg.train, steps), hidden)
-    _flops_profiler(cfg, s.out)
-    log_choices(cfg, s.accelerator, steps + 1)
-    engine = build_engine(cfg, model, steps + 1)
-    feeder = RowFeeder(corpus.spec, group.rank(), group.world(), cfg.data.num_workers, {}, consumed=0)
-    collate = make_collator(cfg, corpus.tokenizer, model.config, cfg.masking.rate, cfg.seed)
-    guard = StepGuard(cfg.numerics, engine, cfg.ds_config)
-    return s, model, Loop(cfg, engine, guard, feeder, collate, s.device, sparse)
-
-
-def _timed_steps(cfg: RunConfig, one_step, out: Path, accelerator: str) -> tuple[dict, dict]:
-    """Warm-up, then the timed steps (in a torch.profiler trace with profile.trace): their parts and counts."""
-    from dapt.tasks.mlm import masked_count
-
-    p = cfg.profile
-    parts = {k: [] for k in ("step", "data", "forward", "backward", "optimizer")}
-    counts = {k: [] for k in ("tokens", "slots", "samples", "predicted")}
-    tracer = _tracer(out, accelerator) if p.trace else None
-    for step in range(p.warmup + p.steps):
-        if tracer is not None and step == p.warmup:
-            tracer.__enter__()
-        timed, micro = one_step()
-        if step >= p.warmup:
-            for key, value in timed.items():
-                parts[key].append(value)
-            counts["tokens"].append(sum(int(b["attention_mask"].sum()) for b in micro))
-            counts["slots"].append(sum(b["attention_mask"].numel() for b in micro))
-            counts["samples"].append(sum(len(b["input_ids"]) for b in micro))
-            counts["predicted"].append(sum(masked_count(b) for b in micro))
-    if tracer is not None:
-        tracer.__exit__(None, None, None)
-        tracer.export_chrome_trace(str(out / f"trace.rank{group.rank()}.json"))
-    return parts, counts
+    """launch/mlm.py's run (dapt.runtime.train with the MLM task), timed: warm-up + profile.steps of its optimizer
+    steps, no checkpoints, no resume; output_dir/profile.json and profile.md."""
+    return train(cfg, MaskedLM(), Timer(cfg))
 
 
 def _flops_profiler(cfg: RunConfig, out: Path) -> None:
@@ -246,8 +245,6 @@ def _tracer(out: Path, accelerator: str):
 
 
 def _settings(cfg, engine, accelerator: str, sparse: bool, world: int, profiled: int) -> dict:
-    from dapt.config.dsconfig import describe_optimizer
-
     t, seq = cfg.train, cfg.data.max_seq_length
     return {
         "max_seq_length": seq,
@@ -267,8 +264,6 @@ def _settings(cfg, engine, accelerator: str, sparse: bool, world: int, profiled:
 
 
 def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory: dict, world) -> dict:
-    from dapt.model.build import parameter_count
-
     step = statistics.median(parts["step"])
     seq = cfg.data.max_seq_length
     per_token = forward_flops(model.config, seq)
