@@ -6,6 +6,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from conftest import DS, TINY_MODEL, metrics, run_inprocess, series
@@ -13,6 +14,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertFo
 
 from dapt.cli.load import load_config
 from dapt.config.schema import ConfigError
+from dapt.data.masking import IGNORE
 from dapt.model.build import train_wordpiece
 from dapt.runtime.runner import param_groups
 from dapt.runtime.schedule import lr_factor
@@ -530,3 +532,44 @@ def test_a_compiled_model_trains_like_the_eager_one(packing, recipe, tmp_path, c
     # the sparse MLM head (the default) selects the masked positions, a count the data decides: traced, not a break
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert len(losses["off"]) == 4 and losses["aot_eager"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_whole_word_masking_reaches_the_training_batches(recipe, tmp_path):
+    """masking.whole_word=true: in the micro-batches the run really trains on (recorded through the MLM task's own
+    micro_batches, under dapt.runtime.train), no word is partly masked, and multi-token words are masked whole; the
+    same run without it masks parts of words (so the check can tell)."""
+    from dapt.cli.load import load_config
+    from dapt.runtime.train import train
+    from dapt.tasks.mlm import MaskedLM
+
+    class Recorded(MaskedLM):
+        def micro_batches(self, rows):
+            batches = super().micro_batches(rows)
+            self.seen += [(part, b) for part, b in zip(rows, batches)]
+            return batches
+
+    def partly_and_wholly_masked(whole: bool) -> tuple[int, int]:
+        out = tmp_path / f"whole_{whole}"
+        argv = [f"--recipe={recipe}", f"--output_dir={out}", f"--masking.whole_word={str(whole).lower()}"]
+        task = Recorded()
+        task.seen = []
+        train(load_config(argv, world_size=1, accelerator="cpu"), task)
+        partly = wholly = 0
+        for part, batch in task.seen:
+            for r, (_, row) in enumerate(part):
+                masked = (batch["labels"][r, : len(row.ids)] != IGNORE).numpy()
+                # words by the WordPiece markers, whatever the packing recorded: a "##" piece continues a word
+                # (a special token is no part of a word: a row may start inside one, [CLS] ##i ##t)
+                tokens = task.tokenizer.convert_ids_to_tokens(list(row.ids))
+                special = np.array([t in task.tokenizer.all_special_tokens for t in tokens])
+                word = np.cumsum([not t.startswith("##") for t in tokens]) - 1
+                for w in np.unique(word[masked]):
+                    chosen = masked[(word == w) & ~special]
+                    partly += not chosen.all()
+                    wholly += chosen.all() and len(chosen) > 1
+        return partly, wholly
+
+    partly, wholly = partly_and_wholly_masked(True)
+    assert partly == 0 and wholly > 20, (partly, wholly)
+    partly, _ = partly_and_wholly_masked(False)
+    assert partly > 20, "without whole-word masking parts of words are masked: the check above can tell"
