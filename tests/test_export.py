@@ -68,7 +68,9 @@ def test_the_model_card_names_a_hub_base_model_and_hub_datasets(tmp_path):
     summary = {"steps": 300, "tokens_seen": 2_200_000, "world_size": 8, "final_checkpoint": "step_00000300",
                "final_from": "checkpoint.export=best: the best evaluation"}  # fmt: skip
     (tmp_path / "final").mkdir()
-    path = write_model_card(tmp_path / "final", cfg, "mlm", summary, {"eval loss": 1.25, "test loss": None})
+    path = write_model_card(
+        tmp_path / "final", cfg, "mlm", summary, results={"eval loss": 1.25, "test loss": None}
+    )
     card = ModelCard.load(path)
     assert card.data.base_model == "jackaduma/SecBERT"
     assert card.data.datasets == ["humbleworth/registered-domains"]

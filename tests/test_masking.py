@@ -124,7 +124,7 @@ def test_special_tokens_never_selected_or_replaced(tokenizer, rows, rate, mask_p
         where = rng.random(len(r)) < 0.2
         r[where] = rng.choice(special, int(where.sum()))
         salted.append(r)
-    collator = MLMCollator(tokenizer, rate, mask_prob, random_prob, seed=3)
+    collator = MLMCollator(tokenizer, rate, mask_prob=mask_prob, random_prob=random_prob, seed=3)
     out = collate_all(collator, salted, keys=list(range(len(salted))))
     orig, inputs, labels = out["orig"], out["inputs"], out["labels"]
 

@@ -23,6 +23,7 @@ class MLMCollator:
         self,
         tokenizer,
         rate: float,
+        *,
         mask_prob: float = 0.8,
         random_prob: float = 0.1,
         seed: int = 0,

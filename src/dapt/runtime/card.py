@@ -80,6 +80,7 @@ def write_model_card(
     cfg: RunConfig,
     task: str,
     summary: dict,
+    *,
     results: dict[str, float],
     text: str = "",
     settings: dict | None = None,

@@ -323,7 +323,15 @@ class Checkpoints:
         return client, mine
 
     def save(
-        self, engine, state: TrainState, feeder, guard: StepGuard, task: dict, samples, score: Score | None
+        self,
+        engine,
+        state: TrainState,
+        *,
+        feeder,
+        guard: StepGuard,
+        task: dict,
+        samples: SampleLog | None,
+        score: Score | None,
     ) -> Path:
         """Save a checkpoint (all ranks); `score`: the evaluation at this step, for the best-checkpoint index."""
         extra = {"sample_lines": samples.lines if samples else 0}
@@ -473,6 +481,7 @@ def optimizer_step(
     micro: list[dict],
     loss_sum: Callable[[dict], torch.Tensor],
     weight: Callable[[dict], float],
+    *,
     signum: int = 0,
     clock: Callable[[str], None] = no_clock,
     around=contextlib.nullcontext,

@@ -354,8 +354,10 @@ def log_train(run: Run, bar) -> None:
     values |= {f"data/{k}": v for k, v in gathered_counts(run.feeder).items()}
     run.metrics.log(state.step, values)
     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{values['train/learning_rate']:.2e}")
-    log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", state.step, run.length.steps, loss,
-             values["train/learning_rate"], window["grad_norm"], values["train/tokens_per_second"])  # fmt: skip
+    shown = (loss, values["train/learning_rate"], window["grad_norm"], values["train/tokens_per_second"])
+    log.info(
+        "step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", state.step, run.length.steps, *shown
+    )
     run.window, run.window_start = Counter(), time.time()
 
 
@@ -403,7 +405,15 @@ def save(run: Run, evaluation: Evaluation | None) -> Path:
     run.state.elapsed = time.time() - run.started
     score = evaluation.as_score() if evaluation else None
     progress = asdict(run.progress)
-    run.holds = run.ckpts.save(run.engine, run.state, run.feeder, run.guard, progress, run.samples, score)
+    run.holds = run.ckpts.save(
+        run.engine,
+        run.state,
+        feeder=run.feeder,
+        guard=run.guard,
+        task=progress,
+        samples=run.samples,
+        score=score,
+    )
     return run.holds
 
 
@@ -461,7 +471,7 @@ def _write_results(run: Run, point: ExportPoint, summary: dict, final: Path) -> 
     results = run.task.final(run, point, summary)
     settings, description = run.task.text(cfg)
     (final / TEXT_FILE).write_text(json.dumps(settings, indent=1))
-    write_model_card(final, cfg, run.task.name, summary, results, description, settings)
+    write_model_card(final, cfg, run.task.name, summary, results=results, text=description, settings=settings)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plots = plot_curves(out / "metrics.jsonl", out / "plots") if cfg.log.plots else []
     run.metrics.finish(summary)
@@ -469,9 +479,9 @@ def _write_results(run: Run, point: ExportPoint, summary: dict, final: Path) -> 
     earlier = f" ({wall:.0f} s with the runs it continued)" if summary["this_run_seconds"] < wall else ""
     tested = summary.get("test") or {}
     shown = " ".join(f"test {k} {tested[k]:.4f}" for k in ("accuracy", "macro_f1") if k in tested)
-    log.info("done in %.0f s%s: model %s | %smetrics %s | plots %s | summary %s", summary["this_run_seconds"], earlier,
-             final, f"{shown} | " if shown else "", out / "metrics.jsonl", ", ".join(str(p) for p in plots) or "off",
-             out / "summary.json")  # fmt: skip
+    where = f"model {final} | {shown + ' | ' if shown else ''}metrics {out / 'metrics.jsonl'} | plots "
+    where += f"{', '.join(str(p) for p in plots) or 'off'} | summary {out / 'summary.json'}"
+    log.info("done in %.0f s%s: %s", summary["this_run_seconds"], earlier, where)
 
 
 def perplexity(loss: float) -> float:

@@ -223,9 +223,12 @@ class Classifier:
         )
         c = cfg.classify
         weights = None if self.weights is None else [round(float(w), 3) for w in self.weights]
-        log.info("classifier %s, %d labels, %d optimizer steps (%d per epoch); head lr x%g; class weights %s; label "
-                 "smoothing %g", type(model).__name__, len(labels), self.length.steps, self.length.per_epoch,
-                 c.head_lr_mult, weights, c.label_smoothing)  # fmt: skip
+        log.info(
+            "classifier %s, %d labels, %d optimizer steps (%d per epoch); head lr x%g; class weights %s; label "
+            "smoothing %g",
+            *(type(model).__name__, len(labels), self.length.steps, self.length.per_epoch),
+            *(c.head_lr_mult, weights, c.label_smoothing),
+        )
         return model
 
     def groups(self, cfg: RunConfig, model) -> list[dict]:
@@ -297,8 +300,9 @@ class Classifier:
         evaluated = out / ("eval_valid.json" if best else "eval_valid_last.json")
         if evaluated.exists():  # the validation result of the weights chosen
             summary["valid"] = {k: v for k, v in json.loads(evaluated.read_text()).items() if k != "step"}
-        return {f"{split} {k}": summary[split].get(k) for split in ("valid", "test") if summary.get(split)
-                for k in ("accuracy", "macro_f1", "weighted_f1", "roc_auc")}  # fmt: skip
+        splits = [split for split in ("valid", "test") if summary.get(split)]
+        figures = ("accuracy", "macro_f1", "weighted_f1", "roc_auc")
+        return {f"{split} {k}": summary[split].get(k) for split in splits for k in figures}
 
     def text(self, cfg: RunConfig) -> tuple[dict, str]:
         settings = text_settings(cfg)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -89,8 +88,8 @@ def make_collator(cfg: RunConfig, tokenizer, model_config, rate: float, seed: in
     return MLMCollator(
         tokenizer,
         rate,
-        k.mask_prob,
-        k.random_prob,
+        mask_prob=k.mask_prob,
+        random_prob=k.random_prob,
         seed=seed,
         whole_word=k.whole_word,
         mask_token_id=k.mask_token_id,
@@ -246,11 +245,16 @@ def evaluate(
             engine, collate([dataset[i] for i in (items or [(0, 0)])]), device, sparse
         )
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        sums += weight * torch.tensor([float(F.cross_entropy(logits.float(), labels, reduction="sum")),
-                                       len(labels), int((top[:, 0] == labels).sum()),
-                                       int((top == labels[:, None]).any(-1).sum())], dtype=torch.float64)  # fmt: skip
+        loss = float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        exact = int((top[:, 0] == labels).sum())
+        in_top5 = int((top == labels[:, None]).any(-1).sum())
+        sums += weight * torch.tensor([loss, len(labels), exact, in_top5], dtype=torch.float64)
     engine.train()
-    loss, n, exact, top5 = group.all_sum(*sums.tolist())
-    n = max(n, 1.0)
-    return {"loss": loss / n, "perplexity": math.exp(min(loss / n, 50)), "accuracy": exact / n,
-            "top5_accuracy": top5 / n}  # fmt: skip
+    loss, masked, exact, in_top5 = group.all_sum(*sums.tolist())
+    mean = loss / max(masked, 1.0)
+    return {
+        "loss": mean,
+        "perplexity": perplexity(mean),
+        "accuracy": exact / max(masked, 1.0),
+        "top5_accuracy": in_top5 / max(masked, 1.0),
+    }

@@ -139,18 +139,7 @@ class Timer:
             take_step(run, self.clock, around)
 
         memory = step_peak_memory(run.engine, self.accelerator, one_step)
-        sparse = run.task.sparse is not None
-        report = _report(
-            self.cfg,
-            run.engine.module,
-            run.engine,
-            self.parts,
-            self.counts,
-            self.accelerator,
-            sparse,
-            memory,
-            group.world(),
-        )
+        report = _report(self, run.engine, sparse=run.task.sparse is not None, memory=memory)
         if group.rank() == 0:
             _write(report, self.out)
         group.barrier()
@@ -244,13 +233,13 @@ def _tracer(out: Path, accelerator: str):
     return torch.profiler.profile(activities=activities, record_shapes=True)
 
 
-def _settings(cfg, engine, accelerator: str, sparse: bool, world: int, profiled: int) -> dict:
+def _settings(cfg, engine, accelerator: str, *, sparse: bool, profiled: int) -> dict:
     t, seq = cfg.train, cfg.data.max_seq_length
     return {
         "max_seq_length": seq,
         "micro_batch_size": t.micro_batch_size,
         "grad_accum": t.grad_accum,
-        "world_size": world,
+        "world_size": group.world(),
         "packing": cfg.data.packing,
         "precision": t.precision,
         "zero_stage": cfg.ds_config.get("zero_optimization", {}).get("stage", 0),
@@ -263,7 +252,10 @@ def _settings(cfg, engine, accelerator: str, sparse: bool, world: int, profiled:
     }
 
 
-def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory: dict, world) -> dict:
+def _report(timer: Timer, engine, *, sparse: bool, memory: dict) -> dict:
+    """The figures of profile.json from the timer's parts and counts, the model and one step's peak memory."""
+    cfg, parts, counts, accelerator = timer.cfg, timer.parts, timer.counts, timer.accelerator
+    model, world = engine.module, group.world()
     step = statistics.median(parts["step"])
     seq = cfg.data.max_seq_length
     per_token = forward_flops(model.config, seq)
@@ -281,7 +273,7 @@ def _report(cfg, model, engine, parts, counts, accelerator, sparse, memory: dict
             "attention": getattr(model.config, "_attn_implementation", None),
             "dtype": str(dtype),
         },
-        "settings": _settings(cfg, engine, accelerator, sparse, world, len(parts["step"])),
+        "settings": _settings(cfg, engine, accelerator, sparse=sparse, profiled=len(parts["step"])),
         "step_seconds": {"median": step, "min": min(parts["step"]), "max": max(parts["step"])},
         "parts_seconds_median": {k: statistics.median(v) for k, v in parts.items() if k != "step"},
         "throughput": {
