@@ -236,9 +236,9 @@ def side_overhead(out: Path, steps: int) -> None:
 
     from dapt.config.dsconfig import finalize_ds_config
 
-    finalize_ds_config(cfg.ds_config, 10**6, 0, MODEL["hidden_size"])
-    engine = build_engine(cfg, model, 10**6)
-    guard = StepGuard(cfg.numerics, engine, cfg.ds_config)
+    ds = finalize_ds_config(cfg.ds_config, 10**6, 0, MODEL["hidden_size"])
+    engine = build_engine(cfg, model, 10**6, ds)
+    guard = StepGuard(cfg.numerics, engine, ds)
     torch.manual_seed(0)  # the bare side: the same model, DeepSpeed's own clipping, no dapt code
     twin = AutoModelForMaskedLM.from_config(AutoConfig.for_model(**MODEL, vocab_size=30522))
     cuda = torch.cuda.is_available()

@@ -334,7 +334,7 @@ def test_shipped_ds_config_auto_filled(tmp_path, name):
         p for p in DEFERRED if p[0] in shipped and p[1] in shipped[p[0]] and shipped[p[0]][p[1]] == AUTO
     }
 
-    finalize_ds_config(ds, total_steps=10, warmup_steps=1, hidden_size=64)
+    ds = finalize_ds_config(ds, total_steps=10, warmup_steps=1, hidden_size=64)
     assert _autos(ds) == []
     zero = ds["zero_optimization"]
     if ("zero_optimization", "reduce_bucket_size") in left:
@@ -358,7 +358,8 @@ def test_zero3_finalize_values(tmp_path):
     cfg = load(["--recipe", recipe(tmp_path, train=TRAIN, ds=str(DS_DIR / "zero3_bf16.json"))], world_size=2)
     ds = cfg.ds_config
     assert ds["zero_optimization"]["reduce_bucket_size"] == AUTO
-    finalize_ds_config(ds, total_steps=10, warmup_steps=1, hidden_size=64)
+    ds = finalize_ds_config(ds, total_steps=10, warmup_steps=1, hidden_size=64)
+    assert cfg.ds_config["zero_optimization"]["reduce_bucket_size"] == AUTO  # the loaded config is not changed
     assert ds["zero_optimization"]["reduce_bucket_size"] == 4096
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 3686
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640
@@ -369,7 +370,7 @@ def test_finalize_fills_scheduler_steps_and_refuses_leftovers():
         "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": AUTO, "warmup_num_steps": AUTO}},
         "zero_optimization": {"stage": 2, "reduce_bucket_size": AUTO},
     }
-    finalize_ds_config(ds, total_steps=100, warmup_steps=6, hidden_size=32)
+    ds = finalize_ds_config(ds, total_steps=100, warmup_steps=6, hidden_size=32)
     assert ds["scheduler"]["params"] == {"total_num_steps": 100, "warmup_num_steps": 6}
     assert ds["zero_optimization"]["reduce_bucket_size"] == 32 * 32
 

@@ -240,8 +240,7 @@ def test_the_default_optimizer_is_torchs_fused_adamw_which_needs_no_build(recipe
     from dapt.config.dsconfig import finalize_ds_config
 
     model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
-    finalize_ds_config(cfg.ds_config, 10, 1, model.config.hidden_size)
-    engine = build_engine(cfg, model, 10)
+    engine = build_engine(cfg, model, 10, finalize_ds_config(cfg.ds_config, 10, 1, model.config.hidden_size))
     assert type(engine.optimizer) is torch.optim.AdamW and engine.optimizer.defaults["fused"] is True
 
     assert deepspeed_op("fused_adam", "cpu")[0]  # this machine has ninja and g++
@@ -426,8 +425,7 @@ def test_zero3_masters_of_a_pretrained_model_are_the_folders_fp32_weights(tmp_pa
     cfg = _pretrained_config(src, corpus_file, 3, "--output_dir", str(tmp_path / "out"))
     model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
     assert all(p.ds_tensor.dtype == torch.bfloat16 for p in model.parameters())  # what zero.Init made
-    finalize_ds_config(cfg.ds_config, 10, 1, model.config.hidden_size)
-    engine = build_engine(cfg, model, 10)
+    engine = build_engine(cfg, model, 10, finalize_ds_config(cfg.ds_config, 10, 1, model.config.hidden_size))
     names = [name for name, _ in engine.module.named_parameters()]
     assert set(names) <= set(saved)
     for name, p in engine.module.named_parameters():
@@ -558,8 +556,7 @@ def test_the_export_check_refuses_masters_that_are_not_the_checkpoints(stage, tm
         accelerator="cpu",
     )  # fmt: skip
     model = build_model(cfg, tok, cfg.train.precision, cfg.ds_config)
-    finalize_ds_config(cfg.ds_config, 10, 0, model.config.hidden_size)
-    engine = build_engine(cfg, model, 10)
+    engine = build_engine(cfg, model, 10, finalize_ds_config(cfg.ds_config, 10, 0, model.config.hidden_size))
     ids = torch.randint(5, len(tok), (cfg.train.micro_batch_size, 16))
 
     def step():

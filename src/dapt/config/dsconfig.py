@@ -629,8 +629,10 @@ def _autos(node: Any, path: tuple = ()) -> list[tuple]:
     return [path] if node == AUTO else []
 
 
-def finalize_ds_config(ds: dict, total_steps: int, warmup_steps: int, hidden_size: int | None) -> None:
-    """Fill the "auto" values that need the step count or the model's hidden size (HF's conventions)."""
+def finalize_ds_config(loaded: dict, total_steps: int, warmup_steps: int, hidden_size: int | None) -> dict:
+    """The engine's DeepSpeed config: the loaded one with the "auto" values that need the step count or the model's
+    hidden size filled (HF's conventions). The loaded config is left as it is (a copy is filled)."""
+    ds = copy.deepcopy(loaded)
     fills = {
         ("scheduler", "params", "total_num_steps"): total_steps,
         ("scheduler", "params", "warmup_num_steps"): warmup_steps,
@@ -647,6 +649,7 @@ def finalize_ds_config(ds: dict, total_steps: int, warmup_steps: int, hidden_siz
     left = _autos(ds)
     if left:
         raise ValueError('ds config: "auto" left unfilled at ' + ", ".join(".".join(p) for p in left))
+    return ds
 
 
 def describe_optimizer(ds: dict, accelerator: str) -> str:

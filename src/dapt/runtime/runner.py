@@ -92,24 +92,26 @@ def build_engine(
     cfg: RunConfig,
     model: torch.nn.Module,
     steps: int,
+    ds: dict,
+    *,
     groups: list[dict] | None = None,
     resuming: bool = False,
 ):
-    """The DeepSpeed engine over `groups` (the task's optimizer parameter groups; default: param_groups with
-    train.weight_decay): dapt's schedule unless the DeepSpeed config names one, torch.compile as train.compile
-    says; under ZeRO-3 from a pretrained folder, fp32 masters from the folder unless `resuming` (the checkpoint
-    brings its own)."""
+    """The DeepSpeed engine under DeepSpeed config `ds` (finalize_ds_config's) over `groups` (the task's optimizer
+    parameter groups; default: param_groups with train.weight_decay): dapt's schedule unless `ds` names one,
+    torch.compile as train.compile says; under ZeRO-3 from a pretrained folder, fp32 masters from the folder unless
+    `resuming` (the checkpoint brings its own)."""
     groups = groups or param_groups(model, cfg.train.weight_decay)
     scheduler = None
-    if "scheduler" not in cfg.ds_config:
+    if "scheduler" not in ds:
 
         def scheduler(optimizer):
             return build_scheduler(optimizer, cfg.train, steps)
 
     # ZeRO-3 from a pretrained folder: masters not rounded to bf16 (a resume loads its own masters instead)
-    exact = {} if resuming else zero3.fp32_partitions(cfg, model)
+    exact = {} if resuming else zero3.fp32_partitions(cfg, model, ds)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=engine_config(cfg.ds_config), lr_scheduler=scheduler
+        model=model, model_parameters=groups, config=engine_config(ds), lr_scheduler=scheduler
     )
     zero3.set_masters(engine, exact)
     backend = cfg.train.compile

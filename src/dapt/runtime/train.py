@@ -159,7 +159,8 @@ class Timer(Protocol):
     def steps(self) -> tuple[int, int]:
         """(steps the loop runs, steps the schedule is built for)."""
 
-    def before_engine(self, cfg: RunConfig, out: Path) -> None: ...
+    def before_engine(self, cfg: RunConfig, out: Path, ds: dict) -> dict:
+        """The engine's DeepSpeed config, with what the timer adds."""
 
     def begin(self, step: int) -> tuple:
         """Before a step: (clock, around) for optimizer_step."""
@@ -220,16 +221,16 @@ def setup(cfg: RunConfig, task: Task, timer: Timer | None = None) -> Run:
         ckpts.check_continuation()
     model = task.model(cfg)
     hidden = getattr(model.config, "hidden_size", None)
-    finalize_ds_config(cfg.ds_config, scheduled, warmup_steps(cfg.train, steps), hidden)
+    ds = finalize_ds_config(cfg.ds_config, scheduled, warmup_steps(cfg.train, steps), hidden)
     if timer:
-        timer.before_engine(cfg, s.out)
+        ds = timer.before_engine(cfg, s.out, ds)
     if group.rank() == 0:
         save_resolved(cfg, s.out / "config.resolved.yaml")
     log_choices(cfg, s.accelerator, scheduled)
     if ckpts:
         ckpts.check_disk(parameter_count(model))
     resuming = bool(ckpts and ckpts.resume_point())
-    engine = build_engine(cfg, model, scheduled, task.groups(cfg, model), resuming=resuming)
+    engine = build_engine(cfg, model, scheduled, ds, groups=task.groups(cfg, model), resuming=resuming)
     resumed = ckpts.resume(engine) if ckpts else Resumed()
     state = resumed.state
     metrics = None if timer else open_metrics(cfg, s.out, state.step)
@@ -243,7 +244,7 @@ def setup(cfg: RunConfig, task: Task, timer: Timer | None = None) -> Run:
         device=s.device,
         length=length,
         engine=engine,
-        guard=StepGuard(cfg.numerics, engine, cfg.ds_config, resumed.numerics),
+        guard=StepGuard(cfg.numerics, engine, ds, resumed.numerics),
         feeder=task.feeder(cfg, resumed.streams, state.rows),
         state=state,
         progress=Progress.resumed(resumed.task, state),

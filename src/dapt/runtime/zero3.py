@@ -15,16 +15,16 @@ import torch
 log = logging.getLogger("dapt")
 
 
-def fp32_partitions(cfg, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def fp32_partitions(cfg, model: torch.nn.Module, ds: dict) -> dict[str, torch.Tensor]:
     """This rank's fp32 partition of every parameter the pretrained folder holds, by name; empty unless the run is
     ZeRO-3 in bf16/fp16 from a pretrained model. Parameters the folder lacks (a classifier's new head) are left out:
     their masters are their bf16 initialisation, as good as any."""
-    m, zero = cfg.model, cfg.ds_config.get("zero_optimization", {})
+    m, zero = cfg.model, ds.get("zero_optimization", {})
     if not m.name_or_path or zero.get("stage") != 3 or cfg.train.precision not in ("bf16", "fp16"):
         return {}
     from transformers.integrations import HfDeepSpeedConfig
 
-    fp32 = {**cfg.ds_config, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    fp32 = {**ds, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
     keep_alive = HfDeepSpeedConfig(fp32)  # zero.Init takes its precision from this config while it lives
     try:
         extra = {"revision": m.revision} if m.revision else {}

@@ -105,10 +105,10 @@ class Timer:
         steps = self.p.warmup + self.p.steps
         return steps, steps + 1  # one step more than timed: the last is run alone for its peak memory
 
-    def before_engine(self, cfg: RunConfig, out: Path) -> None:
+    def before_engine(self, cfg: RunConfig, out: Path, ds: dict) -> dict:
         self.out, self.accelerator = out, "cuda" if torch.cuda.is_available() else "cpu"
         self.clock = Clock(self.accelerator)
-        _flops_profiler(cfg, out)
+        return ds | _flops_profiler(cfg, out)
 
     def begin(self, step: int) -> tuple:
         self.timing = step >= self.p.warmup
@@ -152,10 +152,12 @@ def run(cfg: RunConfig) -> dict:
     return train(cfg, MaskedLM(), Timer(cfg))
 
 
-def _flops_profiler(cfg: RunConfig, out: Path) -> None:
-    """profile.ds_flops_profiler: DeepSpeed's own profiler at the first timed step."""
-    if cfg.profile.ds_flops_profiler:
-        cfg.ds_config["flops_profiler"] = {
+def _flops_profiler(cfg: RunConfig, out: Path) -> dict:
+    """profile.ds_flops_profiler: DeepSpeed's own profiler at the first timed step (the DeepSpeed config's entry)."""
+    if not cfg.profile.ds_flops_profiler:
+        return {}
+    return {
+        "flops_profiler": {
             "enabled": True,
             "profile_step": cfg.profile.warmup + 1,
             "module_depth": -1,
@@ -163,6 +165,7 @@ def _flops_profiler(cfg: RunConfig, out: Path) -> None:
             "detailed": False,
             "output_file": str(out / "ds_flops_profiler.txt"),
         }
+    }
 
 
 def _write(report: dict, out: Path) -> None:
