@@ -20,7 +20,8 @@ from dapt.data.novelty import CharNovelty
 from dapt.data.packing import pack
 from dapt.data.surprise import Surprise, mask_patterns, token_surprise
 from dapt.model.build import train_wordpiece
-from dapt.tasks.anomaly import best_of, combine, separation, tail_scores, valid_key
+from dapt.runtime.fusion import best_of, combine, separation, tail_scores
+from dapt.tasks.anomaly import valid_key
 
 ATTACK = "GET /shop/item.jsp?id=1'+OR+'1'='1&qty=2 HTTP/1.1\nHost: shop"
 
