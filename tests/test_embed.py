@@ -12,7 +12,8 @@ from scipy import stats
 from transformers import BertConfig, BertForMaskedLM
 
 from dapt.model.build import train_wordpiece
-from dapt.tasks.anomaly import Mahalanobis, NearestNormal, evaluate_detector, threshold_for
+from dapt.runtime.calibration import threshold_for
+from dapt.runtime.detectors import Mahalanobis, NearestNormal, evaluate_detector
 
 SHARED = ROOT.parent / "shared" / "data"
 

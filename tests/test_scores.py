@@ -20,7 +20,9 @@ from dapt.data.novelty import CharNovelty
 from dapt.data.packing import pack
 from dapt.data.surprise import Surprise, mask_patterns, token_surprise
 from dapt.model.build import train_wordpiece
-from dapt.tasks.anomaly import best_of, combine, separation, tail_scores, valid_key
+from dapt.runtime.calibration import calibrations, threshold_for
+from dapt.runtime.fusion import best_of, combine, separation, tail_scores
+from dapt.tasks.anomaly import valid_key
 
 ATTACK = "GET /shop/item.jsp?id=1'+OR+'1'='1&qty=2 HTTP/1.1\nHost: shop"
 
@@ -408,6 +410,45 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
         _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm", *small])
     with pytest.raises(Exception, match="normal_train.http"):  # the bad record, once the model is fine
         _run(_anomaly_args(paths, headless, tmp_path / "maha2") + ["--embed.score=mahalanobis", *small])
+
+
+def test_the_deployed_threshold_is_set_on_normal_validation_rows(tmp_path, http_docs):
+    """Seed 000's protocol: the threshold deployed (anomaly.json's threshold, the report's) is the embed.max_fpr
+    quantile of the normal VALIDATION scores; the one from the normal test scores (the literature's) is only reported
+    beside it. Validation and test normals differ clearly here, so taking either for the other fails."""
+    rng = np.random.default_rng(1)
+    normal, attack = np.zeros(400, bool), np.ones(40, bool)
+    valid = np.r_[rng.normal(0, 1, 400), rng.normal(6, 1, 40)]
+    test = np.r_[rng.normal(3, 1, 400), rng.normal(6, 1, 40)]  # test normals lie higher than validation's
+    cal = calibrations(valid, test, np.r_[normal, attack], np.r_[normal, attack], 0.05)
+    assert cal["deployable"]["threshold"] == threshold_for(valid[:400], 0.05)
+    assert cal["test_calibrated"]["threshold"] == threshold_for(test[:400], 0.05)
+    assert cal["deployable"]["threshold"] < cal["test_calibrated"]["threshold"] - 1
+    # judged at validation's threshold, most of the higher test normals are flagged
+    assert cal["deployable"]["test_fpr"] > 0.5
+
+    # a real run (lexical: no model): normal validation requests of another shop, so their n-grams are new
+    paths = _files(tmp_path, http_docs)
+    paths["normal_valid"] = tmp_path / "normal_valid.http"
+    paths["normal_valid"].write_text(
+        "\n\n".join(
+            f"POST /bank/account/transfer.aspx?to={i}&amount={i * 7} HTTP/1.1\nHost: bank" for i in range(60)
+        )
+        + "\n"
+    )
+    args = [a for a in _anomaly_args(paths, "", tmp_path / "lex") if "valid_from_test" not in str(a)]
+    result = _run([*args, "--embed.score=lexical", "--data.valid", paths["normal_valid"]])
+    saved = json.loads((tmp_path / "lex" / "anomaly.json").read_text())
+    rows = [r.split(",") for r in (tmp_path / "lex" / "anomaly_scores.csv").read_text().splitlines()[1:]]
+    valid_normal = np.array([float(r[3]) for r in rows if r[0] == "valid" and r[2] == "normal"])
+    test_normal = np.array([float(r[3]) for r in rows if r[0] == "test" and r[2] == "normal"])
+    assert len(valid_normal) == result["valid_normal"] == 60 and len(test_normal) > 50
+    deployed, from_test = threshold_for(valid_normal, 0.05), threshold_for(test_normal, 0.05)
+    assert deployed > from_test  # the two calibrations differ clearly on these files
+    assert saved["threshold"] == saved["calibrations"]["deployable"]["threshold"] == deployed
+    assert saved["calibrations"]["test_calibrated"]["threshold"] == from_test
+    report = (tmp_path / "lex" / "anomaly_report.md").read_text()
+    assert f"| normal validation data | {deployed:.4g} |" in report
 
 
 @pytest.mark.slow

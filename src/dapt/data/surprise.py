@@ -10,10 +10,14 @@ may come is. A document's score aggregates its tokens' surprises; `novel` sums t
 character n-gram never seen in normal training documents (data/novelty.py), per masked token: surprise where the
 text is new too. The MLM head runs at the masked positions only (model/sparse.py), and each rank scores documents
 r, r + W, ... in batches of (document, pattern) rows.
+
+launch/anomaly.py scores documents by one aggregate of one measure (embed.token_score, embed.token_surprise): given,
+or with `auto` chosen on the validation documents (choose_surprise; runtime/fusion.py says how choices are made).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,12 +25,17 @@ import torch
 
 from dapt.data.formats import Document
 from dapt.data.labelled import padded
+from dapt.data.novelty import CharNovelty
 from dapt.data.packing import pack
 from dapt.model.sparse import SparsePrediction, supports_sparse
 from dapt.runtime import group
+from dapt.runtime.anomaly_report import surprise_phrase
+from dapt.runtime.fusion import choose, separations
 
 AGGREGATES = ("mean", "max", "topk", "novel")
 MEASURES = ("nll", "excess")
+
+log = logging.getLogger("dapt")
 
 
 @dataclass
@@ -162,6 +171,61 @@ def run_surprise(cfg, model, tokenizer, docs: list[Document], device) -> list[Su
         device,
         cfg.train.sparse_prediction,
     )
+
+
+def aggregates_for(token_score: str, tokenizer) -> tuple[str, ...]:
+    """The aggregates embed.token_score allows (auto: every one). novel needs token offsets: without a fast tokenizer,
+    auto leaves it out and token_score=novel is an error."""
+    aggregates = AGGREGATES if token_score == "auto" else (token_score,)
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: no token's novelty
+        if token_score == "novel":
+            raise ValueError(
+                f"embed.token_score=novel needs token offsets, which {type(tokenizer).__name__} "
+                "(not a fast tokenizer) lacks: choose mean, max, topk or auto"
+            )
+        aggregates = tuple(a for a in aggregates if a != "novel")
+    return aggregates
+
+
+def document_surprises(
+    cfg, model, tokenizer, docs: list[Document], device, novelty: CharNovelty | None = None
+) -> list[Surprise]:
+    """run_surprise; with `novelty` (fitted on normal training documents), each token's novelty too, which the novel
+    aggregate needs."""
+    found = run_surprise(cfg, model, tokenizer, docs, device)
+    if novelty is not None:
+        texts = [d.text for d in docs]
+        for s, flags in zip(found, novelty.novel_tokens(tokenizer, texts, cfg.data.max_seq_length)):
+            if len(flags) != len(s.ids):
+                raise RuntimeError(f"{len(flags)} novelty flags for the {len(s.ids)} tokens scored")
+            s.novel = flags
+    return found
+
+
+def surprise_scores(surprises: list[Surprise], how: str, k: int, measure: str) -> np.ndarray:
+    """Each document's score: the `how` aggregate of its tokens' `measure` surprise."""
+    return np.array([s.score(how, k, measure) for s in surprises])
+
+
+def choose_surprise(
+    valid: list[Surprise], valid_attack: np.ndarray, aggregates: tuple[str, ...], e
+) -> tuple[str, str, dict]:
+    """The aggregate and measure a document's score takes (embed.token_score, embed.token_surprise; e: cfg.embed):
+    among those allowed, the pair whose validation scores separate the validation attacks best; without validation
+    attacks, topk (or the one aggregate allowed) of the first measure. Returns both and the table chosen by."""
+    measures = MEASURES if e.token_surprise == "auto" else (e.token_surprise,)
+    pairs = {f"{agg} of {measure}": (agg, measure) for measure in measures for agg in aggregates}
+
+    def validation(label: str) -> np.ndarray:
+        how, measure = pairs[label]
+        return surprise_scores(valid, how, e.top_k, measure)
+
+    best, table = choose(pairs, validation, valid_attack, e.max_fpr)
+    how, measure = pairs[best] if best else ("topk" if len(aggregates) > 1 else aggregates[0], measures[0])
+    if len(aggregates) * len(measures) > 1:
+        why = separations(table) or "no attacks in the validation set to choose by (embed.valid_from_test)"
+        log.info("embed.score=mlm takes %s: %s", surprise_phrase(how, measure), why)
+    return how, measure, table
 
 
 def _score_batch(model, sparse, rows, masks, special, chunk, tokenizer, device, total, counts) -> None:
