@@ -359,7 +359,9 @@ def test_zero3_finalize_values(tmp_path):
     ds = cfg.ds_config
     assert ds["zero_optimization"]["reduce_bucket_size"] == AUTO
     ds = finalize_ds_config(ds, total_steps=10, warmup_steps=1, hidden_size=64)
-    assert cfg.ds_config["zero_optimization"]["reduce_bucket_size"] == AUTO  # the loaded config is not changed
+    assert (
+        cfg.ds_config["zero_optimization"]["reduce_bucket_size"] == AUTO
+    )  # the loaded config is not changed
     assert ds["zero_optimization"]["reduce_bucket_size"] == 4096
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 3686
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 640

@@ -18,7 +18,7 @@ from dapt.data.embedding import NoMLMHead
 from dapt.data.formats import Document
 from dapt.data.novelty import CharNovelty
 from dapt.data.packing import pack
-from dapt.data.surprise import Surprise, mask_patterns, token_surprise
+from dapt.data.surprise import Masking, Surprise, mask_patterns, token_surprise
 from dapt.model.build import train_wordpiece
 from dapt.runtime.calibration import calibrations, threshold_for
 from dapt.runtime.fusion import best_of, combine, separation, tail_scores
@@ -97,7 +97,9 @@ def test_token_surprise_is_the_mlm_loss_at_each_masked_position(tokenizer, http_
     at each masked position."""
     model = _bert(len(tokenizer))
     docs = [Document(t, f"d:{i}") for i, t in enumerate(http_docs[0][:3] + [ATTACK])]
-    got = token_surprise(model, tokenizer, docs, 96, 5, patterns=3, rate=0.2, seed=7, device="cpu")
+    got = token_surprise(
+        model, tokenizer, docs, Masking(max_len=96, batch=5, patterns=3, rate=0.2, seed=7), "cpu"
+    )
     masks = mask_patterns(96, 3, 0.2, seed=7)
     special = set(tokenizer.all_special_ids)
     for doc, s in zip(docs, got):
@@ -146,12 +148,8 @@ def test_novel_tokens_line_up_with_the_scored_rows(tokenizer, http_docs):
             model,
             tokenizer,
             [Document(t, f"d:{i}") for i, t in enumerate(texts)],
-            max_len,
-            4,
-            patterns=2,
-            rate=0.5,
-            seed=0,
-            device="cpu",
+            Masking(max_len=max_len, batch=4, patterns=2, rate=0.5, seed=0),
+            "cpu",
         )
         for f, s in zip(flags, scored):
             assert len(f) == len(s.ids) and not f[0] and not f[-1]
@@ -260,7 +258,7 @@ def test_choices_go_by_partial_auroc():
 def test_unknown_tokens_are_scored(tokenizer):
     model = _bert(len(tokenizer))
     text = "GET /shop/item.jsp?id=\u2603\u2603 HTTP/1.1"  # a character the vocabulary lacks
-    (s,) = token_surprise(model, tokenizer, [Document(text, "d:1")], 96, 4, 4, 0.25, 0, "cpu")
+    (s,) = token_surprise(model, tokenizer, [Document(text, "d:1")], Masking(96, 4, 4, 0.25, 0), "cpu")
     unk = s.ids == tokenizer.unk_token_id
     assert unk.any() and not np.isnan(s.nll[unk]).any()  # every token is masked once with 4 x 0.25
     assert np.isnan(s.nll[[0, -1]]).all()  # CLS and SEP are not

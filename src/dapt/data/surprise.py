@@ -101,76 +101,58 @@ def mask_patterns(max_len: int, patterns: int, rate: float, seed: int) -> np.nda
     return np.stack([((u + k * rate) % 1.0) < rate for k in range(patterns)])
 
 
+@dataclass(frozen=True)
+class Masking:
+    """How token surprise is measured: rows of `max_len` tokens, `patterns` fixed masks at `rate` from `seed`, forwards
+    of `batch` (row, pattern) pairs, the sparse head where the model has one."""
+
+    max_len: int
+    batch: int
+    patterns: int
+    rate: float
+    seed: int
+    sparse_head: bool = True
+
+    @classmethod
+    def of_run(cls, cfg) -> Masking:
+        """A run's settings: rows of data.max_seq_length, batches of train.micro_batch_size, embed.mask_patterns
+        fixed masks at embed.mask_rate from the run's seed, the sparse head as train.sparse_prediction says."""
+        e = cfg.embed
+        return cls(
+            max_len=cfg.data.max_seq_length,
+            batch=cfg.train.micro_batch_size,
+            patterns=e.mask_patterns,
+            rate=e.mask_rate,
+            seed=cfg.seed,
+            sparse_head=cfg.train.sparse_prediction,
+        )
+
+
 @torch.no_grad()
-def token_surprise(
-    model,
-    tokenizer,
-    docs: list[Document],
-    max_len: int,
-    batch: int,
-    patterns: int,
-    rate: float,
-    seed: int,
-    device,
-    sparse_head: bool = True,
-) -> list[Surprise]:
+def token_surprise(model, tokenizer, docs: list[Document], how: Masking, device) -> list[Surprise]:
     """Every document's Surprise (each rank computes its share; every rank returns all, in document order)."""
-    rows = pack("pad", tokenizer, [d.text for d in docs], [d.id for d in docs], max_len)
-    masks = mask_patterns(max_len, patterns, rate, seed)
-    special = np.array(unscored_ids(tokenizer))
-    rank, world = group.rank(), group.world()
-    mine = {i: np.full((2, len(rows[i].ids)), np.nan) for i in range(rank, len(rows), world)}  # nll, entropy
-    counts = {i: np.zeros(len(rows[i].ids)) for i in mine}
-    work = [
-        (i, k)
-        for i in mine
-        for k in range(patterns)
-        if (masks[k, : len(rows[i].ids)] & ~np.isin(rows[i].ids, special)).any()
-    ]
-    sparse = SparsePrediction(model) if sparse_head and supports_sparse(model) else None
+    rows = pack("pad", tokenizer, [d.text for d in docs], [d.id for d in docs], how.max_len)
+    scorer = _Scorer(model, tokenizer, rows, how, device)
     try:
-        for start in range(0, len(work), batch):
-            _score_batch(
-                model,
-                sparse,
-                rows,
-                masks,
-                special,
-                work[start : start + batch],
-                tokenizer,
-                device,
-                mine,
-                counts,
-            )
+        for start in range(0, len(scorer.work), how.batch):
+            scorer.score(scorer.work[start : start + how.batch])
     finally:
-        if sparse:
-            sparse.handle.remove()
+        if scorer.sparse:
+            scorer.sparse.handle.remove()
     out: list[Surprise | None] = [None] * len(rows)
-    for part in group.gather(
-        [(i, rows[i].ids, mine[i] / np.where(counts[i] > 0, counts[i], np.nan)) for i in mine]
-    ):
+    mine = [
+        (i, rows[i].ids, total / np.where(scorer.counts[i] > 0, scorer.counts[i], np.nan))
+        for i, total in scorer.totals.items()
+    ]
+    for part in group.gather(mine):
         for i, ids, (nll, entropy) in part:
             out[i] = Surprise(np.asarray(ids), nll, entropy)
     return out
 
 
 def run_surprise(cfg, model, tokenizer, docs: list[Document], device) -> list[Surprise]:
-    """token_surprise with a run's settings: rows of data.max_seq_length, batches of train.micro_batch_size,
-    embed.mask_patterns fixed masks at embed.mask_rate from the run's seed, the sparse head as train.sparse_prediction
-    says (launch/anomaly.py and launch/predict.py score alike)."""
-    e = cfg.embed
-    return token_surprise(
-        model,
-        tokenizer,
-        docs,
-        cfg.data.max_seq_length,
-        cfg.train.micro_batch_size,
-        e.mask_patterns,
-        e.mask_rate,
-        cfg.seed,
-        device,
-        cfg.train.sparse_prediction,
-    )
+    """token_surprise with a run's settings (Masking.of_run: launch/anomaly.py and launch/predict.py score alike)."""
+    return token_surprise(model, tokenizer, docs, Masking.of_run(cfg), device)
 
 
 def aggregates_for(token_score: str, tokenizer) -> tuple[str, ...]:
@@ -228,31 +210,49 @@ def choose_surprise(
     return how, measure, table
 
 
-def _score_batch(model, sparse, rows, masks, special, chunk, tokenizer, device, total, counts) -> None:
-    ids, attention = padded([rows[i].ids for i, _ in chunk], tokenizer.pad_token_id or 0)
-    masked = torch.zeros(ids.shape, dtype=torch.bool)
-    for j, (i, k) in enumerate(chunk):
-        n = len(rows[i].ids)
-        masked[j, :n] = torch.from_numpy(masks[k, :n] & ~np.isin(rows[i].ids, special))
-    labels = ids[masked]
-    inputs = ids.masked_fill(masked, tokenizer.mask_token_id)
-    if sparse:
-        with sparse.select(masked.to(device)):
-            logits = model(input_ids=inputs.to(device), attention_mask=attention.to(device)).logits[0]
-    else:
-        logits = model(input_ids=inputs.to(device), attention_mask=attention.to(device)).logits[
-            masked.to(device)
-        ]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    nll = -logp.gather(1, labels.to(device)[:, None])[:, 0]
-    # -sum p log p, in place on p (peak: two vocabulary-wide tensors); p = 0 at a -inf logit counts 0, not NaN
-    plogp = logp.exp().mul_(logp).nan_to_num_(nan=0.0)
-    entropy = -plogp.sum(-1)
-    both = torch.stack([nll, entropy]).cpu().numpy()  # (2, masked positions)
-    at = 0
-    for j, (i, _) in enumerate(chunk):
-        positions = np.flatnonzero(masked[j].numpy())
-        values = both[:, at : at + len(positions)]
-        at += len(positions)
-        total[i][:, positions] = np.nan_to_num(total[i][:, positions]) + values
-        counts[i][positions] += 1
+class _Scorer:
+    """This rank's rows (every world-th), the (row, pattern) pairs with something to score, and the sums of each
+    token's negative log-likelihood and entropy over the patterns that masked it."""
+
+    def __init__(self, model, tokenizer, rows: list, how: Masking, device):
+        self.model, self.tokenizer, self.rows, self.device = model, tokenizer, rows, device
+        self.masks = mask_patterns(how.max_len, how.patterns, how.rate, how.seed)
+        self.special = np.array(unscored_ids(tokenizer))
+        rank, world = group.rank(), group.world()
+        self.totals = {i: np.full((2, len(rows[i].ids)), np.nan) for i in range(rank, len(rows), world)}
+        self.counts = {i: np.zeros(len(rows[i].ids)) for i in self.totals}
+        self.work = [(i, k) for i in self.totals for k in range(how.patterns) if self._masked(i, k).any()]
+        self.sparse = SparsePrediction(model) if how.sparse_head and supports_sparse(model) else None
+
+    def _masked(self, i: int, k: int) -> np.ndarray:
+        ids = self.rows[i].ids
+        return self.masks[k, : len(ids)] & ~np.isin(ids, self.special)
+
+    def score(self, chunk: list[tuple[int, int]]) -> None:
+        """One forward over `chunk`'s (row, pattern) pairs; their tokens' surprise added to the sums."""
+        rows, device = self.rows, self.device
+        ids, attention = padded([rows[i].ids for i, _ in chunk], self.tokenizer.pad_token_id or 0)
+        masked = torch.zeros(ids.shape, dtype=torch.bool)
+        for j, (i, k) in enumerate(chunk):
+            masked[j, : len(rows[i].ids)] = torch.from_numpy(self._masked(i, k))
+        labels = ids[masked]
+        inputs = ids.masked_fill(masked, self.tokenizer.mask_token_id)
+        forward = {"input_ids": inputs.to(device), "attention_mask": attention.to(device)}
+        if self.sparse:
+            with self.sparse.select(masked.to(device)):
+                logits = self.model(**forward).logits[0]
+        else:
+            logits = self.model(**forward).logits[masked.to(device)]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(1, labels.to(device)[:, None])[:, 0]
+        # -sum p log p, in place on p (peak: two vocabulary-wide tensors); p = 0 at a -inf logit counts 0, not NaN
+        plogp = logp.exp().mul_(logp).nan_to_num_(nan=0.0)
+        entropy = -plogp.sum(-1)
+        both = torch.stack([nll, entropy]).cpu().numpy()  # (2, masked positions)
+        at = 0
+        for j, (i, _) in enumerate(chunk):
+            positions = np.flatnonzero(masked[j].numpy())
+            values = both[:, at : at + len(positions)]
+            at += len(positions)
+            self.totals[i][:, positions] = np.nan_to_num(self.totals[i][:, positions]) + values
+            self.counts[i][positions] += 1
