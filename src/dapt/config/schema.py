@@ -960,6 +960,9 @@ class RunConfig:
     def _joined_problems(self) -> list[str]:
         """Rules over two sections, or over what the recipe or command line set (self.explicit)."""
         p, t, c = [], self.train, self.cluster
+        missing = [k for k in ("base", "dapt_recipe", "eval_recipe") if not getattr(self.ablation, k)]
+        if self.task == "ablation" and missing:
+            p.append(f"ablation needs {', '.join('ablation.' + k for k in missing)}")
         if t.warmup_steps and "train.warmup_ratio" in self.explicit and t.warmup_ratio:
             p.append("train.warmup_steps and train.warmup_ratio are both set; give one")
         if self.submit.instance in INSTANCES:

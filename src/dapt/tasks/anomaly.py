@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dapt.config.schema import RunConfig
+from dapt.config.schema import BadInput, RunConfig
 from dapt.data.embedding import NoMLMHead, embed_documents, load_encoder, load_masked_lm, splits_of
 from dapt.data.novelty import CharNovelty
 from dapt.data.stream import in_valid_split
@@ -206,7 +206,7 @@ class Scores:
         if not any(d.label == e.normal_label for d in splits["train"]) or not any(
             d.label == e.normal_label for d in splits["valid"]
         ):
-            raise ValueError(f"no training or validation documents with the normal label {e.normal_label!r}")
+            raise BadInput(f"no training or validation documents with the normal label {e.normal_label!r}")
         self.valid, self.test = splits["valid"], splits["test"]
         self.valid_attack = np.array([d.label != e.normal_label for d in self.valid])
         self.test_attack = np.array([d.label != e.normal_label for d in self.test])
@@ -278,7 +278,7 @@ class Scores:
         aggregates = AGGREGATES if e.token_score == "auto" else (e.token_score,)
         if not getattr(self.tokenizer, "is_fast", False):  # no offsets: no token's novelty
             if e.token_score == "novel":
-                raise ValueError(
+                raise BadInput(
                     f"embed.token_score=novel needs token offsets, which {type(self.tokenizer).__name__} "
                     "(not a fast tokenizer) lacks: choose mean, max, topk or auto"
                 )
@@ -480,7 +480,7 @@ def anomaly_splits(cfg: RunConfig, skipped: Counter) -> dict:
     splits = splits_of(cfg, skipped, labelled=True)
     share = cfg.embed.valid_from_test
     if "test" not in splits:
-        raise ValueError("anomaly detection needs test data (data.test)")
+        raise BadInput("anomaly detection needs test data (data.test)")
     if share:
         splits["train"] += splits.pop("valid", [])
         test = splits["test"]
@@ -491,7 +491,7 @@ def anomaly_splits(cfg: RunConfig, skipped: Counter) -> dict:
         sample(splits[k], cfg.embed.sample, cfg.seed) for k in ("valid", "test")
     )
     if not splits.get("valid"):
-        raise ValueError(
+        raise BadInput(
             "anomaly detection needs validation data (data.valid, data.valid_fraction or embed.valid_from_test)"
         )
     return splits

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dapt.config.dsconfig import finalize_ds_config
-from dapt.config.schema import RunConfig, save_resolved
+from dapt.config.schema import BadInput, RunConfig, save_resolved
 from dapt.data.labelled import Labelled, LabelledCorpus, collate, prepare_labelled
 from dapt.data.prepare import TEXT_FILE, text_description, text_settings
 from dapt.data.prepare import feeder as data_feeder
@@ -67,7 +67,7 @@ def class_weights(spec: str, counts: list[int], n: int) -> torch.Tensor | None:
         return torch.tensor(w / w[c > 0].mean(), dtype=torch.float32)
     values = [float(v) for v in spec.split(",")]
     if len(values) != n:
-        raise ValueError(f"classify.class_weights has {len(values)} weights for {n} labels")
+        raise BadInput(f"classify.class_weights has {len(values)} weights for {n} labels")
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -301,7 +301,7 @@ def _length(cfg: RunConfig, corpus: LabelledCorpus) -> tuple[int, int]:
     t = cfg.train
     per_step = t.micro_batch_size * t.grad_accum * group.world()
     if corpus.rows < per_step:
-        raise ValueError(f"{corpus.rows} training examples are fewer than one global batch of {per_step}")
+        raise BadInput(f"{corpus.rows} training examples are fewer than one global batch of {per_step}")
     steps_per_epoch = corpus.rows // per_step
     return t.max_steps or max(1, int(t.epochs * steps_per_epoch)), steps_per_epoch
 
