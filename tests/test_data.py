@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from dapt.config.schema import BadInput
 from dapt.data.corpus import generate
 from dapt.data.formats import READERS, FormatOptions
 from dapt.data.packing import pack_concat, pack_packed, pack_pad, tokenize, wrappers
@@ -297,9 +298,9 @@ def test_glob_skips_hidden_files_like_folders_do(folder):
 
 
 def test_missing_source_raises(folder):
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    with pytest.raises(BadInput, match="matches no file"):
         expand([str(folder / "nothing.txt")])
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    with pytest.raises(BadInput, match="matches no file"):
         list(read_documents([str(folder / "*.jsonl")], "jsonl"))
 
 

@@ -19,6 +19,7 @@ import pytest
 from conftest import MLM, launch, run_inprocess
 from fsspec.implementations.local import LocalFileSystem
 
+from dapt.config.schema import BadInput
 from dapt.data.corpus import generate
 from dapt.data.formats import FormatOptions
 from dapt.data.prepare import read_documents
@@ -49,7 +50,7 @@ def test_a_save_to_disk_folder_reads_in_shard_order_with_label_names(tmp_path):
     assert [d.text for d in docs] == texts  # every record once, in the dataset's order
     assert [d.label for d in docs] == ["benign", "attack"] * 5 + ["benign"]  # names, not codes
     assert docs[0].id == f"{shards[0]}:1"
-    with pytest.raises(FileNotFoundError, match=r"matches no \.arrow file"):
+    with pytest.raises(BadInput, match=r"matches no \.arrow file"):
         expand([str(tmp_path / "ds" / "*.json")], "arrow")
 
 

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from conftest import ROOT, hub_cache
 
+from dapt.config.schema import BadInput
+
 RECIPES = ROOT / "recipes"
 SHARED = ROOT.parent / "shared" / "data"
 SEEDS = {  # seed: its recipes, in the order they run
@@ -304,5 +306,5 @@ def test_an_earlier_stage_output_that_is_missing_is_named_not_fetched(tmp_path, 
     from dapt.model.archs import model_config
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="runs/secbert_http_mlm/final: no such model folder"):
+    with pytest.raises(BadInput, match="runs/secbert_http_mlm/final: no such model folder"):
         model_config("runs/secbert_http_mlm/final")

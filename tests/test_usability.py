@@ -165,3 +165,28 @@ def test_a_classifier_without_a_recipe_keeps_the_schemas_row_length():
     )
     mlm, _ = collect_config([], 1, "cpu", check_files=False, prog="launch/mlm.py")
     assert mlm.data.max_seq_length == 64  # the README's first command: the demo's own settings
+
+
+def test_the_exit_code_is_chosen_by_the_error_raised_where_the_problem_is_found(
+    tmp_path, monkeypatch, capsys
+):
+    """Input found unusable where it is read (a BadInput) ends the run with one line and exit 3; a plain ValueError
+    is a bug, not bad input: it keeps its traceback (a launcher's sys.exit(main(...)) then exits 1)."""
+    import dapt.cli.main
+    from dapt.cli.main import main
+    from dapt.config.schema import BadInput
+
+    monkeypatch.setattr(dapt.cli.main, "_close_process_group", lambda: None)
+    argv = [f"--output_dir={tmp_path / 'run'}"]
+
+    def unusable_data(cfg):
+        raise BadInput("data.train: x.jsonl:3 has no field 'text'")
+
+    def bug(cfg):
+        raise ValueError("too many values to unpack")
+
+    assert main(unusable_data, argv, prog="launch/mlm.py") == 3
+    assert "error: data.train: x.jsonl:3 has no field 'text'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        main(bug, argv, prog="launch/mlm.py")
+    assert "error:" not in capsys.readouterr().err  # not reported as bad input

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from dapt.cli.load import load_config, parse_argv
 from dapt.config.redact import redact_text
-from dapt.config.schema import ConfigError, RunConfig, help_text
+from dapt.config.schema import BadInput, ConfigError, RunConfig, help_text
 from dapt.data.prepare import BadRecord
 from dapt.runtime.group import LaunchError, adopt_scheduler_env
 from dapt.runtime.numerics import Diverged
@@ -38,9 +38,11 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
     """Run `run` (a task's or tool's run(cfg)) on the config of `argv`. `prog` defaults to the entry script named
     after run's module (dapt.tasks.classify.run -> launch/classify.py).
 
-    Exit codes: 0 done, 2 configuration error (nothing started), 3 bad input data, 4 numeric blow-up (NaN/Inf
-    steps over the limit, or a loss spike with numerics.spike_action=stop), 5 trained and exported but the hub.push
-    upload failed (final/ kept), 128 + N stopped by signal N."""
+    Exit codes: 0 done, 1 a bug (any other exception, with its traceback), 2 configuration error (nothing started),
+    3 bad input data (a BadInput, raised where the data, model or checkpoint proved unusable), 4 numeric blow-up
+    (NaN/Inf steps over the limit, or a loss spike with numerics.spike_action=stop), 5 trained and exported but the
+    hub.push upload failed (final/ kept), 128 + N stopped by signal N. The code is chosen by the error's type, which
+    the code that found the error chose: a plain ValueError is not bad input."""
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or f"launch/{run.__module__.rsplit('.', 1)[-1]}.py"
 
@@ -71,7 +73,7 @@ def main(run: Callable[[RunConfig], dict], argv: list[str] | None = None, prog: 
             file=sys.stderr,
         )
         return 3
-    except (ValueError, FileNotFoundError) as e:  # problems with the data or model named by the config
+    except BadInput as e:  # raised where the data, model or checkpoint named by the config proved unusable
         if cfg.log.level == "debug":
             raise
         print(redact_text(f"{prog}: error: {e}"), file=sys.stderr)

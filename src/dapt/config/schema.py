@@ -1,7 +1,10 @@
-"""The config tree: one keyword-only dataclass per concern, under RunConfig.
+"""The config tree: one keyword-only dataclass per concern, under RunConfig, and the rules of its values.
 
-The string literal under a field is its documentation, shown by `--help`. dapt.cli.load builds and validates the tree
-from a recipe, overrides and the DeepSpeed JSON.
+The string literal under a field is its documentation, shown by `--help`. A choice field declares its allowed values
+with the field (`choice`), which both `--help` and the check read; each section's own rules are its `problems()`,
+beside its fields, and RunConfig.problems() adds the rules that join sections. dapt.cli.load builds the tree from a
+recipe, overrides and the DeepSpeed JSON; dapt.cli.check adds the checks that need more than the config (files, the
+hub, the output folder, a resume, DeepSpeed itself).
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from dapt.config.gpus import NAMES
+from dapt.config.gpus import INSTANCES, NAMES
 from dapt.config.redact import redact
 
 
@@ -28,8 +33,53 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class BadInput(ValueError):
+    """Input the run was pointed at that it cannot use: a data file missing or unreadable, a bad record or label, a
+    damaged checkpoint or model folder named by the user. The entry scripts end with exit 3 for it; a plain ValueError
+    is a bug and keeps its traceback."""
+
+
+GPUS = NAMES  # dapt.config.gpus: the one table of GPU facts
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")  # a hub repository
+SAFE_WORD = re.compile(r"^[A-Za-z0-9._@+,:-]*$")  # values written into #SBATCH lines, which no shell quotes
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def choice(default: Any, allowed: tuple | dict) -> Any:
+    """A field whose value is one of `allowed` (a list field: each of its entries); a dict gives what each value
+    means. Declared here once: `--help` prints the values under the field, and Section.check refuses any other."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"choices": allowed})
+    return field(default=default, metadata={"choices": allowed})
+
+
+def at_least(problems: list[str], key: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        problems.append(f"{key}: {value} must be >= {minimum}")
+
+
+class Section:
+    """A section of the config: its choice fields checked against their declared values, then its own rules."""
+
+    def problems(self) -> list[str]:
+        """This section's own rules (values, and fields of this section against each other); none by default."""
+        return []
+
+    def check(self, name: str) -> list[str]:
+        """Every problem of this section, which RunConfig names `name`."""
+        p = []
+        for f in dataclasses.fields(self):
+            allowed, value = f.metadata.get("choices"), getattr(self, f.name)
+            if allowed is None:
+                continue
+            for v in value if isinstance(value, list) else [value]:  # a list field: each entry is one of them
+                if v not in allowed:
+                    p.append(f"{name}.{f.name}: {v!r} is not one of {', '.join(allowed)}")
+        return p + self.problems()
+
+
 @dataclass(kw_only=True)
-class ModelConfig:
+class ModelConfig(Section):
     name_or_path: str | None = None
     """Hub id or local folder of a pretrained encoder (or a dapt run's final/), loaded with the task's head:
     AutoModelForMaskedLM for MLM runs, AutoModelForSequenceClassification for classifiers, AutoModel for embeddings."""
@@ -42,7 +92,7 @@ class ModelConfig:
     """Tokenizer hub id or folder; default: the model's own, or one trained on the corpus for from-scratch models."""
     tokenizer_vocab_size: int = 4000
     """Vocabulary size of the WordPiece tokenizer trained on the corpus when a from-scratch model names no tokenizer."""
-    attn_implementation: str = "auto"
+    attn_implementation: str = choice("auto", ("auto", "flash_attention_2", "sdpa", "eager"))
     """Attention kernel. auto: flash_attention_2 when installed on CUDA in bf16/fp16, else sdpa, else eager."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (HF gradient_checkpointing_enable; DeepSpeed's own block does nothing for HF models)."""
@@ -51,9 +101,28 @@ class ModelConfig:
     char_vocab: int = 1024
     """CANINE: classes of the character MLM head; code points at or above char_vocab - 1 share the last one."""
 
+    def problems(self) -> list[str]:
+        p = []
+        if self.name_or_path and self.config is not None:
+            p.append(
+                "model.name_or_path and model.config are exclusive: load a pretrained model or build one from a "
+                "config"
+            )
+        elif self.config == "":
+            p.append("model.config: empty")
+        if isinstance(self.config, dict) and "model_type" not in self.config:
+            p.append("model.config: a mapping needs model_type (bert, roberta, distilbert, modernbert, ...)")
+        if self.char_vocab < 2:
+            p.append(
+                f"model.char_vocab: {self.char_vocab} must be >= 2 (the classes of CANINE's character head)"
+            )
+        if self.tokenizer_vocab_size < 100:
+            p.append(f"model.tokenizer_vocab_size: {self.tokenizer_vocab_size} is too small (at least 100)")
+        return p
+
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(Section):
     train: list[str] = field(default_factory=list)
     """Training sources: files, globs or folders, local or fsspec URLs (s3://, gs://, https://), .gz/.bz2/.zst read
     transparently. Empty: the embedded default corpus that dapt generates itself."""
@@ -64,7 +133,20 @@ class DataConfig:
     """Validation files; empty: `valid_fraction` of the training documents, chosen by a hash of each document."""
     test: list[str] = field(default_factory=list)
     """Test files, evaluated once at the end."""
-    format: str = "lines"
+    format: str = choice(
+        "lines",
+        {
+            "lines": "a document per line",
+            "docs": "documents separated by blank lines",
+            "http": "raw HTTP requests (CSIC 2010)",
+            "jsonl": "a record per line, the text in data.text_field",
+            "json": "a document holding a list of records (data.records_field), the text in data.text_field",
+            "csv": "rows as key:value text (data.columns, data.column_names)",
+            "tsv": "as csv, tab-separated",
+            "parquet": "the column data.text_field",
+            "arrow": "a Hugging Face datasets folder written by save_to_disk (one split), the column data.text_field",
+        },
+    )
     """The format of data.train / valid / test; when not given, the files' own extension decides where they all
     agree (.csv, .tsv, .jsonl, .json, .parquet, also compressed), else lines."""
     text_field: str = "text"
@@ -79,13 +161,26 @@ class DataConfig:
     """csv/tsv files without a header line: the names of their columns."""
     round_digits: int | None = None
     """csv/tsv: round decimal values to this many digits (shorter, more regular text)."""
-    packing: str = "concat"
+    packing: str = choice(
+        "concat",
+        {
+            "concat": "documents joined and cut into rows (run_mlm's group_texts)",
+            "packed": "whole documents packed by best fit, attention kept within each document",
+            "pad": "one document per row, truncated, padded per micro-batch to a multiple of 8",
+        },
+    )
     """How documents become rows of data.max_seq_length tokens."""
     max_seq_length: int = 128
     """Tokens per training row, special tokens included."""
     valid_fraction: float = 0.1
     """Share of training documents held out for validation when `valid` is empty (stable: decided by a hash of the text)."""
-    on_error: str = "raise"
+    on_error: str = choice(
+        "raise",
+        {
+            "raise": "stop at the first bad record",
+            "skip": "skip it and count it in metrics and summary",
+        },
+    )
     """What a bad record does (file, line and field are named either way)."""
     log_sample_ids: bool = False
     """Append the id (file:line) of every document each rank trains on to output_dir/samples.rank<R>.txt."""
@@ -102,7 +197,17 @@ class DataConfig:
     """Drop documents longer than this many characters (counted); 0: no limit."""
     max_record_bytes: int = 64 << 20
     """A line longer than this is a bad record ("oversize": raise or skip per on_error), never read into memory."""
-    volatile: list[str] = field(default_factory=list)
+    volatile: list[str] = choice(
+        [],
+        {  # data/volatile.py applies them, in this order
+            "cookie": "the values of Cookie: header lines' name=value pairs, and the first of Set-Cookie:, when "
+            "identifier-shaped (6+ letters, digits, . _ ~ -: an attack's quote, space, % or + keeps a value)",
+            "session_id": "identifier-shaped values of session and token parameters (jsessionid, phpsessid, sid, sessionid, "
+            "token, csrf...) in URLs, paths and form bodies",
+            "hex": "runs of 16 or more hex digits with at least one digit and one letter (hashes, ids), not right after a %",
+            "base64": "runs of 24 or more base64 characters with upper case, lower case and a digit (tokens, keys)",
+        },
+    )
     """Random identifiers replaced by <id> in every document as it is read, for training, embedding and scoring
     alike (the HTTP recipes: [cookie, session_id]); the rest of the text is unchanged. Empty: none."""
     num_samples: int = 0
@@ -121,9 +226,46 @@ class DataConfig:
     tokenizer_docs: int = 100000
     """Documents read from the start of the corpus to train a tokenizer for a from-scratch model."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        at_least(p, "data.max_seq_length", self.max_seq_length, minimum=8)
+        if not 0 <= self.valid_fraction < 1:
+            p.append(f"data.valid_fraction: {self.valid_fraction} must be in [0, 1)")
+        counts = (
+            "num_workers",
+            "min_chars",
+            "max_chars",
+            "num_samples",
+            "valid_max_docs",
+            "max_records_per_file",
+        )
+        for name in counts:
+            at_least(p, f"data.{name}", getattr(self, name), minimum=0)
+        for name in ("streams", "block_docs", "tokenizer_docs", "max_record_bytes"):
+            at_least(p, f"data.{name}", getattr(self, name))
+        weights = self.train_weights
+        if weights and len(weights) != len(self.train):
+            p.append(f"data.train_weights: {len(weights)} weights for {len(self.train)} data.train entries")
+        if any(w <= 0 for w in weights):
+            p.append(f"data.train_weights: {weights} must all be > 0")
+        if len(weights) > self.streams:
+            p.append(f"data.train_weights: {len(weights)} sources need data.streams >= {len(weights)}")
+        if weights and self.max_tokens:
+            p.append(
+                "data.max_tokens applies to one ordered corpus; it cannot be combined with data.train_weights"
+            )
+        at_least(p, "data.max_tokens", self.max_tokens, minimum=0)
+        if self.max_chars and self.max_chars < self.min_chars:
+            p.append(f"data.max_chars: {self.max_chars} is below data.min_chars {self.min_chars}")
+        if self.format in ("csv", "tsv") and self.columns and self.column_names:
+            missing = [c for c in self.columns if c not in self.column_names]
+            if missing:
+                p.append(f"data.columns: {missing} not among data.column_names")
+        return p
+
 
 @dataclass(kw_only=True)
-class MaskingConfig:
+class MaskingConfig(Section):
     rate: float = 0.15
     """Share of maskable tokens selected for prediction (BERT 15%; ModernBERT recipes use 30%)."""
     eval_rate: float | None = None
@@ -138,9 +280,24 @@ class MaskingConfig:
     """Select whole words (all their tokens, the same replacement for each); words come from token offsets, so
     WordPiece and byte-level BPE both work. Needs a fast tokenizer."""
 
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("rate", "eval_rate"):
+            rate = getattr(self, name)
+            if rate is not None and not 0 < rate < 1:
+                p.append(f"masking.{name}: {rate} must be in (0, 1)")
+        if self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1:
+            p.append(
+                f"masking.mask_prob + masking.random_prob = {self.mask_prob + self.random_prob} must be within "
+                "[0, 1]"
+            )
+        if self.mask_token_id is not None:
+            at_least(p, "masking.mask_token_id", self.mask_token_id, minimum=0)
+        return p
+
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Section):
     max_steps: int = 0
     """Optimizer steps to run; 0: derived from `epochs`."""
     epochs: float = 1.0
@@ -159,7 +316,7 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off (fills gradient_clipping)."""
-    lr_schedule: str = "linear"
+    lr_schedule: str = choice("linear", ("linear", "cosine", "wsd", "constant"))
     """Learning-rate schedule (wsd: warmup-stable-decay), counted in optimizer steps."""
     rebuild_schedule: bool = False
     """A resume with another length (train.max_steps, train.epochs) whose learning rate would jump at the step it
@@ -174,9 +331,9 @@ class TrainConfig:
     """wsd: share of the steps spent in the final linear decay."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a share of the peak (linear, cosine, wsd)."""
-    precision: str = "auto"
+    precision: str = choice("auto", ("auto", "bf16", "fp16", "fp32"))
     """Fills bf16/fp16 "auto" in the ds config. auto: bf16 where the hardware has it, else fp32."""
-    optimizer_impl: str = "auto"
+    optimizer_impl: str = choice("auto", ("auto", "deepspeed", "torch"))
     """auto: torch's fused AdamW (nothing to compile), or DeepSpeedCPUAdam for an offloaded
     optimizer on CUDA when it can be built here. deepspeed: DeepSpeed's FusedAdam/CPUAdam (JIT-built with ninja, a C++
     compiler and nvcc unless prebuilt; checked before the run starts)."""
@@ -186,7 +343,7 @@ class TrainConfig:
     """Cap on evaluation batches per rank; 0: the whole validation set."""
     log_every: int = 10
     """Log training metrics every N optimizer steps."""
-    compile: str = "off"
+    compile: str = choice("off", ("off", "inductor", "aot_eager", "cudagraphs"))
     """torch.compile the model through DeepSpeed's engine.compile with this
     backend. inductor needs a C compiler (and Triton on GPU); the first steps are slow while graphs compile, and
     rows of new lengths compile again until shapes are treated as dynamic. The sparse MLM head's masked positions
@@ -196,9 +353,33 @@ class TrainConfig:
     """MLM: run the head (transform + vocabulary projection) only at masked positions, as MosaicBERT/ModernBERT do;
     the same loss, and for a small encoder with a large vocabulary about half the compute. false: the dense head."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        for name in ("micro_batch_size", "grad_accum", "log_every"):
+            at_least(p, f"train.{name}", getattr(self, name))
+        for name in ("max_steps", "warmup_steps", "eval_every", "eval_batches"):
+            at_least(p, f"train.{name}", getattr(self, name), minimum=0)
+        if self.epochs <= 0:
+            p.append(f"train.epochs: {self.epochs} must be > 0")
+        if self.lr <= 0:
+            p.append(f"train.lr: {self.lr} must be > 0")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            p.append("train.weight_decay and train.grad_clip must be >= 0, train.eps > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            p.append(f"train.betas: {self.betas} must be two numbers in [0, 1)")
+        if (
+            not 0 <= self.warmup_ratio < 1
+            or not 0 <= self.decay_ratio <= 1
+            or not 0 <= self.min_lr_ratio <= 1
+        ):
+            p.append(
+                "train.warmup_ratio must be in [0, 1); train.decay_ratio and train.min_lr_ratio in [0, 1]"
+            )
+        return p
+
 
 @dataclass(kw_only=True)
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every: int = 200
     """Save a resumable checkpoint every N optimizer steps (and at the end); 0: only at the end."""
     keep: int = 2
@@ -206,14 +387,26 @@ class CheckpointConfig:
     keep_best: bool = True
     """Keep the checkpoint with the best evaluation (MLM: the lowest eval loss; classifier: classify.metric) besides
     the last K; with checkpoint.export=best, every evaluation is saved as a checkpoint."""
-    export: str = "best"
+    export: str = choice(
+        "best",
+        {
+            "best": "the best evaluation's checkpoint when there is an evaluation set (and keep_best), else the last",
+            "last": "the last checkpoint",
+        },
+    )
     """Which checkpoint final/ (and the test set) is made from; summary.json names it and its step."""
-    disk_check: str = "refuse"
+    disk_check: str = choice("refuse", ("refuse", "warn", "off"))
     """Before training, compare the expected size of keep + 1 checkpoints with free disk."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        at_least(p, "checkpoint.every", self.every, minimum=0)
+        at_least(p, "checkpoint.keep", self.keep)
+        return p
 
 
 @dataclass(kw_only=True)
-class NumericsConfig:
+class NumericsConfig(Section):
     max_skipped_steps: int = 10
     """Optimizer steps skipped for a NaN/Inf loss or gradient norm (no weight, optimizer or schedule update), counted
     over the run; one more stops it (exit 4) without a new checkpoint, so the newest one is from before. 0: stop at
@@ -224,13 +417,27 @@ class NumericsConfig:
     """Consecutive spike steps before the watchdog acts (it starts once the median has this many steps)."""
     spike_window: int = 100
     """Optimizer steps in the running median."""
-    spike_action: str = "warn"
+    spike_action: str = choice("warn", ("warn", "stop"))
     """What a loss spike does; stop: exit 4, no new checkpoint, and the message names the last checkpoint before the
     spike."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        at_least(p, "numerics.max_skipped_steps", self.max_skipped_steps, minimum=0)
+        at_least(p, "numerics.spike_steps", self.spike_steps)
+        if self.spike_factor and self.spike_factor <= 1:
+            p.append(
+                f"numerics.spike_factor: {self.spike_factor} must be > 1 (or 0 to turn the watchdog off)"
+            )
+        if self.spike_window < self.spike_steps:
+            p.append(
+                f"numerics.spike_window: {self.spike_window} must be >= numerics.spike_steps ({self.spike_steps})"
+            )
+        return p
+
 
 @dataclass(kw_only=True)
-class ProfileConfig:
+class ProfileConfig(Section):
     warmup: int = 5
     """launch/profile.py: optimizer steps run before timing starts."""
     steps: int = 20
@@ -242,10 +449,18 @@ class ProfileConfig:
     peak_tflops: float = 0.0
     """Peak TFLOPS per rank for MFU; 0: the GPU's dense bf16 figure from dapt's table, or a measured CPU matmul."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        at_least(p, "profile.warmup", self.warmup, minimum=0)
+        at_least(p, "profile.steps", self.steps)
+        if self.peak_tflops < 0:
+            p.append(f"profile.peak_tflops: {self.peak_tflops} must be >= 0")
+        return p
+
 
 @dataclass(kw_only=True)
-class PlanConfig:
-    gpu: str = "A100-80GB"
+class PlanConfig(Section):
+    gpu: str = choice("A100-80GB", GPUS)
     """launch/plan.py: the GPU to plan for (its facts: dapt.config.gpus)."""
     gpus: int = 1
     """launch/plan.py: GPUs in the run (all nodes); ZeRO partitions over them."""
@@ -275,9 +490,25 @@ class PlanConfig:
     """launch/plan.py: characters per token of the model's tokenizer for that count (about 4 for English BPE or
     WordPiece; CANINE's tokens are characters, 1)."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        at_least(p, "plan.gpus", self.gpus)
+        at_least(p, "plan.min_micro_batch", self.min_micro_batch)
+        at_least(p, "plan.tokens", self.tokens, minimum=0)
+        if not 0 < self.mfu <= 1:
+            p.append(f"plan.mfu: {self.mfu} must be in (0, 1]")
+        if self.chars_per_token <= 0:
+            p.append(f"plan.chars_per_token: {self.chars_per_token} must be > 0")
+        at_least(p, "plan.measure_tokens", self.measure_tokens, minimum=16)
+        if not self.micro_batches or any(m < 1 for m in self.micro_batches):
+            p.append(f"plan.micro_batches: {self.micro_batches} must be a non-empty list of sizes >= 1")
+        if not 0 < self.headroom <= 1:
+            p.append(f"plan.headroom: {self.headroom} must be in (0, 1]")
+        return p
+
 
 @dataclass(kw_only=True)
-class FillConfig:
+class FillConfig(Section):
     text: list[str] = field(default_factory=list)
     """launch/fill_mask.py: texts to complete, each with one or more placeholders; empty: read them from standard
     input, one per line (interactive)."""
@@ -286,14 +517,21 @@ class FillConfig:
     placeholder: str = "[MASK]"
     """What marks a masked position in the text; for a character model (CANINE) each one is one character."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        at_least(p, "fill.top_k", self.top_k)
+        if not self.placeholder:
+            p.append("fill.placeholder: must not be empty")
+        return p
+
 
 @dataclass(kw_only=True)
-class ClusterConfig:
+class ClusterConfig(Section):
     nodes: int = 1
     """launch/submit.py, launch/doctor.py: nodes in the run (with cluster.hostfile: its hosts)."""
     gpus_per_node: int = 1
     """Ranks per node: one per GPU (on CPU nodes, processes); the world size is nodes x gpus_per_node."""
-    gpu: str = ""
+    gpu: str = choice("", ("", "cpu", *GPUS))
     """The GPU type: SkyPilot's accelerators,
     NCCL settings for consumer cards (no P2P), doctor's GPU check; cpu: CPU nodes, no GPU requested; empty: any GPU
     (the one of submit.instance when dapt knows it)."""
@@ -309,10 +547,31 @@ class ClusterConfig:
     """Environment variables carried to every rank besides WANDB_* and HF_*, which always go (names; the values are
     this shell's), e.g. [NCCL_SOCKET_IFNAME, DATA_ROOT]."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        at_least(p, "cluster.nodes", self.nodes)
+        at_least(p, "cluster.gpus_per_node", self.gpus_per_node)
+        if not 1 <= self.master_port <= 65535:
+            p.append(f"cluster.master_port: {self.master_port} is not a TCP port (1-65535)")
+        p += [
+            f"cluster.env: {name!r} is not an environment variable name"
+            for name in self.env
+            if not ENV_NAME.match(name)
+        ]
+        return p
+
 
 @dataclass(kw_only=True)
-class SubmitConfig:
-    scheduler: str = "slurm"
+class SubmitConfig(Section):
+    scheduler: str = choice(
+        "slurm",
+        {
+            "slurm": "an sbatch script",
+            "skypilot": "a SkyPilot task YAML",
+            "nodes": "one script run on every node with NODE_RANK and MASTER_ADDR set",
+            "pdsh": "DeepSpeed's ssh launcher over cluster.hostfile, with its env file",
+        },
+    )
     """launch/submit.py: the kind of job it writes."""
     entry: str = "launch/mlm.py"
     """The entry script the job runs (launch/mlm.py, launch/classify.py, ...), with this command's other arguments."""
@@ -342,9 +601,24 @@ class SubmitConfig:
     dry_run: bool = False
     """Print the job instead of writing it (also --dry_run)."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if self.cpus_per_node < 0:
+            p.append(f"submit.cpus_per_node: {self.cpus_per_node} must be >= 0")
+        for key in ("job_name", "partition", "account", "time"):
+            value = getattr(self, key)
+            if not SAFE_WORD.match(value):
+                p.append(
+                    f"submit.{key}: {value!r} may hold only letters, digits and ._@+,:- (it goes into #SBATCH "
+                    "lines, which no shell quotes)"
+                )
+        if not self.job_name:
+            p.append("submit.job_name: must not be empty")
+        return p
+
 
 @dataclass(kw_only=True)
-class LogConfig:
+class LogConfig(Section):
     wandb: bool = False
     """Log to Weights & Biases (honours WANDB_MODE=offline)."""
     wandb_project: str = "dapt"
@@ -358,14 +632,14 @@ class LogConfig:
     """Show a progress bar on rank 0."""
     plots: bool = True
     """Write loss, learning-rate and perplexity curves to output_dir/plots at the end."""
-    level: str = "info"
+    level: str = choice("info", ("debug", "info", "warning"))
     """Log level."""
     all_ranks: bool = False
     """Every rank logs at log.level (each line names its rank); default: rank 0 only, other ranks warnings and errors."""
 
 
 @dataclass(kw_only=True)
-class HubConfig:
+class HubConfig(Section):
     push: bool = False
     """Upload final/ (weights, tokenizer, model card) to the Hugging Face hub once it is exported and verified: one
     commit, from rank 0. A failed upload keeps final/ and ends the run with exit 5."""
@@ -377,9 +651,20 @@ class HubConfig:
     """The environment variable holding the hub token with write access; when it is unset, the token saved by
     `hf auth login`. The token is never logged or written."""
 
+    def problems(self) -> list[str]:
+        """hub.push: a repository id and where its token is (dapt.cli.check looks for the token itself)."""
+        p = []
+        if self.push and not REPO_ID.fullmatch(self.model_id):
+            p.append(
+                f"hub.model_id: {self.model_id!r} is not a hub repository id OWNER/NAME (hub.push=true needs one)"
+            )
+        if self.push and not self.token_env:
+            p.append("hub.token_env: empty (the name of the environment variable that holds the hub token)")
+        return p
+
 
 @dataclass(kw_only=True)
-class ClassifyConfig:
+class ClassifyConfig(Section):
     label_field: str = "label"
     """jsonl field, csv/tsv column or parquet/arrow column holding the label (a csv label column is left out of the
     text; a `datasets` ClassLabel column gives its names, not its integer codes)."""
@@ -387,7 +672,9 @@ class ClassifyConfig:
     """Labels per file instead: {glob or file name: label}, e.g. {"normal*": normal, "anomalous*": attack}."""
     labels: list[str] = field(default_factory=list)
     """Fixed label order (ids 0, 1, ...); empty: the sorted labels of the training set."""
-    unseen: str = "error"
+    unseen: str = choice(
+        "error", {"error": "stop, naming file and line", "skip": "leave such records out, counted"}
+    )
     """A validation/test label never seen in training."""
     class_weights: str = "none"
     """none | inverse (inverse class frequency, normalised to mean 1) | comma-separated weights in label order."""
@@ -395,7 +682,7 @@ class ClassifyConfig:
     """Label smoothing of the cross-entropy (seed 002: 0.05)."""
     head_lr_mult: float = 1.0
     """Learning rate of the new classification head as a multiple of train.lr (seed 003: 10)."""
-    metric: str = "macro_f1"
+    metric: str = choice("macro_f1", ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc"))
     """Picks the best checkpoint and drives early stopping."""
     patience: int = 0
     """Stop after this many evaluations without improvement of the metric; 0: never stop early."""
@@ -407,10 +694,33 @@ class ClassifyConfig:
     seeds: list[int] = field(default_factory=list)
     """Run once per seed (output_dir/seed_<s>) and report mean +- std; empty: the run's seed only."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not 0 <= self.label_smoothing < 1:
+            p.append(f"classify.label_smoothing: {self.label_smoothing} must be in [0, 1)")
+        if self.head_lr_mult <= 0:
+            p.append(f"classify.head_lr_mult: {self.head_lr_mult} must be > 0")
+        at_least(p, "classify.patience", self.patience, minimum=0)
+        if any(seed < 0 for seed in self.seeds):
+            p.append(f"classify.seeds: {self.seeds} must all be >= 0")
+        if not 0 <= self.collapse_warn <= 1:
+            p.append(f"classify.collapse_warn: {self.collapse_warn} must be in [0, 1]")
+        if self.class_weights not in ("none", "inverse"):
+            try:
+                ok = all(0 < float(w) < math.inf for w in self.class_weights.split(","))
+            except ValueError:
+                ok = False
+            if not ok:
+                p.append(
+                    f"classify.class_weights: {self.class_weights!r} must be none, inverse or comma-separated "
+                    "weights > 0 in label order"
+                )
+        return p
+
 
 @dataclass(kw_only=True)
-class EmbedConfig:
-    pooling: str = "mean"
+class EmbedConfig(Section):
+    pooling: str = choice("mean", {"cls": "the first token's state", "mean": "the average over real tokens"})
     """How launch/embed.py and launch/anomaly.py pool a document's token states into one vector."""
     normal_label: str = "normal"
     """anomaly: the label of normal data; the detector is fitted on normal training documents only."""
@@ -418,27 +728,77 @@ class EmbedConfig:
     """anomaly: the false-positive rate allowed on normal validation data; it sets the threshold."""
     shrinkage: str = "ledoit_wolf"
     """anomaly: covariance shrinkage, ledoit_wolf or a fixed coefficient in [0, 1] (e.g. 0.1)."""
-    score: str = "mahalanobis"
+    score: str = choice(
+        "mahalanobis",
+        {
+            "mahalanobis": "squared Mahalanobis distance of the pooled embedding to the normal training ones (seed 000)",
+            "knn": "cosine distance of the pooled embedding to its embed.knn_k-th nearest normal training embedding, all "
+            "centred on the normal training mean first",
+            "mlm": "the MLM's surprise at the document's masked tokens (needs a trained MLM head: a dapt MLM run's final/)",
+            "lexical": "the share of character n-grams never seen in normal training documents",
+            "fused": "the embed.fuse scores, each turned into its tail probability among normal validation documents, "
+            "combined by embed.fuse_rule",
+        },
+    )
     """anomaly: how a document is scored."""
     mask_patterns: int = 4
     """anomaly, mlm: K, the fixed mask patterns every document is scored under (one forward pass each)."""
     mask_rate: float = 0.25
     """anomaly, mlm: the share of tokens each pattern masks; K * rate <= 1 keeps the patterns disjoint, and 1 / rate
     patterns (the default 4 x 0.25) score every token exactly once: an attack is a few tokens, none may be missed."""
-    token_score: str = "auto"
+    token_score: str = choice(
+        "auto",
+        {
+            "mean": "mean surprise of the masked tokens",
+            "max": "the most surprising token",
+            "topk": "mean of the embed.top_k most surprising tokens",
+            "novel": "the surprise of the tokens that touch a character n-gram never seen in normal training documents "
+            "(as lexical finds them), summed and divided by the number of masked tokens: surprise where the text is new "
+            "too (needs a fast tokenizer; auto leaves it out without one)",
+            "auto": "whichever of these separates attacks from normal validation documents best (needs attacks in "
+            "validation, e.g. embed.valid_from_test); topk without them",
+        },
+    )
     """anomaly, mlm: how the token surprises of a document become its score."""
-    token_surprise: str = "auto"
+    token_surprise: str = choice(
+        "auto",
+        {
+            "nll": "the negative log-likelihood of the true token at its masked position",
+            "excess": "that NLL minus the entropy of the model's prediction there: surprise beyond what the model "
+            "expected (a random name where any name may come is not, a quote where only a digit may is)",
+            "auto": "whichever of the two, with the token score, separates attacks from normal validation documents "
+            "best (needs attacks in validation); nll without them",
+        },
+    )
     """anomaly, mlm: what a token's surprise is."""
     top_k: int = 5
     """anomaly, mlm: the k of token_score=topk, and how many surprising tokens the report lists per finding."""
     knn_k: int = 5
     """anomaly, knn: a document's distance is to its k-th nearest normal training embedding (k > 1: one stray normal
     document does not make its neighbourhood normal)."""
-    fuse: list[str] = field(default_factory=lambda: ["mahalanobis", "knn", "mlm", "lexical"])
+    fuse: list[str] = choice(
+        ["mahalanobis", "knn", "mlm", "lexical"],
+        {
+            "mahalanobis": "embedding distance to a Gaussian",
+            "knn": "embedding distance to the nearest normal documents",
+            "mlm": "MLM surprise",
+            "lexical": "character n-gram novelty",
+        },
+    )
     """anomaly, fused: the scores that may be combined, each first calibrated on normal validation documents. With
     attacks in the validation set (embed.valid_from_test) the choice that separates them best is used: one of these
     scores alone, or a combination of two or more by a rule; without, all of them."""
-    fuse_rule: str = "auto"
+    fuse_rule: str = choice(
+        "auto",
+        {
+            "sum": "Fisher's method, the sum of -log p: evidence from several scores adds up",
+            "max": "Tippett's method, the largest -log p (ties broken by the sum): what one score alone sees is not "
+            "diluted by the others",
+            "auto": "whichever of the two, with the combination, separates attacks from normal validation documents "
+            "best (needs attacks in validation, e.g. embed.valid_from_test); sum without them. One score chosen alone "
+            "needs no rule (fuse_rule null in anomaly.json)",
+        },
+    )
     """anomaly, fused: how the calibrated scores are combined."""
     ngram: int = 3
     """anomaly, lexical: the n of the character n-grams (a document's score: the share never seen in normal
@@ -457,9 +817,33 @@ class EmbedConfig:
     report_top: int = 50
     """anomaly: the findings shown in anomaly_report.md (anomaly_report.jsonl has every flagged document)."""
 
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not 0 < self.max_fpr < 1:
+            p.append(f"embed.max_fpr: {self.max_fpr} must be in (0, 1)")
+        if self.shrinkage != "ledoit_wolf":
+            try:
+                ok = 0 <= float(self.shrinkage) <= 1
+            except ValueError:
+                ok = False
+            if not ok:
+                p.append(f"embed.shrinkage: {self.shrinkage!r} must be ledoit_wolf or a number in [0, 1]")
+        for name in ("mask_patterns", "top_k", "knn_k", "ngram", "report_top"):
+            at_least(p, f"embed.{name}", getattr(self, name))
+        at_least(p, "embed.sample", self.sample, minimum=0)
+        if not 0 < self.mask_rate <= 1:
+            p.append(f"embed.mask_rate: {self.mask_rate} must be in (0, 1]")
+        if not 0 <= self.valid_from_test < 1:
+            p.append(f"embed.valid_from_test: {self.valid_from_test} must be in [0, 1)")
+        if self.score == "fused" and len(set(self.fuse)) < 2:
+            p.append(
+                f"embed.fuse: {self.fuse} fuses fewer than two scores; name two or more, or set embed.score to one"
+            )
+        return p
+
 
 @dataclass(kw_only=True)
-class AblationConfig:
+class AblationConfig(Section):
     base: str = ""
     """The base encoder (hub id or folder) that DAPT starts from and that is evaluated as the first row."""
     dapt_recipe: str = ""
@@ -468,13 +852,20 @@ class AblationConfig:
     """launch/mlm.py recipe of the task-adaptive stage (it starts from the DAPT output); empty: no TAPT row."""
     eval_recipe: str = ""
     """The recipe of the evaluation run on each checkpoint (launch/classify.py or launch/anomaly.py protocol)."""
-    protocol: str = "classify"
+    protocol: str = choice("classify", ("classify", "anomaly"))
     """How each checkpoint is evaluated."""
-    score: str = ""
+    score: str = choice("", ("", "mahalanobis", "knn", "mlm", "lexical", "fused"))
     """anomaly protocol: the embed.score every checkpoint is evaluated by (mahalanobis, knn, mlm, lexical, fused);
     empty: the eval recipe's. A model without a trained MLM head (the base, often) gets no mlm row, with the reason."""
     overrides: list[str] = field(default_factory=list)
     """Extra --section.field=value arguments given to every stage (e.g. --train.max_steps=100 for a quick look)."""
+
+    def problems(self) -> list[str]:
+        if self.score and self.protocol != "anomaly":
+            return [
+                f"ablation.score: {self.score!r} scores the anomaly protocol; set ablation.protocol=anomaly"
+            ]
+        return []
 
 
 @dataclass(kw_only=True)
@@ -527,107 +918,63 @@ class RunConfig:
             if not f.metadata.get("internal")
         }
 
+    def problems(self) -> list[str]:
+        """Every problem the config shows by itself: each section's (Section.check), then the rules that join
+        sections or need the run's task. What needs more than the config (files, the hub, the output folder, a
+        resume, DeepSpeed) is dapt.cli.check's."""
+        p = []
+        if not self.output_dir.strip():
+            p.append("output_dir: empty (where should the run write?)")
+        at_least(p, "seed", self.seed, minimum=0)  # numpy's generators refuse negative seeds
+        for name in _sections():
+            p += getattr(self, name).check(name)
+        return p + self._model_problems() + self._data_problems() + self._joined_problems()
 
-GPUS = NAMES  # dapt.config.gpus: the one table of GPU facts
-# The allowed values of every choice field, written once (with what each means, where that needs saying): --help
-# prints them under the field, and the loader checks values against them.
-CHOICES = {
-    "model.attn_implementation": ("auto", "flash_attention_2", "sdpa", "eager"),
-    "data.format": {
-        "lines": "a document per line",
-        "docs": "documents separated by blank lines",
-        "http": "raw HTTP requests (CSIC 2010)",
-        "jsonl": "a record per line, the text in data.text_field",
-        "json": "a document holding a list of records (data.records_field), the text in data.text_field",
-        "csv": "rows as key:value text (data.columns, data.column_names)",
-        "tsv": "as csv, tab-separated",
-        "parquet": "the column data.text_field",
-        "arrow": "a Hugging Face datasets folder written by save_to_disk (one split), the column data.text_field",
-    },
-    "data.packing": {
-        "concat": "documents joined and cut into rows (run_mlm's group_texts)",
-        "packed": "whole documents packed by best fit, attention kept within each document",
-        "pad": "one document per row, truncated, padded per micro-batch to a multiple of 8",
-    },
-    "data.on_error": {
-        "raise": "stop at the first bad record",
-        "skip": "skip it and count it in metrics and summary",
-    },
-    "data.volatile": {  # data/volatile.py applies them, in this order
-        "cookie": "the values of Cookie: header lines' name=value pairs, and the first of Set-Cookie:, when "
-        "identifier-shaped (6+ letters, digits, . _ ~ -: an attack's quote, space, % or + keeps a value)",
-        "session_id": "identifier-shaped values of session and token parameters (jsessionid, phpsessid, sid, sessionid, "
-        "token, csrf...) in URLs, paths and form bodies",
-        "hex": "runs of 16 or more hex digits with at least one digit and one letter (hashes, ids), not right after a %",
-        "base64": "runs of 24 or more base64 characters with upper case, lower case and a digit (tokens, keys)",
-    },
-    "train.lr_schedule": ("linear", "cosine", "wsd", "constant"),
-    "train.precision": ("auto", "bf16", "fp16", "fp32"),
-    "train.optimizer_impl": ("auto", "deepspeed", "torch"),
-    "train.compile": ("off", "inductor", "aot_eager", "cudagraphs"),
-    "log.level": ("debug", "info", "warning"),
-    "classify.metric": ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "roc_auc"),
-    "classify.unseen": {"error": "stop, naming file and line", "skip": "leave such records out, counted"},
-    "embed.pooling": {"cls": "the first token's state", "mean": "the average over real tokens"},
-    "embed.score": {
-        "mahalanobis": "squared Mahalanobis distance of the pooled embedding to the normal training ones (seed 000)",
-        "knn": "cosine distance of the pooled embedding to its embed.knn_k-th nearest normal training embedding, all "
-        "centred on the normal training mean first",
-        "mlm": "the MLM's surprise at the document's masked tokens (needs a trained MLM head: a dapt MLM run's final/)",
-        "lexical": "the share of character n-grams never seen in normal training documents",
-        "fused": "the embed.fuse scores, each turned into its tail probability among normal validation documents, "
-        "combined by embed.fuse_rule",
-    },
-    "embed.fuse_rule": {
-        "sum": "Fisher's method, the sum of -log p: evidence from several scores adds up",
-        "max": "Tippett's method, the largest -log p (ties broken by the sum): what one score alone sees is not "
-        "diluted by the others",
-        "auto": "whichever of the two, with the combination, separates attacks from normal validation documents "
-        "best (needs attacks in validation, e.g. embed.valid_from_test); sum without them. One score chosen alone "
-        "needs no rule (fuse_rule null in anomaly.json)",
-    },
-    "embed.token_score": {
-        "mean": "mean surprise of the masked tokens",
-        "max": "the most surprising token",
-        "topk": "mean of the embed.top_k most surprising tokens",
-        "novel": "the surprise of the tokens that touch a character n-gram never seen in normal training documents "
-        "(as lexical finds them), summed and divided by the number of masked tokens: surprise where the text is new "
-        "too (needs a fast tokenizer; auto leaves it out without one)",
-        "auto": "whichever of these separates attacks from normal validation documents best (needs attacks in "
-        "validation, e.g. embed.valid_from_test); topk without them",
-    },
-    "embed.token_surprise": {
-        "nll": "the negative log-likelihood of the true token at its masked position",
-        "excess": "that NLL minus the entropy of the model's prediction there: surprise beyond what the model "
-        "expected (a random name where any name may come is not, a quote where only a digit may is)",
-        "auto": "whichever of the two, with the token score, separates attacks from normal validation documents "
-        "best (needs attacks in validation); nll without them",
-    },
-    "embed.fuse": {
-        "mahalanobis": "embedding distance to a Gaussian",
-        "knn": "embedding distance to the nearest normal documents",
-        "mlm": "MLM surprise",
-        "lexical": "character n-gram novelty",
-    },
-    "ablation.protocol": ("classify", "anomaly"),
-    "ablation.score": ("", "mahalanobis", "knn", "mlm", "lexical", "fused"),
-    "checkpoint.disk_check": ("refuse", "warn", "off"),
-    "checkpoint.export": {
-        "best": "the best evaluation's checkpoint when there is an evaluation set (and keep_best), else the last",
-        "last": "the last checkpoint",
-    },
-    "numerics.spike_action": ("warn", "stop"),
-    "plan.gpu": GPUS,
-    "cluster.gpu": ("", "cpu", *GPUS),
-    "submit.scheduler": {
-        "slurm": "an sbatch script",
-        "skypilot": "a SkyPilot task YAML",
-        "nodes": "one script run on every node with NODE_RANK and MASTER_ADDR set",
-        "pdsh": "DeepSpeed's ssh launcher over cluster.hostfile, with its env file",
-    },
-}
-# Values DESIGN.md names that the streaming data layer will bring; refused with that reason until then.
-NOT_YET: dict[str, tuple[str, ...]] = {}
+    def _model_problems(self) -> list[str]:
+        m, lexical = self.model, self.embed.score == "lexical"  # scoring character n-grams needs no model
+        p = []
+        if self.task == "predict" and not m.name_or_path:
+            p.append(
+                "model.name_or_path: the trained model to predict with (a dapt run's final/, or a hub id)"
+            )
+        if not m.name_or_path and m.config is None and not self.ablation.base and not lexical:
+            p.append(
+                "model: give model.name_or_path (a hub id or folder) or model.config (to build one from scratch)"
+            )
+        return p
+
+    def _data_problems(self) -> list[str]:
+        d, p = self.data, []
+        if self.task == "predict" and not d.test:
+            p.append(
+                "data.test: the files to predict (any format dapt reads; with the label field, also evaluated)"
+            )
+        if not d.train and (d.valid or d.test) and self.task != "predict":  # predict reads data.test alone
+            p.append("data.valid/data.test given without data.train")
+        if 0 < self.embed.valid_from_test < 1 and d.valid:
+            p.append(
+                "embed.valid_from_test: the validation set is taken from data.test; leave data.valid empty"
+            )
+        return p
+
+    def _joined_problems(self) -> list[str]:
+        """Rules over two sections, or over what the recipe or command line set (self.explicit)."""
+        p, t, c = [], self.train, self.cluster
+        missing = [k for k in ("base", "dapt_recipe", "eval_recipe") if not getattr(self.ablation, k)]
+        if self.task == "ablation" and missing:
+            p.append(f"ablation needs {', '.join('ablation.' + k for k in missing)}")
+        if t.warmup_steps and "train.warmup_ratio" in self.explicit and t.warmup_ratio:
+            p.append("train.warmup_steps and train.warmup_ratio are both set; give one")
+        if self.submit.instance in INSTANCES:
+            gpu, count = INSTANCES[self.submit.instance]
+            if c.gpu and c.gpu != gpu:
+                p.append(f"cluster.gpu: {c.gpu} but submit.instance {self.submit.instance} has {gpu} GPUs")
+            if "cluster.gpus_per_node" in self.explicit and c.gpus_per_node != count:
+                p.append(
+                    f"cluster.gpus_per_node: {c.gpus_per_node} but submit.instance {self.submit.instance} has "
+                    f"{count} GPUs"
+                )
+        return p
 
 
 def _plain(value: Any) -> Any:
@@ -660,6 +1007,15 @@ def _sections() -> dict[str, type]:
         for f in dataclasses.fields(RunConfig)
         if dataclasses.is_dataclass(hints[f.name])
     }
+
+
+# The allowed values of every choice field, as declared with the field ("data.format" -> {value: meaning})
+CHOICES = {
+    f"{name}.{f.name}": f.metadata["choices"]
+    for name, cls in _sections().items()
+    for f in dataclasses.fields(cls)
+    if "choices" in f.metadata
+}
 
 
 # The sections each entry script reads besides the run's own fields (output_dir, seed, resume, ds): its --help lists

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from dapt.config.schema import RunConfig
+from dapt.config.schema import BadInput, RunConfig
 from dapt.data.formats import Document
 from dapt.data.labelled import padded, read_labelled
 from dapt.data.packing import pack
@@ -54,7 +54,7 @@ def load_encoder(cfg: RunConfig, device):
 
     source = cfg.model.name_or_path
     if not source:
-        raise ValueError(
+        raise BadInput(
             "model.name_or_path is required: the encoder to embed with (a hub id, a folder, or a dapt "
             "run's final/)"
         )
@@ -63,7 +63,7 @@ def load_encoder(cfg: RunConfig, device):
     return model.to(device).eval(), tokenizer
 
 
-class NoMLMHead(ValueError):
+class NoMLMHead(BadInput):
     """The model has no trained MLM head, so it cannot score MLM surprise."""
 
 
@@ -80,7 +80,7 @@ def load_masked_lm(cfg: RunConfig, device):
 
     m = cfg.model
     if not m.name_or_path:
-        raise ValueError(
+        raise BadInput(
             "model.name_or_path is required: the MLM to score with (a dapt MLM run's final/, a hub id)"
         )
     tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)

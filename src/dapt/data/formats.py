@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from dapt.config.schema import BadInput
 from dapt.data.sources import COMPRESSED, Oversize, Position, lines_from, open_binary
 from dapt.data.volatile import normaliser
 
@@ -20,7 +21,7 @@ from dapt.data.volatile import normaliser
 HTTP_REQUEST = re.compile(rb"^(GET|POST|PUT|DELETE|HEAD|OPTIONS|PATCH|TRACE|CONNECT) \S+ HTTP/\d")
 
 
-class BadRecord(ValueError):
+class BadRecord(BadInput):
     """A record that cannot be read; the message names file, line and field."""
 
     def __init__(self, path: str, line: int | None = None, reason: str = "bad record", detail: str = ""):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dapt.config.schema import RunConfig
+from dapt.config.schema import BadInput, RunConfig
 from dapt.data.formats import READERS, BadRecord, Document
 from dapt.data.packing import pack
 from dapt.data.prepare import format_options, stream_spec, tokenizer_for
@@ -58,7 +58,7 @@ def file_labels(cfg: RunConfig, urls: list[str]) -> dict[str, str]:
             None,
         )
         if label is None:
-            raise ValueError(
+            raise BadInput(
                 f"{url}: no entry of classify.label_files matches this file (patterns: {', '.join(patterns)})"
             )
         out[url] = label
@@ -131,7 +131,7 @@ def encode(
     unknown = [(d.id, d.label) for d in docs if d.label not in label2id]
     if unknown and unseen == "error":
         where, label = unknown[0]
-        raise ValueError(
+        raise BadInput(
             f"{where}: label {label!r} in the {split} set was never seen in training "
             f"({len(unknown)} such records); known labels: {', '.join(label2id)}. "
             "Set classify.unseen=skip to leave such records out (counted)"
@@ -279,11 +279,11 @@ def _streams(
         )
         d.streams = fewer
     if not sum(per_stream.values()):
-        raise ValueError(
+        raise BadInput(
             f"data.train: no usable labelled record ({', '.join(f'{k} {v}' for k, v in skipped.items())})"
         )
     if spec.streams % group.world():
-        raise ValueError(
+        raise BadInput(
             f"data.train: the labelled corpus fills {spec.streams} data stream(s), which "
             f"{group.world()} ranks cannot share; train it on fewer ranks or add data"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dapt.config.schema import BadInput
 from dapt.model.attention import segment_inputs
 from dapt.model.canine import char_classes
 
@@ -37,7 +38,7 @@ class MLMCollator:
         self.whole_word, self.label_vocab = whole_word, label_vocab
         self.multiple = pad_to_multiple_of  # tensor-core friendly shapes, in bf16 as well as fp16
         if tokenizer.mask_token_id is None and mask_token_id is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token, so it cannot do MLM")
+            raise BadInput(f"tokenizer {type(tokenizer).__name__} has no mask token, so it cannot do MLM")
         self.rate, self.mask_prob, self.random_prob, self.seed = rate, mask_prob, random_prob, seed
         self.mask_id = tokenizer.mask_token_id if mask_token_id is None else mask_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

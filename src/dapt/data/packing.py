@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dapt.config.schema import BadInput
+
 # Whole-word masking: the packers only cut and join token sequences, so a word-start flag rides along in a high bit
 # of each id and is split off after packing (ids stay far below 2**40).
 WORD_START = 1 << 40
@@ -41,7 +43,7 @@ def tokenize(tokenizer, texts: list[str], words: bool = False) -> list[list[int]
     if not texts:
         return []
     if words and not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
+        raise BadInput(
             f"whole-word masking needs a fast tokenizer (offsets); {type(tokenizer).__name__} is not"
         )
     enc = tokenizer(

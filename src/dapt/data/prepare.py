@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dapt.config.schema import BadInput
 from dapt.data.formats import READERS, BadRecord, Document, FormatOptions
 from dapt.data.packing import Row, pack
 from dapt.data.sources import Position, expand
@@ -205,7 +206,7 @@ def stream_spec(cfg, tokenizer, **task) -> StreamSpec:
         d.streams,
     )
     if fitting % group.world():
-        raise ValueError(
+        raise BadInput(
             f"data.train: the corpus has too few records for {group.world()} ranks (it fills "
             f"{fitting} data stream(s), a number that {group.world()} ranks cannot share); train it on "
             "fewer ranks or add data"
@@ -223,7 +224,7 @@ def feeder(spec: StreamSpec, cfg, streams: dict[int, dict], rows: int) -> RowFee
     """This rank's row feeder, continuing after `rows` global rows (the streams' positions from a checkpoint)."""
     world = group.world()
     if rows % world:
-        raise ValueError(
+        raise BadInput(
             f"the checkpoint consumed {rows} rows, which {world} ranks cannot continue evenly; resume on "
             "a world size that divides it"
         )

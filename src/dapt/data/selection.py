@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 
+from dapt.config.schema import BadInput
 from dapt.data.formats import READERS, Document, FormatOptions
 from dapt.data.packing import tokenize
 from dapt.data.sources import Position
@@ -75,7 +76,7 @@ def budget_start(
         )
         return files, {}
     if cut == len(marks):
-        raise ValueError(f"data.max_tokens={max_tokens} keeps no document (the newest one is longer)")
+        raise BadInput(f"data.max_tokens={max_tokens} keeps no document (the newest one is longer)")
     url, start, _ = marks[cut]
     kept = files[files.index(url) :]
     log.info(

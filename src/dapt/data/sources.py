@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import fsspec
 
+from dapt.config.schema import BadInput
+
 log = logging.getLogger("dapt")
 
 GLOB_CHARS = set("*?[")
@@ -62,9 +64,7 @@ def expand(sources: list[str], fmt: str = "") -> list[str]:
         elif local and (os.path.exists(path) or os.path.islink(path)):
             found = [path] if _regular(path, skipped, empty) else []
             if skipped:
-                raise FileNotFoundError(
-                    f"data source {source!r} is not a readable regular file: {skipped[0]}"
-                )
+                raise BadInput(f"data source {source!r} is not a readable regular file: {skipped[0]}")
         elif fs.exists(path):
             found = [path]
         else:
@@ -78,7 +78,7 @@ def expand(sources: list[str], fmt: str = "") -> list[str]:
         if fmt == "arrow":
             found = arrow_shards(fs, path, found, source)
         if not found:
-            raise FileNotFoundError(f"data source {source!r} matches no {'.arrow ' * (fmt == 'arrow')}file")
+            raise BadInput(f"data source {source!r} matches no {'.arrow ' * (fmt == 'arrow')}file")
         for p in empty:
             _warn_once(f"data source {source!r}: {p} is empty")
         files += [source if p == path and "://" in source else _url(fs, p) for p in found]
@@ -92,7 +92,7 @@ def arrow_shards(fs, path: str, found: list[str], source: str) -> list[str]:
         return [p for p in found if p.endswith(".arrow")]
     if fs.exists(f"{root}/dataset_dict.json"):
         splits = json.loads(fs.cat_file(f"{root}/dataset_dict.json")).get("splits", [])
-        raise ValueError(
+        raise BadInput(
             f"data source {source!r} is a DatasetDict folder with the splits {', '.join(splits)}: name one split's "
             f"folder (e.g. {source.rstrip('/')}/{splits[0] if splits else 'train'}) in data.train, data.valid or "
             "data.test"
@@ -101,7 +101,7 @@ def arrow_shards(fs, path: str, found: list[str], source: str) -> list[str]:
         try:
             shards = [s["filename"] for s in json.loads(fs.cat_file(f"{root}/state.json"))["_data_files"]]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
+            raise BadInput(
                 f"data source {source!r}: {root}/state.json is not a datasets save_to_disk state "
                 f"({type(e).__name__}: {e}); save the dataset again, or name its .arrow files"
             ) from None

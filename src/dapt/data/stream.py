@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dapt.config.schema import BadInput
 from dapt.data.formats import READERS, BadRecord, Document, FormatOptions
 from dapt.data.packing import Row, pack
 from dapt.data.sources import Position
@@ -156,7 +157,7 @@ def in_valid_split(text: str, fraction: float) -> bool:
     return split_hash(text) < fraction
 
 
-class EmptyStream(ValueError):
+class EmptyStream(BadInput):
     """A stream whose share of the corpus holds no usable document; `counts`: the records it left out, by reason."""
 
     def __init__(self, message: str, counts: dict):
@@ -205,7 +206,7 @@ def _labelled(spec: StreamSpec, doc: Document, url: str, counts: Counter) -> Doc
         if spec.unseen == "skip":
             counts[f"skipped/label not in classify.labels: {label}"] += 1
             return None
-        raise ValueError(
+        raise BadInput(
             f"{doc.id}: label {label!r} is not one of classify.labels ({', '.join(spec.labels)}); set "
             "classify.unseen=skip to leave such records out (counted)"
         )

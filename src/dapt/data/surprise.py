@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dapt.config.schema import BadInput
 from dapt.data.formats import Document
 from dapt.data.labelled import padded
 from dapt.data.novelty import CharNovelty
@@ -161,7 +162,7 @@ def aggregates_for(token_score: str, tokenizer) -> tuple[str, ...]:
     aggregates = AGGREGATES if token_score == "auto" else (token_score,)
     if not getattr(tokenizer, "is_fast", False):  # no offsets: no token's novelty
         if token_score == "novel":
-            raise ValueError(
+            raise BadInput(
                 f"embed.token_score=novel needs token offsets, which {type(tokenizer).__name__} "
                 "(not a fast tokenizer) lacks: choose mean, max, topk or auto"
             )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dapt.config.schema import BadInput
+
 _BERT_BASE = {
     "model_type": "bert",
     "hidden_size": 768,
@@ -91,7 +93,7 @@ def model_config(
     from transformers import AutoConfig
 
     if not Path(name).exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
-        raise FileNotFoundError(
+        raise BadInput(
             f"{name}: no such model folder (if an earlier stage writes it, run that stage "
             "first, or size this one from the hub model it starts from with --model.name_or_path)"
         )

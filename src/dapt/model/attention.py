@@ -19,6 +19,7 @@ import traceback
 
 import torch
 
+from dapt.config.schema import BadInput
 from dapt.model.archs import OFFSET_POSITION_MODELS
 
 # Models whose forward hands cu_seq_lens and position_ids down to flash attention (each tested packed == alone)
@@ -56,7 +57,7 @@ def model_inputs(
     impl = getattr(config, "_attn_implementation", "sdpa")
     if impl == "flash_attention_2":
         if config.model_type not in FLASH_PACKED_MODELS:  # build_model does not choose flash for them
-            raise ValueError(
+            raise BadInput(
                 f"packed rows under flash_attention_2 are checked for {sorted(FLASH_PACKED_MODELS)} "
                 f"only, not {config.model_type}; use model.attn_implementation=sdpa"
             )

@@ -15,6 +15,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 import dapt.model.canine  # noqa: F401  (registers CANINE's masked-LM class with AutoModelForMaskedLM)
+from dapt.config.schema import BadInput
 from dapt.model.archs import position_limit
 from dapt.model.attention import FLASH_PACKED_MODELS
 from dapt.model.hub import HubError, from_config, pretrained
@@ -100,7 +101,7 @@ def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
     if (trained_dir / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(trained_dir)
     if texts is None:
-        raise FileNotFoundError(f"no trained tokenizer in {trained_dir}")
+        raise BadInput(f"no trained tokenizer in {trained_dir}")
     log.info("training a WordPiece tokenizer (vocab %d) on the training corpus", m.tokenizer_vocab_size)
     tok = train_wordpiece(texts, m.tokenizer_vocab_size, cfg.data.max_seq_length)
     tok.save_pretrained(trained_dir)
@@ -205,7 +206,7 @@ def build_model(
     if conf.model_type == "canine" and task == "mlm":
         conf.char_vocab = getattr(conf, "char_vocab", None) or m.char_vocab
         if cfg.data.packing == "packed":
-            raise ValueError(
+            raise BadInput(
                 "data.packing=packed does not work with CANINE (its downsampling attention cannot keep "
                 "packed documents apart); use pad or concat"
             )
@@ -219,7 +220,7 @@ def build_model(
         except (ValueError, ImportError) as e:
             errors.append(f"{impl}: {str(e).splitlines()[0]}")
     else:
-        raise ValueError(f"no attention implementation works for {conf.model_type}: " + "; ".join(errors))
+        raise BadInput(f"no attention implementation works for {conf.model_type}: " + "; ".join(errors))
     chosen = getattr(model.config, "_attn_implementation", impl)
     log.info(
         "model %s (%s, %.1fM parameters), attention implementation: %s%s",

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dapt.config.schema import BadInput
 
-class HubError(ValueError):
+
+class HubError(BadInput):
     """A model or tokenizer named in the config could not be loaded; the message names it and says what to try."""
 
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from dapt.config.schema import BadInput
 from dapt.runtime import group
 
 log = logging.getLogger("dapt")
@@ -48,7 +49,7 @@ def restore_rank_state(state: dict) -> dict:
     return state
 
 
-class UnsafeCheckpoint(ValueError):
+class UnsafeCheckpoint(BadInput):
     """A checkpoint file that unpickling would let run code: dapt never writes one, so it is refused."""
 
 
@@ -158,7 +159,7 @@ def step_of(folder: Path) -> int:
         pass
     states = sorted(folder.glob("*model_states.pt"))
     if not states:
-        raise ValueError(f"{folder} is not a dapt checkpoint: no dapt_checkpoint.json and no model states")
+        raise BadInput(f"{folder} is not a dapt checkpoint: no dapt_checkpoint.json and no model states")
     return int(safe_load(states[0])["train_state"]["step"])
 
 
@@ -234,7 +235,7 @@ class Checkpointer:
                 )
             else:
                 if self.index()["saved"]:
-                    raise ValueError(
+                    raise BadInput(
                         f"every checkpoint in {self.root} is damaged (see above): move the folder away "
                         "to start over, or pass --resume=never"
                     )
@@ -268,13 +269,13 @@ class Checkpointer:
             loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         except (RuntimeError, KeyError, AssertionError, IndexError, ZeRORuntimeException) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
+            raise BadInput(
                 f"checkpoint {path} does not fit this run ({type(e).__name__}: {first[:300]}); it was "
                 "written for another model or DeepSpeed config: use a new output_dir, pass "
                 "--resume=never to start over, or the settings it was written with"
             ) from None
         if loaded is None:
-            raise ValueError(f"DeepSpeed could not load the checkpoint {path}")
+            raise BadInput(f"DeepSpeed could not load the checkpoint {path}")
         mine = (ranks or path) / f"rank_state{group.rank()}.pt"
         if not mine.exists():  # the world grew: this rank has no saved RNG streams
             log.warning(
@@ -315,7 +316,7 @@ def check_disk(root: Path, n_params: int, precision: str, keep: int, mode: str) 
         "free; lower checkpoint.keep, free space, or set checkpoint.disk_check=warn"
     )
     if mode == "refuse":
-        raise ValueError(message)
+        raise BadInput(message)
     log.warning(message)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dapt.config.schema import BadInput
 from dapt.runtime import group
 
 log = logging.getLogger("dapt")
@@ -167,7 +168,7 @@ def check_same_model(point: Path, engine) -> None:
     mine = {n: list(getattr(p, "ds_shape", None) or p.shape) for n, p in engine.module.named_parameters()}
     if saved != mine:
         differ = sorted(set(saved) ^ set(mine)) or [n for n in mine if saved.get(n) != mine[n]]
-        raise ValueError(
+        raise BadInput(
             f"resume: checkpoint {point} is of another model ({len(saved)} parameters saved, {len(mine)} here; "
             f"first difference: {differ[0] if differ else '?'}): use a new output_dir, or --resume=never"
         )
@@ -205,7 +206,7 @@ def universal(point: Path) -> Path:
     if group.world() > 1:  # every rank learns the outcome, and none waits on a rank that failed
         torch.distributed.broadcast_object_list(error, src=0)
     if error[0]:
-        raise ValueError(error[0])
+        raise BadInput(error[0])
     return target
 
 
@@ -292,7 +293,7 @@ def repair_universal_load(engine, folder: Path) -> None:
     )
     groups = torch_optimizer.param_groups
     if len(saved) != len(groups):
-        raise ValueError(
+        raise BadInput(
             f"resume: {folder} has {len(saved)} optimizer parameter groups, this run {len(groups)}: it was written "
             "for another model or optimizer; use a new output_dir, or --resume=never"
         )

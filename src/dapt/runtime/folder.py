@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from dapt.config.redact import redact
+from dapt.config.schema import ConfigError
 
 CLAIM = "dapt_run.json"
 
@@ -175,7 +176,7 @@ def claim(cfg) -> None:
         return
     held = read_claim(folder)
     if held and held.get("task") not in (None, task):
-        raise ValueError(problems(cfg, task)[0])
+        raise ConfigError([problems(cfg, task)[0]])
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"task": task, "identity": run_identity(cfg, task)}
     (folder / CLAIM).write_text(json.dumps(doc, indent=1, default=str) + "\n")

@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from dapt.config.schema import CHOICES
 from dapt.runtime.calibration import calibrations, threshold_for
 from dapt.runtime.detectors import evaluate_detector
 
-FUSE_RULES = ("sum", "max")  # embed.fuse_rule's choices besides auto
+FUSE_RULES = tuple(r for r in CHOICES["embed.fuse_rule"] if r != "auto")  # declared with the field
 
 log = logging.getLogger("dapt")
 

@@ -16,10 +16,8 @@ from dapt.config.gpus import BY_NAME, INSTANCES
 from dapt.config.redact import SECRET_NAME
 
 CARRIED_PREFIXES = ("WANDB_", "HF_")
-SAFE_WORD = re.compile(r"^[A-Za-z0-9._@+,:-]*$")  # values written into #SBATCH lines, which no shell quotes
 SAFE_PATH = re.compile(r"^[A-Za-z0-9._@+,:/-]*$")
 HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")  # DeepSpeed's own pattern (launcher/runner.py)
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # DeepSpeed's pdsh runner wraps values in double quotes for the remote shell, where these would still expand.
 PDSH_UNSAFE = re.compile(r"[$`\"\\\n\r]")
 
@@ -85,38 +83,3 @@ def cluster_gpu(cfg) -> str:
 def nccl_settings(gpu: str) -> dict[str, str]:
     """NCCL variables a GPU type needs, unless this shell sets them already."""
     return {k: v for k, v in (BY_NAME[gpu].nccl if gpu in BY_NAME else {}).items() if k not in os.environ}
-
-
-def cluster_problems(cfg) -> list[str]:
-    """Checks of the cluster and submit sections (part of dapt.cli.load.validate)."""
-    c, s, p = cfg.cluster, cfg.submit, []
-    for key, value in (("cluster.nodes", c.nodes), ("cluster.gpus_per_node", c.gpus_per_node)):
-        if value < 1:
-            p.append(f"{key}: {value} must be >= 1")
-    if not 1 <= c.master_port <= 65535:
-        p.append(f"cluster.master_port: {c.master_port} is not a TCP port (1-65535)")
-    if s.cpus_per_node < 0:
-        p.append(f"submit.cpus_per_node: {s.cpus_per_node} must be >= 0")
-    p += [
-        f"cluster.env: {name!r} is not an environment variable name"
-        for name in c.env
-        if not ENV_NAME.match(name)
-    ]
-    for key in ("job_name", "partition", "account", "time"):
-        value = getattr(s, key)
-        if not SAFE_WORD.match(value):
-            p.append(
-                f"submit.{key}: {value!r} may hold only letters, digits and ._@+,:- (it goes into #SBATCH "
-                "lines, which no shell quotes)"
-            )
-    if not s.job_name:
-        p.append("submit.job_name: must not be empty")
-    if s.instance in INSTANCES:
-        gpu, count = INSTANCES[s.instance]
-        if c.gpu and c.gpu != gpu:
-            p.append(f"cluster.gpu: {c.gpu} but submit.instance {s.instance} has {gpu} GPUs")
-        if "cluster.gpus_per_node" in cfg.explicit and c.gpus_per_node != count:
-            p.append(
-                f"cluster.gpus_per_node: {c.gpus_per_node} but submit.instance {s.instance} has {count} GPUs"
-            )
-    return p

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 from dapt.runtime import group
 
 log = logging.getLogger("dapt")
 
-REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 # what a Hugging Face folder needs before it is worth uploading; export_hf wrote and reloaded these
 REQUIRED = ("config.json", "model.safetensors", "README.md")
 

@@ -27,7 +27,7 @@ import torch
 
 from dapt.config.dsconfig import bf16_in_hardware, describe_optimizer
 from dapt.config.redact import redact
-from dapt.config.schema import ConfigError, RunConfig
+from dapt.config.schema import BadInput, ConfigError, RunConfig
 from dapt.runtime import elastic, folder, group, zero3
 from dapt.runtime.checkpoint import Checkpointer, Score, check_disk, step_in, verify
 from dapt.runtime.metrics import MetricsLogger
@@ -261,7 +261,7 @@ class Checkpoints:
         if resume != "auto":
             problem = verify(Path(resume))
             if problem:
-                raise ValueError(f"resume: checkpoint {resume} is damaged: {problem}")
+                raise BadInput(f"resume: checkpoint {resume} is damaged: {problem}")
             return Path(resume)
         return self.store.latest_complete()
 
@@ -271,7 +271,7 @@ class Checkpoints:
             return Resumed()
         client, mine = self.load(engine, point)
         if "train_state" not in client:
-            raise ValueError(
+            raise BadInput(
                 f"resume: checkpoint {point} was written by an older dapt (a classifier checkpoint without the shared "
                 "client-state layout) and cannot be continued; start over with --resume=never (or a new output_dir)"
             )
@@ -316,7 +316,7 @@ class Checkpoints:
             return self.store.load(engine, point)
         problem = elastic.convertible(info, stage, point)
         if problem:
-            raise ValueError(problem)
+            raise BadInput(problem)
         elastic.check_same_model(point, engine)
         folder = elastic.universal(point)
         with elastic.universal_load(engine):
@@ -402,7 +402,7 @@ def client_state(
 def _check_same_data(client: dict, cfg: RunConfig) -> None:
     saved = client.get("data", {})
     if saved.get("num_streams") != cfg.data.streams:
-        raise ValueError(
+        raise BadInput(
             f"the checkpoint was written with data.streams={saved.get('num_streams')}, this run has "
             f"{cfg.data.streams}: the streams' positions would not match; keep data.streams"
         )

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dapt.config.schema import EmbedConfig, RunConfig
+from dapt.config.schema import BadInput, EmbedConfig, RunConfig
 from dapt.data.embedding import NoMLMHead, embed_documents, load_encoder, load_masked_lm, splits_of
 from dapt.data.formats import Document
 from dapt.data.novelty import CharNovelty
@@ -112,7 +112,7 @@ def read_documents(cfg: RunConfig, splits: dict) -> Scores:
     if not any(d.label == e.normal_label for d in splits["train"]) or not any(
         d.label == e.normal_label for d in splits["valid"]
     ):
-        raise ValueError(f"no training or validation documents with the normal label {e.normal_label!r}")
+        raise BadInput(f"no training or validation documents with the normal label {e.normal_label!r}")
     normal_train = [d for d in splits["train"] if d.label == e.normal_label]
     return Scores(
         valid=splits["valid"],
@@ -327,7 +327,7 @@ def anomaly_splits(cfg: RunConfig, skipped: Counter) -> dict:
     splits = splits_of(cfg, skipped, labelled=True)
     share = cfg.embed.valid_from_test
     if "test" not in splits:
-        raise ValueError("anomaly detection needs test data (data.test)")
+        raise BadInput("anomaly detection needs test data (data.test)")
     if share:
         splits["train"] += splits.pop("valid", [])
         test = splits["test"]
@@ -338,7 +338,7 @@ def anomaly_splits(cfg: RunConfig, skipped: Counter) -> dict:
         sample(splits[k], cfg.embed.sample, cfg.seed) for k in ("valid", "test")
     )
     if not splits.get("valid"):
-        raise ValueError(
+        raise BadInput(
             "anomaly detection needs validation data (data.valid, data.valid_fraction or embed.valid_from_test)"
         )
     return splits

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dapt.config.schema import RunConfig
+from dapt.config.schema import BadInput, RunConfig
 from dapt.data.labelled import Labelled, collate, prepare_labelled
 from dapt.data.prepare import feeder as data_feeder
 from dapt.data.prepare import text_description, text_settings
@@ -44,7 +44,7 @@ def class_weights(spec: str, counts: list[int], n: int) -> torch.Tensor | None:
         return torch.tensor(w / w[c > 0].mean(), dtype=torch.float32)
     values = [float(v) for v in spec.split(",")]
     if len(values) != n:
-        raise ValueError(f"classify.class_weights has {len(values)} weights for {n} labels")
+        raise BadInput(f"classify.class_weights has {len(values)} weights for {n} labels")
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -205,7 +205,7 @@ class Classifier:
         t = cfg.train
         per_step = t.micro_batch_size * t.grad_accum * group.world()
         if corpus.rows < per_step:
-            raise ValueError(f"{corpus.rows} training examples are fewer than one global batch of {per_step}")
+            raise BadInput(f"{corpus.rows} training examples are fewer than one global batch of {per_step}")
         per_epoch = corpus.rows // per_step  # full global batches
         self.length = Length(
             t.max_steps or max(1, int(t.epochs * per_epoch)),

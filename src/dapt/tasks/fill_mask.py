@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from dapt.config.schema import RunConfig
+from dapt.config.schema import BadInput, RunConfig
 
 OTHER = "<other>"  # CANINE's last head class: every code point at or above char_vocab - 1
 
@@ -22,7 +22,7 @@ def load_model(cfg: RunConfig):
 
     m = cfg.model
     if not m.name_or_path:
-        raise ValueError(
+        raise BadInput(
             "launch/fill_mask.py needs --model.name_or_path (a trained model folder such as "
             "runs/NAME/final, or a hub id)"
         )
@@ -50,7 +50,7 @@ def predict(
     """For each placeholder, in order, the top_k (candidate, probability) pairs."""
     ids, masked = encode(text, tokenizer, placeholder, mask_id)
     if not masked:
-        raise ValueError(f"no {placeholder} in {text!r}: mark the positions to predict with it")
+        raise BadInput(f"no {placeholder} in {text!r}: mark the positions to predict with it")
     with torch.no_grad():
         logits = model(
             input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
@@ -76,7 +76,7 @@ def mask_id_for(cfg: RunConfig, tokenizer) -> int:
     if cfg.masking.mask_token_id is not None:
         return cfg.masking.mask_token_id
     if tokenizer.mask_token_id is None:
-        raise ValueError("this tokenizer has no mask token: set --masking.mask_token_id as in training")
+        raise BadInput("this tokenizer has no mask token: set --masking.mask_token_id as in training")
     return tokenizer.mask_token_id
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dapt.config.schema import RunConfig
+from dapt.config.schema import BadInput, RunConfig
 from dapt.data.embedding import read_unlabelled
 from dapt.data.formats import READERS, BadRecord, Document
 from dapt.data.labelled import encode, labelled_options, padded, read_labelled, say_what_is_cut
@@ -47,7 +47,7 @@ def run(cfg: RunConfig) -> dict:
     skipped: Counter = Counter()
     docs, labelled = read_inputs(cfg, skipped)
     if not docs:
-        raise ValueError(f"data.test: no record to predict ({dict(skipped) or 'the files are empty'})")
+        raise BadInput(f"data.test: no record to predict ({dict(skipped) or 'the files are empty'})")
     folder = cfg.model.name_or_path
     if is_classifier(folder):
         summary = classify_records(cfg, docs, labelled, s.device, skipped)

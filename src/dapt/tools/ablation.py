@@ -87,10 +87,7 @@ def _result(out: Path, protocol: str) -> dict | None:
 
 
 def run(cfg: RunConfig) -> dict:
-    a, out = cfg.ablation, Path(cfg.output_dir)
-    missing = [k for k in ("base", "dapt_recipe", "eval_recipe") if not getattr(a, k)]
-    if missing:
-        raise ValueError(f"ablation needs {', '.join('ablation.' + k for k in missing)}")
+    a, out = cfg.ablation, Path(cfg.output_dir)  # its base and recipes: checked by RunConfig.problems
     group.init()
     rows = {"base": a.base}
     rows["+DAPT"] = _mlm(a.dapt_recipe, a.base, out / "dapt", a.overrides)
