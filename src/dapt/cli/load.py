@@ -23,7 +23,7 @@ from dapt.cli.check import check
 from dapt.config import shipped
 from dapt.config.accelerate import accelerate_settings
 from dapt.config.dsconfig import resolve_ds_config
-from dapt.config.schema import ConfigError, RunConfig, section_problems, tool_of, type_name
+from dapt.config.schema import ConfigError, RunConfig, freeze, section_problems, tool_of, type_name
 from dapt.data.corpus import DEFAULT_OVERRIDES
 from dapt.data.prepare import adopt_text_settings
 from dapt.runtime import folder
@@ -230,7 +230,7 @@ def load_config(
     cfg, problems = collect_config(argv, world_size, accelerator, prog=prog)
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return freeze(cfg)  # a run reads its config, never changes it
 
 
 def collect_config(

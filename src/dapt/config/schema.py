@@ -58,7 +58,21 @@ def at_least(problems: list[str], key: str, value: int, minimum: int = 1) -> Non
         problems.append(f"{key}: {value} must be >= {minimum}")
 
 
-class Section:
+class ReadOnly:
+    """Read-only once loaded (`freeze`): a run reads its config and never changes it; what a run works out (the
+    engine's DeepSpeed config, counters, the best score) lives in the run (dapt.runtime.train.Run). A variant is
+    made with dataclasses.replace."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(
+                f"the config is read-only once loaded: {type(self).__name__}.{name} cannot be set (make a variant "
+                "with dataclasses.replace)"
+            )
+        object.__setattr__(self, name, value)
+
+
+class Section(ReadOnly):
     """A section of the config: its choice fields checked against their declared values, then its own rules."""
 
     def problems(self) -> list[str]:
@@ -869,7 +883,7 @@ class AblationConfig(Section):
 
 
 @dataclass(kw_only=True)
-class RunConfig:
+class RunConfig(ReadOnly):
     output_dir: str = ""
     """Where the run writes config, metrics, checkpoints, final model and plots; empty: runs/<script> (runs/mlm for
     launch/mlm.py, runs/classify for launch/classify.py, ...). A folder holding another task's run, or a run of
@@ -975,6 +989,18 @@ class RunConfig:
                     f"{count} GPUs"
                 )
         return p
+
+
+def freeze(cfg: RunConfig) -> RunConfig:
+    """The loaded config made read-only (every section, the explicit keys and the notes); returns it."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Section):
+            object.__setattr__(value, "_frozen", True)
+    object.__setattr__(cfg, "explicit", frozenset(cfg.explicit))
+    object.__setattr__(cfg, "notes", tuple(cfg.notes))
+    object.__setattr__(cfg, "_frozen", True)
+    return cfg
 
 
 def _plain(value: Any) -> Any:

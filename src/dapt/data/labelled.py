@@ -205,9 +205,10 @@ def prepare_labelled(cfg: RunConfig, out: Path) -> LabelledCorpus:
     opts = labelled_options(cfg)
     spec, per_stream, counts, epoch_skipped = _streams(
         cfg,
-        lambda: stream_spec(
+        lambda streams: stream_spec(
             cfg,
             tokenizer,
+            streams=streams,
             packing="pad",
             whole_word=False,
             options=opts,
@@ -257,14 +258,14 @@ def _evaluation_set(
 
 
 def _streams(
-    cfg: RunConfig, make: Callable[[], StreamSpec]
+    cfg: RunConfig, make: Callable[[int], StreamSpec]
 ) -> tuple[StreamSpec, dict[int, int], Counter, Counter]:
     """The labelled streams and their counting pass. A small corpus whose bad or unlabelled records leave a stream
     empty gets fewer streams: the most, dividing data.streams, that all hold rows (found from the data alone, so the
     order is the same on any world size)."""
-    d = cfg.data
+    streams = cfg.data.streams
     while True:
-        spec = make()
+        spec = make(streams)
         per_stream, counts, skipped = count_pass(spec)
         empty = [s for s in range(spec.streams) if not per_stream.get(s)]
         if not empty or spec.streams == 1:
@@ -277,7 +278,7 @@ def _streams(
             fewer,
             len(empty),
         )
-        d.streams = fewer
+        streams = fewer
     if not sum(per_stream.values()):
         raise BadInput(
             f"data.train: no usable labelled record ({', '.join(f'{k} {v}' for k, v in skipped.items())})"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -193,17 +194,18 @@ def stream_spec(cfg, tokenizer, **task) -> StreamSpec:
         )
         return StreamSpec(**(fields | task))
 
-    made = spec(d.streams)
+    wanted = task.pop("streams", d.streams)
+    made = spec(wanted)
     fitting = fitting_streams(made)
-    if fitting == d.streams:
+    if fitting == wanted:
         return made
     log.info(
         "data.streams: %d -> %d: the corpus has %d record run(s) to share out, fewer than %d streams (the "
         "count follows the data, not the world size, so the row order is the same on any number of ranks)",
-        d.streams,
+        wanted,
         fitting,
         len(made.splits),
-        d.streams,
+        wanted,
     )
     if fitting % group.world():
         raise BadInput(
@@ -211,8 +213,7 @@ def stream_spec(cfg, tokenizer, **task) -> StreamSpec:
             f"{fitting} data stream(s), a number that {group.world()} ranks cannot share); train it on "
             "fewer ranks or add data"
         )
-    d.streams = fitting  # what the checkpoints record and a resume compares
-    return spec(fitting)
+    return spec(fitting)  # its count is what the checkpoints record and a resume compares
 
 
 def rows_of(tokenizer, docs: list[Document], packing: str, max_len: int, words: bool = False) -> list[Row]:
@@ -284,12 +285,13 @@ def prepare_data(cfg, out: Path) -> Corpus:
     (from-scratch models) first; the training corpus itself is only streamed, never loaded."""
     from dapt.data.corpus import write_default_corpus
 
-    d = cfg.data
-    if not d.train:
-        d.train = [str(out / "default_corpus.txt")]
-        if group.rank() == 0 and not Path(d.train[0]).exists():
-            write_default_corpus(Path(d.train[0]), seed=cfg.seed)
+    if not cfg.data.train:  # the embedded default corpus, written into the run's folder
+        default = out / "default_corpus.txt"
+        if group.rank() == 0 and not default.exists():
+            write_default_corpus(default, seed=cfg.seed)
         group.barrier()
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=[str(default)]))
+    d = cfg.data
     opts = format_options(d)
     tokenizer = tokenizer_for(
         cfg,

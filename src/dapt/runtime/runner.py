@@ -203,11 +203,19 @@ class ExportPoint:
 class Checkpoints:
     """Checkpoint policy from the `checkpoint` section, the same for every task."""
 
-    def __init__(self, cfg: RunConfig, out: Path, keep_best: bool | None = None, steps: int = 0):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: Path,
+        keep_best: bool | None = None,
+        steps: int = 0,
+        streams: int | None = None,
+    ):
         """`steps`: the run's optimizer steps; its schedule is saved with every checkpoint, and a resume whose
-        learning rate would jump under this run's schedule is refused (continuation_problem)."""
+        learning rate would jump under this run's schedule is refused (continuation_problem). `streams`: the run's
+        data streams (default data.streams), which a resumed checkpoint must have been written with."""
         c = cfg.checkpoint
-        self.cfg = cfg
+        self.cfg, self.streams = cfg, streams or cfg.data.streams
         own = steps and "scheduler" not in cfg.ds_config  # a DeepSpeed scheduler keeps its own state
         self.schedule = schedule_of(cfg.train, steps) if own else None
         self.keep_best = c.keep_best if keep_best is None else keep_best
@@ -275,7 +283,7 @@ class Checkpoints:
                 f"resume: checkpoint {point} was written by an older dapt (a classifier checkpoint without the shared "
                 "client-state layout) and cannot be continued; start over with --resume=never (or a new output_dir)"
             )
-        _check_same_data(client, self.cfg)
+        _check_same_data(client, self.cfg, self.streams)
         lines = {int(r): n for r, n in client.get("samples", {}).items()}  # every rank's, when it was saved
         if lines and self.cfg.data.log_sample_ids and group.rank() == 0:
             trim_sample_logs(Path(self.cfg.output_dir), lines, group.world())
@@ -384,7 +392,7 @@ def client_state(
         streams |= part
     data = {
         "streams": streams,
-        "num_streams": cfg.data.streams,
+        "num_streams": feeder.spec.streams,
         "files": redact(feeder.spec.files),
         "rows_per_step": cfg.ds_config["train_batch_size"],
     }
@@ -399,12 +407,13 @@ def client_state(
     }
 
 
-def _check_same_data(client: dict, cfg: RunConfig) -> None:
+def _check_same_data(client: dict, cfg: RunConfig, streams: int) -> None:
+    """`streams`: the run's data streams (data.streams, or fewer where the data cannot fill them)."""
     saved = client.get("data", {})
-    if saved.get("num_streams") != cfg.data.streams:
+    if saved.get("num_streams") != streams:
         raise BadInput(
             f"the checkpoint was written with data.streams={saved.get('num_streams')}, this run has "
-            f"{cfg.data.streams}: the streams' positions would not match; keep data.streams"
+            f"{streams}: the streams' positions would not match; keep data.streams"
         )
     if saved.get("rows_per_step") != cfg.ds_config["train_batch_size"]:
         log.warning(

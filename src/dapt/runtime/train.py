@@ -11,6 +11,7 @@ export: warm-up and timed steps, then its report).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -98,6 +99,9 @@ class Task(Protocol):
     name: str  # "mlm", "classify": the model card's task
     auto_class: str  # the transformers Auto class final/ loads with
     tokenizer: Any  # set by prepare
+    streams: (
+        int  # the training data's streams: data.streams, or fewer where the data cannot fill them (prepare)
+    )
     eval_skipped: Counter  # records left out of the evaluation sets (set by prepare)
 
     def prepare(self, cfg: RunConfig, out: Path) -> Length:
@@ -216,7 +220,7 @@ def setup(cfg: RunConfig, task: Task, timer: Timer | None = None) -> Run:
     length = task.prepare(cfg, s.out)
     steps, scheduled = timer.steps() if timer else (length.steps, length.steps)
     length = Length(steps, length.eval_every, length.per_epoch, length.epoch_rows, length.epoch_skipped)
-    ckpts = None if timer else Checkpoints(cfg, s.out, steps=steps)
+    ckpts = None if timer else Checkpoints(cfg, s.out, steps=steps, streams=task.streams)
     if ckpts:
         ckpts.check_continuation()
     model = task.model(cfg)
@@ -224,8 +228,9 @@ def setup(cfg: RunConfig, task: Task, timer: Timer | None = None) -> Run:
     ds = finalize_ds_config(cfg.ds_config, scheduled, warmup_steps(cfg.train, steps), hidden)
     if timer:
         ds = timer.before_engine(cfg, s.out, ds)
-    if group.rank() == 0:
-        save_resolved(cfg, s.out / "config.resolved.yaml")
+    if group.rank() == 0:  # as the run reads it: with the stream count the data could fill
+        data = dataclasses.replace(cfg.data, streams=task.streams)
+        save_resolved(dataclasses.replace(cfg, data=data), s.out / "config.resolved.yaml")
     log_choices(cfg, s.accelerator, scheduled)
     if ckpts:
         ckpts.check_disk(parameter_count(model))

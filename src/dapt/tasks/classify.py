@@ -8,7 +8,7 @@ data streams (dapt.data.labelled): exact resume, the same order on any world siz
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dapt.config.schema import BadInput, RunConfig
+from dapt.config.schema import BadInput, RunConfig, freeze
 from dapt.data.labelled import Labelled, collate, prepare_labelled
 from dapt.data.prepare import feeder as data_feeder
 from dapt.data.prepare import text_description, text_settings
@@ -142,8 +142,9 @@ def run(cfg: RunConfig) -> dict:
         folder.claim(cfg)  # the seeds' parent folder holds this classifier's runs
     results = {}
     for seed in seeds:
-        one = copy.deepcopy(cfg)
-        one.seed, one.output_dir = seed, str(Path(cfg.output_dir) / f"seed_{seed}")
+        one = freeze(
+            dataclasses.replace(cfg, seed=seed, output_dir=str(Path(cfg.output_dir) / f"seed_{seed}"))
+        )
         results[seed] = run_one(one)
     return summarise_seeds(cfg, results)
 
@@ -195,6 +196,7 @@ class Classifier:
         self.cfg = cfg
         corpus = self.corpus = prepare_labelled(cfg, out)
         self.tokenizer, self.eval_skipped = corpus.tokenizer, corpus.skipped
+        self.streams = corpus.spec.streams
         self.pad_id = corpus.tokenizer.pad_token_id or 0
         counts = [corpus.counts[label] for label in corpus.labels]
         self.weights = class_weights(cfg.classify.class_weights, counts, len(corpus.labels))

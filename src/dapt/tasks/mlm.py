@@ -155,6 +155,7 @@ class MaskedLM:
         self.cfg = cfg
         self.corpus = prepare_data(cfg, out)
         self.tokenizer, self.eval_skipped = self.corpus.tokenizer, self.corpus.skipped
+        self.streams = self.corpus.spec.streams
         steps, epoch = total_steps(cfg, self.corpus)
         return Length(
             steps,
