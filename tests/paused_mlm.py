@@ -32,8 +32,8 @@ if __name__ == "__main__":
     where = os.environ["PAUSE_IN"]
     if where == "startup":
 
-        def resolved_then_pause(cfg, path):
-            save_resolved(cfg, path)
+        def resolved_then_pause(cfg, path, ds=None):
+            save_resolved(cfg, path, ds)
             _pause_before(lambda folder: None, lambda folder: True)(path)
 
         save_resolved = train.save_resolved

@@ -1146,8 +1146,9 @@ def type_name(typ: Any) -> str:
     return getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
 
 
-def save_resolved(cfg: RunConfig, path: Path) -> None:
-    """Write the full config and the final DeepSpeed config as YAML."""
+def save_resolved(cfg: RunConfig, path: Path, ds: dict | None = None) -> None:
+    """Write the full config and the DeepSpeed config as YAML: `ds`, the engine's (its "auto" values filled), when the
+    run has made it, else the loaded one."""
     doc = cfg.to_dict()
-    doc["deepspeed"] = cfg.ds_config
+    doc["deepspeed"] = cfg.ds_config if ds is None else ds
     path.write_text(yaml.safe_dump(redact(doc), sort_keys=False))

@@ -230,7 +230,7 @@ def setup(cfg: RunConfig, task: Task, timer: Timer | None = None) -> Run:
         ds = timer.before_engine(cfg, s.out, ds)
     if group.rank() == 0:  # as the run reads it: with the stream count the data could fill
         data = dataclasses.replace(cfg.data, streams=task.streams)
-        save_resolved(dataclasses.replace(cfg, data=data), s.out / "config.resolved.yaml")
+        save_resolved(dataclasses.replace(cfg, data=data), s.out / "config.resolved.yaml", ds)
     log_choices(cfg, s.accelerator, scheduled)
     if ckpts:
         ckpts.check_disk(parameter_count(model))
