@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, shared_slice
+from conftest import ROOT, metrics, shared_slice
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from dapt.config.schema import ClassifyConfig
@@ -169,6 +169,39 @@ def test_classify_end_to_end_binary(labelled_jsonl, tmp_path):
         "report": 1,
     }
     _test_set_used_the_best_weights(out, summary, model)
+    # the best is the highest validation score of the run (ties: the earliest), and eval_valid.json is its evaluation
+    evals = [r for r in metrics(out) if f"eval/{summary['metric']}" in r]
+    best = max(r[f"eval/{summary['metric']}"] for r in evals)
+    assert summary["best_metric"] == best
+    assert summary["final_step"] == min(r["step"] for r in evals if r[f"eval/{summary['metric']}"] == best)
+    assert json.loads((out / "eval_valid.json").read_text())["step"] == summary["final_step"]
+
+
+def test_patience_stops_early_evaluating_every_epoch_and_the_stop_is_saved(labelled_jsonl, tmp_path):
+    """train.eval_every=0: an evaluation every epoch (80 rows, 8 a step: 10 steps). At an lr that changes nothing the
+    score never improves on the first, so classify.patience=2 stops the run at the third evaluation; the stop is
+    saved as a checkpoint although checkpoint.every=0 and only the last is exported."""
+    from dapt.cli.load import load_config
+    from dapt.tasks.classify import run
+
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(labelled_jsonl.read_text().splitlines(keepends=True)[:80]))
+    out = tmp_path / "run"
+    argv = ["--data.train", small, "--data.valid", small, "--data.format=jsonl", "--model.config", TINY]
+    argv += ["--model.tokenizer_vocab_size=400", "--data.max_seq_length=32", "--output_dir", out]
+    argv += ["--train.max_steps=60", "--train.micro_batch_size=8", "--train.grad_accum=1", "--train.lr=1e-12"]
+    argv += [
+        "--train.eval_every=0",
+        "--classify.patience=2",
+        "--classify.collapse_stop=false",
+        "--checkpoint.every=0",
+    ]
+    argv += ["--checkpoint.export=last", "--log.progress=false"]
+    summary = run(load_config([str(a) for a in argv], world_size=1, accelerator="cpu"))
+    assert [r["step"] for r in metrics(out) if "eval/macro_f1" in r] == [10, 20, 30]
+    assert summary["steps"] == 30 and "early stopping" in summary["stopped"], summary
+    index = json.loads((out / "checkpoints" / "index.json").read_text())
+    assert index["steps"][index["latest"]] == 30 and summary["final_step"] == 30
 
 
 def _test_set_used_the_best_weights(out, summary, model):

@@ -835,3 +835,16 @@ def test_a_misspelt_deepspeed_key_at_any_level_is_a_config_error_naming_the_clos
         from dapt.config.dsconfig import DEFAULT_DS, unknown_keys
 
         assert unknown_keys(json.loads(shipped.read_text())) == [] and unknown_keys(DEFAULT_DS) == [], shipped
+
+
+def test_warmup_steps_and_ratio_both_given_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="warmup_steps and train.warmup_ratio are both set"):
+        load(
+            ["--recipe", recipe(tmp_path, train=TRAIN), "--train.warmup_steps=10", "--train.warmup_ratio=0.1"]
+        )
+    load(["--recipe", recipe(tmp_path, train=TRAIN), "--train.warmup_steps=10"])  # one of them is fine
+
+
+def test_a_resume_path_that_is_no_checkpoint_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="neither auto, never nor an existing checkpoint folder"):
+        load(["--recipe", recipe(tmp_path, train=TRAIN), f"--resume={tmp_path / 'no_such_checkpoint'}"])

@@ -194,6 +194,12 @@ def test_a_corpus_smaller_than_the_stream_count_trains_with_fewer_streams(recipe
 
     resolved = yaml.safe_load((tmp_path / "derived" / "config.resolved.yaml").read_text())
     assert resolved["data"]["streams"] == 4
+    # the checkpoint records the streams the run read, and the same command again resumes from it (not refused)
+    from dapt.runtime.checkpoint import safe_load
+
+    (point,) = (tmp_path / "derived" / "checkpoints").glob("step_*")
+    assert safe_load(point / "mp_rank_00_model_states.pt")["data"]["num_streams"] == 4
+    assert run_inprocess(args + ["--output_dir", tmp_path / "derived"])["steps"] == 3
 
 
 # ---------------------------------------------------------------- launchers

@@ -21,7 +21,8 @@ from dapt.data.packing import pack
 from dapt.data.surprise import Masking, Surprise, mask_patterns, token_surprise
 from dapt.model.build import train_wordpiece
 from dapt.runtime.calibration import calibrations, threshold_for
-from dapt.runtime.fusion import best_of, combine, separation, tail_scores
+from dapt.runtime.detectors import evaluate_detector
+from dapt.runtime.fusion import best_of, combine, fuse, separation, tail_scores
 from dapt.tasks.anomaly import valid_key
 
 ATTACK = "GET /shop/item.jsp?id=1'+OR+'1'='1&qty=2 HTTP/1.1\nHost: shop"
@@ -532,3 +533,32 @@ def test_ablation_by_mlm_surprise_says_why_the_base_has_no_row(tmp_path, http_do
     table = (tmp_path / "abl" / "ablation_mlm.md").read_text()
     assert "| base | n/a | n/a | n/a | n/a |" in table and "base: not scored: model.name_or_path" in table
     assert "| +DAPT | " in table and "recall_test_calibrated" in table
+
+
+def test_the_threshold_flags_at_most_the_share_asked_for_when_it_is_no_whole_count():
+    """30 normal scores at 5%: 1.5 may lie above, so 1 does (never 2)."""
+    normal = np.arange(30, dtype=float)
+    threshold = threshold_for(normal, 0.05)
+    assert threshold == 28.0 and int((normal > threshold).sum()) == 1
+
+
+def test_a_score_at_the_threshold_is_not_flagged():
+    result = evaluate_detector(
+        np.array([1.0, 2.0, 2.0, 3.0]), np.array([False, False, False, True]), 2.0, curve=False
+    )
+    assert result["test_fpr"] == 0.0 and result["recall_at_max_fpr"] == 1.0
+
+
+def test_fused_components_are_calibrated_on_normal_validation_documents_only():
+    """Each component's tail scores rank against the normal validation documents; extreme validation attacks must
+    not move them."""
+    rng = np.random.default_rng(0)
+    attack = np.array([False] * 40 + [True] * 10)
+    values = {
+        name: (np.concatenate([rng.normal(size=40), np.full(10, 50.0)]), rng.normal(size=30))
+        for name in ("a", "b")
+    }
+    valid, test = fuse(values, ["a", "b"], "sum", attack)
+    normal = {name: v[~attack] for name, (v, _) in values.items()}
+    assert np.allclose(valid, combine([tail_scores(normal[n], values[n][0]) for n in "ab"], "sum", 40))
+    assert np.allclose(test, combine([tail_scores(normal[n], values[n][1]) for n in "ab"], "sum", 40))

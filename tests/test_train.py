@@ -575,30 +575,32 @@ def test_whole_word_masking_reaches_the_training_batches(recipe, tmp_path):
     assert partly > 20, "without whole-word masking parts of words are masked: the check above can tell"
 
 
-def test_a_run_leaves_its_loaded_config_as_it_was(recipe, tmp_path):
+def test_a_run_leaves_its_loaded_config_as_it_was(recipe, corpus_file, tmp_path):
     """The loaded config is read-only (a section's field cannot be set) and a run changes nothing in it, the DeepSpeed
-    config included: the engine's config, with its "auto" values filled, is the run's own."""
+    config included: the engine's config, with its "auto" values filled, is the run's own. The run's counters and
+    evaluations: micro-steps are accumulation x steps, the last step is evaluated though eval_every (3) does not
+    divide it, and the test set gets masks of its own (the same rows as validation, another loss)."""
     import copy
 
     from dapt.config.dsconfig import AUTO
     from dapt.tasks.mlm import run
 
-    cfg = load_config(
-        [
-            f"--recipe={recipe}",
-            f"--output_dir={tmp_path}",
-            "--ds",
-            str(DS / "zero2_bf16.json"),
-            "--train.max_steps=2",
-        ],
-        world_size=1,
-        accelerator="cpu",
-    )
+    argv = [f"--recipe={recipe}", f"--output_dir={tmp_path}", "--ds", str(DS / "zero2_bf16.json")]
+    argv += [
+        "--train.max_steps=2",
+        "--train.grad_accum=2",
+        f"--data.valid={corpus_file}",
+        f"--data.test={corpus_file}",
+    ]
+    cfg = load_config(argv, world_size=1, accelerator="cpu")
     with pytest.raises(AttributeError, match="read-only"):
         cfg.train.lr = 1.0
     with pytest.raises(AttributeError, match="read-only"):
         cfg.seed = 3
     before, ds_before = copy.deepcopy(cfg.to_dict()), copy.deepcopy(cfg.ds_config)
     assert ds_before["zero_optimization"]["reduce_bucket_size"] == AUTO  # filled for the engine, not here
-    run(cfg)
+    summary = run(cfg)
     assert cfg.to_dict() == before and cfg.ds_config == ds_before
+    assert summary["steps"] == 2 and summary["micro_steps"] == 4
+    (last,) = [r for r in metrics(tmp_path) if "eval/loss" in r]
+    assert last["step"] == 2 and summary["test_loss"] != last["eval/loss"]

@@ -352,7 +352,7 @@ class TrainConfig(Section):
     optimizer on CUDA when it can be built here. deepspeed: DeepSpeed's FusedAdam/CPUAdam (JIT-built with ninja, a C++
     compiler and nvcc unless prebuilt; checked before the run starts)."""
     eval_every: int = 100
-    """Evaluate every N optimizer steps (and at the end); 0: only at the end."""
+    """Evaluate every N optimizer steps (and at the end); 0: only at the end (a classifier: every epoch)."""
     eval_batches: int = 0
     """Cap on evaluation batches per rank; 0: the whole validation set."""
     log_every: int = 10
