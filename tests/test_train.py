@@ -604,3 +604,19 @@ def test_a_run_leaves_its_loaded_config_as_it_was(recipe, corpus_file, tmp_path)
     assert summary["steps"] == 2 and summary["micro_steps"] == 4
     (last,) = [r for r in metrics(tmp_path) if "eval/loss" in r]
     assert last["step"] == 2 and summary["test_loss"] != last["eval/loss"]
+
+
+def test_a_checkpoint_between_two_log_lines_counts_every_step(recipe, tmp_path):
+    """Tokens and samples seen are counted into a checkpoint at every save, not only at log lines: a run stopped at
+    a checkpoint between two of them (a signal) resumes with all it trained counted."""
+    from dapt.runtime.checkpoint import safe_load
+
+    summary = run_inprocess(
+        [f"--recipe={recipe}", f"--output_dir={tmp_path}", "--train.log_every=5", "--checkpoint.every=3"]
+        + ["--checkpoint.keep=3", "--train.eval_every=0"]
+    )
+    state = safe_load(tmp_path / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt")[
+        "train_state"
+    ]
+    assert state["step"] == 3 and state["samples_seen"] == state["rows"] == 24 and state["tokens_seen"] > 0
+    assert summary["samples_seen"] == summary["rows_trained"] == 48

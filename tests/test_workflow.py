@@ -165,3 +165,24 @@ def test_a_constant_schedule_is_lengthened_and_says_so(recipe, tmp_path):
         if "train/learning_rate" in x
     ]
     assert len(rates) == 9 and len(set(rates)) == 1
+
+
+def test_a_mistyped_model_folder_is_named_and_leaves_the_run_folder_free(
+    labelled, tmp_path, monkeypatch, capsys
+):
+    """--model.name_or_path=runs/clasify/final (a typo): exit 3 naming the path as a folder that is not there (not a
+    hub id error), before the output folder is claimed, so the corrected command runs in it."""
+    import dapt.cli.main
+    from dapt.cli.main import main
+    from dapt.tasks.classify import run
+
+    monkeypatch.setattr(dapt.cli.main, "_close_process_group", lambda: None)
+    out = tmp_path / "cls"
+    argv = [f"--data.train={labelled}", f"--output_dir={out}", "--log.progress=false"]
+    assert (
+        main(run, argv + [f"--model.name_or_path={tmp_path}/runs/clasify/final"], prog="launch/classify.py")
+        == 3
+    )
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/runs/clasify/final is not a folder" in err and "Repo id" not in err, err[-2000:]
+    assert not (out / "dapt_run.json").exists()

@@ -54,6 +54,9 @@ class Start:
 def start(cfg: RunConfig) -> Start:
     """Process group up, this rank's device, the output folder made (by rank 0, seen by all)."""
     out = Path(cfg.output_dir)
+    missing = missing_model_folder(cfg.model.name_or_path)
+    if missing:  # before the folder is claimed: the corrected command must not find it taken
+        raise BadInput(missing)
     group.init()
     accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     device = (
@@ -65,6 +68,19 @@ def start(cfg: RunConfig) -> Start:
     group.barrier()
     log.info("%s", group.describe(cfg.cluster.env))
     return Start(out, accelerator, device)
+
+
+def missing_model_folder(name: str | None) -> str | None:
+    """Why model.name_or_path names a local folder that is not there, or None. The config check lets such a path
+    through (a recipe's later stage reads an earlier stage's final/, written by then); a run cannot."""
+    if not name or Path(name).expanduser().exists():
+        return None
+    if name.count("/") > 1 or name.startswith((".", "/", "~")):  # a hub id is NAME or OWNER/NAME
+        return (
+            f"model.name_or_path: {name} is not a folder (a path, not a hub id: those have at most one '/'); check "
+            "the path (a typo?) or run the stage that writes it first"
+        )
+    return None
 
 
 def decays(p: torch.nn.Parameter) -> bool:

@@ -199,6 +199,9 @@ class Run:
     started: float  # wall clock at the start of the first run this one continues
     holds: Path | None = None  # the checkpoint whose weights the engine holds
     window: Counter = field(default_factory=Counter)  # the log window's sums
+    uncounted: Counter = field(
+        default_factory=Counter
+    )  # this rank's tokens, slots, samples not yet in `state`
     window_start: float = field(default_factory=time.time)
 
 
@@ -320,9 +323,13 @@ def account(run: Run, step: Step, micro: list[dict], rows: list) -> None:
     """After a step: the counters, the log window's tokens, slots, samples and loss, the sample log."""
     state, window = run.state, run.window
     for b in micro:
-        window["tokens"] += int(b["attention_mask"].sum())
-        window["slots"] += b["attention_mask"].numel()
-        window["samples"] += len(b["input_ids"])
+        seen = Counter(
+            tokens=int(b["attention_mask"].sum()),
+            slots=b["attention_mask"].numel(),
+            samples=len(b["input_ids"]),
+        )
+        window.update(seen)
+        run.uncounted.update(seen)
     window["grad_norm"] = step.grad_norm
     if not step.outcome.skipped:
         window["loss_sum"] += step.outcome.loss * step.weight
@@ -339,10 +346,10 @@ def log_train(run: Run, bar) -> None:
     starts again."""
     state, window, engine = run.state, run.window, run.engine
     seconds = max(time.time() - run.window_start, 1e-9)
-    tokens, slots, samples = group.all_sum(window["tokens"], window["slots"], window["samples"])
-    state.tokens_seen += int(tokens)
-    state.slots_seen += int(slots)
-    state.samples_seen += int(samples)
+    tokens, slots, samples, *seen = group.all_sum(
+        *(window[k] for k in SEEN), *(run.uncounted[k] for k in SEEN)
+    )
+    add_seen(run, seen)
     loss = window["loss_sum"] / window["weight"] if window["weight"] else float("nan")  # nan: all skipped
     values = {
         "train/loss": loss,
@@ -365,6 +372,19 @@ def log_train(run: Run, bar) -> None:
         "step %d/%d loss %.4f lr %.3g grad_norm %.3g tokens/s %.0f", state.step, run.length.steps, *shown
     )
     run.window, run.window_start = Counter(), time.time()
+
+
+SEEN = ("tokens", "slots", "samples")
+
+
+def add_seen(run: Run, seen: list[float] | None = None) -> None:
+    """All ranks' tokens, slots and samples since they were last counted (`seen`: summed already) into the counters
+    a checkpoint saves, so a run stopped between two log lines loses none."""
+    tokens, slots, samples = seen if seen is not None else group.all_sum(*(run.uncounted[k] for k in SEEN))
+    run.state.tokens_seen += int(tokens)
+    run.state.slots_seen += int(slots)
+    run.state.samples_seen += int(samples)
+    run.uncounted.clear()
 
 
 def gathered_counts(feeder) -> Counter:
@@ -408,6 +428,7 @@ def log_evaluation(run: Run, evaluation: Evaluation, prefix: str) -> None:
 
 
 def save(run: Run, evaluation: Evaluation | None) -> Path:
+    add_seen(run)
     run.state.elapsed = time.time() - run.started
     score = evaluation.as_score() if evaluation else None
     progress = asdict(run.progress)
@@ -431,6 +452,7 @@ def finish(run: Run) -> dict:
     model card, plots; hub.push last."""
     cfg, state, out = run.cfg, run.state, run.out
     wall = time.time() - run.started
+    add_seen(run)
     point = run.ckpts.export_point()
     if point.path != run.holds:
         run.ckpts.load(run.engine, point.path)  # final/ and the test set use the exported weights
