@@ -68,6 +68,9 @@ class Length:
     per_epoch: float | None = None  # optimizer steps in one epoch, where known before training
     epoch_rows: int | None = None  # training rows in one epoch, where counted
     epoch_skipped: Counter | None = None  # the records epoch 0 left out, where counted (all ranks)
+    whole_epoch_counted: bool = (
+        False  # epoch_skipped is the data's count whatever the run trains (a counting pass)
+    )
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,7 @@ def setup(cfg: RunConfig, task: Task, timer: Timer | None = None) -> Run:
     s = start(cfg)
     length = task.prepare(cfg, s.out)
     steps, scheduled = timer.steps() if timer else (length.steps, length.steps)
-    length = Length(steps, length.eval_every, length.per_epoch, length.epoch_rows, length.epoch_skipped)
+    length = dataclasses.replace(length, steps=steps)
     ckpts = None if timer else Checkpoints(cfg, s.out, steps=steps, streams=task.streams)
     if ckpts:
         ckpts.check_continuation()
@@ -459,8 +462,11 @@ def finish(run: Run) -> dict:
         run.holds = point.path
     log.info("final/ and the test set use %s (%s)", point.path.name, point.why)
     skipped = gathered_counts(run.feeder)
-    if run.length.epoch_skipped is not None and state.rows >= (run.length.epoch_rows or 0):
-        skipped = run.length.epoch_skipped  # epoch 0 was read to its end: its pass saw every record
+    epoch = run.length
+    if epoch.epoch_skipped is not None and (
+        epoch.whole_epoch_counted or state.rows >= (epoch.epoch_rows or 0)
+    ):
+        skipped = epoch.epoch_skipped  # a pass over all of epoch 0 saw every record
     summary = {
         "steps": state.step,
         "micro_steps": state.micro_step,

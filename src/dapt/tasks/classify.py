@@ -215,6 +215,7 @@ class Classifier:
             per_epoch=per_epoch,
             epoch_rows=corpus.rows,
             epoch_skipped=corpus.epoch_skipped,
+            whole_epoch_counted=True,  # the counting pass the class weights and the epoch length come from
         )
         return self.length
 
