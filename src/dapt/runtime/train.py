@@ -107,8 +107,11 @@ class Task(Protocol):
     )
     eval_skipped: Counter  # records left out of the evaluation sets (set by prepare)
 
-    def prepare(self, cfg: RunConfig, out: Path) -> Length:
-        """Read the data (tokenizer, training streams, evaluation sets); the run's length."""
+    def prepare(self, cfg: RunConfig, out: Path) -> None:
+        """Read the data (tokenizer, training streams, evaluation sets)."""
+
+    def length(self, cfg: RunConfig) -> Length:
+        """The run's length (not asked by a timed run, which has its own)."""
 
     def model(self, cfg: RunConfig) -> torch.nn.Module: ...
 
@@ -223,9 +226,13 @@ def train(cfg: RunConfig, task: Task, timer: Timer | None = None) -> dict:
 def setup(cfg: RunConfig, task: Task, timer: Timer | None = None) -> Run:
     """Process group, data, length, model, the DeepSpeed config, the engine and the resumed state."""
     s = start(cfg)
-    length = task.prepare(cfg, s.out)
-    steps, scheduled = timer.steps() if timer else (length.steps, length.steps)
-    length = dataclasses.replace(length, steps=steps)
+    task.prepare(cfg, s.out)
+    if timer:
+        steps, scheduled = timer.steps()
+        length = Length(steps)
+    else:
+        length = task.length(cfg)
+        steps = scheduled = length.steps
     ckpts = None if timer else Checkpoints(cfg, s.out, steps=steps, streams=task.streams)
     if ckpts:
         ckpts.check_continuation()

@@ -192,7 +192,7 @@ class Classifier:
 
     name, auto_class = "classify", "AutoModelForSequenceClassification"
 
-    def prepare(self, cfg: RunConfig, out: Path) -> Length:
+    def prepare(self, cfg: RunConfig, out: Path) -> None:
         self.cfg = cfg
         corpus = self.corpus = prepare_labelled(cfg, out)
         self.tokenizer, self.eval_skipped = corpus.tokenizer, corpus.skipped
@@ -209,7 +209,7 @@ class Classifier:
         if corpus.rows < per_step:
             raise BadInput(f"{corpus.rows} training examples are fewer than one global batch of {per_step}")
         per_epoch = corpus.rows // per_step  # full global batches
-        self.length = Length(
+        self.length_ = Length(
             t.max_steps or max(1, int(t.epochs * per_epoch)),
             eval_every=t.eval_every or per_epoch,
             per_epoch=per_epoch,
@@ -217,7 +217,10 @@ class Classifier:
             epoch_skipped=corpus.epoch_skipped,
             whole_epoch_counted=True,  # the counting pass the class weights and the epoch length come from
         )
-        return self.length
+
+    def length(self, cfg: RunConfig) -> Length:
+        """train.max_steps, or train.epochs of full global batches (from prepare's counting pass)."""
+        return self.length_
 
     def model(self, cfg: RunConfig) -> torch.nn.Module:
         labels = self.corpus.labels
@@ -229,7 +232,7 @@ class Classifier:
         log.info(
             "classifier %s, %d labels, %d optimizer steps (%d per epoch); head lr x%g; class weights %s; label "
             "smoothing %g",
-            *(type(model).__name__, len(labels), self.length.steps, self.length.per_epoch),
+            *(type(model).__name__, len(labels), self.length_.steps, self.length_.per_epoch),
             *(c.head_lr_mult, weights, c.label_smoothing),
         )
         return model

@@ -151,11 +151,14 @@ class MaskedLM:
 
     name, auto_class = "mlm", "AutoModelForMaskedLM"
 
-    def prepare(self, cfg: RunConfig, out: Path) -> Length:
+    def prepare(self, cfg: RunConfig, out: Path) -> None:
         self.cfg = cfg
         self.corpus = prepare_data(cfg, out)
         self.tokenizer, self.eval_skipped = self.corpus.tokenizer, self.corpus.skipped
         self.streams = self.corpus.spec.streams
+
+    def length(self, cfg: RunConfig) -> Length:
+        """train.max_steps, or train.epochs of the corpus (a pass over epoch 0 counts it)."""
         steps, epoch = total_steps(cfg, self.corpus)
         return Length(
             steps,
