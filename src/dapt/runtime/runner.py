@@ -188,7 +188,7 @@ class TrainState:
         0  # global training rows consumed (all ranks): where the data continues, whatever the world size
     )
     samples_seen: int = 0
-    best_eval_loss: float | None = None
+    best_eval_loss: float | None = None  # read only from dapt 0.2's checkpoints (Progress.best since)
     elapsed: float = 0.0
 
 

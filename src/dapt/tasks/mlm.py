@@ -201,9 +201,7 @@ class MaskedLM:
         return Evaluation(result, "loss", higher_is_better=False, shown=tuple(result))
 
     def evaluated(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
-        if improved:
-            run.state.best_eval_loss = evaluation.score
-        return None
+        return None  # no early stop; the best loss is the run's Progress.best
 
     def train_values(self, loss: float) -> dict:
         return {"train/perplexity": perplexity(loss)}
