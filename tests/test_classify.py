@@ -357,6 +357,79 @@ def test_nsl_kdd_multiclass_slice(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
+def test_nsl_kdd_categories_by_label_map_without_zeros_then_predicted(tmp_path):
+    """classify.label_map turns attack names into categories in every split (test-only attacks included, so none is
+    skipped) and data.omit_zeros leaves the zero features out of the text; launch/predict.py on the final model
+    adopts both from final/dapt_text.json and reproduces the run's test figures from the raw file."""
+    from dapt.cli.load import load_config
+    from dapt.tasks import predict
+
+    names = [
+        line.split(",")[0]
+        for line in gzip.open(SHARED / "nsl_kdd" / "Field_Names.csv.gz", "rt").read().split()
+    ]
+    pairs = gzip.open(SHARED / "nsl_kdd" / "Attack_Types.csv.gz", "rt", newline="").read().split("\r")
+    category = dict(p.strip().split(",") for p in pairs if "," in p) | {"normal": "normal"}
+    test_rows = gzip.open(SHARED / "nsl_kdd" / "KDDTest+.txt.gz", "rt").read().splitlines()[:600]
+    category |= {row.split(",")[41]: "r2l" for row in test_rows if row.split(",")[41] not in category}
+    train = shared_slice(SHARED / "nsl_kdd" / "KDDTrain+_20Percent.txt.gz", tmp_path / "train.csv", 2000)
+    test = tmp_path / "test.csv"
+    test.write_text("\n".join(test_rows) + "\n")
+    mapping = "{" + ", ".join(f"{a}: {c}" for a, c in category.items()) + "}"
+    out = tmp_path / "kdd"
+    run_inprocess_classify(
+        [
+            "--data.train",
+            train,
+            "--data.test",
+            test,
+            "--data.format=csv",
+            f"--data.column_names=[{','.join(names)},label,difficulty]",
+            f"--data.columns=[{','.join(names)}]",
+            "--data.round_digits=2",
+            "--data.omit_zeros=true",
+            f"--classify.label_map={mapping}",
+            "--classify.labels=[dos, normal, probe, r2l, u2r]",  # u2r is not in these 2,000 training rows
+            "--data.max_seq_length=64",
+            "--train.max_steps=20",
+            "--train.micro_batch_size=32",
+            "--train.lr=1e-3",
+            "--output_dir",
+            out,
+        ]
+    )
+    tested = json.loads((out / "eval_test.json").read_text())
+    assert (
+        tested["labels"] == ["dos", "normal", "probe", "r2l", "u2r"] and tested["per_class"]["u2r"]["support"]
+    )
+    assert sum(map(sum, tested["confusion_matrix"])) == 600  # every test row scored: no attack is unseen
+    settings = json.loads((out / "final" / "dapt_text.json").read_text())
+    assert settings["omit_zeros"] is True and settings["label_map"]["neptune"] == "dos"
+    card = (out / "final" / "README.md").read_text()
+    assert "pairs whose value is zero left out" in card and ", 2, omit_zeros=True)" in card
+    from dapt.data.formats import record_text
+
+    row = test_rows[0].split(",")
+    text = record_text(list(zip(names, row[:41])), 2, omit_zeros=True)
+    assert ":0 " not in text + " " and "protocol_type:" in text
+
+    cfg = load_config(
+        [
+            f"--model.name_or_path={out / 'final'}",
+            f"--data.test={test}",
+            f"--output_dir={tmp_path / 'predicted'}",
+            "--log.progress=false",
+        ],
+        world_size=1,
+        accelerator="cpu",
+        prog="launch/predict.py",
+    )
+    predict.run(cfg)
+    again = json.loads((tmp_path / "predicted" / "eval.json").read_text())
+    assert again["labels"] == tested["labels"] and again["confusion_matrix"] == tested["confusion_matrix"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 def test_csic_labels_per_file(tmp_path):
     normal = shared_slice(SHARED / "csic2010" / "normalTrafficTest.txt.gz", tmp_path / "normalTest.txt", 4000)
     attack = shared_slice(

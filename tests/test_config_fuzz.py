@@ -62,6 +62,7 @@ data.records_field             A A A A A A A R R R R A A A A
 data.columns                   A A A A A A A A R R R A A A A
 data.column_names              A A A A A A A A R R R A A A A
 data.round_digits              A A R R R R R R R A R R R R R
+data.omit_zeros                R R R R R R R R R R A R R R R
 data.packing                   R R R R R R R R R R R R R R R
 data.max_seq_length            R R R R R R R R R R R R R R R
 data.valid_fraction            R A R R R R R R R R R R R R R
@@ -172,6 +173,7 @@ hub.private                    R R R R R R R R R R A R R R R
 hub.token_env                  A A A A A A A R R R R A A A A
 classify.label_field           A A A A A A A R R R R A A A A
 classify.label_files           R R R R R R R R A R R R R R R
+classify.label_map             R R R R R R R R A R R R R R R
 classify.labels                A A A A A A A A R R R A A A A
 classify.unseen                R R R R R R R R R R R R R R R
 classify.class_weights         R R R A R R R R R R R A R R R

@@ -202,6 +202,23 @@ def test_read_csv_without_header(tmp_path):
     assert every[0] == ("a:0 b:tcp c:http d:0.00 e:normal f:21", f"{p}:1") and len(every) == 2
 
 
+def test_read_csv_omitting_zeros(tmp_path):
+    p = write(tmp_path / "kdd.csv", b"0,tcp,0.001,0.50,12,normal\n3,udp,0.00,-0.0,0,neptune\n")
+    opts = FormatOptions(column_names=("dur", "proto", "rate", "other", "n", "label"), round_digits=2)
+    omitted = FormatOptions(**{**opts.__dict__, "omit_zeros": True})
+    assert [t for t, _ in read([p], "csv", options=opts)] == [
+        "dur:0 proto:tcp rate:0 other:0.5 n:12 label:normal",
+        "dur:3 proto:udp rate:0 other:-0 n:0 label:neptune",
+    ]
+    # 0.001 rounds to 0 and goes; a text value, and a one-column record, are never left out
+    assert [t for t, _ in read([p], "csv", options=omitted)] == [
+        "proto:tcp other:0.5 n:12 label:normal",
+        "dur:3 proto:udp label:neptune",
+    ]
+    one = FormatOptions(column_names=opts.column_names, columns=("n",), omit_zeros=True)
+    assert [t for t, _ in read([p], "csv", options=one)] == ["12", "0"]
+
+
 def test_read_tsv(tmp_path):
     p = write(tmp_path / "t.tsv", b"name\tvalue\tnote\na b\t0.555\tx, y\nc\t10\tz\n")
     assert read([p], "tsv") == [

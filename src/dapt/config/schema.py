@@ -175,6 +175,9 @@ class DataConfig(Section):
     """csv/tsv files without a header line: the names of their columns."""
     round_digits: int | None = None
     """csv/tsv: round decimal values to this many digits (shorter, more regular text)."""
+    omit_zeros: bool = False
+    """csv/tsv: leave out the `name:value` pairs whose value is zero (0, 0.00, after rounding): a sparse record's text
+    keeps what is there (NSL-KDD's 41 features: 333 MiniLM tokens a row on average, 126 without the zeros)."""
     packing: str = choice(
         "concat",
         {
@@ -684,6 +687,9 @@ class ClassifyConfig(Section):
     text; a `datasets` ClassLabel column gives its names, not its integer codes)."""
     label_files: dict = field(default_factory=dict)
     """Labels per file instead: {glob or file name: label}, e.g. {"normal*": normal, "anomalous*": attack}."""
+    label_map: dict = field(default_factory=dict)
+    """Raw label -> the class it counts as, applied to every split (e.g. NSL-KDD's attack names to their five
+    categories); a label the map does not name stays as it is."""
     labels: list[str] = field(default_factory=list)
     """Fixed label order (ids 0, 1, ...); empty: the sorted labels of the training set."""
     unseen: str = choice(

@@ -46,6 +46,7 @@ class FormatOptions:
     columns: tuple[str, ...] = ()  # csv/tsv: columns serialised as key:value (default: all)
     column_names: tuple[str, ...] = ()  # csv/tsv without a header line
     round_digits: int | None = None  # csv/tsv: round float values
+    omit_zeros: bool = False  # csv/tsv: leave out the columns whose value is zero
     max_line_bytes: int = 64 << 20  # longer lines are bad records ("oversize"), never read into memory
     label_field: str = ""  # classification: the jsonl field / csv column / parquet column holding the label
     records_field: str = ""  # json: the field of the document that holds the list of records
@@ -304,7 +305,9 @@ def _delimited(delimiter: str):
                     after,
                 )
                 continue
-            text = record_text([(names[i], row[i]) for i in keep], opts.round_digits)
+            text = record_text(
+                [(names[i], row[i]) for i in keep], opts.round_digits, omit_zeros=opts.omit_zeros
+            )
             if label_at is not None and not row[label_at].strip():
                 yield BadRecord(url, line, f"empty label column {opts.label_field!r}"), after
                 continue
@@ -313,15 +316,25 @@ def _delimited(delimiter: str):
     return read
 
 
-def record_text(fields: list[tuple[str, str]], round_digits: int | None = None) -> str:
+def record_text(
+    fields: list[tuple[str, str]], round_digits: int | None = None, *, omit_zeros: bool = False
+) -> str:
     """The text a model reads for a record of several columns (csv/tsv), in training and in prediction alike: each
     column as `name:value`, joined by single spaces, in the columns' order (data.columns, else the file's without the
     label); one column alone is its value. With data.round_digits, values with a decimal point are rounded to that
-    many digits (%g). Give the same columns in the same order to a model trained on them, e.g. in transformers'
+    many digits (%g); with data.omit_zeros, pairs whose value is zero after that are left out. Give the same columns in the same order to a model trained on them, e.g. in transformers'
     pipeline: `pipeline("text-classification", model=FOLDER)(record_text([("duration", "0"), ("service", "http")]))`."""
     if len(fields) == 1:  # one selected column (a domain, a sentence): its value is the text
         return _value(fields[0][1], round_digits)
-    return " ".join(f"{name}:{_value(value, round_digits)}" for name, value in fields)
+    pairs = ((name, _value(value, round_digits)) for name, value in fields)
+    return " ".join(f"{name}:{value}" for name, value in pairs if not (omit_zeros and _is_zero(value)))
+
+
+def _is_zero(value: str) -> bool:
+    try:
+        return float(value) == 0
+    except ValueError:
+        return False
 
 
 def _value(value: str, digits: int | None) -> str:

@@ -74,15 +74,21 @@ def labelled_options(cfg: RunConfig):
     return type(opts)(**{**opts.__dict__, "label_field": cfg.classify.label_field})
 
 
+def label_map(cfg: RunConfig) -> dict[str, str]:
+    """classify.label_map with its keys and values as text (YAML reads a label 1 as a number)."""
+    return {str(raw): str(name) for raw, name in cfg.classify.label_map.items()}
+
+
 def read_labelled(
     cfg: RunConfig, sources: list[str], skipped: Counter, on_error: str | None = None
 ) -> Iterator[Document]:
-    """Documents with labels, from a label field/column or from classify.label_files (per file), read in order;
-    bad records raise or are counted in `skipped` (data.on_error)."""
+    """Documents with labels, from a label field/column or from classify.label_files (per file), read in order, each
+    label as classify.label_map names it; bad records raise or are counted in `skipped` (data.on_error)."""
     d = cfg.data
     opts = labelled_options(cfg)
     urls = expand(sources, d.format)
     labels = file_labels(cfg, urls)
+    mapped = label_map(cfg)
     for url in urls:
         for n, (item, _) in enumerate(READERS[d.format](url, Position(), opts)):
             if d.max_records_per_file and n == d.max_records_per_file:
@@ -94,7 +100,8 @@ def read_labelled(
                     raise item
                 skipped[item.reason] += 1
                 continue
-            yield item if url not in labels else Document(item.text, item.id, labels[url])
+            label = labels.get(url, item.label)
+            yield Document(item.text, item.id, mapped.get(label, label))
 
 
 def say_what_is_cut(tokenizer, texts: list[str], max_len: int, what: str) -> float:
@@ -214,6 +221,7 @@ def prepare_labelled(cfg: RunConfig, out: Path) -> LabelledCorpus:
             options=opts,
             labelled=True,
             file_labels=labels_of_files,
+            label_map=label_map(cfg),
             labels=list(c.labels),
             unseen=c.unseen,
             max_records=d.max_records_per_file,

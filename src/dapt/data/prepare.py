@@ -33,6 +33,7 @@ def format_options(d) -> FormatOptions:
         columns=tuple(d.columns),
         column_names=tuple(d.column_names),
         round_digits=d.round_digits,
+        omit_zeros=d.omit_zeros,
         max_line_bytes=d.max_record_bytes,
         records_field=d.records_field,
         volatile=tuple(d.volatile),
@@ -50,9 +51,11 @@ def text_settings(cfg) -> dict:
         "columns": list(d.columns),
         "column_names": list(d.column_names),
         "round_digits": d.round_digits,
+        "omit_zeros": d.omit_zeros,
         "records_field": d.records_field,
         "volatile": list(d.volatile),
         "label_field": cfg.classify.label_field,
+        "label_map": dict(cfg.classify.label_map),
         "max_seq_length": d.max_seq_length,
         "columns_in_order": columns_in_order(cfg),
     }
@@ -88,7 +91,7 @@ def adopt_text_settings(cfg) -> list[str]:
         return []
     settings, taken = json.loads(path.read_text()), []
     for key, value in settings.items():
-        dotted = "classify.label_field" if key == "label_field" else f"data.{key}"
+        dotted = f"classify.{key}" if key in ("label_field", "label_map") else f"data.{key}"
         section, name = dotted.split(".")
         if dotted not in cfg.explicit and hasattr(getattr(cfg, section), name):
             setattr(getattr(cfg, section), name, value)
@@ -109,7 +112,7 @@ def text_description(settings: dict) -> str:
             f", values with a decimal point rounded to {settings['round_digits']} digits"
             if settings["round_digits"] is not None
             else ""
-        )
+        ) + (", pairs whose value is zero left out" if settings.get("omit_zeros") else "")
         text = (
             f"each {fmt} row as one text: {which}, in that order, each written `name:value` and joined by single spaces "
             f"(one column alone: its value){rounding}; dapt.data.formats.record_text builds it"

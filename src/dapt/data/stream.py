@@ -106,6 +106,7 @@ class StreamSpec:
     # Labelled streams (the classifier): one padded row per document, carrying its label
     labelled: bool = False
     file_labels: dict[str, str] = field(default_factory=dict)  # classify.label_files: the label of each file
+    label_map: dict[str, str] = field(default_factory=dict)  # classify.label_map: raw label -> class
     labels: list[str] = field(default_factory=list)  # the labels a training record may have (empty: any)
     unseen: str = "error"  # classify.unseen: a record with another label raises (error) or is counted (skip)
 
@@ -202,6 +203,7 @@ def _labelled(spec: StreamSpec, doc: Document, url: str, counts: Counter) -> Doc
     label = spec.file_labels.get(url, doc.label)
     if label is None:
         return BadRecord(doc.id, None, "no label")
+    label = spec.label_map.get(label, label)
     if spec.labels and label not in spec.labels:
         if spec.unseen == "skip":
             counts[f"skipped/label not in classify.labels: {label}"] += 1

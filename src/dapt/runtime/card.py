@@ -44,7 +44,13 @@ def usage(task: str, text: str, folder: str = "FOLDER", settings: dict | None = 
         shown = ", ".join(f'("{name}", row["{name}"])' for name in columns[:3]) + (
             ", ..." if len(columns) > 3 else ""
         )
-        call = f"record_text([{shown}])" if len(columns) > 1 else "text"
+        options = "".join(
+            [
+                f", {settings['round_digits']}" if settings.get("round_digits") is not None else "",
+                ", omit_zeros=True" if settings.get("omit_zeros") else "",
+            ]
+        )
+        call = f"record_text([{shown}]{options})" if len(columns) > 1 else "text"
         cut = settings.get("max_seq_length")
         lines += [
             "With transformers, feed the text as training made it"
