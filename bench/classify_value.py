@@ -232,7 +232,6 @@ def plan(task: str, work: Path, a) -> dict:
         [
             f"--train.max_steps={a.mlm_steps}",
             "--train.lr=1e-4",
-            f"--train.warmup_steps={a.mlm_steps // 10}",
             "--train.grad_accum=1",
             f"--train.eval_every={a.mlm_steps}",
             "--train.eval_batches=10",
@@ -319,6 +318,21 @@ def plan(task: str, work: Path, a) -> dict:
     }
 
 
+def warmup(args: list[str], a) -> list[str]:
+    """CPU: a tenth of the MLM steps as warmup, in the unit the stage's recipe uses (giving both is refused)."""
+    import yaml
+
+    if a.full:
+        return []
+    recipe = next(x.split("=", 1)[1] for x in args if x.startswith("--recipe="))
+    train = yaml.safe_load((ROOT / recipe).read_text()).get("train") or {}
+    return (
+        ["--train.warmup_ratio=0.1"]
+        if "warmup_ratio" in train
+        else [f"--train.warmup_steps={a.mlm_steps // 10}"]
+    )
+
+
 def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str]) -> dict:
     p, base = plan(task, work, a), minilm_tokenizer()
     start, models = base, {"base": base}
@@ -327,7 +341,7 @@ def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str
         out = stages.run(
             tag,
             "mlm.py",
-            [*args, f"--model.name_or_path={start}", "--log.wandb=false", *p["mlm_budget"]],
+            [*args, f"--model.name_or_path={start}", "--log.wandb=false", *p["mlm_budget"], *warmup(args, a)],
             "final/config.json",
         )
         start = models[row] = str(out / "final")
@@ -412,10 +426,13 @@ def main() -> int:
 def goals(results: dict) -> dict:
     """Each goal of the issue, met or not, from this run's numbers."""
     out = {}
-    mean = lambda row, key: row[key]["mean"]  # noqa: E731
-    best = lambda rows: max(
-        (r for n, r in rows.items() if n != "baseline"), key=lambda r: mean(r, "macro_f1")
-    )  # noqa: E731
+
+    def mean(row, key):
+        return row[key]["mean"]
+
+    def best(rows):
+        return max((r for n, r in rows.items() if n != "baseline"), key=lambda r: mean(r, "macro_f1"))
+
     if "nsl_kdd_categories" in results:
         rows = results["nsl_kdd_categories"]
         top = best(rows)
