@@ -401,13 +401,13 @@ def main() -> int:
     )
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     ap.add_argument(
-        "--kdd-steps", type=int, default=300, help="CPU: NSL-KDD fine-tuning steps (32 rows each)"
+        "--kdd-steps", type=int, default=100, help="CPU: NSL-KDD fine-tuning steps (16 rows each)"
     )
-    ap.add_argument("--dga-steps", type=int, default=300, help="CPU: DGA fine-tuning steps (64 names each)")
+    ap.add_argument("--dga-steps", type=int, default=200, help="CPU: DGA fine-tuning steps (64 names each)")
     ap.add_argument(
-        "--devign-steps", type=int, default=200, help="CPU: Devign fine-tuning steps (16 functions each)"
+        "--devign-steps", type=int, default=100, help="CPU: Devign fine-tuning steps (8 functions each)"
     )
-    ap.add_argument("--mlm-steps", type=int, default=200, help="CPU: each DAPT/TAPT stage's MLM steps")
+    ap.add_argument("--mlm-steps", type=int, default=100, help="CPU: each DAPT/TAPT stage's MLM steps")
     a = ap.parse_args()
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - set(TASKS))
