@@ -187,6 +187,8 @@ classify.seeds                 R A R R R R R R R R R R R R R
 embed.pooling                  R R R R R R R R R R R R R R R
 embed.normal_label             A A A A A A A R R R R A A A A
 embed.max_fpr                  R R R R R R R R R R R R R R R
+embed.calibration              R R R R R R R R R R R R R R R
+embed.confidence               R R R R R R R R R R R R R R R
 embed.shrinkage                R A R R R R R R R R R R R R R
 embed.score                    R R R R R R R R R R R R R R R
 embed.mask_patterns            R R R R R R R R R R R R R R R

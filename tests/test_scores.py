@@ -442,12 +442,21 @@ def test_the_deployed_threshold_is_set_on_normal_validation_rows(tmp_path, http_
     valid_normal = np.array([float(r[3]) for r in rows if r[0] == "valid" and r[2] == "normal"])
     test_normal = np.array([float(r[3]) for r in rows if r[0] == "test" and r[2] == "normal"])
     assert len(valid_normal) == result["valid_normal"] == 60 and len(test_normal) > 50
-    deployed, from_test = threshold_for(valid_normal, 0.05), threshold_for(test_normal, 0.05)
+    # the default calibration (bound at 95%): with 60 normal validation requests (59 needed) none may lie above
+    deployed, from_test = threshold_for(valid_normal, 0.05, "bound", 0.95), threshold_for(test_normal, 0.05)
+    assert deployed == valid_normal.max() and saved["calibration"]["above_threshold"] == 0
+    assert saved["calibration"]["normal_needed"] == 59 and saved["calibration"]["p_fpr_at_most_max"] >= 0.95
+    again = saved[
+        "resampled"
+    ]  # the pooled documents split again 20 times: each test part's FPR at its threshold
+    assert again["rounds"] == len(again["test_fpr"]) == 20 == len(again["recall_at_exactly_max_fpr"])
+    assert again["fpr_at_most_max"] == sum(f <= 0.05 for f in again["test_fpr"])
     assert deployed > from_test  # the two calibrations differ clearly on these files
     assert saved["threshold"] == saved["calibrations"]["deployable"]["threshold"] == deployed
     assert saved["calibrations"]["test_calibrated"]["threshold"] == from_test
     report = (tmp_path / "lex" / "anomaly_report.md").read_text()
     assert f"| normal validation data | {deployed:.4g} |" in report
+    assert "Deployable threshold (embed.calibration=bound): 0 of the 60 normal validation documents" in report
 
 
 @pytest.mark.slow
@@ -560,5 +569,75 @@ def test_fused_components_are_calibrated_on_normal_validation_documents_only():
     }
     valid, test = fuse(values, ["a", "b"], "sum", attack)
     normal = {name: v[~attack] for name, (v, _) in values.items()}
-    assert np.allclose(valid, combine([tail_scores(normal[n], values[n][0]) for n in "ab"], "sum", 40))
+    own = [tail_scores(normal[n], values[n][0], own=~attack) for n in "ab"]
+    assert np.allclose(valid, combine(own, "sum", 40))
     assert np.allclose(test, combine([tail_scores(normal[n], values[n][1]) for n in "ab"], "sum", 40))
+
+
+def test_each_calibration_keeps_its_promise_for_new_normal_traffic():
+    """Thresholds from 700 normal validation scores, 2,000 times; the FPR on new normal traffic is known exactly
+    (standard normal scores). The quantile exceeds the 5% asked for about half the time, the conformal quantile's
+    expected FPR is 5%, and the bound exceeds it at most 5% of the time, as calibration.guarantee says."""
+    from scipy import stats
+
+    from dapt.runtime.calibration import allowed_above, guarantee, normal_needed
+
+    rng = np.random.default_rng(0)
+    draws = [rng.normal(size=700) for _ in range(2000)]
+    fpr = {
+        method: np.array([1 - stats.norm.cdf(threshold_for(v, 0.05, method, 0.95)) for v in draws])
+        for method in ("quantile", "conformal", "bound")
+    }
+    assert (fpr["quantile"] > 0.05).mean() > 0.4 and abs(fpr["conformal"].mean() - 0.05) < 0.002
+    assert (fpr["bound"] > 0.05).mean() <= 0.06 and fpr["bound"].mean() < 0.045
+    promised = guarantee(700, 0.05, "bound", 0.95)
+    assert promised["p_fpr_at_most_max"] >= 0.95 and promised["above_threshold"] == allowed_above(
+        700, 0.05, "bound"
+    )
+    low, high = promised["fpr_interval_95"]
+    assert low < np.median(fpr["bound"]) < high
+    # the fewest validation documents the bound can hold with: 59 for 5% at 95%; with 58 the maximum, said in the log
+    assert normal_needed(0.05, 0.95) == 59 and allowed_above(59, 0.05, "bound") == 0
+    assert allowed_above(58, 0.05, "bound") == -1 and threshold_for(np.arange(58.0), 0.05, "bound") == 57.0
+
+
+def test_fused_validation_scores_are_drawn_as_new_ones():
+    """A normal validation document's tail is taken among the other normal validation documents: the threshold
+    that its fused score sets flags new normal documents at the rate asked (counting itself, the threshold was one
+    rank per component too low, and three components flagged 6.1% instead of 5.3%)."""
+    rng = np.random.default_rng(0)
+    fpr = []
+    for _ in range(300):
+        valid = {name: rng.normal(size=300) for name in "abc"}
+        values = {name: (v, rng.normal(size=5000)) for name, v in valid.items()}
+        fused_valid, fused_test = fuse(values, list("abc"), "sum", np.zeros(300, bool))
+        fpr.append(float((fused_test > threshold_for(fused_valid, 0.05)).mean()))
+    assert abs(np.mean(fpr) - 16 / 301) < 0.003  # the quantile's expected FPR, (k + 1) / (n + 1)
+
+
+def test_resampling_measures_each_calibration_on_other_draws():
+    """The run's documents pooled and split 20 times as the run's were: on exchangeable normal traffic the bound
+    keeps the test FPR at most 5% in nearly every split, the empirical quantile in about half."""
+    from types import SimpleNamespace
+
+    from dapt.runtime.fusion import resampled
+
+    rng = np.random.default_rng(3)
+    split = SimpleNamespace(
+        valid_attack=np.r_[np.zeros(700, bool), np.ones(60, bool)],
+        test_attack=np.r_[np.zeros(2000, bool), np.ones(400, bool)],
+    )
+    values = {
+        name: (
+            np.r_[rng.normal(size=700), rng.normal(3, 1, 60)],
+            np.r_[rng.normal(size=2000), rng.normal(3, 1, 400)],
+        )
+        for name in "ab"
+    }
+    held = {}
+    for method in ("quantile", "bound"):
+        e = SimpleNamespace(max_fpr=0.05, calibration=method, confidence=0.95)
+        held[method] = resampled(values, "sum", split, e, seed=0)
+    assert held["bound"]["fpr_at_most_max"] >= 19 and held["quantile"]["fpr_at_most_max"] <= 15
+    assert np.mean(held["bound"]["recall"]) < np.mean(held["quantile"]["recall"])  # the price of the promise
+    assert all(0 < r < 1 for r in held["bound"]["recall_at_exactly_max_fpr"])

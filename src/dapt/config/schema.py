@@ -745,7 +745,22 @@ class EmbedConfig(Section):
     normal_label: str = "normal"
     """anomaly: the label of normal data; the detector is fitted on normal training documents only."""
     max_fpr: float = 0.05
-    """anomaly: the false-positive rate allowed on normal validation data; it sets the threshold."""
+    """anomaly: the false-positive rate allowed on new normal traffic; the normal validation documents set the
+    threshold for it, by embed.calibration."""
+    calibration: str = choice(
+        "bound",
+        {
+            "bound": "the FPR on new normal traffic is at most max_fpr with probability embed.confidence (exact for "
+            "exchangeable documents; needs log(1 - confidence) / log(1 - max_fpr) normal validation documents: 59 "
+            "for 5% at 95%)",
+            "conformal": "the split-conformal quantile: the expected FPR on new normal traffic is at most max_fpr",
+            "quantile": "the empirical quantile (dapt 0.2): about max_fpr of the validation documents flagged; on new "
+            "traffic the FPR exceeds max_fpr about half the time",
+        },
+    )
+    """anomaly: how the normal validation documents set the threshold (runtime/calibration.py says why)."""
+    confidence: float = 0.95
+    """anomaly, calibration=bound: the probability that the FPR on new normal traffic stays at most max_fpr."""
     shrinkage: str = "ledoit_wolf"
     """anomaly: covariance shrinkage, ledoit_wolf or a fixed coefficient in [0, 1] (e.g. 0.1)."""
     score: str = choice(
@@ -841,6 +856,8 @@ class EmbedConfig(Section):
         p: list[str] = []
         if not 0 < self.max_fpr < 1:
             p.append(f"embed.max_fpr: {self.max_fpr} must be in (0, 1)")
+        if not 0 < self.confidence < 1:
+            p.append(f"embed.confidence: {self.confidence} must be in (0, 1)")
         if self.shrinkage != "ledoit_wolf":
             try:
                 ok = 0 <= float(self.shrinkage) <= 1

@@ -60,6 +60,23 @@ def _cell(text: str, width: int = 80) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
 
+def calibration_sentence(g: dict, max_fpr: float) -> str:
+    """What the deployable threshold promises for new normal traffic, in words (calibration.guarantee's figures)."""
+    low, high = g["fpr_interval_95"]
+    promise = {
+        "bound": f"the FPR on new normal traffic is at most {max_fpr:g} with probability {g['p_fpr_at_most_max']:.3f} "
+        f"(asked: {g['confidence']:g}; {g['normal_needed']} normal validation documents needed at least)",
+        "conformal": f"the expected FPR on new normal traffic is {g['expected_fpr']:.4f}, at most {max_fpr:g}",
+        "quantile": f"the expected FPR on new normal traffic is {g['expected_fpr']:.4f}; it exceeds {max_fpr:g} with "
+        f"probability {1 - g['p_fpr_at_most_max']:.2f}",
+    }[g["method"]]
+    return (
+        f"Deployable threshold (embed.calibration={g['method']}): {g['above_threshold']} of the "
+        f"{g['normal_validation']} normal validation documents above it; {promise}. With this many validation "
+        f"documents the FPR on new normal traffic lies in [{low:.4f}, {high:.4f}] with probability 0.95."
+    )
+
+
 def report_markdown(findings: list[dict], test_docs: list, result: dict, e: EmbedConfig) -> str:
     """anomaly_report.md: the score, both calibrations and the top embed.report_top findings."""
     cal = result["calibrations"]
@@ -85,6 +102,7 @@ def report_markdown(findings: list[dict], test_docs: list, result: dict, e: Embe
             lines.append(
                 f"| {where} | {r['threshold']:.4g} | {_number(r['recall_at_max_fpr'])} | {_number(r['test_fpr'])} |"
             )
+    lines += ["", calibration_sentence(result["calibration"], result["max_fpr"])]
     lines += [
         "",
         f"{len(findings)} test documents are flagged at the deployable threshold ({attacks} labelled attacks, "

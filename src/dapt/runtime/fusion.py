@@ -24,12 +24,19 @@ FUSE_RULES = tuple(r for r in CHOICES["embed.fuse_rule"] if r != "auto")  # decl
 log = logging.getLogger("dapt")
 
 
-def tail_scores(normal_valid: np.ndarray, x: np.ndarray) -> np.ndarray:
+def tail_scores(normal_valid: np.ndarray, x: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
     """-log of x's tail probability among the normal validation scores, (1 + #{v >= x}) / (n + 1): every score on
-    one scale, where fused scores add up (Fisher's method)."""
+    one scale, where fused scores add up (Fisher's method). The `own` entries of x are those normal validation
+    scores themselves: each is ranked among the OTHER n - 1, (#{v >= x} - 1 + 1) / n, so that a normal validation
+    document's fused score is drawn as a new normal document's is (counting itself made them look one rank less
+    unusual, and the threshold they set flagged more new normal traffic than asked)."""
     ranked = np.sort(normal_valid)
-    above = len(ranked) - np.searchsorted(ranked, x, side="left")
-    return -np.log((1.0 + above) / (len(ranked) + 1.0))
+    above = (len(ranked) - np.searchsorted(ranked, x, side="left")).astype(float)
+    total = np.full(len(x), len(ranked) + 1.0)
+    if own is not None:
+        above[own] -= 1
+        total[own] -= 1
+    return -np.log((1.0 + above) / total)
 
 
 def combine(tails: list[np.ndarray], rule: str, n_normal: int) -> np.ndarray:
@@ -103,7 +110,7 @@ def fuse(
     for name in names:
         valid, test = values[name]
         normal = valid[~valid_attack]
-        tails.append((tail_scores(normal, valid), tail_scores(normal, test)))
+        tails.append((tail_scores(normal, valid, own=~valid_attack), tail_scores(normal, test)))
     n = int((~valid_attack).sum())
     return combine([v for v, _ in tails], rule, n), combine([t for _, t in tails], rule, n)
 
@@ -138,12 +145,14 @@ def component_results(
     valid_attack: np.ndarray,
     test_attack: np.ndarray,
     max_fpr: float,
+    method: str = "quantile",
+    confidence: float = 0.95,
 ) -> dict:
-    """Each fused component's own test result (both calibrations) and validation separation, beside the fused
-    score's."""
+    """Each fused component's own test result (both calibrations, the deployable by `method`) and validation
+    separation, beside the fused score's."""
     out = {}
     for name, (valid, test) in values.items():
-        cal = calibrations(valid, test, valid_attack, test_attack, max_fpr)
+        cal = calibrations(valid, test, valid_attack, test_attack, max_fpr, method, confidence)
         out[name] = {
             "auroc": cal["deployable"].get("auroc"),
             "recall_at_max_fpr": cal["deployable"]["recall_at_max_fpr"],
@@ -152,4 +161,34 @@ def component_results(
         }
         if valid_attack.any():
             out[name]["validation"] = separation(valid[~valid_attack], valid[valid_attack], max_fpr)
+    return out
+
+
+def resampled(
+    values: dict[str, tuple[np.ndarray, np.ndarray]], rule: str | None, split, e, seed: int = 0
+) -> dict:
+    """Does the deployable threshold hold on other draws of the same traffic? The validation and test documents
+    pooled and split again 20 times (as many normal and attack documents in each part as `split`, the run's, had:
+    its valid_attack and test_attack), the fusion's tails and the threshold set again on each new validation part by
+    embed.calibration (`values`: the scores fused, by `rule`, as chosen; one: used as it is), the test part judged at
+    it: its FPR and recall, and the recall at exactly embed.max_fpr (the threshold from its own normal documents)."""
+    rng = np.random.default_rng(seed)
+    names = list(values)
+    pooled = {name: np.r_[valid, test] for name, (valid, test) in values.items()}
+    attack = np.r_[split.valid_attack, split.test_attack]
+    out: dict = {"rounds": 20, "test_fpr": [], "recall": [], "recall_at_exactly_max_fpr": []}
+    for _ in range(out["rounds"]):
+        in_valid = np.zeros(len(attack), bool)
+        for is_attack in (False, True):
+            pool = np.flatnonzero(attack == is_attack)
+            in_valid[rng.choice(pool, int((split.valid_attack == is_attack).sum()), replace=False)] = True
+        parts = {name: (v[in_valid], v[~in_valid]) for name, v in pooled.items()}
+        valid, test = fuse(parts, names, rule, attack[in_valid])
+        cal = calibrations(
+            valid, test, attack[in_valid], attack[~in_valid], e.max_fpr, e.calibration, e.confidence
+        )
+        out["test_fpr"].append(cal["deployable"]["test_fpr"])
+        out["recall"].append(cal["deployable"]["recall_at_max_fpr"])
+        out["recall_at_exactly_max_fpr"].append(cal["test_calibrated"].get("recall_at_max_fpr"))
+    out["fpr_at_most_max"] = int(sum(f <= e.max_fpr for f in out["test_fpr"]))
     return out

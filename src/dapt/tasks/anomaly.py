@@ -1,11 +1,10 @@
 """launch/anomaly.py: anomaly detection with an encoder, scored by embedding distance (to a Gaussian, or to the
 nearest normal documents), MLM surprise, lexical novelty or their fusion (embed.score).
 
-Seed 000's protocol: fit on normal training traffic (a Gaussian of pooled embeddings, the character n-grams seen),
-set the threshold on normal validation data for a maximum false-positive rate (5% by default), and report the
-recall of attacks at that threshold, the false-positive rate reached on normal test data, and AUROC. The threshold
-set on the normal test data itself (what the literature reports) is reported beside it. Every flagged document is
-listed with its most surprising tokens and novel character spans (anomaly_report.jsonl, anomaly_report.md).
+Seed 000's protocol: fit on normal training traffic, set the threshold on normal validation data for a maximum
+false-positive rate (5%, held with 95% probability by default: embed.calibration), report recall, test FPR and AUROC
+at it, beside the threshold set on the normal test data itself (the literature's). Every flagged document is listed
+with its most surprising tokens and novel character spans (anomaly_report.jsonl, anomaly_report.md).
 
 This module is the run: the splits, then a Scores filled step by step (read_documents, one scorer per component,
 final_scores), then the result. Its parts live by name: runtime/detectors.py (Mahalanobis, NearestNormal),
@@ -39,9 +38,9 @@ from dapt.data.surprise import (
 )
 from dapt.runtime import group
 from dapt.runtime.anomaly_report import log_result, plot_roc, write_report, write_scores
-from dapt.runtime.calibration import calibrations
+from dapt.runtime.calibration import calibrations, guarantee
 from dapt.runtime.detectors import Mahalanobis, NearestNormal, by_rank
-from dapt.runtime.fusion import choose_fusion, component_results, fuse, separation
+from dapt.runtime.fusion import choose_fusion, component_results, fuse, resampled, separation
 from dapt.runtime.runner import start
 
 log = logging.getLogger("dapt")
@@ -227,7 +226,8 @@ def result_of(
     """anomaly.json: the test result at the deployable threshold (from normal validation documents), both
     calibrations, each fused component's own, the choices made and the documents counted."""
     e = cfg.embed
-    cal = calibrations(valid, test, scores.valid_attack, scores.test_attack, e.max_fpr)
+    how = (e.max_fpr, e.calibration, e.confidence)  # the deployable threshold's
+    cal = calibrations(valid, test, scores.valid_attack, scores.test_attack, *how)
     result = dict(cal["deployable"])
     result |= {
         "score": e.score,
@@ -239,11 +239,12 @@ def result_of(
             for name, r in cal.items()
         },
         "components": (
-            component_results(scores.values, scores.valid_attack, scores.test_attack, e.max_fpr)
+            component_results(scores.values, scores.valid_attack, scores.test_attack, *how)
             if e.score == "fused"
             else {}
         ),
         "max_fpr": e.max_fpr,
+        "calibration": guarantee(int((~scores.valid_attack).sum()), *how),
         "pooling": e.pooling,
         **scores.chosen,
         "train_normal": len(scores.normal_train),
@@ -258,6 +259,11 @@ def result_of(
     }
     if scores.valid_attack.any():
         result["validation"] = separation(valid[~scores.valid_attack], valid[scores.valid_attack], e.max_fpr)
+    if scores.test_attack.any() and (~scores.test_attack).any():
+        fused = {name: scores.values[name] for name in scores.fuse} if e.score == "fused" else {}
+        result["resampled"] = resampled(
+            fused or {e.score: (valid, test)}, scores.fuse_rule, scores, e, cfg.seed
+        )
     return result
 
 
