@@ -28,7 +28,7 @@ and .md (classify_value_<gpu>.* on a GPU).
 The CPU budget (about 2 hours on 2 cores; the options below): NSL-KDD's test set is a ninth of KDDTest+ chosen by a
 hash of the row (about 2,000 rows; the forest is shown on all of KDDTest+ too), 100 fine-tuning steps of 16 rows, the
 attack level from the base only; DGA 200 steps of 64 names; Devign 100 steps of 8 functions cut to 128 tokens; each
-MLM stage 100 steps; validation capped at 800 documents. With a GPU (or --full) the recipes run as written.
+MLM stage 100 steps; validation capped at 800 documents; every fine-tuning at lr 1e-4 (short runs; not tuned). With a GPU (or --full) the recipes run as written.
 """
 
 from __future__ import annotations
@@ -265,29 +265,19 @@ def plan(task: str, work: Path, a) -> dict:
         else []
     )
     cpu_classify = (
-        ["--train.grad_accum=1", "--train.precision=auto", "--data.valid_max_docs=2000"] if cpu else []
+        ["--train.grad_accum=1", "--train.precision=auto", "--data.valid_max_docs=800"] if cpu else []
     )
     if task.startswith("nsl_kdd"):
-        recipe = (
-            "recipes/ids_categories.yaml" if task == "nsl_kdd_categories" else "recipes/ids_distilbert.yaml"
-        )
-        short = (
-            [] if task == "nsl_kdd_categories" else ["--data.omit_zeros=true", "--data.max_seq_length=256"]
-        )
-        classify = [
-            *short,
-            *cpu_classify,
-            *steps(a.kdd_steps),
-            "--train.lr=1e-4",
-            "--train.micro_batch_size=32",
-        ]
-        # the flows' text, no labels (TAPT): the category recipe's text, which both levels share
-        mlm = [
-            (
-                "+TAPT",
-                ["--recipe=recipes/ids_categories.yaml", "--data.test=[]", "--train.micro_batch_size=16"],
-            )
-        ]
+        categories = task == "nsl_kdd_categories"
+        recipe = "recipes/ids_categories.yaml" if categories else "recipes/ids_distilbert.yaml"
+        short = [] if categories else ["--data.omit_zeros=true", "--data.max_seq_length=256"]
+        test = [] if a.full else [f"--data.test=[{kdd_test(work, False)}]"]
+        classify = [*short, *test, *cpu_classify, *steps(a.kdd_steps)]
+        classify += ["--train.lr=1e-4", "--train.micro_batch_size=16"] if cpu else []
+        # the flows' text, no labels (TAPT): the category recipe's text, which both levels share; on the CPU budget
+        # the attack level fine-tunes the base only
+        tapt = ["--recipe=recipes/ids_categories.yaml", "--data.test=[]", "--train.micro_batch_size=16"]
+        mlm = [("+TAPT", tapt)] if a.full or categories else []
         return {
             "recipe": recipe,
             "classify": classify,
@@ -303,6 +293,7 @@ def plan(task: str, work: Path, a) -> dict:
             files("test"),
             *cpu_classify,
             *steps(a.dga_steps),
+            *(["--train.lr=1e-4"] if cpu else []),
             "--train.micro_batch_size=64",
             "--data.max_seq_length=64",
         ]
@@ -327,12 +318,12 @@ def plan(task: str, work: Path, a) -> dict:
         f"--data.test=[{SHARED / 'devign' / 'valid.jsonl.gz'}]",
         *cpu_classify,
         *steps(a.devign_steps),
-        *(["--data.max_seq_length=128", "--train.micro_batch_size=8"] if cpu else []),
+        *(["--data.max_seq_length=128", "--train.micro_batch_size=8", "--train.lr=1e-4"] if cpu else []),
     ]
     mlm = [
         ("+TAPT", ["--recipe=recipes/vuln_classifier.yaml", "--data.valid=[]", "--train.micro_batch_size=8"])
     ]
-    mlm[0][1].extend(["--data.max_seq_length=256"] if cpu else [])
+    mlm[0][1].extend(["--data.max_seq_length=128"] if cpu else [])
     return {
         "recipe": "recipes/vuln_classifier.yaml",
         "classify": classify,
