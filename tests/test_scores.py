@@ -354,6 +354,14 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
 
     fused = _run(_anomaly_args(paths, headless, tmp_path / "fused"))
     assert "no trained MLM head" in fused["unscored"]["mlm"] and "mlm" not in fused["fuse"]
+    again = fused[
+        "resampled"
+    ]  # validation from the test files: both split again 20 times, as many in each part
+    assert again["rounds"] == len(again["test_fpr"]) == 20 == len(again["recall_at_exactly_max_fpr"])
+    assert (
+        again["fpr_at_most_max"] == sum(f <= 0.05 for f in again["test_fpr"])
+        and fused["calibration"]["normal_needed"] == 59
+    )
     assert set(fused["components"]) == {"mahalanobis", "knn", "lexical"} and fused["knn_k"] == 5
     table = fused["fuse_validation"]  # each score alone, then each pair and the three, by each rule
     combos = ["mahalanobis+knn", "mahalanobis+lexical", "knn+lexical", "mahalanobis+knn+lexical"]
@@ -412,8 +420,8 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
 
 
 def test_the_deployed_threshold_is_set_on_normal_validation_rows(tmp_path, http_docs):
-    """Seed 000's protocol: the threshold deployed (anomaly.json's threshold, the report's) is the embed.max_fpr
-    quantile of the normal VALIDATION scores; the one from the normal test scores (the literature's) is only reported
+    """Seed 000's protocol: the threshold deployed (anomaly.json's threshold, the report's) is set by
+    embed.calibration on the normal VALIDATION scores; the one from the normal test scores (the literature's) is only reported
     beside it. Validation and test normals differ clearly here, so taking either for the other fails."""
     rng = np.random.default_rng(1)
     normal, attack = np.zeros(400, bool), np.ones(40, bool)
@@ -446,11 +454,9 @@ def test_the_deployed_threshold_is_set_on_normal_validation_rows(tmp_path, http_
     deployed, from_test = threshold_for(valid_normal, 0.05, "bound", 0.95), threshold_for(test_normal, 0.05)
     assert deployed == valid_normal.max() and saved["calibration"]["above_threshold"] == 0
     assert saved["calibration"]["normal_needed"] == 59 and saved["calibration"]["p_fpr_at_most_max"] >= 0.95
-    again = saved[
-        "resampled"
-    ]  # the pooled documents split again 20 times: each test part's FPR at its threshold
-    assert again["rounds"] == len(again["test_fpr"]) == 20 == len(again["recall_at_exactly_max_fpr"])
-    assert again["fpr_at_most_max"] == sum(f <= 0.05 for f in again["test_fpr"])
+    # validation from another source (data.valid): re-splitting validation and test together would make them alike
+    # by construction and hide the drift that matters, so there is no resampled figure
+    assert "resampled" not in saved and saved["calibration"]["enough"]
     assert deployed > from_test  # the two calibrations differ clearly on these files
     assert saved["threshold"] == saved["calibrations"]["deployable"]["threshold"] == deployed
     assert saved["calibrations"]["test_calibrated"]["threshold"] == from_test
@@ -577,7 +583,8 @@ def test_fused_components_are_calibrated_on_normal_validation_documents_only():
 def test_each_calibration_keeps_its_promise_for_new_normal_traffic():
     """Thresholds from 700 normal validation scores, 2,000 times; the FPR on new normal traffic is known exactly
     (standard normal scores). The quantile exceeds the 5% asked for about half the time, the conformal quantile's
-    expected FPR is 5%, and the bound exceeds it at most 5% of the time, as calibration.guarantee says."""
+    expected FPR is 5%, and the bound exceeds it at most 5% of the time; guarantee's probability and interval are
+    those seen over the draws."""
     from scipy import stats
 
     from dapt.runtime.calibration import allowed_above, guarantee, normal_needed
@@ -588,31 +595,53 @@ def test_each_calibration_keeps_its_promise_for_new_normal_traffic():
         method: np.array([1 - stats.norm.cdf(threshold_for(v, 0.05, method, 0.95)) for v in draws])
         for method in ("quantile", "conformal", "bound")
     }
-    assert (fpr["quantile"] > 0.05).mean() > 0.4 and abs(fpr["conformal"].mean() - 0.05) < 0.002
+    assert (fpr["quantile"] > 0.05).mean() > 0.4 and fpr["conformal"].mean() <= 0.0505
     assert (fpr["bound"] > 0.05).mean() <= 0.06 and fpr["bound"].mean() < 0.045
-    promised = guarantee(700, 0.05, "bound", 0.95)
-    assert promised["p_fpr_at_most_max"] >= 0.95 and promised["above_threshold"] == allowed_above(
-        700, 0.05, "bound"
-    )
+    # how many of n lie above: the quantile's floor(0.05 n), conformal's n - ceil(0.95 (n + 1)), the bound's
+    assert [allowed_above(700, 0.05, m) for m in ("quantile", "conformal", "bound")] == [35, 34, 25]
+    assert allowed_above(60, 0.05, "conformal") == 2 and allowed_above(18, 0.05, "conformal") == -1
+    promised = guarantee(draws[0], 0.05, "bound", 0.95)
+    assert promised["above_threshold"] == 25 and promised["enough"]
+    assert abs(promised["p_fpr_at_most_max"] - (fpr["bound"] <= 0.05).mean()) < 0.015
     low, high = promised["fpr_interval_95"]
-    assert low < np.median(fpr["bound"]) < high
-    # the fewest validation documents the bound can hold with: 59 for 5% at 95%; with 58 the maximum, said in the log
-    assert normal_needed(0.05, 0.95) == 59 and allowed_above(59, 0.05, "bound") == 0
-    assert allowed_above(58, 0.05, "bound") == -1 and threshold_for(np.arange(58.0), 0.05, "bound") == 57.0
+    assert (
+        abs(low - np.quantile(fpr["bound"], 0.025)) < 0.002
+        and abs(high - np.quantile(fpr["bound"], 0.975)) < 0.003
+    )
+    # the fewest validation documents each can keep its promise with; below it the maximum, and the report says so
+    assert [normal_needed(0.05, 0.95, m) for m in ("quantile", "conformal", "bound")] == [1, 19, 59]
+    assert allowed_above(59, 0.05, "bound") == 0 and allowed_above(58, 0.05, "bound") == -1
+    assert threshold_for(np.arange(58.0), 0.05, "bound") == 57.0
+    short = guarantee(np.arange(18.0), 0.05, "conformal", 0.95)
+    assert not short["enough"] and short["normal_needed"] == 19
+    from dapt.runtime.anomaly_report import calibration_sentence
+
+    assert "too few for its promise (19 needed)" in calibration_sentence(short, 0.05)
+    # tied scores: fewer lie above than planned, and the count reported is the real one
+    tied = guarantee(np.r_[np.zeros(650), np.arange(50.0)], 0.05, "quantile", 0.95)
+    assert tied["planned_above"] == 35 and tied["above_threshold"] == 35
+    tied = guarantee(np.r_[np.zeros(680), np.ones(20)], 0.05, "quantile", 0.95)
+    assert tied["planned_above"] == 35 and tied["above_threshold"] == 20  # the 680 zeros tie at the threshold
 
 
 def test_fused_validation_scores_are_drawn_as_new_ones():
-    """A normal validation document's tail is taken among the other normal validation documents: the threshold
-    that its fused score sets flags new normal documents at the rate asked (counting itself, the threshold was one
-    rank per component too low, and three components flagged 6.1% instead of 5.3%)."""
+    """A normal validation document's tail counts only the OTHER normal validation documents: the threshold its fused
+    score sets flags new normal documents at the rate asked, or less (counting itself, the threshold was one rank
+    per component too low: three components flagged 6.1% instead of 5.3%). With the max rule on few documents, where
+    fused scores tie in groups, the bound still holds."""
     rng = np.random.default_rng(0)
     fpr = []
     for _ in range(300):
-        valid = {name: rng.normal(size=300) for name in "abc"}
-        values = {name: (v, rng.normal(size=5000)) for name, v in valid.items()}
+        values = {name: (rng.normal(size=300), rng.normal(size=5000)) for name in "abc"}
         fused_valid, fused_test = fuse(values, list("abc"), "sum", np.zeros(300, bool))
         fpr.append(float((fused_test > threshold_for(fused_valid, 0.05)).mean()))
-    assert abs(np.mean(fpr) - 16 / 301) < 0.003  # the quantile's expected FPR, (k + 1) / (n + 1)
+    assert 0.049 < np.mean(fpr) <= 16 / 301 + 0.001  # at most the quantile's expected FPR, (k + 1) / (n + 1)
+    over = []
+    for _ in range(400):
+        values = {name: (rng.normal(size=60), rng.normal(size=5000)) for name in "abc"}
+        fused_valid, fused_test = fuse(values, list("abc"), "max", np.zeros(60, bool))
+        over.append(float((fused_test > threshold_for(fused_valid, 0.05, "bound", 0.95)).mean()) > 0.05)
+    assert np.mean(over) <= 0.06
 
 
 def test_resampling_measures_each_calibration_on_other_draws():
@@ -639,5 +668,7 @@ def test_resampling_measures_each_calibration_on_other_draws():
         e = SimpleNamespace(max_fpr=0.05, calibration=method, confidence=0.95)
         held[method] = resampled(values, "sum", split, e, seed=0)
     assert held["bound"]["fpr_at_most_max"] >= 19 and held["quantile"]["fpr_at_most_max"] <= 15
-    assert np.mean(held["bound"]["recall"]) < np.mean(held["quantile"]["recall"])  # the price of the promise
+    assert (
+        0.9 < np.mean(held["bound"]["recall"]) < np.mean(held["quantile"]["recall"])
+    )  # the price of the promise
     assert all(0 < r < 1 for r in held["bound"]["recall_at_exactly_max_fpr"])

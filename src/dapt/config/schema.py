@@ -750,12 +750,13 @@ class EmbedConfig(Section):
     calibration: str = choice(
         "bound",
         {
-            "bound": "the FPR on new normal traffic is at most max_fpr with probability embed.confidence (exact for "
-            "exchangeable documents; needs log(1 - confidence) / log(1 - max_fpr) normal validation documents: 59 "
-            "for 5% at 95%)",
-            "conformal": "the split-conformal quantile: the expected FPR on new normal traffic is at most max_fpr",
+            "bound": "the FPR on new normal traffic drawn as the validation documents were is at most max_fpr with "
+            "probability embed.confidence (needs log(1 - confidence) / log(1 - max_fpr) normal validation documents: "
+            "59 for 5% at 95%)",
+            "conformal": "the split-conformal quantile: the expected FPR on such traffic is at most max_fpr (needs "
+            "1 / max_fpr - 1 normal validation documents: 19 for 5%)",
             "quantile": "the empirical quantile (dapt 0.2): about max_fpr of the validation documents flagged; on new "
-            "traffic the FPR exceeds max_fpr about half the time",
+            "traffic the FPR exceeds max_fpr about half the time, more often with few documents",
         },
     )
     """anomaly: how the normal validation documents set the threshold (runtime/calibration.py says why)."""

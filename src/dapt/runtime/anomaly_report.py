@@ -63,17 +63,25 @@ def _cell(text: str, width: int = 80) -> str:
 def calibration_sentence(g: dict, max_fpr: float) -> str:
     """What the deployable threshold promises for new normal traffic, in words (calibration.guarantee's figures)."""
     low, high = g["fpr_interval_95"]
-    promise = {
-        "bound": f"the FPR on new normal traffic is at most {max_fpr:g} with probability {g['p_fpr_at_most_max']:.3f} "
-        f"(asked: {g['confidence']:g}; {g['normal_needed']} normal validation documents needed at least)",
-        "conformal": f"the expected FPR on new normal traffic is {g['expected_fpr']:.4f}, at most {max_fpr:g}",
-        "quantile": f"the expected FPR on new normal traffic is {g['expected_fpr']:.4f}; it exceeds {max_fpr:g} with "
-        f"probability {1 - g['p_fpr_at_most_max']:.2f}",
-    }[g["method"]]
-    return (
+    head = (
         f"Deployable threshold (embed.calibration={g['method']}): {g['above_threshold']} of the "
-        f"{g['normal_validation']} normal validation documents above it; {promise}. With this many validation "
-        f"documents the FPR on new normal traffic lies in [{low:.4f}, {high:.4f}] with probability 0.95."
+        f"{g['normal_validation']} normal validation documents above it; "
+    )
+    if not g["enough"]:
+        return head + (
+            f"too few for its promise ({g['normal_needed']} needed), so the threshold is their maximum: the FPR on "
+            f"new normal traffic lies in [{low:.4f}, {high:.4f}] with probability 0.95, and may exceed {max_fpr:g}."
+        )
+    promise = {
+        "bound": f"the FPR on new normal traffic is at most {max_fpr:g} with probability at least "
+        f"{g['p_fpr_at_most_max']:.3f} (asked: {g['confidence']:g})",
+        "conformal": f"the expected FPR on new normal traffic is at most {g['expected_fpr']:.4f} (asked: {max_fpr:g})",
+        "quantile": f"the expected FPR on new normal traffic is about {g['expected_fpr']:.4f}; it exceeds {max_fpr:g} "
+        f"with probability about {1 - g['p_fpr_at_most_max']:.2f}",
+    }[g["method"]]
+    return head + (
+        f"{promise}, for new traffic drawn as the validation documents were. With this many validation documents the "
+        f"FPR on new normal traffic lies in [{low:.4f}, {high:.4f}] with probability 0.95."
     )
 
 

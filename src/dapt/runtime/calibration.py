@@ -5,14 +5,17 @@ it.
 
 How the validation threshold is set (embed.calibration). With n normal validation scores and the threshold at the
 one that leaves k of them above it, the share of NEW normal documents above it (their false-positive rate) is a
-random variable, Beta(k + 1, n - k) distributed whatever the scores' distribution, when validation and new documents
-are exchangeable (drawn alike). So:
+random variable, Beta(k + 1, n - k) distributed for continuous scores when validation and new documents are
+exchangeable (drawn alike); with tied scores fewer than k may lie above and the law bounds the FPR from above. So:
 - quantile: k = floor(max_fpr * n), the empirical quantile: the FPR on new traffic scatters around max_fpr and exceeds
-  it about half the time (what dapt did before 0.3);
-- conformal: k = n - ceil((n + 1)(1 - max_fpr)), the split-conformal quantile: the EXPECTED FPR is at most max_fpr;
+  it about half the time, more often with few documents (what dapt did before 0.3);
+- conformal: k = n - ceil((n + 1)(1 - max_fpr)), the split-conformal quantile: the EXPECTED FPR is at most max_fpr
+  (it needs n >= 1 / max_fpr - 1 normal validation documents: 19 for 5%);
 - bound: the largest k with P(FPR <= max_fpr) >= embed.confidence: the FPR on new traffic is at most max_fpr with
-  that probability (exact, from the Beta law). It needs n >= log(1 - confidence) / log(1 - max_fpr) normal
-  validation documents (59 for 5% at 95%), and costs recall: the threshold sits above the quantile's.
+  that probability (from the Beta law). It needs n >= log(1 - confidence) / log(1 - max_fpr) normal validation
+  documents (59 for 5% at 95%), and costs recall: the threshold sits above the quantile's.
+Not covered: traffic that drifts away from the validation documents, and the choices (fusion, token score) made on
+the same validation documents, a mild selection the promise does not count.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ log = logging.getLogger("dapt")
 METHODS = ("quantile", "conformal", "bound")
 
 
-def normal_needed(max_fpr: float, confidence: float) -> int:
-    """The fewest normal validation documents with which the bound can hold at all (k = 0: nothing above the
-    threshold, which is then their maximum)."""
+def normal_needed(max_fpr: float, confidence: float, method: str = "bound") -> int:
+    """The fewest normal validation documents with which `method` can keep its promise at all (k = 0: nothing above
+    the threshold, which is then their maximum)."""
+    if method == "quantile":
+        return 1
+    if method == "conformal":
+        return math.ceil(1 / max_fpr - 1 - 1e-9)
     return math.ceil(math.log(1 - confidence) / math.log(1 - max_fpr))
 
 
@@ -56,13 +63,12 @@ def threshold_for(
     k = allowed_above(len(ranked), max_fpr, method, confidence)
     if k < 0:
         log.warning(
-            "embed.calibration=%s: %d normal validation documents cannot hold the FPR at %g (at %g confidence: %d "
-            "needed); the threshold is their maximum",
+            "embed.calibration=%s: %d normal validation documents cannot keep the FPR at %g (%d needed); the threshold "
+            "is their maximum",
             method,
             len(ranked),
             max_fpr,
-            confidence,
-            normal_needed(max_fpr, confidence),
+            normal_needed(max_fpr, confidence, method),
         )
         k = 0
     return float(ranked[len(ranked) - k - 1])
@@ -75,19 +81,25 @@ def fpr_interval(n: int, k: int, level: float = 0.95) -> list[float]:
     return [float(law.ppf((1 - level) / 2)), float(law.ppf((1 + level) / 2))]
 
 
-def guarantee(n: int, max_fpr: float, method: str, confidence: float) -> dict:
-    """What the deployable threshold promises for new normal traffic, from the validation count alone."""
-    k = max(allowed_above(n, max_fpr, method, confidence), 0)
+def guarantee(normal_scores: np.ndarray, max_fpr: float, method: str, confidence: float) -> dict:
+    """What the deployable threshold promises for new normal traffic, from the normal validation scores: how many lie
+    above it (fewer than planned with ties: the promise then holds with room), the probability that the FPR stays
+    at most max_fpr (at least), the expected FPR (at most) and the central 95% interval of the FPR."""
+    normal = np.asarray(normal_scores, dtype=float)
+    n, planned = len(normal), allowed_above(len(normal), max_fpr, method, confidence)
+    k = int((normal > threshold_for(normal, max_fpr, method, confidence)).sum()) if n else 0
     law = stats.beta(k + 1, max(n - k, 1))
     return {
         "method": method,
         "normal_validation": n,
         "above_threshold": k,
+        "planned_above": max(planned, 0),
+        "normal_needed": normal_needed(max_fpr, confidence, method),
+        "enough": planned >= 0,
         "expected_fpr": float(law.mean()),
         "p_fpr_at_most_max": float(law.cdf(max_fpr)),
         "fpr_interval_95": fpr_interval(n, k),
         "confidence": confidence if method == "bound" else None,
-        "normal_needed": normal_needed(max_fpr, confidence) if method == "bound" else None,
     }
 
 

@@ -244,7 +244,7 @@ def result_of(
             else {}
         ),
         "max_fpr": e.max_fpr,
-        "calibration": guarantee(int((~scores.valid_attack).sum()), *how),
+        "calibration": guarantee(valid[~scores.valid_attack], *how),
         "pooling": e.pooling,
         **scores.chosen,
         "train_normal": len(scores.normal_train),
@@ -259,7 +259,7 @@ def result_of(
     }
     if scores.valid_attack.any():
         result["validation"] = separation(valid[~scores.valid_attack], valid[scores.valid_attack], e.max_fpr)
-    if scores.test_attack.any() and (~scores.test_attack).any():
+    if e.valid_from_test and scores.test_attack.any():  # validation and test: one traffic, split again
         fused = {name: scores.values[name] for name in scores.fuse} if e.score == "fused" else {}
         result["resampled"] = resampled(
             fused or {e.score: (valid, test)}, scores.fuse_rule, scores, e, cfg.seed
