@@ -49,6 +49,12 @@ def test_inverse_class_weights():
     """Weights from the counting pass's rows per label."""
     w = class_weights("inverse", [90, 10], 2)
     assert float(w[1] / w[0]) == pytest.approx(9.0) and float(w.mean()) == pytest.approx(1.0)
+    root = class_weights("sqrt_inverse", [900, 9, 0], 3)  # 100 times rarer: 10 times the weight; no rows: 0
+    assert (
+        float(root[1] / root[0]) == pytest.approx(10.0)
+        and root[2] == 0
+        and float(root[:2].mean()) == pytest.approx(1)
+    )
     assert class_weights("none", [1, 1], 2) is None
     assert class_weights("1, 3", [1, 1], 2).tolist() == [1.0, 3.0]
     with pytest.raises(ValueError, match="2 labels"):

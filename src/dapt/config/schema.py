@@ -697,7 +697,8 @@ class ClassifyConfig(Section):
     )
     """A validation/test label never seen in training."""
     class_weights: str = "none"
-    """none | inverse (inverse class frequency, normalised to mean 1) | comma-separated weights in label order."""
+    """none | inverse (inverse class frequency, normalised to mean 1) | sqrt_inverse (its square root: a class 1,000
+    times rarer weighs 32 times more, not 1,000) | comma-separated weights in label order."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy (seed 002: 0.05)."""
     head_lr_mult: float = 1.0
@@ -725,14 +726,14 @@ class ClassifyConfig(Section):
             p.append(f"classify.seeds: {self.seeds} must all be >= 0")
         if not 0 <= self.collapse_warn <= 1:
             p.append(f"classify.collapse_warn: {self.collapse_warn} must be in [0, 1]")
-        if self.class_weights not in ("none", "inverse"):
+        if self.class_weights not in ("none", "inverse", "sqrt_inverse"):
             try:
                 ok = all(0 < float(w) < math.inf for w in self.class_weights.split(","))
             except ValueError:
                 ok = False
             if not ok:
                 p.append(
-                    f"classify.class_weights: {self.class_weights!r} must be none, inverse or comma-separated "
+                    f"classify.class_weights: {self.class_weights!r} must be none, inverse, sqrt_inverse or comma-separated "
                     "weights > 0 in label order"
                 )
         return p

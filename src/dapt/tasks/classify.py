@@ -35,12 +35,13 @@ log = logging.getLogger("dapt")
 
 
 def class_weights(spec: str, counts: list[int], n: int) -> torch.Tensor | None:
-    """classify.class_weights: none, inverse (to the training rows per label, from the counting pass) or a list."""
+    """classify.class_weights: none, inverse or sqrt_inverse (to the training rows per label, from the counting pass;
+    normalised to mean 1 over the labels that have rows) or a list."""
     if spec == "none":
         return None
-    if spec == "inverse":
+    if spec in ("inverse", "sqrt_inverse"):
         c = np.asarray(counts, dtype=np.float64)
-        w = np.where(c > 0, c.sum() / np.maximum(c, 1) / n, 0.0)
+        w = np.where(c > 0, c.sum() / np.maximum(c, 1) / n, 0.0) ** (0.5 if spec == "sqrt_inverse" else 1.0)
         return torch.tensor(w / w[c > 0].mean(), dtype=torch.float32)
     values = [float(v) for v in spec.split(",")]
     if len(values) != n:
