@@ -354,7 +354,7 @@ def warmup(args: list[str], a) -> list[str]:
 def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str]) -> dict:
     p, base = plan(task, work, a), minilm_tokenizer()
     start, models = base, {"base": base}
-    for row, args in p["mlm"]:
+    for row, args in [] if task in a.base_only.split(",") else p["mlm"]:
         tag = f"{p.get('mlm_name', task)}_{row.strip('+').replace('+', '_').lower()}"
         out = stages.run(
             tag,
@@ -396,6 +396,9 @@ def main() -> int:
     )
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     ap.add_argument(
+        "--base-only", default="", help="comma-separated tasks fine-tuned from the base only (no MLM)"
+    )
+    ap.add_argument(
         "--kdd-steps", type=int, default=100, help="CPU: NSL-KDD fine-tuning steps (16 rows each)"
     )
     ap.add_argument("--dga-steps", type=int, default=200, help="CPU: DGA fine-tuning steps (64 names each)")
@@ -430,6 +433,7 @@ def main() -> int:
             "mlm_steps": a.mlm_steps,
         },
         "seeds": SEEDS,
+        "base_only": [t for t in a.base_only.split(",") if t],
         "minutes": {k: round(v / 60, 1) for k, v in stages.seconds.items()},
         "this_run_minutes": round((time.time() - started) / 60, 1),
         "commands": stages.commands,
