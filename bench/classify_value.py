@@ -365,8 +365,10 @@ def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str
         start = models[row] = str(out / "final")
     rows = {}
     for row, model in models.items():
+        name = f"{task}_{row.strip('+').replace('+', '_').lower()}"
         out = stages.run(
-            f"{task}_{row.strip('+').replace('+', '_').lower()}",
+            name
+            + ("_classifier" if name in stages.commands else ""),  # dga_dapt: the MLM stage's name already
             "classify.py",
             [
                 f"--recipe={p['recipe']}",
@@ -496,6 +498,7 @@ def markdown(r: dict) -> str:
         lines += [
             "",
             f"## {task}"
+            + (" (fine-tuned from the base only at this budget)" if task in r.get("base_only", []) else "")
             + (
                 f" (goal: {GOALS[task]}: {'met' if r['goals'].get(task) else 'not met'})"
                 if task in GOALS
