@@ -364,7 +364,8 @@ def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str
         )
         start = models[row] = str(out / "final")
     rows = {}
-    for row, model in models.items():
+    chosen = [r for r in a.rows.split(",") if r]
+    for row, model in models.items() if not chosen else [(r, m) for r, m in models.items() if r in chosen]:
         name = f"{task}_{row.strip('+').replace('+', '_').lower()}"
         out = stages.run(
             name
@@ -436,6 +437,7 @@ def main() -> int:
         },
         "seeds": SEEDS,
         "base_only": [t for t in a.base_only.split(",") if t],
+        "rows": a.rows or "all",
         "minutes": {k: round(v / 60, 1) for k, v in stages.seconds.items()},
         "this_run_minutes": round((time.time() - started) / 60, 1),
         "commands": stages.commands,
