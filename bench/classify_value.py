@@ -401,6 +401,7 @@ def main() -> int:
     ap.add_argument(
         "--base-only", default="", help="comma-separated tasks fine-tuned from the base only (no MLM)"
     )
+    ap.add_argument("--rows", default="", help="comma-separated rows fine-tuned (base, +DAPT, +TAPT, +DAPT+TAPT)")
     ap.add_argument(
         "--kdd-steps", type=int, default=100, help="CPU: NSL-KDD fine-tuning steps (16 rows each)"
     )
@@ -437,6 +438,7 @@ def main() -> int:
         },
         "seeds": SEEDS,
         "base_only": [t for t in a.base_only.split(",") if t],
+        "rows": a.rows or "all",
         "rows": a.rows or "all",
         "minutes": {k: round(v / 60, 1) for k, v in stages.seconds.items()},
         "this_run_minutes": round((time.time() - started) / 60, 1),
