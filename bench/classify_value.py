@@ -439,7 +439,6 @@ def main() -> int:
         "seeds": SEEDS,
         "base_only": [t for t in a.base_only.split(",") if t],
         "rows": a.rows or "all",
-        "rows": a.rows or "all",
         "minutes": {k: round(v / 60, 1) for k, v in stages.seconds.items()},
         "this_run_minutes": round((time.time() - started) / 60, 1),
         "commands": stages.commands,
