@@ -401,7 +401,9 @@ def main() -> int:
     ap.add_argument(
         "--base-only", default="", help="comma-separated tasks fine-tuned from the base only (no MLM)"
     )
-    ap.add_argument("--rows", default="", help="comma-separated rows fine-tuned (base, +DAPT, +TAPT, +DAPT+TAPT)")
+    ap.add_argument(
+        "--rows", default="", help="comma-separated rows fine-tuned (base, +DAPT, +TAPT, +DAPT+TAPT)"
+    )
     ap.add_argument(
         "--kdd-steps", type=int, default=100, help="CPU: NSL-KDD fine-tuning steps (16 rows each)"
     )
