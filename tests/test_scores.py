@@ -672,3 +672,36 @@ def test_resampling_measures_each_calibration_on_other_draws():
         0.9 < np.mean(held["bound"]["recall"]) < np.mean(held["quantile"]["recall"])
     )  # the price of the promise
     assert all(0 < r < 1 for r in held["bound"]["recall_at_exactly_max_fpr"])
+
+
+def test_the_resampling_promise_counts_the_test_parts_own_scatter():
+    """A test part of 709 normal documents shows its own FPR, which scatters around the FPR on all new traffic: the
+    bound's 95% becomes about 90% there. resampled's promised count says so, and matches what the re-splits see."""
+    from types import SimpleNamespace
+
+    from dapt.runtime.calibration import observed_within
+    from dapt.runtime.fusion import resampled
+
+    split = SimpleNamespace(
+        valid_attack=np.r_[np.zeros(674, bool), np.ones(50, bool)],
+        test_attack=np.r_[np.zeros(709, bool), np.ones(450, bool)],
+    )
+    e = SimpleNamespace(max_fpr=0.05, calibration="bound", confidence=0.95)
+    seen = promised = 0.0
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        values = {
+            "a": (
+                np.r_[rng.normal(size=674), rng.normal(3, 1, 50)],
+                np.r_[rng.normal(size=709), rng.normal(3, 1, 450)],
+            )
+        }
+        again = resampled(values, None, split, e, seed=seed)
+        seen, promised = seen + again["fpr_at_most_max"], promised + again["promised_at_most_max"]
+        assert (
+            17 < again["promised_at_most_max"] < 18.5
+        )  # 24 of 674 above: 0.895 a round, not the bound's 0.953
+    assert abs(seen - promised) < 12, (seen, promised)  # 400 rounds: about 358 expected
+    # the law itself: more test documents, nearer the bound's probability; k = 24 of 674 is the bound's threshold
+    assert observed_within(674, 24, 709, 0.05) < observed_within(674, 24, 100_000, 0.05) < 0.9533
+    assert abs(observed_within(674, 24, 10**7, 0.05) - 0.9533) < 0.002
