@@ -73,6 +73,11 @@ def main() -> int:
     ap.add_argument("--dga-steps", type=int, default=1000, help="DGA candidates' steps (64 names each)")
     ap.add_argument("--valid", type=int, default=3000, help="validation documents (data.valid_max_docs)")
     ap.add_argument("--eval-every", type=int, default=200, help="steps between validation evaluations")
+    ap.add_argument(
+        "--candidates",
+        default="",
+        help="comma-separated candidate names to run (a budget's choice); empty: all",
+    )
     a = ap.parse_args()
     # classify_value's CPU plan, as its own options would give it (the steps replaced per candidate)
     budget = argparse.Namespace(full=False, kdd_steps=100, dga_steps=200, devign_steps=100, mlm_steps=100)
@@ -85,7 +90,10 @@ def main() -> int:
         )
         metric = "accuracy" if task == "dga" else "macro_f1"  # the recipes' classify.metric
         results[task] = {}
+        chosen = [c.strip() for c in a.candidates.split(",") if c.strip()]
         for name, (args, why) in candidates(a)[task].items():
+            if chosen and name not in chosen:
+                continue
             out = stages.run(
                 f"{task}_{name.replace(' ', '_').replace(',', '')}",
                 "classify.py",
@@ -106,6 +114,7 @@ def main() -> int:
         "machine": machine(),
         "seed": 42,
         "valid_documents": a.valid,
+        "candidates": a.candidates or "all",
         "minutes": {k: round(v / 60, 1) for k, v in stages.seconds.items()},
         "this_run_minutes": round((time.time() - started) / 60, 1),
         "commands": stages.commands,
