@@ -3,9 +3,10 @@
     python bench/csic_misses.py     # reads bench/results/dapt_value_csic/*_scores.csv and ../shared/data/csic2010
 
 An attack is "a tampered parameter name" when one of its query or body parameter names was never seen in the normal
-training requests but is a seen name with its last character removed (`nombreA=` where `nombre=` is normal). Per split
-(validation, where choices may be made, and test), each score's misses at that split's own 5% threshold (the 95%
-quantile of its normal requests) are counted by kind: the model's own scores fused (adapted_model), character 3-grams
+training requests and is a seen name with one upper-case letter appended (`nombreA=` where `nombre=` is normal; which
+letters were appended is counted). Per split (validation, where choices may be made, and test), each score's misses
+at that split's own 5% threshold (runtime.calibration.threshold_for's quantile: at most 5% of the split's normal
+requests above it, as anomaly.json's test-calibrated figures) are counted by kind: the model's own scores fused (adapted_model), character 3-grams
 and the recipe's fusion. Writes bench/results/csic_misses.json and .md.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from collections import Counter
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
@@ -20,6 +22,7 @@ from common import RESULTS, ROOT, machine, write_result
 
 from dapt.data.formats import FormatOptions, read_http
 from dapt.data.sources import Position
+from dapt.runtime.calibration import threshold_for
 
 SHARED = ROOT.parent / "shared" / "data"
 SCORES = RESULTS / "dapt_value_csic"
@@ -46,15 +49,19 @@ def parameter_names(request: str) -> list[str]:
     return [name for name, _ in pairs]
 
 
-def kind(request: str, known: set[str]) -> str:
+def appended(request: str, known: set[str]) -> list[str]:
+    """The upper-case letters appended to known parameter names in this request."""
     names = parameter_names(request)
-    tampered = any(n not in known and n[:-1] in known for n in names if len(n) > 1)
-    return "tampered name" if tampered else "other"
+    return [n[-1] for n in names if len(n) > 1 and n not in known and n[:-1] in known and n[-1].isupper()]
+
+
+def kind(request: str, known: set[str]) -> str:
+    return "tampered name" if appended(request, known) else "other"
 
 
 def misses(rows: list[dict], column: str) -> set[str]:
     normal = np.array([float(r[column]) for r in rows if r["label"] == "normal"])
-    threshold = np.quantile(normal, 1 - MAX_FPR)
+    threshold = threshold_for(normal, MAX_FPR)
     return {r["id"] for r in rows if r["label"] != "normal" and float(r[column]) <= threshold}
 
 
@@ -88,6 +95,7 @@ def main() -> int:
         result[split] = {
             "attacks": {k: sum(v == k for v in kinds.values()) for k in ("tampered name", "other")},
             "normal_with_a_tampered_name": normal_tampered,
+            "appended_letters": dict(Counter(c for i in attacks for c in appended(texts[i], known))),
             "missed": {
                 score: {k: sum(kinds[i] == k for i in ids) for k in ("tampered name", "other")}
                 for score, ids in missed.items()
@@ -103,8 +111,8 @@ def markdown(r: dict) -> str:
         "# Which CSIC attacks the scores miss (bench/csic_misses.py)",
         "",
         f"From bench/results/dapt_value_csic's scores (the adapted encoder); each split's own {r['max_fpr']:.0%} "
-        f"threshold. A tampered name: a parameter name unseen in normal training traffic ({r['known_parameter_names']} "
-        "names) that is a seen one plus one character.",
+        f"threshold. A tampered name: a parameter name unseen in normal training traffic that is one of its "
+        f"{r['known_parameter_names']} known names with an upper-case letter appended.",
     ]
     for split, label in (("valid", "validation"), ("test", "test")):
         s = r[split]

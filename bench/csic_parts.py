@@ -4,9 +4,10 @@ the whole request, measured on validation only (issue 33's "scores of the reques
     python bench/csic_parts.py      # after bench/dapt_value.py (its base and adapted encoders); a few minutes each
 
 The split, the 1,200 fit requests and the 1,200 validation requests are the bench's own (bench/dapt_value.py's
-anomaly command, rebuilt here by dapt's own functions; checked against the committed scores' ids); the whole-request
-figures are the committed raw `knn` and `mahalanobis` columns of bench/results/dapt_value_csic/*_scores.csv. Recall at
-the validation 5% threshold, partial AUROC up to 5% and AUROC (runtime.fusion.separation). Writes
+anomaly command, rebuilt here by dapt's own functions; its validation ids and labels checked against the committed
+scores'; the encoder in --work is taken to be the one that made them); the whole-request figures are the committed
+raw `knn` and `mahalanobis` columns of bench/results/dapt_value_csic/*_scores.csv. Recall at the validation 5%
+threshold, partial AUROC up to 5% and AUROC (runtime.fusion.separation). Writes
 bench/results/csic_parts.json and .md.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from collections import Counter
@@ -55,14 +57,25 @@ def measure(model: str, scores_csv: Path) -> dict:
     docs = read_documents(cfg, anomaly_splits(cfg, Counter()))
     committed = {r["id"]: r for r in csv.DictReader(scores_csv.open()) if r["split"] == "valid"}
     ids = [d.id.split("shared/data/")[-1] for d in docs.valid]
-    if any(i not in committed for i in ids):
-        raise SystemExit(f"the validation requests differ from {scores_csv}'s: not the bench's split")
+    labels = {i: d.label for i, d in zip(ids, docs.valid)}
+    if labels != {i: r["label"] for i, r in committed.items()}:
+        raise SystemExit(
+            f"the validation requests or labels differ from {scores_csv}'s: not the bench's split"
+        )
     attack, cpu = docs.valid_attack, torch.device("cpu")
     encoder, tokenizer = load_encoder(cfg, cpu)
     out = {}
     with torch.no_grad():
         fit, valid = (
-            embed_documents(encoder, tokenizer, [line_and_body(d) for d in part], 512, 32, "mean", cpu)
+            embed_documents(
+                encoder,
+                tokenizer,
+                [line_and_body(d) for d in part],
+                cfg.data.max_seq_length,
+                cfg.train.micro_batch_size,
+                cfg.embed.pooling,
+                cpu,
+            )
             for part in (docs.fit_docs, docs.valid)
         )
     for name, detector in (
@@ -84,6 +97,7 @@ def main() -> int:
         "--work", type=Path, default=ROOT / "runs" / "dapt_value", help="bench/dapt_value.py's --work"
     )
     a = ap.parse_args()
+    os.chdir(ROOT)  # the recipe names ../shared/data relative to the repository
     started = time.time()
     encoders = {
         "base": (minilm_tokenizer(), "base"),
