@@ -1,14 +1,16 @@
-"""Scoring a CSIC request's parts: the embedding scores on the request line and body only (headers left out), against
-the whole request, measured on validation only (issue 33's "scores of the request's parts").
+"""Other views of a CSIC request for the embedding scores, against the whole request as it is, measured on validation
+only (issue 33's ideas): the request line and body alone (headers left out: "scores of the request's parts"), and
+the whole request with each capital letter marked (`X` -> `^x`: an uncased tokenizer otherwise folds `idA=` into the
+word `ida`, bench/csic_misses.py).
 
-    python bench/csic_parts.py      # after bench/dapt_value.py (its base and adapted encoders); a few minutes each
+    python bench/csic_views.py      # after bench/dapt_value.py (its base and adapted encoders); --views to pick
 
 The split, the 1,200 fit requests and the 1,200 validation requests are the bench's own (bench/dapt_value.py's
 anomaly command, rebuilt here by dapt's own functions; its validation ids and labels checked against the committed
 scores'; the encoder in --work is taken to be the one that made them); the whole-request figures are the committed
 raw `knn` and `mahalanobis` columns of bench/results/dapt_value_csic/*_scores.csv. Recall at the validation 5%
 threshold, partial AUROC up to 5% and AUROC (runtime.fusion.separation). Writes
-bench/results/csic_parts.json and .md.
+bench/results/csic_views.json and .md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -35,7 +38,15 @@ def line_and_body(doc):
     return replace(doc, text=(line + "\n" + body).strip())
 
 
-def measure(model: str, scores_csv: Path) -> dict:
+def capitals_marked(doc):
+    """The whole request with each capital letter written as ^ and its lower case (an uncased tokenizer keeps ^)."""
+    return replace(doc, text=re.sub(r"[A-Z]", lambda m: "^" + m.group(0).lower(), doc.text))
+
+
+VIEWS = {"request line + body": line_and_body, "capitals marked": capitals_marked}
+
+
+def measure(model: str, scores_csv: Path, views: list[str]) -> dict:
     import torch
 
     from dapt.cli.load import load_config
@@ -64,30 +75,32 @@ def measure(model: str, scores_csv: Path) -> dict:
         )
     attack, cpu = docs.valid_attack, torch.device("cpu")
     encoder, tokenizer = load_encoder(cfg, cpu)
+    detectors = {
+        "knn": lambda: NearestNormal(cfg.embed.knn_k),
+        "mahalanobis": lambda: Mahalanobis(cfg.embed.shrinkage),
+    }
     out = {}
-    with torch.no_grad():
-        fit, valid = (
-            embed_documents(
-                encoder,
-                tokenizer,
-                [line_and_body(d) for d in part],
-                cfg.data.max_seq_length,
-                cfg.train.micro_batch_size,
-                cfg.embed.pooling,
-                cpu,
-            )
-            for part in (docs.fit_docs, docs.valid)
-        )
-    for name, detector in (
-        ("knn", NearestNormal(cfg.embed.knn_k)),
-        ("mahalanobis", Mahalanobis(cfg.embed.shrinkage)),
-    ):
-        parts = detector.fit(fit).score(valid)
+    for name in detectors:
         whole = np.array([float(committed[i][name]) for i in ids])
-        out[name] = {
-            "whole request": separation(whole[~attack], whole[attack], cfg.embed.max_fpr),
-            "request line + body": separation(parts[~attack], parts[attack], cfg.embed.max_fpr),
-        }
+        out[name] = {"whole request": separation(whole[~attack], whole[attack], cfg.embed.max_fpr)}
+    for view in views:
+        with torch.no_grad():
+            fit, valid = (
+                embed_documents(
+                    encoder,
+                    tokenizer,
+                    [VIEWS[view](d) for d in part],
+                    cfg.data.max_seq_length,
+                    cfg.train.micro_batch_size,
+                    cfg.embed.pooling,
+                    cpu,
+                )
+                for part in (docs.fit_docs, docs.valid)
+            )
+        for name, detector in detectors.items():
+            scored = detector().fit(fit).score(valid)
+            out[name][view] = separation(scored[~attack], scored[attack], cfg.embed.max_fpr)
+        print(f"[csic_views] {model}: {view} done", flush=True)
     return out
 
 
@@ -96,7 +109,12 @@ def main() -> int:
     ap.add_argument(
         "--work", type=Path, default=ROOT / "runs" / "dapt_value", help="bench/dapt_value.py's --work"
     )
+    ap.add_argument("--views", default=",".join(VIEWS), help=f"comma-separated, of: {', '.join(VIEWS)}")
     a = ap.parse_args()
+    views = [v.strip() for v in a.views.split(",") if v.strip()]
+    unknown = sorted(set(views) - set(VIEWS))
+    if unknown:
+        raise SystemExit(f"--views: {', '.join(unknown)} unknown (views: {', '.join(VIEWS)})")
     os.chdir(ROOT)  # the recipe names ../shared/data relative to the repository
     started = time.time()
     encoders = {
@@ -104,22 +122,22 @@ def main() -> int:
         "+DAPT": (str(a.work / "csic_dapt" / "final"), "adapted"),
     }
     result = {
-        "bench": "csic_parts",
+        "bench": "csic_views",
         "machine": machine(),
         "validation": {
-            row: measure(model, SCORES / f"{stem}_anomaly_scores.csv")
+            row: measure(model, SCORES / f"{stem}_anomaly_scores.csv", views)
             for row, (model, stem) in encoders.items()
         },
     }
     result["minutes"] = round((time.time() - started) / 60, 1)
-    path = write_result("csic_parts", result)
+    path = write_result("csic_views", result)
     lines = [
-        "# Scoring a CSIC request's parts (bench/csic_parts.py)",
+        "# Other views of a CSIC request for the embedding scores (bench/csic_views.py)",
         "",
         "Validation only (the bench's 1,200 fit and 1,200 validation requests): recall at 5% FPR / partial AUROC / AUROC.",
         "",
-        "| encoder | score | whole request | request line + body |",
-        "|---|---|---|---|",
+        "| encoder | score | whole request | " + " | ".join(views) + " |",
+        "|---|---|---|" + "---|" * len(views),
     ]
     for row, by_score in result["validation"].items():
         for score, cells in by_score.items():
