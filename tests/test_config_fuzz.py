@@ -63,7 +63,6 @@ data.columns                   A A A A A A A A R R R A A A A
 data.column_names              A A A A A A A A R R R A A A A
 data.round_digits              A A R R R R R R R A R R R R R
 data.omit_zeros                R R R R R R R R R R A R R R R
-data.mark_capitals             R R R R R R R R R R A R R R R
 data.packing                   R R R R R R R R R R R R R R R
 data.max_seq_length            R R R R R R R R R R R R R R R
 data.valid_fraction            R A R R R R R R R R R R R R R

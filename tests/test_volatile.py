@@ -81,37 +81,3 @@ def test_config_checks_the_rules_and_recipes_turn_them_on():
     for recipe in ("secbert_http_mlm", "http_anomaly", "smoke/secbert_http_mlm", "smoke/http_anomaly"):
         data = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())["data"]
         assert data["volatile"] == list(HTTP_RULES), recipe
-
-
-def test_capitals_are_marked_after_the_volatile_rules(tmp_path):
-    """data.mark_capitals: every capital letter written ^ and its lower case as documents are read, after the volatile
-    rules (base64 needs the capitals), the rest unchanged and recoverable; positions and ids unchanged."""
-    from dapt.data.formats import mark_capitals
-
-    token = "dGhpcyBpcyBhIHRlc3Qgb2YgYmFzZTY0IHRva2Vu1"
-    text = f"POST http://localhost/tienda1/entrar.jsp HTTP/1.1\nCookie: t={token}\n\nerrorMsgA=Credenciales+incorrectas\n"
-    path = tmp_path / "requests.txt"
-    path.write_text(text * 3)
-    plain = list(READERS["http"](str(path), Position(), FormatOptions(volatile=("base64",))))
-    marked = list(
-        READERS["http"](str(path), Position(), FormatOptions(volatile=("base64",), mark_capitals=True))
-    )
-    assert len(plain) == len(marked) == 3
-    for (a, pa), (b, pb) in zip(plain, marked, strict=True):
-        assert pa == pb and a.id == b.id and a.label == b.label
-        assert PLACEHOLDER in b.text and token not in b.text  # the volatile rule saw the capitals
-        assert b.text == mark_capitals(a.text) and not re.search("[A-Z]", b.text)
-        assert "error^msg^a=^credenciales" in b.text and b.text.startswith("^p^o^s^t http://")
-        assert re.sub(r"\^([a-z])", lambda m: m[1].upper(), b.text) == a.text  # nothing else changed
-
-
-def test_mark_capitals_travels_with_the_model():
-    """The setting is part of how records become text: format_options passes it to every reader, final/dapt_text.json
-    records it (launch/predict.py adopts it from there) and the model card says it."""
-    from dapt.data.prepare import format_options, text_description, text_settings
-
-    cfg = load_config(["--data.mark_capitals=true", "--data.format=http"])
-    assert format_options(cfg.data).mark_capitals is True
-    settings = text_settings(cfg)
-    assert settings["mark_capitals"] is True and "id^a" in text_description(settings)
-    assert text_settings(load_config([]))["mark_capitals"] is False

@@ -227,11 +227,6 @@ class DataConfig(Section):
     )
     """Random identifiers replaced by <id> in every document as it is read, for training, embedding and scoring
     alike (the HTTP recipes: [cookie, session_id]); the rest of the text is unchanged. Empty: none."""
-    mark_capitals: bool = False
-    """Write each capital letter as ^ and its lower case (`idA=` -> `id^a=`) in every document as it is read, after
-    data.volatile, for training, embedding and scoring alike: an uncased tokenizer (all-MiniLM-L6-v2,
-    bert-base-uncased) folds case away, so `idA=` becomes the word `ida`. For uncased models; on CSIC it lifted the
-    adapted encoder's knn from 0.570 to 0.745 recall at 5% FPR on validation (bench/csic_views.py)."""
     num_samples: int = 0
     """Use at most this many training documents per epoch (quick runs); 0: all."""
     max_records_per_file: int = 0

@@ -53,9 +53,6 @@ class FormatOptions:
     volatile: tuple[
         str, ...
     ] = ()  # data.volatile: rules of data/volatile.py applied to every document's text
-    mark_capitals: bool = (
-        False  # data.mark_capitals: each capital letter written ^ and its lower case, after volatile
-    )
 
 
 Item = tuple["Document | BadRecord", Position]
@@ -446,15 +443,6 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-_CAPITAL = re.compile(r"[A-Z]")
-
-
-def mark_capitals(text: str) -> str:
-    """data.mark_capitals: each capital letter A-Z written as ^ and its lower case (`idA=2` -> `id^a=2`), so that an
-    uncased tokenizer still sees which letters were capitals."""
-    return _CAPITAL.sub(lambda m: "^" + m[0].lower(), text)
-
-
 def _guarded(reader):
     """A reader whose file turns out unreadable part-way (a truncated or fake .gz/.zst, a damaged parquet file)
     ends with one bad record naming the file and the line it reached, instead of an exception from deep inside."""
@@ -470,8 +458,6 @@ def _guarded(reader):
                 line = after.line
                 if normalise and isinstance(item, Document):
                     item = Document(normalise(item.text), item.id, item.label)
-                if opts.mark_capitals and isinstance(item, Document):
-                    item = Document(mark_capitals(item.text), item.id, item.label)
                 yield item, after
         except errors as e:
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -37,7 +37,6 @@ def format_options(d) -> FormatOptions:
         max_line_bytes=d.max_record_bytes,
         records_field=d.records_field,
         volatile=tuple(d.volatile),
-        mark_capitals=d.mark_capitals,
     )
 
 
@@ -55,7 +54,6 @@ def text_settings(cfg) -> dict:
         "omit_zeros": d.omit_zeros,
         "records_field": d.records_field,
         "volatile": list(d.volatile),
-        "mark_capitals": d.mark_capitals,
         "label_field": cfg.classify.label_field,
         "label_map": dict(cfg.classify.label_map),
         "max_seq_length": d.max_seq_length,
@@ -129,8 +127,6 @@ def text_description(settings: dict) -> str:
         }.get(fmt, fmt)
     if settings["volatile"]:
         text += f"; with data.volatile {settings['volatile']} applied first"
-    if settings.get("mark_capitals"):
-        text += "; each capital letter written ^ and its lower case (data.mark_capitals: idA -> id^a)"
     return text + f"; rows cut at {settings['max_seq_length']} tokens"
 
 
