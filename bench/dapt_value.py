@@ -14,6 +14,9 @@ CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/ht
   positives (the deployable calibration), its attacks choose the token score and the fusion. The threshold set on
   the normal test requests themselves (what the literature reports) is shown beside it. The adapted encoder is scored
   twice: fused over every score, and fused over the model's own scores only (no lexical novelty).
+- the same DAPT again with model.mark_capitals (the tokenizer reads each capital as ^ and its letter; CSIC's attacks
+  often append an upper-case letter to a parameter name, which an uncased tokenizer cannot see), its own scores fused
+  the same way; the two model-only fusions are compared on validation too.
 
 The classifiers (NSL-KDD, DGA domains, Devign) are measured by bench/classify_value.py.
 
@@ -42,6 +45,7 @@ SEED_000 = {
 
 
 MODEL_ONLY = "+DAPT, model scores only"
+MARKED_MODEL = "+DAPT with capitals marked, model scores only"
 
 
 def base_model() -> str:
@@ -110,11 +114,16 @@ def main() -> int:
     started = time.time()
 
     # CSIC 2010: DAPT on normal training requests, then both encoders scored.
-    dapt = stages.run(
-        "csic_dapt",
-        "mlm.py",
-        ["--recipe=recipes/secbert_http_mlm.yaml", f"--model.name_or_path={base}", *wandb, *b["csic_dapt"]],
-        "final/config.json",
+    adapt = [
+        "--recipe=recipes/secbert_http_mlm.yaml",
+        f"--model.name_or_path={base}",
+        *wandb,
+        *b["csic_dapt"],
+    ]
+    dapt = stages.run("csic_dapt", "mlm.py", adapt, "final/config.json")
+    # the same DAPT reading each capital as ^ and its letter (model.mark_capitals; final/'s tokenizer keeps it)
+    marked = stages.run(
+        "csic_dapt_marked", "mlm.py", [*adapt, "--model.mark_capitals=true"], "final/config.json"
     )
     score = [
         "--recipe=recipes/http_anomaly.yaml",
@@ -139,6 +148,12 @@ def main() -> int:
             [*score, f"--model.name_or_path={dapt / 'final'}", "--embed.fuse=[mahalanobis, knn, mlm]"],
             "anomaly.json",
         ),
+        MARKED_MODEL: stages.run(
+            "csic_marked_model",
+            "anomaly.py",
+            [*score, f"--model.name_or_path={marked / 'final'}", "--embed.fuse=[mahalanobis, knn, mlm]"],
+            "anomaly.json",
+        ),
     }
     csic = {k: json.loads((v / "anomaly.json").read_text()) for k, v in csic.items()}
 
@@ -156,6 +171,7 @@ def main() -> int:
                 "token_score": r.get("token_score"),
                 "fused": r.get("fuse"),
                 "fuse_rule": r.get("fuse_rule"),
+                # each score alone and each fusion on validation, where ideas are judged and the fusion chosen
                 "fuse_validation": r.get("fuse_validation"),
                 "valid": {"normal": r["valid_normal"], "attack": r["valid_attack"]},
                 "test": {"documents": r["test"], "attack": r["test_attack"]},
@@ -177,6 +193,34 @@ def promise(again: dict) -> str:
     if "promised_at_most_max" not in again:
         return ""
     return f" (its law expects {again['promised_at_most_max']:.1f} for test parts this size)"
+
+
+def validation_lines(csic: dict) -> list[str]:
+    """The model-only fusions side by side on validation (recall at exactly 5% FPR / partial AUROC up to it), where
+    an idea is judged before its test numbers are read."""
+    runs = {
+        k: csic[k]["fuse_validation"]
+        for k in (MODEL_ONLY, MARKED_MODEL)
+        if csic.get(k, {}).get("fuse_validation")
+    }
+    if len(runs) < 2:
+        return []
+    lines = [
+        "",
+        "## On validation: the model's own scores without and with capitals marked",
+        "",
+        "Recall at exactly 5% FPR / partial AUROC (to 5% FPR) on the validation requests, which choose the fusion.",
+        "",
+        "| score or fusion | " + " | ".join(runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for name in next(iter(runs.values())):
+        cells = [
+            f"{v[name]['recall_at_max_fpr']:.3f} / {v[name]['partial_auroc']:.3f}" if name in v else "n/a"
+            for v in runs.values()
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(r: dict) -> str:
@@ -218,6 +262,7 @@ def markdown(r: dict) -> str:
                 f"{np.median(again['test_fpr']):.3f}); recall at the deployable threshold {np.mean(again['recall']):.3f}, "
                 f"at exactly 5% FPR {np.mean(again['recall_at_exactly_max_fpr']):.3f} (means)"
             )
+    lines += validation_lines(r["csic"])
     lines += [
         "",
         "Seed 000 (recall at 5% FPR): " + "; ".join(f"{k} {v:.3f}" for k, v in r["csic_seed_000"].items()),

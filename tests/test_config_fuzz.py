@@ -48,6 +48,7 @@ model.config                   R R R R R R R R R R R R R R R
 model.revision                 R R R R R R R R R A R R R R R
 model.tokenizer                A A A A A A A R R A R A A A A
 model.tokenizer_vocab_size     R R R R R R R R R R R R R R R
+model.mark_capitals            R R R R R R R R R R A R R R R
 model.attn_implementation      R R R R R R R R R R R R R A R
 model.gradient_checkpointing   R R R R R R R R R R A R R R R
 model.trust_remote_code        R R R R R R R R R R A R R R R

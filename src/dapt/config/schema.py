@@ -106,6 +106,10 @@ class ModelConfig(Section):
     """Tokenizer hub id or folder; default: the model's own, or one trained on the corpus for from-scratch models."""
     tokenizer_vocab_size: int = 4000
     """Vocabulary size of the WordPiece tokenizer trained on the corpus when a from-scratch model names no tokenizer."""
+    mark_capitals: bool = False
+    """Write each ASCII capital as ^ and the letter in the tokenizer's normalizer (idA= is read as id ^ a =), so that an
+    uncased model sees case; the text, its offsets and hash splits are untouched. Saved with final/'s tokenizer, so
+    every later run on it marks too. For traffic whose attacks change case (CSIC: bench/results/csic_views.md)."""
     attn_implementation: str = choice("auto", ("auto", "flash_attention_2", "sdpa", "eager"))
     """Attention kernel. auto: flash_attention_2 when installed on CUDA in bf16/fp16, else sdpa, else eager."""
     gradient_checkpointing: bool = False
@@ -130,6 +134,8 @@ class ModelConfig(Section):
             p.append(
                 f"model.char_vocab: {self.char_vocab} must be >= 2 (the classes of CANINE's character head)"
             )
+        if self.mark_capitals and isinstance(self.config, dict) and self.config.get("model_type") == "canine":
+            p.append("model.mark_capitals: CANINE reads code points and sees case already")
         if self.tokenizer_vocab_size < 100:
             p.append(f"model.tokenizer_vocab_size: {self.tokenizer_vocab_size} is too small (at least 100)")
         return p

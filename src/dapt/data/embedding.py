@@ -47,10 +47,7 @@ def embed_documents(
 def load_encoder(cfg: RunConfig, device):
     """The encoder (transformers' AutoModel) of a hub id, a folder, or a dapt output's final/ (MLM or classifier
     heads are dropped), built by the one model builder, in evaluation mode on `device`."""
-    from transformers import AutoTokenizer
-
-    from dapt.model.build import build_model
-    from dapt.model.hub import from_config
+    from dapt.model.build import build_model, pretrained_tokenizer
 
     source = cfg.model.name_or_path
     if not source:
@@ -58,7 +55,7 @@ def load_encoder(cfg: RunConfig, device):
             "model.name_or_path is required: the encoder to embed with (a hub id, a folder, or a dapt "
             "run's final/)"
         )
-    tokenizer = from_config(AutoTokenizer.from_pretrained, cfg.model, tokenizer=True)
+    tokenizer = pretrained_tokenizer(cfg.model)
     model = build_model(cfg, tokenizer, "fp32", task="encoder")
     return model.to(device).eval(), tokenizer
 
@@ -74,8 +71,9 @@ def load_masked_lm(cfg: RunConfig, device):
         ValueError: the checkpoint has no trained MLM head (an encoder such as all-MiniLM-L6-v2, or a classifier):
             its surprise would come from random weights.
     """
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
+    from dapt.model.build import pretrained_tokenizer
     from dapt.model.hub import from_config
 
     m = cfg.model
@@ -83,7 +81,7 @@ def load_masked_lm(cfg: RunConfig, device):
         raise BadInput(
             "model.name_or_path is required: the MLM to score with (a dapt MLM run's final/, a hub id)"
         )
-    tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
+    tokenizer = pretrained_tokenizer(m)
     if tokenizer.mask_token_id is None:
         raise NoMLMHead(
             f"model.name_or_path: the tokenizer of {m.name_or_path} has no mask token: MLM surprise needs one"

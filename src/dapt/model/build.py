@@ -4,8 +4,10 @@ checkpointing, ZeRO-3 partitioned loading, fp32 weights and logging."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
+import string
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,17 +44,100 @@ def label_maps(labels: list[str]) -> dict:
     }
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int, max_len: int) -> PreTrainedTokenizerFast:
+CAPITAL_MARK = "^"
+
+
+def capital_marks():
+    """The normalizers of model.mark_capitals: each ASCII capital written as ^ and the letter."""
+    from tokenizers import normalizers
+
+    return [normalizers.Replace(c, CAPITAL_MARK + c) for c in string.ascii_uppercase]
+
+
+def marks_capitals(tokenizer) -> bool:
+    """Whether the tokenizer's normalizer marks capitals (model.mark_capitals, or a marked run's saved tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = backend.normalizer if backend is not None else None
+    return normalizer is not None and normalizer.normalize_str("Q").startswith(CAPITAL_MARK)
+
+
+def mark_capitals(tokenizer, source: str) -> PreTrainedTokenizerFast:
+    """`tokenizer` with each ASCII capital written as ^ and the letter before its own normalizer, so that an uncased
+    (lowercasing) tokenizer reads `idA=` as `id ^ a =` instead of `ida =`. The marks live in the tokenizer's
+    normalizer: offsets still point into the unmarked text, and the text itself (hash splits, n-gram scores,
+    reports) is untouched. Returned as a generic fast tokenizer, which transformers reloads from tokenizer.json as
+    written (a BertTokenizer would rebuild BERT's own normalizer and drop the marks), so a run's final/ keeps them.
+
+    Raises:
+        BadInput: a slow tokenizer (no tokenizers backend: CANINE reads code points and sees case already), or a
+            vocabulary with no token for ^.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise BadInput(
+            f"model.mark_capitals: the tokenizer of {source} ({type(tokenizer).__name__}) has no tokenizers "
+            "normalizer to mark capitals in (a fast tokenizer is needed; CANINE reads code points and sees case "
+            "already)"
+        )
+    if marks_capitals(tokenizer):
+        return tokenizer
+    from tokenizers import normalizers
+
+    if backend.normalizer is not None and backend.normalizer.normalize_str("A") == "A":
+        log.warning(
+            "model.mark_capitals: the tokenizer of %s keeps case already; capitals are marked anyway", source
+        )
+    backend = copy.deepcopy(backend)
+    own = [backend.normalizer] if backend.normalizer is not None else []
+    backend.normalizer = normalizers.Sequence(capital_marks() + own)
+    marked = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=tokenizer.model_max_length,
+        padding_side=tokenizer.padding_side,
+        **tokenizer.special_tokens_map,
+    )
+    unk = marked.unk_token_id
+    if unk is not None and unk in marked(CAPITAL_MARK, add_special_tokens=False)["input_ids"]:
+        raise BadInput(
+            f"model.mark_capitals: the tokenizer of {source} has no token for {CAPITAL_MARK!r}, so every mark "
+            "would be unknown"
+        )
+    return marked
+
+
+def pretrained_tokenizer(m):
+    """The tokenizer that model.tokenizer or model.name_or_path names, capitals marked when model.mark_capitals asks.
+
+    A tokenizer that marks already (a marked run's final/) keeps its marks whatever the flag says: it is the one the
+    model was trained with.
+    """
+    source = m.tokenizer or m.name_or_path
+    tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
+    if marks_capitals(tokenizer):
+        if not m.mark_capitals:
+            log.info(
+                "the tokenizer of %s marks capitals (idA= is read as id ^ a =), as it was trained", source
+            )
+        return tokenizer
+    return mark_capitals(tokenizer, source) if m.mark_capitals else tokenizer
+
+
+def train_wordpiece(
+    texts: Iterable[str], vocab_size: int, max_len: int, mark: bool = False
+) -> PreTrainedTokenizerFast:
     """A lowercasing BERT-style WordPiece tokenizer whose vocabulary is learnt from `texts` (no download).
 
     Deterministic on purpose: the tokenizers library's trainers break count ties in hash order, so two trainings
     on the same corpus give different vocabularies and a rerun would not reproduce a run. The vocabulary here is
     every character (word-initial and ##-continuation), then whole words, word prefixes and ##-suffixes ranked by
-    the characters they save (occurrences x length), ties broken by the text.
+    the characters they save (occurrences x length), ties broken by the text. With `mark`, capitals are marked
+    (model.mark_capitals) before the lowercasing, in training and in use.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    if mark:
+        normalizer = normalizers.Sequence([*capital_marks(), normalizer])
     words: Counter = Counter()
     for text in texts:
         words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
@@ -93,17 +178,26 @@ def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
     """
     m = cfg.model
     if m.tokenizer or m.name_or_path:
-        return from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
+        return pretrained_tokenizer(m)
     if isinstance(m.config, dict) and m.config.get("model_type") == "canine":
         from transformers import CanineTokenizer
 
+        if m.mark_capitals:
+            raise BadInput("model.mark_capitals: CANINE reads code points and sees case already")
         return CanineTokenizer(model_max_length=cfg.data.max_seq_length)  # code points: nothing to learn
     if (trained_dir / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(trained_dir)
+        tok = AutoTokenizer.from_pretrained(trained_dir)
+        if m.mark_capitals != marks_capitals(tok):
+            raise BadInput(
+                f"model.mark_capitals={str(m.mark_capitals).lower()}, but the tokenizer this run trained in "
+                f"{trained_dir} {'does not mark' if m.mark_capitals else 'marks'} capitals: resume with the setting "
+                "it was trained with"
+            )
+        return tok
     if texts is None:
         raise BadInput(f"no trained tokenizer in {trained_dir}")
     log.info("training a WordPiece tokenizer (vocab %d) on the training corpus", m.tokenizer_vocab_size)
-    tok = train_wordpiece(texts, m.tokenizer_vocab_size, cfg.data.max_seq_length)
+    tok = train_wordpiece(texts, m.tokenizer_vocab_size, cfg.data.max_seq_length, mark=m.mark_capitals)
     tok.save_pretrained(trained_dir)
     return tok
 

@@ -478,7 +478,7 @@ def export_hf(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         params = {name for name, _ in engine.module.named_parameters(remove_duplicate=False)}
-        verify_export(tmp, {k: v for k, v in reference.items() if k in params}, auto)
+        verify_export(tmp, {k: v for k, v in reference.items() if k in params}, auto, tokenizer)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
         log.info(
@@ -493,12 +493,22 @@ def _tied_keys(model) -> set[str]:
     return set(tied.keys() if isinstance(tied, dict) else tied)
 
 
-def verify_export(out_dir: Path, expected: dict[str, torch.Tensor], auto=None) -> None:
-    """Reload the folder with Auto classes; fail on empty tensors, or on weights that are missing or not exactly
-    `expected` (fp32 masters). The comparison is on the CPU, whatever device trained them."""
+PROBE = "GET /Shop?idA=2&Name=Ünïcode 42"
+
+
+def verify_export(out_dir: Path, expected: dict[str, torch.Tensor], auto=None, tokenizer=None) -> None:
+    """Reload the folder with Auto classes; fail on empty tensors, on weights that are missing or not exactly
+    `expected` (fp32 masters), or on a tokenizer that reads a probe otherwise than `tokenizer` (the run's own; a
+    class that rebuilds its normalizer would drop model.mark_capitals). The comparison is on the CPU, whatever
+    device trained them."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    AutoTokenizer.from_pretrained(out_dir)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    if tokenizer is not None and reloaded_tokenizer(PROBE)["input_ids"] != tokenizer(PROBE)["input_ids"]:
+        raise RuntimeError(
+            f"export {out_dir}: the reloaded tokenizer ({type(reloaded_tokenizer).__name__}) reads {PROBE!r} as "
+            f"{reloaded_tokenizer.tokenize(PROBE)}, the run's as {tokenizer.tokenize(PROBE)}"
+        )
     model = (auto or AutoModelForMaskedLM).from_pretrained(out_dir, dtype=torch.float32)
     reloaded = model.state_dict()
     empty = [k for k, v in reloaded.items() if v.numel() == 0]

@@ -15,9 +15,10 @@ OTHER = "<other>"  # CANINE's last head class: every code point at or above char
 
 def load_model(cfg: RunConfig):
     """The model (eval mode) and tokenizer named by model.name_or_path (an exported final/ or a hub id)."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
     import dapt.model.canine  # noqa: F401  (CANINE's masked-LM class)
+    from dapt.model.build import pretrained_tokenizer
     from dapt.model.hub import from_config
 
     m = cfg.model
@@ -27,7 +28,7 @@ def load_model(cfg: RunConfig):
             "runs/NAME/final, or a hub id)"
         )
     model = from_config(AutoModelForMaskedLM.from_pretrained, m).eval()
-    tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
+    tokenizer = pretrained_tokenizer(m)
     return model, tokenizer
 
 

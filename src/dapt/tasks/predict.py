@@ -98,14 +98,15 @@ def _mine(n: int) -> list[int]:
 def classify_records(cfg: RunConfig, docs: list[Document], labelled: bool, device, skipped: Counter) -> dict:
     """Class probabilities of every record (predictions.jsonl) and, with labels, the metrics (eval.json) and the
     confusion matrix."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
+    from dapt.model.build import pretrained_tokenizer
     from dapt.model.hub import from_config
 
     m = cfg.model
     model = from_config(AutoModelForSequenceClassification.from_pretrained, m, dtype=torch.float32)
     model = model.to(device).eval()
-    tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
+    tokenizer = pretrained_tokenizer(m)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     label2id = {label: i for i, label in enumerate(labels)}
     max_len = cfg.data.max_seq_length

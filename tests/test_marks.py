@@ -1,0 +1,175 @@
+"""model.mark_capitals: an uncased tokenizer reads each capital as ^ and the letter, with offsets into the unmarked
+text; the marks survive final/'s save and reload (a BertTokenizer would rebuild its normalizer without them), every
+later run on final/ reads with them, and the text's hash splits do not move."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import run_inprocess
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer
+
+from dapt.cli.load import load_config
+from dapt.config.schema import BadInput, ConfigError
+from dapt.data.corpus import generate
+from dapt.model.build import (
+    load_tokenizer,
+    mark_capitals,
+    marks_capitals,
+    pretrained_tokenizer,
+    train_wordpiece,
+)
+from dapt.runtime.checkpoint import verify_export
+
+TEXT = "GET /tienda1/publico/anadir.jsp?idA=2&nombreA=Jam HTTP/1.1"
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory):
+    """A tiny BERT with a real BertTokenizer (the class that rebuilds BERT's normalizer when it loads)."""
+    words = generate(600, seed=3) + [TEXT.lower(), "x ^ y"] * 3  # BERT's vocabulary has ^ too
+    tok = BertTokenizer(vocab=train_wordpiece(words, 500, 64).get_vocab(), model_max_length=128)
+    path = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    conf = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertForMaskedLM(conf).save_pretrained(path)
+    tok.save_pretrained(path)
+    assert type(AutoTokenizer.from_pretrained(path)) is BertTokenizer
+    return path
+
+
+def _pieces(tok, text):
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    return list(zip(tok.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"]))
+
+
+def test_marks_show_case_and_point_into_the_unmarked_text(bert_folder):
+    plain = AutoTokenizer.from_pretrained(bert_folder)
+    marked = mark_capitals(plain, "t")
+    assert not marks_capitals(plain) and marks_capitals(marked)
+    assert "".join(t.removeprefix("##") for t in plain.tokenize("idA=2")) == "ida=2"  # uncased: A is a
+    pieces = _pieces(marked, "idA=2&nombreA=Jam")
+    tokens = [t for t, _ in pieces]
+    assert "".join(t.removeprefix("##") for t in tokens[:6]) == "id^a=2", tokens
+    assert tokens.count("^") == 3  # A, A, J
+    marks = [(s, e) for t, (s, e) in pieces if t == "^"]
+    letters = [(s, e) for t, (s, e) in pieces if t in ("a", "j")]  # each mark's letter begins a word
+    assert ["idA=2&nombreA=Jam"[s:e] for s, e in marks] == ["A", "A", "J"]
+    assert ["idA=2&nombreA=Jam"[s:e] for s, e in letters] == ["A", "A", "J"]
+    # marking twice is marking once; the unmarked text reads as before
+    assert mark_capitals(marked, "t") is marked
+    assert marked.backend_tokenizer.normalizer.normalize_str("Q") == "^q"
+    assert marked.tokenize("get /shop?id=2") == plain.tokenize("get /shop?id=2")
+
+
+def test_marks_survive_save_and_reload_and_the_export_check_sees_them_lost(bert_folder, tmp_path):
+    plain = AutoTokenizer.from_pretrained(bert_folder)
+    marked = mark_capitals(plain, "t")
+    marked.save_pretrained(tmp_path / "marked")
+    again = AutoTokenizer.from_pretrained(tmp_path / "marked")
+    assert marks_capitals(again) and again.tokenize(TEXT) == marked.tokenize(TEXT)
+    assert again(TEXT)["input_ids"][0] == plain.cls_token_id and again.mask_token_id == plain.mask_token_id
+    # the trap: a BertTokenizer loads BERT's own normalizer, whatever tokenizer.json says
+    config = tmp_path / "marked" / "tokenizer_config.json"
+    fields = json.loads(config.read_text())
+    config.write_text(json.dumps({**fields, "tokenizer_class": "BertTokenizer"}))
+    assert not marks_capitals(AutoTokenizer.from_pretrained(tmp_path / "marked"))
+    with pytest.raises(RuntimeError, match="reloaded tokenizer"):
+        verify_export(tmp_path / "marked", {}, tokenizer=marked)
+
+
+def test_a_trained_tokenizer_marks_in_training_and_in_use(tmp_path):
+    texts = generate(300, seed=4) + [TEXT] * 5
+    tok = train_wordpiece(texts, 400, 64, mark=True)
+    assert marks_capitals(tok) and "^" in tok.get_vocab() and "[UNK]" not in tok.tokenize(TEXT)
+    assert not marks_capitals(train_wordpiece(texts, 400, 64))
+
+
+def _mlm_recipe(tmp_path, corpus_file, model, **model_fields):
+    doc = {
+        "seed": 1,
+        "model": {"name_or_path": str(model), **model_fields},
+        "data": {"train": [str(corpus_file)], "max_seq_length": 32},
+        "train": {
+            "max_steps": 2,
+            "micro_batch_size": 4,
+            "warmup_steps": 0,
+            "eval_every": 2,
+            "eval_batches": 1,
+        },
+        "checkpoint": {"every": 2},
+        "log": {"progress": False},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_a_marked_run_leaves_a_final_that_every_later_run_reads_marked(bert_folder, tmp_path, corpus_file):
+    from dapt.data.embedding import load_encoder, load_masked_lm
+
+    out = tmp_path / "mlm"
+    run_inprocess(
+        ["--recipe", _mlm_recipe(tmp_path, corpus_file, bert_folder, mark_capitals=True), "--output_dir", out]
+    )
+    final = out / "final"
+    assert marks_capitals(AutoTokenizer.from_pretrained(final))
+    # later runs on final/ (anomaly's encoder and MLM, predict, fill-mask, the next stage) mark without the flag
+    later = load_config(
+        ["--model.name_or_path", str(final), "--output_dir", str(tmp_path / "later")], world_size=1
+    )
+    assert not later.model.mark_capitals
+    assert marks_capitals(pretrained_tokenizer(later.model))
+    assert marks_capitals(load_encoder(later, "cpu")[1]) and marks_capitals(load_masked_lm(later, "cpu")[1])
+    assert marks_capitals(load_tokenizer(later, tmp_path))
+    # the base model unmarked unless asked
+    base = load_config(
+        ["--model.name_or_path", str(bert_folder), "--output_dir", str(tmp_path / "b")], world_size=1
+    )
+    assert not marks_capitals(pretrained_tokenizer(base.model))
+
+
+def test_marks_move_no_split_and_no_text(bert_folder, tmp_path):
+    """An anomaly run scored by a marking encoder and by the same encoder unmarked: the same documents in validation
+    and test, the same lexical scores (the text is not marked), different knn scores (the model reads the marks)."""
+    from test_scores import _anomaly_args, _files, _run, http_docs  # noqa: F401
+
+    normal = [f"GET /shop/item.jsp?idA={i}&Qty={i % 7} HTTP/1.1\nHost: shop" for i in range(300)]
+    attacks = [f"GET /shop/item.jsp?IDA={i}&qtyA=1'--&Qty=1 HTTP/1.1\nHost: shop" for i in range(40)]
+    paths = _files(tmp_path, (normal, attacks))
+    runs = {}
+    for name, flag in (("plain", "false"), ("marked", "true")):
+        args = _anomaly_args(paths, bert_folder, tmp_path / name)
+        _run(args + ["--embed.fuse=[knn, lexical]", "--embed.fuse_rule=sum", f"--model.mark_capitals={flag}"])
+        rows = [r.split(",") for r in (tmp_path / name / "anomaly_scores.csv").read_text().splitlines()]
+        assert rows[0] == ["split", "id", "label", "score", "knn", "lexical"]
+        runs[name] = {(r[0], r[1]): (float(r[4]), float(r[5])) for r in rows[1:]}
+    assert runs["plain"].keys() == runs["marked"].keys()
+    assert all(runs["plain"][k][1] == runs["marked"][k][1] for k in runs["plain"])
+    assert (
+        sum(abs(runs["plain"][k][0] - runs["marked"][k][0]) > 1e-4 for k in runs["plain"])
+        > len(runs["plain"]) // 2
+    )
+
+
+def test_canine_cannot_mark(tmp_path, corpus_file):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"config": {"model_type": "canine"}, "mark_capitals": True}}))
+    with pytest.raises(ConfigError, match="mark_capitals"):
+        load_config(["--recipe", str(path), "--output_dir", str(tmp_path / "o")], world_size=1)
+    cfg = load_config(["--output_dir", str(tmp_path / "o")], world_size=1)
+    canine = dataclasses.replace(cfg.model, mark_capitals=True, config={"model_type": "canine"})
+    cfg = dataclasses.replace(cfg, model=canine)
+    with pytest.raises(BadInput, match="CANINE"):
+        load_tokenizer(cfg, tmp_path)
