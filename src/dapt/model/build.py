@@ -113,13 +113,15 @@ def pretrained_tokenizer(m):
     """
     source = m.tokenizer or m.name_or_path
     tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
-    if marks_capitals(tokenizer):
-        if not m.mark_capitals:
-            log.info(
-                "the tokenizer of %s marks capitals (idA= is read as id ^ a =), as it was trained", source
-            )
+    if marks_capitals(tokenizer):  # kept whatever the flag says: the model was trained with it
+        log.info("the tokenizer of %s marks capitals (idA= is read as id ^ a =)", source)
         return tokenizer
-    return mark_capitals(tokenizer, source) if m.mark_capitals else tokenizer
+    if m.mark_capitals:
+        log.info(
+            "model.mark_capitals: the tokenizer of %s will read each capital as ^ and its letter", source
+        )
+        return mark_capitals(tokenizer, source)
+    return tokenizer
 
 
 def train_wordpiece(
