@@ -23,6 +23,7 @@ from dapt.model.build import (
     pretrained_tokenizer,
     train_wordpiece,
 )
+from dapt.runtime.card import saved_tokenizer_marks
 from dapt.runtime.checkpoint import verify_export
 
 TEXT = "GET /tienda1/publico/anadir.jsp?idA=2&nombreA=Jam HTTP/1.1"
@@ -125,6 +126,8 @@ def test_a_marked_run_leaves_a_final_that_every_later_run_reads_marked(bert_fold
     )
     final = out / "final"
     assert marks_capitals(AutoTokenizer.from_pretrained(final))
+    assert "reads each ASCII capital as `^`" in (final / "README.md").read_text()  # the card says so
+    assert saved_tokenizer_marks(final) and not saved_tokenizer_marks(bert_folder)
     # later runs on final/ (anomaly's encoder and MLM, predict, fill-mask, the next stage) mark without the flag
     later = load_config(
         ["--model.name_or_path", str(final), "--output_dir", str(tmp_path / "later")], world_size=1

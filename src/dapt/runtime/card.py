@@ -81,6 +81,17 @@ def usage(task: str, text: str, folder: str = "FOLDER", settings: dict | None = 
     return [line.replace("FOLDER", folder) for line in lines]
 
 
+def saved_tokenizer_marks(folder: Path) -> bool:
+    """Whether the tokenizer saved in `folder` marks capitals (model.mark_capitals, or inherited from its base)."""
+    from tokenizers import Tokenizer
+
+    from dapt.model.build import CAPITAL_MARK
+
+    path = folder / "tokenizer.json"
+    normalizer = Tokenizer.from_file(str(path)).normalizer if path.exists() else None
+    return normalizer is not None and normalizer.normalize_str("Q").startswith(CAPITAL_MARK)
+
+
 def write_model_card(
     folder: Path,
     cfg: RunConfig,
@@ -130,6 +141,14 @@ def write_model_card(
         f"- {summary.get('steps')} optimizer steps, global batch {ds.get('train_batch_size')} rows "
         f"({t.micro_batch_size} x {t.grad_accum} x {summary.get('world_size', 1)} ranks), lr {t.lr:g} "
         f"({t.lr_schedule}), precision {t.precision}, ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}",
+        *(
+            [
+                "- tokenizer: reads each ASCII capital as `^` and its letter (`idA=` as `id ^ a =`; model.mark_capitals), "
+                "in its own normalizer: load it with AutoTokenizer and the marks come with it"
+            ]
+            if saved_tokenizer_marks(folder)
+            else []
+        ),
         f"- tokens seen: {summary['tokens_seen']}"
         if summary.get("tokens_seen")
         else f"- rows trained: {summary.get('rows_trained')}",
