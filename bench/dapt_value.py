@@ -196,8 +196,8 @@ def promise(again: dict) -> str:
 
 
 def validation_lines(csic: dict) -> list[str]:
-    """The model-only fusions side by side on validation (recall at exactly 5% FPR / partial AUROC up to it), where
-    an idea is judged before its test numbers are read."""
+    """The model-only fusions side by side on validation (recall at 5% FPR / partial AUROC up to it), where an idea
+    is judged before its test numbers are read."""
     runs = {
         k: csic[k]["fuse_validation"]
         for k in (MODEL_ONLY, MARKED_MODEL)
@@ -209,7 +209,8 @@ def validation_lines(csic: dict) -> list[str]:
         "",
         "## On validation: the model's own scores without and with capitals marked",
         "",
-        "Recall at exactly 5% FPR / partial AUROC (to 5% FPR) on the validation requests, which choose the fusion.",
+        "Recall at 5% FPR (the threshold at the normal validation requests' 95th percentile) / partial AUROC (to 5% "
+        "FPR) on the validation requests, which choose the fusion.",
         "",
         "| score or fusion | " + " | ".join(runs) + " |",
         "|---|" + "---|" * len(runs),

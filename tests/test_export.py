@@ -45,6 +45,7 @@ def test_final_is_the_best_evaluation_and_accuracy_rises_as_loss_falls(recipe, t
     card = ModelCard.load(out / "final" / "README.md")  # the model card, in the Hub's format
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
     assert f"| eval loss | {best['eval/loss']:.4f} |" in card.text and "step_000000" in card.text
+    assert "capital" not in card.text  # model.mark_capitals is off: the card says nothing of marks
 
 
 def test_export_last_keeps_the_old_behaviour(recipe, tmp_path):

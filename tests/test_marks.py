@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from dapt.model.build import (
 )
 from dapt.runtime.card import saved_tokenizer_marks
 from dapt.runtime.checkpoint import verify_export
+from dapt.tasks import fill_mask, predict
 
 TEXT = "GET /tienda1/publico/anadir.jsp?idA=2&nombreA=Jam HTTP/1.1"
 
@@ -33,7 +35,10 @@ TEXT = "GET /tienda1/publico/anadir.jsp?idA=2&nombreA=Jam HTTP/1.1"
 def bert_folder(tmp_path_factory):
     """A tiny BERT with a real BertTokenizer (the class that rebuilds BERT's normalizer when it loads)."""
     words = generate(600, seed=3) + [TEXT.lower(), "x ^ y"] * 3  # BERT's vocabulary has ^ too
-    tok = BertTokenizer(vocab=train_wordpiece(words, 500, 64).get_vocab(), model_max_length=128)
+    vocab = train_wordpiece(words, 500, 64).get_vocab()
+    tok = BertTokenizer(
+        vocab=vocab, model_max_length=128, truncation_side="left", extra_special_tokens=["<id>"]
+    )
     path = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
     conf = BertConfig(
@@ -68,6 +73,16 @@ def test_marks_show_case_and_point_into_the_unmarked_text(bert_folder):
     letters = [(s, e) for t, (s, e) in pieces if t in ("a", "j")]  # each mark's letter begins a word
     assert ["idA=2&nombreA=Jam"[s:e] for s, e in marks] == ["A", "A", "J"]
     assert ["idA=2&nombreA=Jam"[s:e] for s, e in letters] == ["A", "A", "J"]
+    # the tokenizer's own settings come along (a generic class would fall back to its defaults)
+    for name in (
+        "truncation_side",
+        "model_max_length",
+        "model_input_names",
+        "all_special_ids",
+        "padding_side",
+    ):
+        assert getattr(marked, name) == getattr(plain, name), name
+    assert marked.truncation_side == "left" and marked.convert_tokens_to_ids("<id>") in marked.all_special_ids
     # marking twice is marking once; the unmarked text reads as before
     assert mark_capitals(marked, "t") is marked
     assert marked.backend_tokenizer.normalizer.normalize_str("Q") == "^q"
@@ -80,6 +95,7 @@ def test_marks_survive_save_and_reload_and_the_export_check_sees_them_lost(bert_
     marked.save_pretrained(tmp_path / "marked")
     again = AutoTokenizer.from_pretrained(tmp_path / "marked")
     assert marks_capitals(again) and again.tokenize(TEXT) == marked.tokenize(TEXT)
+    assert again.truncation_side == "left" and again.all_special_ids == plain.all_special_ids
     assert again(TEXT)["input_ids"][0] == plain.cls_token_id and again.mask_token_id == plain.mask_token_id
     # the trap: a BertTokenizer loads BERT's own normalizer, whatever tokenizer.json says
     config = tmp_path / "marked" / "tokenizer_config.json"
@@ -136,11 +152,35 @@ def test_a_marked_run_leaves_a_final_that_every_later_run_reads_marked(bert_fold
     assert marks_capitals(pretrained_tokenizer(later.model))
     assert marks_capitals(load_encoder(later, "cpu")[1]) and marks_capitals(load_masked_lm(later, "cpu")[1])
     assert marks_capitals(load_tokenizer(later, tmp_path))
-    # the base model unmarked unless asked
+    # the base model unmarked unless asked; asked, the scorers mark, but a model's own head cannot read new marks
     base = load_config(
         ["--model.name_or_path", str(bert_folder), "--output_dir", str(tmp_path / "b")], world_size=1
     )
     assert not marks_capitals(pretrained_tokenizer(base.model))
+    asked = dataclasses.replace(base, model=dataclasses.replace(base.model, mark_capitals=True))
+    assert marks_capitals(load_masked_lm(asked, "cpu")[1]) and marks_capitals(load_encoder(asked, "cpu")[1])
+    with pytest.raises(BadInput, match="trained without marks"):
+        fill_mask.load_model(asked)
+    with pytest.raises(BadInput, match="trained without marks"):
+        predict.classify_records(asked, [], False, "cpu", Counter())
+    # a resume with the flag flipped would turn the same text into other tokens mid-run
+    flipped = _mlm_recipe(tmp_path, corpus_file, bert_folder, mark_capitals=False)
+    with pytest.raises(BadInput, match="mark_capitals=true, this run has false"):
+        run_inprocess(
+            ["--recipe", flipped, "--train.max_steps=4", "--train.rebuild_schedule=true", "--output_dir", out]
+        )
+
+
+def test_a_from_scratch_run_keeps_the_marks_its_tokenizer_was_trained_with(recipe, tmp_path):
+    out = tmp_path / "scratch"
+    run_inprocess(
+        ["--recipe", recipe, "--output_dir", out, "--train.max_steps=3", "--model.mark_capitals=true"]
+    )
+    assert marks_capitals(AutoTokenizer.from_pretrained(out / "final"))
+    with pytest.raises(BadInput, match="the tokenizer this run trained in .* marks capitals"):
+        run_inprocess(
+            ["--recipe", recipe, "--output_dir", out, "--train.max_steps=6", "--train.rebuild_schedule=true"]
+        )
 
 
 def test_marks_move_no_split_and_no_text(bert_folder, tmp_path):
@@ -154,16 +194,16 @@ def test_marks_move_no_split_and_no_text(bert_folder, tmp_path):
     runs = {}
     for name, flag in (("plain", "false"), ("marked", "true")):
         args = _anomaly_args(paths, bert_folder, tmp_path / name)
-        _run(args + ["--embed.fuse=[knn, lexical]", "--embed.fuse_rule=sum", f"--model.mark_capitals={flag}"])
+        fuse = ["--embed.fuse=[knn, mlm, lexical]", "--embed.fuse_rule=sum", "--embed.mask_patterns=2"]
+        _run(args + [*fuse, f"--model.mark_capitals={flag}"])
         rows = [r.split(",") for r in (tmp_path / name / "anomaly_scores.csv").read_text().splitlines()]
-        assert rows[0] == ["split", "id", "label", "score", "knn", "lexical"]
-        runs[name] = {(r[0], r[1]): (float(r[4]), float(r[5])) for r in rows[1:]}
-    assert runs["plain"].keys() == runs["marked"].keys()
-    assert all(runs["plain"][k][1] == runs["marked"][k][1] for k in runs["plain"])
-    assert (
-        sum(abs(runs["plain"][k][0] - runs["marked"][k][0]) > 1e-4 for k in runs["plain"])
-        > len(runs["plain"]) // 2
-    )
+        assert rows[0] == ["split", "id", "label", "score", "knn", "mlm", "lexical"]
+        runs[name] = {(r[0], r[1]): [float(x) for x in r[4:]] for r in rows[1:]}
+    plain, marked = runs["plain"], runs["marked"]
+    assert plain.keys() == marked.keys()
+    assert all(plain[k][2] == marked[k][2] for k in plain)  # lexical: the text as written
+    changed = [sum(abs(plain[k][col] - marked[k][col]) > 1e-4 for k in plain) for col in (0, 1)]
+    assert changed[0] > len(plain) // 2 and changed[1] > len(plain) // 10  # knn and mlm read the marks
 
 
 def test_canine_cannot_mark(tmp_path, corpus_file):

@@ -83,19 +83,26 @@ def mark_capitals(tokenizer, source: str) -> PreTrainedTokenizerFast:
         return tokenizer
     from tokenizers import normalizers
 
-    if backend.normalizer is not None and backend.normalizer.normalize_str("A") == "A":
+    if backend.normalizer is None or backend.normalizer.normalize_str("A") == "A":
         log.warning(
             "model.mark_capitals: the tokenizer of %s keeps case already; capitals are marked anyway", source
         )
     backend = copy.deepcopy(backend)
     own = [backend.normalizer] if backend.normalizer is not None else []
     backend.normalizer = normalizers.Sequence(capital_marks() + own)
-    marked = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        model_max_length=tokenizer.model_max_length,
-        padding_side=tokenizer.padding_side,
-        **tokenizer.special_tokens_map,
-    )
+    kept = {  # the settings a tokenizer class would otherwise bring back from its own defaults
+        name: getattr(tokenizer, name)
+        for name in (
+            "model_max_length",
+            "padding_side",
+            "truncation_side",
+            "model_input_names",
+            "clean_up_tokenization_spaces",
+            "extra_special_tokens",
+        )
+        if getattr(tokenizer, name, None) is not None
+    }
+    marked = PreTrainedTokenizerFast(tokenizer_object=backend, **kept, **tokenizer.special_tokens_map)
     unk = marked.unk_token_id
     if unk is not None and unk in marked(CAPITAL_MARK, add_special_tokens=False)["input_ids"]:
         raise BadInput(
@@ -105,17 +112,25 @@ def mark_capitals(tokenizer, source: str) -> PreTrainedTokenizerFast:
     return marked
 
 
-def pretrained_tokenizer(m):
+def pretrained_tokenizer(m, trained_for: str | None = None):
     """The tokenizer that model.tokenizer or model.name_or_path names, capitals marked when model.mark_capitals asks.
 
     A tokenizer that marks already (a marked run's final/) keeps its marks whatever the flag says: it is the one the
-    model was trained with.
+    model was trained with. `trained_for` (a task that uses the model's own head, "prediction"): the flag may not add
+    marks that the model's training did not have.
     """
     source = m.tokenizer or m.name_or_path
     tokenizer = from_config(AutoTokenizer.from_pretrained, m, tokenizer=True)
     if marks_capitals(tokenizer):  # kept whatever the flag says: the model was trained with it
-        log.info("the tokenizer of %s marks capitals (idA= is read as id ^ a =)", source)
+        log.info(
+            "the tokenizer of %s marks capitals (idA= is read as id ^ a =), as saved with the model", source
+        )
         return tokenizer
+    if m.mark_capitals and trained_for:
+        raise BadInput(
+            f"model.mark_capitals: {source} was trained without marks (its tokenizer does not mark), so {trained_for} "
+            "with marks would read text it never saw; leave the flag out (a marked run's final/ marks by itself)"
+        )
     if m.mark_capitals:
         log.info(
             "model.mark_capitals: the tokenizer of %s will read each capital as ^ and its letter", source

@@ -144,7 +144,7 @@ def write_model_card(
         *(
             [
                 "- tokenizer: reads each ASCII capital as `^` and its letter (`idA=` as `id ^ a =`; model.mark_capitals), "
-                "in its own normalizer: load it with AutoTokenizer and the marks come with it"
+                "in its own normalizer: load it with AutoTokenizer (transformers 5) and the marks come with it"
             ]
             if saved_tokenizer_marks(folder)
             else []

@@ -426,6 +426,12 @@ def client_state(
 def _check_same_data(client: dict, cfg: RunConfig, streams: int) -> None:
     """`streams`: the run's data streams (data.streams, or fewer where the data cannot fill them)."""
     saved = client.get("data", {})
+    marked = client.get("config", {}).get("model", {}).get("mark_capitals", False)
+    if marked != cfg.model.mark_capitals:
+        raise BadInput(
+            f"the checkpoint was written with model.mark_capitals={str(marked).lower()}, this run has "
+            f"{str(cfg.model.mark_capitals).lower()}: the same text would become other tokens; keep the setting"
+        )
     if saved.get("num_streams") != streams:
         raise BadInput(
             f"the checkpoint was written with data.streams={saved.get('num_streams')}, this run has "

@@ -28,7 +28,7 @@ def load_model(cfg: RunConfig):
             "runs/NAME/final, or a hub id)"
         )
     model = from_config(AutoModelForMaskedLM.from_pretrained, m).eval()
-    tokenizer = pretrained_tokenizer(m)
+    tokenizer = pretrained_tokenizer(m, trained_for="masked prediction")
     return model, tokenizer
 
 

@@ -106,7 +106,7 @@ def classify_records(cfg: RunConfig, docs: list[Document], labelled: bool, devic
     m = cfg.model
     model = from_config(AutoModelForSequenceClassification.from_pretrained, m, dtype=torch.float32)
     model = model.to(device).eval()
-    tokenizer = pretrained_tokenizer(m)
+    tokenizer = pretrained_tokenizer(m, trained_for="prediction")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     label2id = {label: i for i, label in enumerate(labels)}
     max_len = cfg.data.max_seq_length
