@@ -92,6 +92,9 @@ class Section(ReadOnly):
         return p + self.problems()
 
 
+CAPITAL_MARK = "^"  # model.mark_capitals: each ASCII capital is read as this and the letter
+
+
 @dataclass(kw_only=True)
 class ModelConfig(Section):
     name_or_path: str | None = None

@@ -17,7 +17,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 import dapt.model.canine  # noqa: F401  (registers CANINE's masked-LM class with AutoModelForMaskedLM)
-from dapt.config.schema import BadInput
+from dapt.config.schema import CAPITAL_MARK, BadInput
 from dapt.model.archs import position_limit
 from dapt.model.attention import FLASH_PACKED_MODELS
 from dapt.model.hub import HubError, from_config, pretrained
@@ -42,9 +42,6 @@ def label_maps(labels: list[str]) -> dict:
         "id2label": dict(enumerate(labels)),
         "label2id": {label: i for i, label in enumerate(labels)},
     }
-
-
-CAPITAL_MARK = "^"
 
 
 def capital_marks():

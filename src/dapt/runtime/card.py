@@ -85,7 +85,7 @@ def saved_tokenizer_marks(folder: Path) -> bool:
     """Whether the tokenizer saved in `folder` marks capitals (model.mark_capitals, or inherited from its base)."""
     from tokenizers import Tokenizer
 
-    from dapt.model.build import CAPITAL_MARK
+    from dapt.config.schema import CAPITAL_MARK
 
     path = folder / "tokenizer.json"
     normalizer = Tokenizer.from_file(str(path)).normalizer if path.exists() else None
