@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from conftest import run_inprocess
+from conftest import TINY_MODEL, run_inprocess
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer
 
 from dapt.cli.load import load_config
@@ -41,15 +41,8 @@ def bert_folder(tmp_path_factory):
     )
     path = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
-    conf = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertForMaskedLM(conf).save_pretrained(path)
+    fields = {**{k: v for k, v in TINY_MODEL.items() if k != "model_type"}, "max_position_embeddings": 128}
+    BertForMaskedLM(BertConfig(**fields, vocab_size=len(tok))).save_pretrained(path)
     tok.save_pretrained(path)
     assert type(AutoTokenizer.from_pretrained(path)) is BertTokenizer
     return path
