@@ -16,7 +16,8 @@ CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/ht
   twice: fused over every score, and fused over the model's own scores only (no lexical novelty).
 - the same DAPT again with model.mark_capitals (the tokenizer reads each capital as ^ and its letter; CSIC's attacks
   often append an upper-case letter to a parameter name, which an uncased tokenizer cannot see), its own scores fused
-  the same way; the two model-only fusions are compared on validation too.
+  the same way; and the unmarked DAPT's encoder scored with capitals marked (marks its DAPT never saw); the
+  model-only fusions are compared on validation too.
 
 The classifiers (NSL-KDD, DGA domains, Devign) are measured by bench/classify_value.py.
 
@@ -46,6 +47,7 @@ SEED_000 = {
 
 MODEL_ONLY = "+DAPT, model scores only"
 MARKED_MODEL = "+DAPT with capitals marked, model scores only"
+MARKED_AT_SCORING = "+DAPT, capitals marked at scoring only, model scores only"
 
 
 def base_model() -> str:
@@ -148,6 +150,18 @@ def main() -> int:
             [*score, f"--model.name_or_path={dapt / 'final'}", "--embed.fuse=[mahalanobis, knn, mlm]"],
             "anomaly.json",
         ),
+        # the unmarked DAPT's final/, its tokenizer marking only when scoring
+        MARKED_AT_SCORING: stages.run(
+            "csic_adapted_marked_model",
+            "anomaly.py",
+            [
+                *score,
+                f"--model.name_or_path={dapt / 'final'}",
+                "--model.mark_capitals=true",
+                "--embed.fuse=[mahalanobis, knn, mlm]",
+            ],
+            "anomaly.json",
+        ),
         MARKED_MODEL: stages.run(
             "csic_marked_model",
             "anomaly.py",
@@ -200,7 +214,7 @@ def validation_lines(csic: dict) -> list[str]:
     is judged before its test numbers are read."""
     runs = {
         k: csic[k]["fuse_validation"]
-        for k in (MODEL_ONLY, MARKED_MODEL)
+        for k in (MODEL_ONLY, MARKED_AT_SCORING, MARKED_MODEL)
         if csic.get(k, {}).get("fuse_validation")
     }
     if len(runs) < 2:
