@@ -112,7 +112,7 @@ class ModelConfig(Section):
     mark_capitals: bool = False
     """Write each ASCII capital as ^ and the letter in the tokenizer's normalizer (idA= is read as id ^ a =), so that an
     uncased model sees case; the text, its offsets and hash splits are untouched, but there are more tokens (about
-    30% on CSIC requests), and a ^ before a lower-case letter in the text reads as a capital. Saved with final/'s
+    28% on CSIC requests), and a ^ before a lower-case letter in the text reads as a capital. Saved with final/'s
     tokenizer (transformers 5 reloads it so), so every later run on it marks too; for adapting, fine-tuning,
     embedding and anomaly scoring (a prediction or fill-mask run cannot add marks its model was not trained
     with). For traffic whose attacks change case (CSIC: bench/results/dapt_value.md)."""
