@@ -95,6 +95,11 @@ class Section(ReadOnly):
 CAPITAL_MARK = "^"  # model.mark_capitals: each ASCII capital is read as this and the letter
 
 
+def normalizer_marks(normalizer) -> bool:
+    """Whether a tokenizers normalizer (or None) marks capitals as model.mark_capitals does."""
+    return normalizer is not None and normalizer.normalize_str("Q").startswith(CAPITAL_MARK)
+
+
 @dataclass(kw_only=True)
 class ModelConfig(Section):
     name_or_path: str | None = None

@@ -17,7 +17,7 @@ import transformers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 import dapt.model.canine  # noqa: F401  (registers CANINE's masked-LM class with AutoModelForMaskedLM)
-from dapt.config.schema import CAPITAL_MARK, BadInput
+from dapt.config.schema import CAPITAL_MARK, BadInput, normalizer_marks
 from dapt.model.archs import position_limit
 from dapt.model.attention import FLASH_PACKED_MODELS
 from dapt.model.hub import HubError, from_config, pretrained
@@ -54,8 +54,7 @@ def capital_marks():
 def marks_capitals(tokenizer) -> bool:
     """Whether the tokenizer's normalizer marks capitals (model.mark_capitals, or a marked run's saved tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    normalizer = backend.normalizer if backend is not None else None
-    return normalizer is not None and normalizer.normalize_str("Q").startswith(CAPITAL_MARK)
+    return normalizer_marks(backend.normalizer if backend is not None else None)
 
 
 def mark_capitals(tokenizer, source: str) -> PreTrainedTokenizerFast:

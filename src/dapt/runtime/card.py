@@ -85,11 +85,10 @@ def saved_tokenizer_marks(folder: Path) -> bool:
     """Whether the tokenizer saved in `folder` marks capitals (model.mark_capitals, or inherited from its base)."""
     from tokenizers import Tokenizer
 
-    from dapt.config.schema import CAPITAL_MARK
+    from dapt.config.schema import normalizer_marks
 
     path = folder / "tokenizer.json"
-    normalizer = Tokenizer.from_file(str(path)).normalizer if path.exists() else None
-    return normalizer is not None and normalizer.normalize_str("Q").startswith(CAPITAL_MARK)
+    return normalizer_marks(Tokenizer.from_file(str(path)).normalizer if path.exists() else None)
 
 
 def write_model_card(
