@@ -75,7 +75,7 @@ def measure(model: str, scores_csv: Path, views: list[str]) -> dict:
     attack, cpu = docs.valid_attack, torch.device("cpu")
     encoder, tokenizer = load_encoder(cfg, cpu)
     detectors = {
-        "knn": lambda: NearestNormal(cfg.embed.knn_k),
+        "knn": lambda: NearestNormal(cfg.embed.knn_k[0]),  # the committed scores' k (5)
         "mahalanobis": lambda: Mahalanobis(cfg.embed.shrinkage),
     }
     out = {}

@@ -7,7 +7,7 @@ domain-adaptive MLM, every stage an ordinary dapt command.
 CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/http_anomaly.yaml):
 - DAPT: launch/mlm.py on the normal training requests (all-MiniLM-L6-v2 has no MLM head; the run trains one);
 - each encoder scored by launch/anomaly.py with embed.score=fused, which reports each of its components as well:
-  Mahalanobis distance of mean-pooled embeddings, cosine distance to the 5th nearest normal training request's
+  Mahalanobis distance of mean-pooled embeddings, cosine distance to the k-th nearest normal training request's
   embedding (centred), MLM surprise (the adapted encoder only: the base has no MLM head),
   and the lexical novelty of character n-grams (no model; the same for both). Validation is 20% of the test files,
   chosen by a hash of each request and never reported; its normal requests set the threshold for 5% false
@@ -17,7 +17,9 @@ CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/ht
 - the same DAPT again with model.mark_capitals (the tokenizer reads each capital as ^ and its letter; CSIC's attacks
   often append an upper-case letter to a parameter name, which an uncased tokenizer cannot see), its own scores fused
   the same way; and the unmarked DAPT's encoder scored with capitals marked (marks its DAPT never saw); the
-  model-only fusions are compared on validation too.
+  model-only fusions are compared on validation too;
+- the marked-at-scoring run again with knn's k chosen on validation among embed.knn_k's (5, 1, 10) (the rows before
+  it keep k=5, as they were measured).
 
 The classifiers (NSL-KDD, DGA domains, Devign) are measured by bench/classify_value.py.
 
@@ -48,6 +50,7 @@ SEED_000 = {
 MODEL_ONLY = "+DAPT, model scores only"
 MARKED_MODEL = "+DAPT with capitals marked, model scores only"
 MARKED_AT_SCORING = "+DAPT, capitals marked at scoring only, model scores only"
+KNN_CHOSEN = "+DAPT, capitals marked at scoring only, knn's k chosen on validation, model scores only"
 
 
 def base_model() -> str:
@@ -127,12 +130,14 @@ def main() -> int:
     marked = stages.run(
         "csic_dapt_marked", "mlm.py", [*adapt, "--model.mark_capitals=true"], "final/config.json"
     )
-    score = [
+    chosen_k = [
         "--recipe=recipes/http_anomaly.yaml",
         "--embed.score=fused",
         "--embed.valid_from_test=0.2",
         *b["csic_score"],
     ]
+    # the rows measured before embed.knn_k chose k on validation keep their k
+    score = [*chosen_k, "--embed.knn_k=5"]
     csic = {
         "base": stages.run(
             "csic_base",
@@ -168,6 +173,18 @@ def main() -> int:
             [*score, f"--model.name_or_path={marked / 'final'}", "--embed.fuse=[mahalanobis, knn, mlm]"],
             "anomaly.json",
         ),
+        # the same as MARKED_AT_SCORING with knn's k among embed.knn_k's (5, 1, 10), chosen on validation
+        KNN_CHOSEN: stages.run(
+            "csic_adapted_marked_model_knn_k",
+            "anomaly.py",
+            [
+                *chosen_k,
+                f"--model.name_or_path={dapt / 'final'}",
+                "--model.mark_capitals=true",
+                "--embed.fuse=[mahalanobis, knn, mlm]",
+            ],
+            "anomaly.json",
+        ),
     }
     csic = {k: json.loads((v / "anomaly.json").read_text()) for k, v in csic.items()}
 
@@ -182,6 +199,8 @@ def main() -> int:
         "csic": {
             name: {
                 "scores": anomaly_rows(r, components=name != MODEL_ONLY),  # its components are +DAPT's
+                "knn_k": r.get("knn_k"),
+                "knn_k_validation": r.get("knn_k_validation"),
                 "token_score": r.get("token_score"),
                 "fused": r.get("fuse"),
                 "fuse_rule": r.get("fuse_rule"),
@@ -214,14 +233,14 @@ def validation_lines(csic: dict) -> list[str]:
     is judged before its test numbers are read."""
     runs = {
         k: csic[k]["fuse_validation"]
-        for k in (MODEL_ONLY, MARKED_AT_SCORING, MARKED_MODEL)
+        for k in (MODEL_ONLY, MARKED_AT_SCORING, MARKED_MODEL, KNN_CHOSEN)
         if csic.get(k, {}).get("fuse_validation")
     }
     if len(runs) < 2:
         return []
     lines = [
         "",
-        "## On validation: the model's own scores without and with capitals marked",
+        "## On validation: the model's own scores without and with capitals marked, and with knn's k chosen",
         "",
         "Recall at 5% FPR (the threshold at the normal validation requests' 95th percentile) / partial AUROC (to 5% "
         "FPR) on the validation requests, which choose the fusion.",

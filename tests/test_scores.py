@@ -23,7 +23,7 @@ from dapt.model.build import train_wordpiece
 from dapt.runtime.calibration import calibrations, threshold_for
 from dapt.runtime.detectors import evaluate_detector
 from dapt.runtime.fusion import best_of, combine, fuse, separation, tail_scores
-from dapt.tasks.anomaly import valid_key
+from dapt.tasks.anomaly import choose_knn, valid_key
 
 ATTACK = "GET /shop/item.jsp?id=1'+OR+'1'='1&qty=2 HTTP/1.1\nHost: shop"
 
@@ -256,6 +256,31 @@ def test_choices_go_by_partial_auroc():
     assert best_of(table) == "a" and best_of({}) is None
 
 
+def test_knn_k_is_the_one_that_separates_validation_attacks():
+    """embed.knn_k's candidates are judged on validation: k=1 where each normal request has one exact form among the
+    fitted ones, k=5 where one stray normal document lies on each attack; the first without attacks."""
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    forms, attacks = unit(rng.normal(size=(60, 32))), unit(rng.normal(size=(40, 32)))
+    valid = np.r_[np.repeat(forms, 2, axis=0) + rng.normal(0, 0.01, (120, 32)), attacks]
+    is_attack = np.r_[np.zeros(120, bool), np.ones(40, bool)]
+    one_each, table = choose_knn(forms, valid, is_attack, [5, 1, 10], 0.05)
+    assert one_each.k == 1 and list(table) == ["k=5", "k=1", "k=10"]
+    assert table["k=1"]["partial_auroc"] > 0.95 > 0.7 > table["k=5"]["partial_auroc"]
+
+    crowded = np.r_[np.repeat(forms[:20], 5, axis=0) + rng.normal(0, 0.01, (100, 32)), attacks]  # + strays
+    valid = np.r_[forms[:20] + rng.normal(0, 0.01, (20, 32)), attacks]
+    is_attack = np.r_[np.zeros(20, bool), np.ones(40, bool)]
+    stray_proof, table = choose_knn(crowded, valid, is_attack, [1, 5, 10], 0.05)
+    assert stray_proof.k == 5 and table["k=5"]["partial_auroc"] > 0.95 > 0.7 > table["k=1"]["partial_auroc"]
+
+    assert choose_knn(crowded, valid, np.zeros(60, bool), [10, 1], 0.05)[0].k == 10  # nothing to choose by
+    assert choose_knn(crowded, valid, is_attack, [3], 0.05)[1] == {}  # one k: no table
+
+
 def test_unknown_tokens_are_scored(tokenizer):
     model = _bert(len(tokenizer))
     text = "GET /shop/item.jsp?id=\u2603\u2603 HTTP/1.1"  # a character the vocabulary lacks
@@ -362,7 +387,11 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
         again["fpr_at_most_max"] == sum(f <= 0.05 for f in again["test_fpr"])
         and fused["calibration"]["normal_needed"] == 59
     )
-    assert set(fused["components"]) == {"mahalanobis", "knn", "lexical"} and fused["knn_k"] == 5
+    assert set(fused["components"]) == {"mahalanobis", "knn", "lexical"}
+    ks = fused["knn_k_validation"]  # embed.knn_k's candidates, each judged on validation; knn uses the best
+    assert list(ks) == ["k=5", "k=1", "k=10"]
+    assert f"k={fused['knn_k']}" == max(ks, key=lambda c: (ks[c]["partial_auroc"], ks[c]["auroc"]))
+    assert fused["fuse_validation"]["knn"] == ks[f"k={fused['knn_k']}"]
     table = fused["fuse_validation"]  # each score alone, then each pair and the three, by each rule
     combos = ["mahalanobis+knn", "mahalanobis+lexical", "knn+lexical", "mahalanobis+knn+lexical"]
     assert list(table) == ["mahalanobis", "knn", "lexical"] + [
@@ -405,10 +434,11 @@ def test_every_score_runs_and_reports(tmp_path, http_docs, tokenizer):
     knn = _run(_anomaly_args(paths, headless, tmp_path / "knn") + ["--embed.score=knn", "--embed.knn_k=3"])
     assert knn["knn_k"] == 3 and "shrinkage" not in knn  # knn alone: no Gaussian fitted
     k3 = [r.split(",") for r in (tmp_path / "knn" / "anomaly_scores.csv").read_text().splitlines()[1:]]
-    k5 = {r[1]: float(r[5]) for r in (x.split(",") for x in rows[1:])}  # the fusion's knn column, k=5
+    assert fused["knn_k"] == 1  # these requests repeat a few exact forms: the nearest one separates best
+    k1 = {r[1]: float(r[5]) for r in (x.split(",") for x in rows[1:])}  # the fusion's knn column, k=1
     assert all(float(r[4]) == float(r[3]) >= 0 for r in k3)  # knn alone: the score is its column
-    assert all(float(r[4]) <= k5[r[1]] + 1e-6 for r in k3)  # the 3rd neighbour is no farther than the 5th
-    assert sum(float(r[4]) < k5[r[1]] - 1e-6 for r in k3) > len(k3) // 2
+    assert all(float(r[4]) >= k1[r[1]] - 1e-6 for r in k3)  # the 3rd neighbour is no nearer than the 1st
+    assert sum(float(r[4]) > k1[r[1]] + 1e-6 for r in k3) > len(k3) // 2
     with pytest.raises(NoMLMHead, match="no trained MLM head"):
         _run(_anomaly_args(paths, headless, tmp_path / "mlm") + ["--embed.score=mlm"])
     paths["normal_train"].write_text("GET /shop HTTP/1.1\n" + "x" * 5000)  # a record too long to read

@@ -827,9 +827,12 @@ class EmbedConfig(Section):
     """anomaly, mlm: what a token's surprise is."""
     top_k: int = 5
     """anomaly, mlm: the k of token_score=topk, and how many surprising tokens the report lists per finding."""
-    knn_k: int = 5
-    """anomaly, knn: a document's distance is to its k-th nearest normal training embedding (k > 1: one stray normal
-    document does not make its neighbourhood normal)."""
+    knn_k: list[int] = field(default_factory=lambda: [5, 1, 10])
+    """anomaly, knn: k, a document's distance is to its k-th nearest normal training embedding. Several: the one whose
+    distances separate the validation attacks best (knn_k_validation in anomaly.json; as token_score=auto chooses),
+    the first without validation attacks. k > 1: one stray normal training document does not make its neighbourhood
+    normal; k = 1: a request like one normal request is normal, which suits traffic of many exact forms (CSIC, with
+    1,200 documents fitted: bench/results/dapt_value.md)."""
     fuse: list[str] = choice(
         ["mahalanobis", "knn", "mlm", "lexical"],
         {
@@ -884,8 +887,12 @@ class EmbedConfig(Section):
                 ok = False
             if not ok:
                 p.append(f"embed.shrinkage: {self.shrinkage!r} must be ledoit_wolf or a number in [0, 1]")
-        for name in ("mask_patterns", "top_k", "knn_k", "ngram", "report_top"):
+        for name in ("mask_patterns", "top_k", "ngram", "report_top"):
             at_least(p, f"embed.{name}", getattr(self, name))
+        if not self.knn_k:
+            p.append("embed.knn_k: [] names no k; give one or more, e.g. [5]")
+        for k in self.knn_k:
+            at_least(p, "embed.knn_k", k)
         at_least(p, "embed.sample", self.sample, minimum=0)
         if not 0 < self.mask_rate <= 1:
             p.append(f"embed.mask_rate: {self.mask_rate} must be in (0, 1]")

@@ -40,7 +40,15 @@ from dapt.runtime import group
 from dapt.runtime.anomaly_report import log_result, plot_roc, write_report, write_scores
 from dapt.runtime.calibration import calibrations, guarantee
 from dapt.runtime.detectors import Mahalanobis, NearestNormal, by_rank
-from dapt.runtime.fusion import choose_fusion, component_results, fuse, resampled, separation
+from dapt.runtime.fusion import (
+    choose,
+    choose_fusion,
+    component_results,
+    fuse,
+    resampled,
+    separation,
+    separations,
+)
 from dapt.runtime.runner import start
 
 log = logging.getLogger("dapt")
@@ -154,9 +162,24 @@ def score_mahalanobis(
 
 def score_knn(scores: Scores, models: Models, cfg: RunConfig, device) -> tuple[np.ndarray, np.ndarray]:
     fit, valid, test = embeddings(scores, models, cfg, device)
-    detector = NearestNormal(cfg.embed.knn_k).fit(fit)
-    scores.chosen["knn_k"] = detector.k
+    detector, table = choose_knn(fit, valid, scores.valid_attack, cfg.embed.knn_k, cfg.embed.max_fpr)
+    scores.chosen |= {"knn_k": detector.k, "knn_k_validation": table}
     return by_rank(detector.score, valid), by_rank(detector.score, test)
+
+
+def choose_knn(
+    fit: np.ndarray, valid: np.ndarray, valid_attack: np.ndarray, ks: list[int], max_fpr: float
+) -> tuple[NearestNormal, dict]:
+    """The nearest-normal detector fitted on `fit` for the k of `ks` whose validation distances separate the
+    validation attacks best (the first without validation attacks, or with one k), and the table chosen by."""
+    detectors = {f"k={k}": NearestNormal(k).fit(fit) for k in dict.fromkeys(ks)}
+    if len(detectors) == 1:
+        return next(iter(detectors.values())), {}
+    best, table = choose(detectors, lambda c: detectors[c].score(valid), valid_attack, max_fpr)
+    detector = detectors[best or next(iter(detectors))]
+    why = separations(table) or "no attacks in the validation set to choose by (embed.valid_from_test)"
+    log.info("embed.score=knn takes k=%d: %s", detector.k, why)
+    return detector, table
 
 
 def score_lexical(scores: Scores, models: Models, cfg: RunConfig, device) -> tuple[np.ndarray, np.ndarray]:
