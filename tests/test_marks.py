@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from collections import Counter
 
 import pytest
 import torch
 import yaml
 from conftest import TINY_MODEL, run_inprocess
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer, CanineTokenizer
 
 from dapt.cli.load import load_config
 from dapt.config.schema import BadInput, ConfigError
@@ -36,8 +37,12 @@ def bert_folder(tmp_path_factory):
     """A tiny BERT with a real BertTokenizer (the class that rebuilds BERT's normalizer when it loads)."""
     words = generate(600, seed=3) + [TEXT.lower(), "x ^ y"] * 3  # BERT's vocabulary has ^ too
     vocab = train_wordpiece(words, 500, 64).get_vocab()
-    tok = BertTokenizer(
-        vocab=vocab, model_max_length=128, truncation_side="left", extra_special_tokens=["<id>"]
+    tok = BertTokenizer(  # settings off their defaults, so the marked tokenizer is seen to keep each
+        vocab=vocab,
+        model_max_length=128,
+        truncation_side="left",
+        padding_side="left",
+        extra_special_tokens=["<id>"],
     )
     path = tmp_path_factory.mktemp("bert")
     torch.manual_seed(0)
@@ -79,6 +84,8 @@ def test_marks_show_case_and_point_into_the_unmarked_text(bert_folder):
     # marking twice is marking once; the unmarked text reads as before
     assert mark_capitals(marked, "t") is marked
     assert marked.backend_tokenizer.normalizer.normalize_str("Q") == "^q"
+    every = marked.backend_tokenizer.normalizer.normalize_str(string.ascii_uppercase + string.ascii_lowercase)
+    assert every == "".join("^" + c for c in string.ascii_lowercase) + string.ascii_lowercase
     assert marked.tokenize("get /shop?id=2") == plain.tokenize("get /shop?id=2")
 
 
@@ -156,6 +163,22 @@ def test_a_marked_run_leaves_a_final_that_every_later_run_reads_marked(bert_fold
         fill_mask.load_model(asked)
     with pytest.raises(BadInput, match="trained without marks"):
         predict.classify_records(asked, [], False, "cpu", Counter())
+    # the entry scripts refuse it with the config's problems (exit 2), before the run starts and claims its folder
+    for prog in ("launch/predict.py", "launch/fill_mask.py"):
+        unmarked = [
+            f"--model.name_or_path={bert_folder}",
+            f"--output_dir={tmp_path / 'p'}",
+            *([f"--data.test={corpus_file}"] if prog == "launch/predict.py" else []),
+        ]
+        with pytest.raises(ConfigError, match=f"{bert_folder} was trained without marks"):
+            load_config([*unmarked, "--model.mark_capitals=true"], world_size=1, prog=prog)
+        load_config(unmarked, world_size=1, prog=prog)
+        load_config(  # a marked model: the flag asks for what it does already
+            [*unmarked[1:], f"--model.name_or_path={final}", "--model.mark_capitals=true"],
+            world_size=1,
+            prog=prog,
+        )
+    assert not (tmp_path / "p").exists()
     # a resume with the flag flipped would turn the same text into other tokens mid-run
     flipped = _mlm_recipe(tmp_path, corpus_file, bert_folder, mark_capitals=False)
     with pytest.raises(BadInput, match="mark_capitals=true, this run has false"):
@@ -209,3 +232,13 @@ def test_canine_cannot_mark(tmp_path, corpus_file):
     cfg = dataclasses.replace(cfg, model=canine)
     with pytest.raises(BadInput, match="CANINE"):
         load_tokenizer(cfg, tmp_path)
+
+
+def test_marks_need_a_caret_in_the_vocabulary_and_a_fast_tokenizer(tmp_path):
+    """A vocabulary without ^ would read every mark as [UNK]; a slow tokenizer has no normalizer to mark in."""
+    no_caret = train_wordpiece(generate(300, seed=5), 300, 64)
+    assert "^" not in no_caret.get_vocab()
+    with pytest.raises(BadInput, match="no token for"):
+        mark_capitals(no_caret, "t")
+    with pytest.raises(BadInput, match="has no tokenizers normalizer"):
+        mark_capitals(CanineTokenizer(), "canine")

@@ -254,6 +254,8 @@ def test_choices_go_by_partial_auroc():
         "b": {"recall_at_max_fpr": 0.3, "partial_auroc": 0.6, "auroc": 0.9},
     }
     assert best_of(table) == "a" and best_of({}) is None
+    tied = {"a": {"partial_auroc": 0.9, "auroc": 0.8}, "b": {"partial_auroc": 0.9, "auroc": 0.95}}
+    assert best_of(tied) == "b"  # a tie (partial AUROC saturates at 1) goes to the better AUROC
 
 
 def test_knn_k_is_the_one_that_separates_validation_attacks():
@@ -314,6 +316,9 @@ def test_score_config_errors_come_together():
         "embed.knn_k",
     ):
         assert key in str(e.value), key
+    for ks, problem in (("[]", r"embed.knn_k: \[\] names no k"), ("[5,0]", "embed.knn_k: 0 must be >= 1")):
+        with pytest.raises(ConfigError, match=problem):
+            load_config([f"--embed.knn_k={ks}"])
     with pytest.raises(ConfigError, match="leave data.valid empty"):
         load_config(["--embed.valid_from_test=0.2", "--data.valid=[x.txt]"])
 
@@ -672,6 +677,25 @@ def test_fused_validation_scores_are_drawn_as_new_ones():
         fused_valid, fused_test = fuse(values, list("abc"), "max", np.zeros(60, bool))
         over.append(float((fused_test > threshold_for(fused_valid, 0.05, "bound", 0.95)).mean()) > 0.05)
     assert np.mean(over) <= 0.06
+
+
+def test_too_few_normal_documents_take_their_maximum_and_say_so_once(caplog):
+    """46 normal validation scores cannot give the bound's promise (59 needed): the threshold is their maximum, said
+    once per run however often the fusion and the re-splits ask."""
+    from dapt.runtime import calibration
+
+    calibration._WARNED.clear()  # said before in this process, by another test's run
+    scores = np.arange(46.0)
+    with caplog.at_level("WARNING", logger="dapt"):
+        assert {
+            threshold_for(np.random.default_rng(i).permutation(scores), 0.05, "bound") for i in range(5)
+        } == {45.0}
+    said = [r for r in caplog.records if "cannot keep the FPR" in r.getMessage()]
+    assert (
+        len(said) == 1
+        and "46 normal validation documents" in said[0].getMessage()
+        and "59 needed" in said[0].getMessage()
+    )
 
 
 def test_resampling_measures_each_calibration_on_other_draws():

@@ -186,3 +186,29 @@ def test_a_mistyped_model_folder_is_named_and_leaves_the_run_folder_free(
     err = capsys.readouterr().err
     assert f"{tmp_path}/runs/clasify/final is not a folder" in err and "Repo id" not in err, err[-2000:]
     assert not (out / "dapt_run.json").exists()
+
+
+def test_a_folder_whose_run_produced_nothing_is_taken_by_the_corrected_command(tmp_path):
+    """A run that stopped after claiming its folder but before producing anything (input it refused at load) leaves
+    nothing to lose: the corrected command, of another configuration, takes the folder. Once anything is produced (a
+    metric, final/, a classifier's seed run) the folder is kept for its run."""
+    from dapt.cli.load import load_config
+    from dapt.config.schema import ConfigError
+    from dapt.runtime import folder
+
+    out = tmp_path / "run"
+
+    def config(lr):
+        return load_config([f"--train.lr={lr}", f"--output_dir={out}"], world_size=1, prog="launch/mlm.py")
+
+    folder.claim(config(0.001))
+    taken = config(0.002)  # nothing produced: no problem reported
+    folder.claim(taken)
+    assert json.loads((out / folder.CLAIM).read_text())["identity"]["train.lr"] == 0.002
+    for product in ("metrics.jsonl", "final", "seed_42"):
+        (out / product).mkdir()
+        with pytest.raises(ConfigError, match=r"of another configuration \(train.lr 0.002 -> 0.001\)"):
+            config(0.001)
+        folder.claim(config(0.002))  # its own run's claim is kept
+        assert json.loads((out / folder.CLAIM).read_text())["identity"]["train.lr"] == 0.002
+        (out / product).rmdir()

@@ -85,12 +85,28 @@ def _model_problems(cfg: RunConfig, check_files: bool) -> list[str]:
             p += [x for x in [availability_problem(m.tokenizer, "model.tokenizer")] if x]
     elif isinstance(m.config, str) and m.config and check_files:
         p += _pretrained_problems(cfg, m.config, "model.config")
+    p += _marks_problems(cfg, check_files)
     if m.revision is not None and (not m.name_or_path or Path(m.name_or_path).expanduser().exists()):
         p.append(
             f"model.revision: {m.revision!r} applies to hub models; model.name_or_path "
             f"{m.name_or_path!r} is {'a local folder' if m.name_or_path else 'not given'}"
         )
     return p
+
+
+def _marks_problems(cfg: RunConfig, check_files: bool) -> list[str]:
+    """model.mark_capitals on a prediction or fill-mask run whose model's saved tokenizer does not mark: refused here,
+    before the run starts (and claims its folder), as the run itself would refuse it."""
+    from dapt.model.build import TRAINED_FOR, unmarked_model
+    from dapt.runtime.card import saved_tokenizer_marks
+
+    source = cfg.model.tokenizer or cfg.model.name_or_path
+    if not (cfg.model.mark_capitals and cfg.task in TRAINED_FOR and source and check_files):
+        return []
+    saved = Path(source).expanduser()
+    if (saved / "tokenizer.json").is_file() and not saved_tokenizer_marks(saved):
+        return [unmarked_model(source, TRAINED_FOR[cfg.task])]
+    return []
 
 
 def _pretrained_problems(cfg: RunConfig, name: str, field: str = "model.name_or_path") -> list[str]:

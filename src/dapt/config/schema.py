@@ -870,7 +870,8 @@ class EmbedConfig(Section):
     sample: int = 0
     """anomaly: score at most this many documents of each split (normal training documents for the Mahalanobis and
     knn fit, validation, test), drawn by the run's seed: a CPU-sized look at a large test set. Lexical novelty is still
-    fitted on every normal training document. 0: all."""
+    fitted on every normal training document. 0: all. Keep enough normal documents in validation for
+    embed.calibration (bound: 59 for 5% at 95%; with embed.valid_from_test, attacks take part of the sample)."""
     report_top: int = 50
     """anomaly: the findings shown in anomaly_report.md (anomaly_report.jsonl has every flagged document)."""
 

@@ -108,6 +108,18 @@ def mark_capitals(tokenizer, source: str) -> PreTrainedTokenizerFast:
     return marked
 
 
+# the tasks that use a model's own head: the flag may not add marks their model's training did not have
+TRAINED_FOR = {"predict": "prediction", "fill_mask": "masked prediction"}
+
+
+def unmarked_model(source: str, trained_for: str) -> str:
+    """Why model.mark_capitals may not mark for a model trained without marks."""
+    return (
+        f"model.mark_capitals: {source} was trained without marks (its tokenizer does not mark), so {trained_for} "
+        "with marks would read text it never saw; leave the flag out (a marked run's final/ marks by itself)"
+    )
+
+
 def pretrained_tokenizer(m, trained_for: str | None = None):
     """The tokenizer that model.tokenizer or model.name_or_path names, capitals marked when model.mark_capitals asks.
 
@@ -123,10 +135,7 @@ def pretrained_tokenizer(m, trained_for: str | None = None):
         )
         return tokenizer
     if m.mark_capitals and trained_for:
-        raise BadInput(
-            f"model.mark_capitals: {source} was trained without marks (its tokenizer does not mark), so {trained_for} "
-            "with marks would read text it never saw; leave the flag out (a marked run's final/ marks by itself)"
-        )
+        raise BadInput(unmarked_model(source, trained_for))
     if m.mark_capitals:
         log.info(
             "model.mark_capitals: the tokenizer of %s will read each capital as ^ and its letter", source
@@ -209,7 +218,11 @@ def load_tokenizer(cfg, trained_dir: Path, texts: Iterable[str] | None = None):
         return tok
     if texts is None:
         raise BadInput(f"no trained tokenizer in {trained_dir}")
-    log.info("training a WordPiece tokenizer (vocab %d) on the training corpus", m.tokenizer_vocab_size)
+    log.info(
+        "training a WordPiece tokenizer (vocab %d) on the training corpus%s",
+        m.tokenizer_vocab_size,
+        ", each capital read as ^ and its letter (model.mark_capitals)" if m.mark_capitals else "",
+    )
     tok = train_wordpiece(texts, m.tokenizer_vocab_size, cfg.data.max_seq_length, mark=m.mark_capitals)
     tok.save_pretrained(trained_dir)
     return tok

@@ -54,6 +54,9 @@ def allowed_above(n: int, max_fpr: float, method: str = "quantile", confidence: 
     return int(np.flatnonzero(held)[-1]) if held.any() else -1
 
 
+_WARNED: set[tuple] = set()  # the too-few-documents cases already said
+
+
 def threshold_for(
     normal_scores: np.ndarray, max_fpr: float, method: str = "quantile", confidence: float = 0.95
 ) -> float:
@@ -62,6 +65,9 @@ def threshold_for(
     ranked = np.sort(np.asarray(normal_scores, dtype=float))
     k = allowed_above(len(ranked), max_fpr, method, confidence)
     if k < 0:
+        if (method, len(ranked), max_fpr) in _WARNED:  # once per run: fusion and the re-splits ask again
+            return float(ranked[-1])
+        _WARNED.add((method, len(ranked), max_fpr))
         log.warning(
             "embed.calibration=%s: %d normal validation documents cannot keep the FPR at %g (%d needed); the threshold "
             "is their maximum",

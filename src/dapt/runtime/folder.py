@@ -79,6 +79,14 @@ OUTPUTS = {
     "checkpoints": "mlm",
 }
 MARKS = (*OUTPUTS, "config.resolved.yaml", "summary.json", "final", "metrics.jsonl")
+# What a run has produced once it got anywhere: a folder claimed by a run that stopped before any of these (a model it
+# could not load, input it refused) holds nothing to lose, and the corrected command may take it
+PRODUCTS = tuple(m for m in MARKS if m != "config.resolved.yaml")
+
+
+def produced(folder: Path) -> bool:
+    """Whether a run in `folder` produced anything (PRODUCTS, or a classifier's seed_<s> runs)."""
+    return any((folder / m).exists() for m in PRODUCTS) or any(folder.glob("seed_*"))
 
 
 def default_output_dir(task: str | None) -> str:
@@ -144,7 +152,7 @@ def problems(cfg, task: str | None) -> list[str]:
                 "with --resume=never, or name a checkpoint of this task"
             ]
     held = read_claim(folder) if task in WRITERS else None
-    if held is None:
+    if held is None or not produced(folder):  # claimed by a run that stopped before producing anything
         return []
     where = f"output_dir {folder}"
     keep = f"; pass --output_dir=NEW for a new folder, or remove {folder} to start over there"
@@ -172,11 +180,14 @@ def claim(cfg) -> None:
     """Write dapt_run.json into cfg.output_dir (its task: cfg.task) unless it holds one; call on one rank. A folder that
     holds another task's run is refused here too (a run configured without the entry script's check)."""
     folder, task = Path(cfg.output_dir), cfg.task
-    if task not in WRITERS or (folder / CLAIM).exists():
+    if task not in WRITERS:
         return
-    held = read_claim(folder)
-    if held and held.get("task") not in (None, task):
-        raise ConfigError([problems(cfg, task)[0]])
+    if produced(folder):  # else: nothing of the run that claimed it (if one did) to lose; this run takes it
+        if (folder / CLAIM).exists():
+            return
+        held = read_claim(folder)
+        if held and held.get("task") not in (None, task):
+            raise ConfigError([problems(cfg, task)[0]])
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"task": task, "identity": run_identity(cfg, task)}
     (folder / CLAIM).write_text(json.dumps(doc, indent=1, default=str) + "\n")

@@ -18,7 +18,7 @@ def load_model(cfg: RunConfig):
     from transformers import AutoModelForMaskedLM
 
     import dapt.model.canine  # noqa: F401  (CANINE's masked-LM class)
-    from dapt.model.build import pretrained_tokenizer
+    from dapt.model.build import TRAINED_FOR, pretrained_tokenizer
     from dapt.model.hub import from_config
 
     m = cfg.model
@@ -28,7 +28,7 @@ def load_model(cfg: RunConfig):
             "runs/NAME/final, or a hub id)"
         )
     model = from_config(AutoModelForMaskedLM.from_pretrained, m).eval()
-    tokenizer = pretrained_tokenizer(m, trained_for="masked prediction")
+    tokenizer = pretrained_tokenizer(m, trained_for=TRAINED_FOR["fill_mask"])
     return model, tokenizer
 
 

@@ -100,13 +100,13 @@ def classify_records(cfg: RunConfig, docs: list[Document], labelled: bool, devic
     confusion matrix."""
     from transformers import AutoModelForSequenceClassification
 
-    from dapt.model.build import pretrained_tokenizer
+    from dapt.model.build import TRAINED_FOR, pretrained_tokenizer
     from dapt.model.hub import from_config
 
     m = cfg.model
     model = from_config(AutoModelForSequenceClassification.from_pretrained, m, dtype=torch.float32)
     model = model.to(device).eval()
-    tokenizer = pretrained_tokenizer(m, trained_for="prediction")
+    tokenizer = pretrained_tokenizer(m, trained_for=TRAINED_FOR["predict"])
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     label2id = {label: i for i, label in enumerate(labels)}
     max_len = cfg.data.max_seq_length
