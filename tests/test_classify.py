@@ -234,6 +234,7 @@ def _test_set_used_the_best_weights(out, summary, model):
     }
     assert all(torch.equal(final[k], weights[best][k]) for k in final)
     assert any(not torch.equal(final[k], weights[latest][k]) for k in final)
+    assert summary["test_checkpoint"] == best  # the test set saw final/'s weights, and says whose
     rows = [json.loads(x) for x in (out / "predictions_test.jsonl").read_text().splitlines()]
     assert len(rows) == sum(map(sum, summary["test"]["confusion_matrix"]))
     tokenizer = AutoTokenizer.from_pretrained(out / "final")

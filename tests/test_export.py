@@ -10,6 +10,7 @@ import torch
 from conftest import run_inprocess
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
 
 from dapt.runtime.checkpoint import safe_load
 
@@ -46,6 +47,9 @@ def test_final_is_the_best_evaluation_and_accuracy_rises_as_loss_falls(recipe, t
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "fill-mask"
     assert f"| eval loss | {best['eval/loss']:.4f} |" in card.text and "step_000000" in card.text
     assert "capital" not in card.text  # model.mark_capitals is off: the card says nothing of marks
+    # the tokenizer trained for this run's rows says how long a row the model takes (a classifier's may be longer)
+    positions = AutoConfig.from_pretrained(out / "final").max_position_embeddings
+    assert AutoTokenizer.from_pretrained(out / "final").model_max_length == positions
 
 
 def test_export_last_keeps_the_old_behaviour(recipe, tmp_path):

@@ -430,11 +430,14 @@ def validate(run: Run) -> Evaluation | None:
     return evaluation
 
 
-def log_evaluation(run: Run, evaluation: Evaluation, prefix: str) -> None:
+def log_evaluation(run: Run, evaluation: Evaluation, prefix: str, weights: str | None = None) -> None:
+    """One evaluation into metrics.jsonl (at the run's step) and the log; `weights`: the checkpoint evaluated, when it
+    is not the run's last step (the test set, on the exported checkpoint)."""
     figures = {k: v for k, v in evaluation.metrics.items() if isinstance(v, float | int)}
     run.metrics.log(run.state.step, {f"{prefix}/{k}": v for k, v in figures.items()})
     shown = evaluation.shown or (evaluation.metric,)
-    log.info("step %d %s %s", run.state.step, prefix, " ".join(f"{k} {figures[k]:.4f}" for k in shown))
+    at = f"{weights}'s weights" if weights else f"step {run.state.step}"
+    log.info("%s %s %s", at, prefix, " ".join(f"{k} {figures[k]:.4f}" for k in shown))
 
 
 def save(run: Run, evaluation: Evaluation | None) -> Path:
@@ -494,7 +497,8 @@ def finish(run: Run) -> dict:
     test = run.task.evaluate(run.engine, run.device, "test")
     if test is not None:
         summary["test"] = test.metrics
-        log_evaluation(run, test, "test")
+        summary["test_checkpoint"] = point.path.name  # the weights the test set saw: final/'s
+        log_evaluation(run, test, "test", point.path.name)
     final = export_hf(
         run.engine, run.task.tokenizer, point.path, out / "final", auto_class=run.task.auto_class
     )
