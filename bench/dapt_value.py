@@ -19,7 +19,9 @@ CSIC 2010 HTTP anomaly detection (recipes/secbert_http_mlm.yaml, then recipes/ht
   the same way; and the unmarked DAPT's encoder scored with capitals marked (marks its DAPT never saw); the
   model-only fusions are compared on validation too;
 - the marked-at-scoring run again with knn's k chosen on validation among embed.knn_k's (5, 1, 10) (the rows before
-  it keep k=5, as they were measured).
+  it keep k=5, as they were measured);
+- TAPT: the DAPT continued (100 steps at its settings) on the normal requests of the test files that scoring never
+  sees (neither validation nor the sampled test requests), then scored as the row before.
 
 The classifiers (NSL-KDD, DGA domains, Devign) are measured by bench/classify_value.py.
 
@@ -51,6 +53,7 @@ MODEL_ONLY = "+DAPT, model scores only"
 MARKED_MODEL = "+DAPT with capitals marked, model scores only"
 MARKED_AT_SCORING = "+DAPT, capitals marked at scoring only, model scores only"
 KNN_CHOSEN = "+DAPT, capitals marked at scoring only, knn's k chosen on validation, model scores only"
+TAPT_KNN_CHOSEN = "+DAPT+TAPT (unscored normal test-side requests), as the row above"
 
 
 def base_model() -> str:
@@ -80,7 +83,7 @@ def anomaly_rows(result: dict, components: bool = True) -> dict:
 def budget(full: bool, a) -> dict:
     """The stages' settings: the recipes as written (full) or the CPU budget."""
     if full:
-        return {"csic_dapt": [], "csic_score": []}
+        return {"csic_dapt": [], "csic_tapt": [], "csic_score": []}
     return {
         "csic_dapt": [
             f"--train.max_steps={a.steps}",
@@ -91,8 +94,51 @@ def budget(full: bool, a) -> dict:
             "--train.eval_batches=10",
             "--checkpoint.every=50",
         ],
+        # TAPT: 100 steps at the DAPT's settings
+        "csic_tapt": [
+            "--train.max_steps=100",
+            "--train.lr=1e-4",
+            "--train.warmup_steps=10",
+            "--train.grad_accum=1",
+            "--train.eval_every=100",
+            "--train.eval_batches=10",
+            "--checkpoint.every=50",
+        ],
         "csic_score": [f"--embed.sample={a.sample}"],
     }
+
+
+def test_side_normal(score: list[str], model: Path, out: Path) -> Path:
+    """TAPT's corpus: the normal requests of the CSIC test files that scoring never sees (neither validation nor among
+    the sampled test requests), one JSON record each, as the anomaly command reads them (volatile values replaced):
+    the normal traffic a site would adapt to before it scores its own."""
+    import os
+    from collections import Counter
+
+    from dapt.cli.load import load_config
+    from dapt.data.embedding import splits_of
+    from dapt.data.stream import in_valid_split
+    from dapt.tasks.anomaly import anomaly_splits, valid_key
+
+    if out.exists():
+        return out
+    os.chdir(ROOT)  # the recipe names ../shared/data relative to the repository
+    argv = [*score, f"--model.name_or_path={model}", f"--output_dir={out.parent / 'unused'}"]
+    cfg = load_config(argv, prog="launch/anomaly.py")
+    e = cfg.embed
+    scored = {d.id for split in anomaly_splits(cfg, Counter()).values() for d in split}
+    side = [
+        d.text
+        for d in splits_of(cfg, Counter(), labelled=True)["test"]
+        if d.label == e.normal_label
+        and not in_valid_split(valid_key(d, e.normal_label), e.valid_from_test)
+        and d.id not in scored
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".tmp").write_text("".join(json.dumps({"text": t}) + "\n" for t in side))
+    out.with_suffix(".tmp").rename(out)
+    print(f"[dapt_value] {len(side)} unscored normal test-side requests -> {out}", flush=True)
+    return out
 
 
 def main() -> int:
@@ -144,6 +190,21 @@ def main() -> int:
     ]
     # the rows measured before embed.knn_k chose k on validation keep their k
     score = [*chosen_k, "--embed.knn_k=5"]
+    # TAPT: the DAPT continued on the test traffic's normal side that is never scored
+    side = test_side_normal(chosen_k, dapt / "final", a.work / "data" / "csic_test_side_normal.jsonl")
+    tapt = stages.run(
+        "csic_tapt",
+        "mlm.py",
+        [
+            "--recipe=recipes/secbert_http_mlm.yaml",
+            f"--model.name_or_path={dapt / 'final'}",
+            "--data.format=jsonl",
+            f"--data.train=[{side}]",
+            *wandb,
+            *b["csic_tapt"],
+        ],
+        "final/config.json",
+    )
     csic = {
         "base": stages.run(
             "csic_base",
@@ -186,6 +247,18 @@ def main() -> int:
             [
                 *chosen_k,
                 f"--model.name_or_path={dapt / 'final'}",
+                "--model.mark_capitals=true",
+                "--embed.fuse=[mahalanobis, knn, mlm]",
+            ],
+            "anomaly.json",
+        ),
+        # KNN_CHOSEN after TAPT on the unscored normal test-side requests
+        TAPT_KNN_CHOSEN: stages.run(
+            "csic_tapt_marked_model_knn_k",
+            "anomaly.py",
+            [
+                *chosen_k,
+                f"--model.name_or_path={tapt / 'final'}",
                 "--model.mark_capitals=true",
                 "--embed.fuse=[mahalanobis, knn, mlm]",
             ],
@@ -241,7 +314,7 @@ def validation_lines(csic: dict) -> list[str]:
     is judged before its test numbers are read."""
     runs = {
         k: csic[k]["fuse_validation"]
-        for k in (MODEL_ONLY, MARKED_AT_SCORING, MARKED_MODEL, KNN_CHOSEN)
+        for k in (MODEL_ONLY, MARKED_AT_SCORING, MARKED_MODEL, KNN_CHOSEN, TAPT_KNN_CHOSEN)
         if csic.get(k, {}).get("fuse_validation")
     }
     if len(runs) < 2:
