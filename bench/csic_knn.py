@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, ROOT, machine, write_result
+from common import RESULTS, ROOT, machine, unscored_test_normals, write_result
 
 SCORES = RESULTS / "dapt_value_csic" / "marked_at_scoring_model_anomaly_scores.csv"
 KS = [5, 1, 10]
@@ -43,11 +43,10 @@ def measure(model: str) -> dict:
     import torch
 
     from dapt.cli.load import load_config
-    from dapt.data.embedding import embed_documents, load_encoder, splits_of
-    from dapt.data.stream import in_valid_split
+    from dapt.data.embedding import embed_documents, load_encoder
     from dapt.runtime.detectors import Mahalanobis, NearestNormal
     from dapt.runtime.fusion import choose_fusion, fuse, separation
-    from dapt.tasks.anomaly import anomaly_splits, choose_knn, read_documents, sample, valid_key
+    from dapt.tasks.anomaly import anomaly_splits, choose_knn, read_documents, sample
 
     args = [
         "--recipe=recipes/http_anomaly.yaml",
@@ -69,14 +68,7 @@ def measure(model: str) -> dict:
             raise SystemExit(f"the {split} requests or labels differ from {SCORES}'s: not the bench's split")
     fitted = {short(d.id) for d in docs.fit_docs}
     more = sample([d for d in docs.normal_train if short(d.id) not in fitted], MORE, cfg.seed + 1)
-    scored = {short(d.id) for d in docs.valid + docs.test}
-    test_side = [
-        d
-        for d in splits_of(cfg, Counter(), labelled=True)["test"]
-        if d.label == e.normal_label
-        and not in_valid_split(valid_key(d, e.normal_label), e.valid_from_test)
-        and short(d.id) not in scored
-    ]
+    test_side = unscored_test_normals(cfg, {d.id for d in docs.valid + docs.test})
     print(f"[csic_knn] {len(test_side)} unscored normal test-side requests; {MORE} drawn", flush=True)
     encoder, tokenizer = load_encoder(cfg, torch.device("cpu"))
 

@@ -39,7 +39,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, Stages, commands_section, machine, minilm_tokenizer, write_result
+from common import (
+    ROOT,
+    Stages,
+    commands_section,
+    machine,
+    minilm_tokenizer,
+    unscored_test_normals,
+    write_result,
+)
 
 SHARED = ROOT.parent / "shared" / "data"
 SEED_000 = {
@@ -116,24 +124,15 @@ def test_side_normal(score: list[str], model: Path, out: Path) -> Path:
     from collections import Counter
 
     from dapt.cli.load import load_config
-    from dapt.data.embedding import splits_of
-    from dapt.data.stream import in_valid_split
-    from dapt.tasks.anomaly import anomaly_splits, valid_key
+    from dapt.tasks.anomaly import anomaly_splits
 
     if out.exists():
         return out
     os.chdir(ROOT)  # the recipe names ../shared/data relative to the repository
     argv = [*score, f"--model.name_or_path={model}", f"--output_dir={out.parent / 'unused'}"]
     cfg = load_config(argv, prog="launch/anomaly.py")
-    e = cfg.embed
     scored = {d.id for split in anomaly_splits(cfg, Counter()).values() for d in split}
-    side = [
-        d.text
-        for d in splits_of(cfg, Counter(), labelled=True)["test"]
-        if d.label == e.normal_label
-        and not in_valid_split(valid_key(d, e.normal_label), e.valid_from_test)
-        and d.id not in scored
-    ]
+    side = [d.text for d in unscored_test_normals(cfg, scored)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".tmp").write_text("".join(json.dumps({"text": t}) + "\n" for t in side))
     out.with_suffix(".tmp").rename(out)

@@ -255,11 +255,11 @@ def model_config(cfg, tokenizer):
         if token_id is not None and hasattr(conf, f"{name}_token_id"):
             setattr(conf, f"{name}_token_id", token_id)
     grow_positions(conf, cfg.data.max_seq_length)
+    # a tokenizer trained for data.max_seq_length rows takes the model's length: saved in final/ with the shorter one,
+    # a later run's longer rows would warn of indexing errors
     limit = position_limit(conf)
-    if limit and (tokenizer.model_max_length or 0) < limit:  # trained for data.max_seq_length rows: saved in
-        tokenizer.model_max_length = (
-            limit  # final/ with it, later runs' longer rows would warn of indexing errors
-        )
+    if limit and (tokenizer.model_max_length or 0) < limit:
+        tokenizer.model_max_length = limit
     return conf
 
 

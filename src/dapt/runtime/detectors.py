@@ -6,6 +6,7 @@ says what a score achieves on labelled documents at a given threshold.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -55,12 +56,17 @@ class NearestNormal:
     def fit(self, x: np.ndarray) -> NearestNormal:
         self.mean = x.mean(axis=0, dtype=np.float64)
         self.normal = self._unit(x)
-        self.k = min(self.requested, len(x))  # the k used, for anomaly.json
-        if self.k < self.requested:
+        return self.with_k(self.requested)
+
+    def with_k(self, k: int) -> NearestNormal:
+        """This fitted detector at another k, sharing its normal embeddings (no second copy)."""
+        other = copy.copy(self)
+        other.requested, other.k = k, min(k, len(self.normal))  # the k used, for anomaly.json
+        if other.k < k:
             log.warning(
-                "embed.knn_k=%d, but %d normal documents were embedded: k=%d", self.requested, len(x), self.k
+                "embed.knn_k=%d, but %d normal documents were embedded: k=%d", k, len(self.normal), other.k
             )
-        return self
+        return other
 
     def _unit(self, x: np.ndarray) -> np.ndarray:
         centred = x.astype(np.float64) - self.mean

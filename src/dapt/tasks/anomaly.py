@@ -172,7 +172,8 @@ def choose_knn(
 ) -> tuple[NearestNormal, dict]:
     """The nearest-normal detector fitted on `fit` for the k of `ks` whose validation distances separate the
     validation attacks best (the first without validation attacks, or with one k), and the table chosen by."""
-    detectors = {f"k={k}": NearestNormal(k).fit(fit) for k in dict.fromkeys(ks)}
+    fitted = NearestNormal(ks[0]).fit(fit)  # one normalised copy of the fit set, shared by every k
+    detectors = {f"k={k}": fitted.with_k(k) for k in dict.fromkeys(ks)}
     if len(detectors) == 1:
         return next(iter(detectors.values())), {}
     best, table = choose(detectors, lambda c: detectors[c].score(valid), valid_attack, max_fpr)
