@@ -10,7 +10,10 @@ validation enlarged to --valid documents (a hashed share of the training data, a
 every --eval-every steps, so one run shows what more steps would buy. What is tried and why:
 - nsl_kdd_categories: the step budget (100 -> --kdd-steps), and classify.class_weights=sqrt_inverse against the
   rare r2l and u2r rows (inverse weights would put u2r 1,500x above normal).
-- dga: the step budget (200 -> --dga-steps): 200 steps of 64 names see 15% of one epoch.
+- dga: the step budget (200 -> --dga-steps): 200 steps of 64 names see 15% of one epoch; at that budget, the names
+  read character by character (the base's weights, its tokenizer splitting every character before WordPiece:
+  common.characters_copy), and +DAPT (bench/classify_value.py's MLM stage on the andrewaeva domain lists, 100 steps).
+Candidates that have run are kept in the results: a run of some (--candidates) replaces only theirs.
 Devign is left out at this budget: 100 steps from the base stayed at the chance loss (0.69), and a code model at
 512 tokens (the recipe, on a GPU) is the lever, not a CPU sweep. Writes bench/results/classify_tune.json and .md.
 """
@@ -19,34 +22,86 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
-from classify_value import plan
-from common import ROOT, Stages, commands_section, machine, minilm_tokenizer, write_result
+from classify_value import adapted, plan
+from common import (
+    RESULTS,
+    ROOT,
+    Stages,
+    characters_copy,
+    commands_section,
+    machine,
+    minilm_tokenizer,
+    write_result,
+)
 
 TASKS = ["nsl_kdd_categories", "dga"]
 
 
-def candidates(a) -> dict[str, dict[str, tuple[list[str], str]]]:
-    """Per task: candidate name -> (arguments over the base command, why it is tried)."""
+def candidates(a) -> dict[str, dict[str, tuple[list[str], str, str]]]:
+    """Per task: candidate name -> (arguments over the base command, why it is tried, the encoder: base, characters
+    (the base reading each character) or an MLM row of bench/classify_value.py's plan, +DAPT)."""
     kdd, dga = a.kdd_steps, a.dga_steps
     return {
         "nsl_kdd_categories": {
             f"{kdd} steps": (
                 [f"--train.max_steps={kdd}"],
                 "the committed 100 steps saw 1,600 of 125,973 rows",
+                "base",
             ),
             f"{kdd} steps, sqrt_inverse": (
                 [f"--train.max_steps={kdd}", "--classify.class_weights=sqrt_inverse"],
                 "r2l and u2r are 0.8% and 0.04% of the training rows",
+                "base",
             ),
         },
         "dga": {
-            f"{dga} steps": ([f"--train.max_steps={dga}"], "the committed 200 steps saw 15% of one epoch"),
+            f"{dga} steps": (
+                [f"--train.max_steps={dga}"],
+                "the committed 200 steps saw 15% of one epoch",
+                "base",
+            ),
+            f"{dga} steps, characters": (
+                [f"--train.max_steps={dga}"],
+                "WordPiece reads a random name as a few odd pieces (xjkq9wz: x ##jk ##q ##9 ##w ##z); the n-gram "
+                "baseline reads characters",
+                "characters",
+            ),
+            f"{dga} steps, +DAPT": (
+                [f"--train.max_steps={dga}"],
+                "+DAPT gained 0.005 at 200 steps (classify_value.md): does it hold at the chosen budget?",
+                "+DAPT",
+            ),
         },
     }
+
+
+def encoder(kind: str, task: str, stages: Stages, work: Path, budget) -> str:
+    """The folder of a candidate's encoder (see candidates)."""
+    base = minilm_tokenizer()
+    if kind == "base":
+        return base
+    if kind == "characters":
+        return characters_copy(base, work / "minilm_chars")
+    return adapted(task, plan(task, work, budget), stages, budget, until=kind)[kind]
+
+
+def kept(result: dict) -> dict:
+    """`result` with the committed results' candidates that this run did not run (their commands and minutes too)."""
+    path = Path(os.environ.get("DAPT_BENCH_RESULTS") or RESULTS) / "classify_tune.json"
+    if not path.exists():
+        return result
+    old = json.loads(path.read_text())
+    for task, rows in old["tasks"].items():
+        result["tasks"][task] = {**rows, **result["tasks"].get(task, {})}
+    result["commands"] = {**old["commands"], **result["commands"]}
+    result["minutes"] = {**old["minutes"], **result["minutes"]}
+    return result
 
 
 def without(args: list[str], *keys: str) -> list[str]:
@@ -76,12 +131,12 @@ def main() -> int:
     ap.add_argument(
         "--candidates",
         default="",
-        help="comma-separated candidate names to run (a budget's choice); empty: all",
+        help="comma-separated stage names of the candidates to run (dga_1000_steps_characters); empty: all",
     )
     a = ap.parse_args()
     # classify_value's CPU plan, as its own options would give it (the steps replaced per candidate)
     budget = argparse.Namespace(full=False, kdd_steps=100, dga_steps=200, devign_steps=100, mlm_steps=100)
-    stages, base = Stages(a.work, "classify_tune", minilm_tokenizer()), minilm_tokenizer()
+    stages = Stages(a.work, "classify_tune", minilm_tokenizer())
     started, results = time.time(), {}
     for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
         p = plan(task, a.work, budget)
@@ -91,24 +146,25 @@ def main() -> int:
         metric = "accuracy" if task == "dga" else "macro_f1"  # the recipes' classify.metric
         results[task] = {}
         chosen = [c.strip() for c in a.candidates.split(",") if c.strip()]
-        for name, (args, why) in candidates(a)[task].items():
-            if chosen and name not in chosen:
+        for name, (args, why, kind) in candidates(a)[task].items():
+            stage = f"{task}_{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}"
+            if chosen and stage not in chosen:
                 continue
             out = stages.run(
-                f"{task}_{name.replace(' ', '_').replace(',', '')}",
+                stage,
                 "classify.py",
                 [
                     f"--recipe={p['recipe']}",
-                    f"--model.name_or_path={base}",
+                    f"--model.name_or_path={encoder(kind, task, stages, a.work, budget)}",
                     *common,
                     "--data.test=[]",
                     f"--data.valid_max_docs={a.valid}",
                     f"--train.eval_every={a.eval_every}",
                     *args,
                 ],
-                "eval_valid.json",
+                "summary.json",  # written at the end (eval_valid.json: at each better evaluation)
             )
-            results[task][name] = {"why": why, "arguments": args, **curve(out, metric)}
+            results[task][name] = {"why": why, "arguments": args, "encoder": kind, **curve(out, metric)}
     result = {
         "bench": "classify_tune",
         "machine": machine(),
@@ -120,7 +176,7 @@ def main() -> int:
         "commands": stages.commands,
         "tasks": results,
     }
-    path = write_result("classify_tune", result)
+    path = write_result("classify_tune", kept(result))
     path.with_suffix(".md").write_text(markdown(result))
     return 0
 

@@ -62,18 +62,29 @@ def hashed_tenth(key: str, salt: str) -> bool:
 # ------------------------------------------------------------------ metrics, the same for every row
 
 
-def scores(labels: list[str], cm: np.ndarray) -> dict:
+def scores(labels: list[str], cm: np.ndarray, categories: dict[str, str] | None = None) -> dict:
     """Macro-F1 over the classes with test rows, accuracy and each such class's recall, from a confusion matrix (rows:
-    true, columns: predicted) over `labels`."""
+    true, columns: predicted) over `labels`. With `categories` (attack name -> category; NSL-KDD's attack level), also
+    each category's recall: the share of its rows predicted as an attack of that category (r2l and u2r named)."""
     cm = np.asarray(cm, dtype=float)
     present = [k for k in range(len(labels)) if cm[k].sum()]
     f1 = [2 * cm[k, k] / (cm[k].sum() + cm[:, k].sum()) for k in present]
-    return {
+    out = {
         "macro_f1": float(np.mean(f1)),
         "accuracy": float(np.trace(cm) / cm.sum()),
         "recall": {labels[k]: float(cm[k, k] / cm[k].sum()) for k in present},
         "test_rows": int(cm.sum()),
     }
+    if categories:
+        names = sorted(set(categories.values()))
+        to = np.zeros((len(labels), len(names)))
+        for k, label in enumerate(labels):
+            to[k, names.index(categories[label])] = 1
+        folded = to.T @ cm @ to  # rows and columns summed by category
+        out["category_recall"] = {
+            c: float(folded[i, i] / folded[i].sum()) for i, c in enumerate(names) if folded[i].sum()
+        }
+    return out
 
 
 def confusion(labels: list[str], truth: list[str], predicted: list[str]) -> np.ndarray:
@@ -90,17 +101,19 @@ def summary(per_seed: dict[int, dict]) -> dict:
     for key in ("macro_f1", "accuracy"):
         values = [s[key] for s in per_seed.values()]
         out[key] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
-    classes = sorted({c for s in per_seed.values() for c in s["recall"]})
-    out["recall"] = {c: float(np.mean([s["recall"].get(c, 0.0) for s in per_seed.values()])) for c in classes}
+    for key in ("recall", "category_recall"):
+        classes = sorted({c for s in per_seed.values() for c in s.get(key, {})})
+        if classes:
+            out[key] = {c: float(np.mean([s[key].get(c, 0.0) for s in per_seed.values()])) for c in classes}
     return out
 
 
-def dapt_row(folder: Path) -> dict:
+def dapt_row(folder: Path, categories: dict[str, str] | None = None) -> dict:
     """A launch/classify.py run over classify.seeds: each seed's test figures from its eval_test.json."""
     per_seed = {}
     for seed in SEEDS:
         result = json.loads((folder / f"seed_{seed}" / "eval_test.json").read_text())
-        per_seed[seed] = scores(result["labels"], result["confusion_matrix"])
+        per_seed[seed] = scores(result["labels"], result["confusion_matrix"], categories)
     return summary(per_seed)
 
 
@@ -158,7 +171,8 @@ def forest(level: str, categories: dict[str, str], tests: list[Path]) -> list[di
     for seed in SEEDS:
         model = RandomForestClassifier(n_estimators=100, n_jobs=-1, random_state=seed).fit(x_train, train_y)
         for out, (x, y) in zip(per_seed, sets):
-            out[seed] = scores(labels, confusion(labels, y, list(model.predict(x))))
+            cm = confusion(labels, y, list(model.predict(x)))
+            out[seed] = scores(labels, cm, categories if level == "attacks" else None)
     return [summary(p) for p in per_seed]
 
 
@@ -208,7 +222,7 @@ def baseline(task: str, work: Path, categories: dict[str, str], full: bool) -> d
         level = "categories" if task == "nsl_kdd_categories" else "attacks"
         # the same forests on every KDDTest+ row too: how far the CPU budget's ninth is from the whole test file
         row, whole = forest(level, categories, [kdd_test(work, full), KDD / "KDDTest+.txt.gz"])
-        whole = {k: whole[k] for k in ("macro_f1", "accuracy", "recall")}
+        whole = {k: whole[k] for k in ("macro_f1", "accuracy", "recall", "category_recall") if k in whole}
         return {"name": "random forest, 41 features", **row, "on_all_of_kddtest": whole}
     if task == "dga":
         vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 5), sublinear_tf=True, min_df=2)
@@ -351,10 +365,12 @@ def warmup(args: list[str], a) -> list[str]:
     )
 
 
-def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str]) -> dict:
-    p, base = plan(task, work, a), minilm_tokenizer()
-    start, models = base, {"base": base}
-    for row, args in [] if task in a.base_only.split(",") else p["mlm"]:
+def adapted(task: str, p: dict, stages: Stages, a, until: str | None = None) -> dict[str, str]:
+    """Row -> encoder folder: the base, then each MLM stage of the plan `p` in order (each from the one before), up
+    to the row `until` (all of them by default)."""
+    start = minilm_tokenizer()
+    models = {"base": start}
+    for row, args in p["mlm"]:
         tag = f"{p.get('mlm_name', task)}_{row.strip('+').replace('+', '_').lower()}"
         out = stages.run(
             tag,
@@ -363,6 +379,14 @@ def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str
             "final/config.json",
         )
         start = models[row] = str(out / "final")
+        if row == until:
+            break
+    return models
+
+
+def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str]) -> dict:
+    p = plan(task, work, a)
+    models = {"base": minilm_tokenizer()} if task in a.base_only.split(",") else adapted(task, p, stages, a)
     rows = {}
     chosen = [r for r in a.rows.split(",") if r]
     for row, model in models.items() if not chosen else [(r, m) for r, m in models.items() if r in chosen]:
@@ -379,7 +403,7 @@ def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str
             ],
             "seeds_summary.json",
         )
-        rows[row] = dapt_row(out)
+        rows[row] = dapt_row(out, categories if task == "nsl_kdd_attacks" else None)
     started = time.time()
     rows = {"baseline": baseline(task, work, categories, a.full), **rows}
     stages.seconds[f"{task}_baseline"] = round(time.time() - started, 1)
@@ -499,7 +523,13 @@ def markdown(r: dict) -> str:
     ]
     for task, rows in r["tasks"].items():
         classes = sorted({c for row in rows.values() for c in row["recall"]})
-        shown = [c for c in classes if len(classes) <= 6 or c in ("r2l", "u2r")]
+        # every class where they are few; at attack level, each category's recall (r2l and u2r among them)
+        shown = [("recall", c, f"recall {c}") for c in classes] if len(classes) <= 6 else []
+        categories = sorted({c for row in rows.values() for c in row.get("category_recall", {})})
+        shown += [
+            ("category_recall", c, f"recall {c}" + ("" if c == "normal" else f" (any {c} attack)"))
+            for c in categories
+        ]
         lines += [
             "",
             f"## {task}"
@@ -510,13 +540,15 @@ def markdown(r: dict) -> str:
                 else ""
             ),
             "",
-            "| row | macro-F1 | accuracy | " + " | ".join(f"recall {c}" for c in shown) + " |",
-            "|---|---|---|" + "---|" * len(shown),
+            "| " + " | ".join(["row", "macro-F1", "accuracy", *(head for _, _, head in shown)]) + " |",
+            "|" + "---|" * (3 + len(shown)),
         ]
         for name, row in rows.items():
             label = f"baseline: {row['name']}" if name == "baseline" else f"MiniLM {name}"
-            recalls = " | ".join(f"{row['recall'].get(c, float('nan')):.3f}" for c in shown)
-            lines.append(f"| {label} | {cell(row['macro_f1'])} | {cell(row['accuracy'])} | {recalls} |")
+            recalls = [f"{row.get(key, {}).get(c, float('nan')):.3f}" for key, c, _ in shown]
+            lines.append(
+                "| " + " | ".join([label, cell(row["macro_f1"]), cell(row["accuracy"]), *recalls]) + " |"
+            )
     lines += [
         "",
         "A DAPT or TAPT row above the base encoder's macro-F1: "

@@ -106,6 +106,37 @@ def standin_tokenizer(folder: Path, texts: list[str]) -> str:
     return str(folder)
 
 
+def characters_copy(base: str, folder: Path) -> str:
+    """A copy of the model folder `base` whose tokenizer splits the text into single characters before its WordPiece
+    model (each character its own word, read as the vocabulary's single-character token: `xjkq.ru` as `x j k q . r
+    u`), saved in `folder` as a generic fast tokenizer (transformers 5 reloads tokenizer.json as written). For
+    bench/classify_tune.py's question whether a subword encoder reads DGA names better by their characters; the
+    weights are the base's."""
+    import copy
+    import shutil
+
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (folder / "tokenizer.json").exists():
+        return str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    split = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([backend.pre_tokenizer, split])
+    kept = {
+        name: getattr(tokenizer, name)
+        for name in ("model_max_length", "padding_side", "truncation_side", "model_input_names")
+    }
+    shutil.copytree(
+        base, folder, ignore=shutil.ignore_patterns("tokenizer*", "vocab.txt", "special_tokens_map.json")
+    )
+    PreTrainedTokenizerFast(tokenizer_object=backend, **kept, **tokenizer.special_tokens_map).save_pretrained(
+        folder
+    )
+    return str(folder)
+
+
 def child_env(**extra: str) -> dict:
     """The environment of a side run in its own process: offline, dapt's sources importable, no launcher variables
     left over from this process (each side starts its own single-rank group)."""
