@@ -104,6 +104,17 @@ def kept(result: dict) -> dict:
     return result
 
 
+def selected(task: str, rows: dict, chosen: str) -> list[tuple[str, str, tuple]]:
+    """(stage name, candidate name, candidate) of each candidate of `task` to run: those whose stage name (the task
+    and the candidate's name in lower case, `_` between words: dga_1000_steps_characters) the comma-separated
+    `chosen` lists; every one when it is empty."""
+    names = {c.strip() for c in chosen.split(",") if c.strip()}
+    staged = [
+        (f"{task}_{re.sub(r'[^a-z0-9]+', '_', n.lower()).strip('_')}", n, row) for n, row in rows.items()
+    ]
+    return [x for x in staged if not names or x[0] in names]
+
+
 def without(args: list[str], *keys: str) -> list[str]:
     return [x for x in args if not x.startswith(tuple(f"--{k}=" for k in keys))]
 
@@ -145,11 +156,7 @@ def main() -> int:
         )
         metric = "accuracy" if task == "dga" else "macro_f1"  # the recipes' classify.metric
         results[task] = {}
-        chosen = [c.strip() for c in a.candidates.split(",") if c.strip()]
-        for name, (args, why, kind) in candidates(a)[task].items():
-            stage = f"{task}_{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}"
-            if chosen and stage not in chosen:
-                continue
+        for stage, name, (args, why, kind) in selected(task, candidates(a)[task], a.candidates):
             out = stages.run(
                 stage,
                 "classify.py",

@@ -34,6 +34,7 @@ def test_characters_copy_reads_each_character_with_the_base_weights(bench, tmp_p
     ids = chars("xjkq9wz.ru")["input_ids"]
     assert ids[0] == trained.cls_token_id and ids[-1] == trained.sep_token_id and len(ids) == 12
     assert trained.unk_token_id not in ids
+    assert chars.special_tokens_map == trained.special_tokens_map and chars.model_max_length == 64
     assert (tmp_path / "chars" / "model.safetensors").read_bytes() == (
         base / "model.safetensors"
     ).read_bytes()
@@ -82,3 +83,110 @@ def test_attack_level_scores_name_each_categorys_recall(bench):
     assert out["recall"] == {"guess_passwd": 0.25, "neptune": 1.0, "normal": 0.9}
     assert out["category_recall"] == {"dos": 1.0, "normal": 0.9, "r2l": 0.5}
     assert out["accuracy"] == 15 / 19 and "category_recall" not in scores(labels, cm)
+
+
+class RecordedStages:
+    """bench/common.Stages' interface, each run recorded instead of started (the stages themselves are dapt commands,
+    tested on their own)."""
+
+    def __init__(self, work):
+        self.work, self.runs = work, []
+
+    def run(self, name, script, args, done):
+        self.runs.append((name, script, args))
+        return self.work / name
+
+
+def test_adapted_chains_each_mlm_stage_from_the_one_before_and_stops_at_the_row_asked(bench, tmp_path):
+    import argparse
+
+    from classify_value import adapted
+    from common import minilm_tokenizer
+
+    p = {
+        "mlm": [
+            ("+DAPT", ["--recipe=recipes/canine_domains_mlm.yaml"]),
+            ("+DAPT+TAPT", ["--recipe=recipes/dga_classifier.yaml"]),
+        ],
+        "mlm_budget": ["--train.max_steps=100"],
+    }
+    budget = argparse.Namespace(full=False, mlm_steps=100)
+    stages = RecordedStages(tmp_path)
+    models = adapted("dga", p, stages, budget)
+    assert [r[0] for r in stages.runs] == ["dga_dapt", "dga_dapt_tapt"]
+    assert f"--model.name_or_path={minilm_tokenizer()}" in stages.runs[0][2]
+    assert f"--model.name_or_path={tmp_path / 'dga_dapt' / 'final'}" in stages.runs[1][2]
+    assert models == {
+        "base": minilm_tokenizer(),
+        "+DAPT": str(tmp_path / "dga_dapt" / "final"),
+        "+DAPT+TAPT": str(tmp_path / "dga_dapt_tapt" / "final"),
+    }
+    stages = RecordedStages(tmp_path)
+    assert adapted("dga", p, stages, budget, until="+DAPT")["+DAPT"] == models["+DAPT"]
+    assert [r[0] for r in stages.runs] == ["dga_dapt"]  # the TAPT stage is not run for a +DAPT candidate
+
+
+def test_classify_tune_runs_the_candidates_named_on_their_encoders(bench, tmp_path, monkeypatch):
+    import argparse
+
+    import classify_tune
+    from classify_tune import candidates, encoder, selected
+
+    a = argparse.Namespace(kdd_steps=600, dga_steps=1000)
+    rows = candidates(a)["dga"]
+    assert [s for s, _, _ in selected("dga", rows, "")] == [
+        "dga_1000_steps",
+        "dga_1000_steps_characters",
+        "dga_1000_steps_dapt",
+    ]
+    chosen = selected("dga", rows, "dga_1000_steps_characters, nsl_kdd_categories_600_steps")
+    assert [(s, n) for s, n, _ in chosen] == [("dga_1000_steps_characters", "1000 steps, characters")]
+    monkeypatch.setattr(classify_tune, "minilm_tokenizer", lambda: "BASE")
+    monkeypatch.setattr(classify_tune, "characters_copy", lambda base, folder: f"{folder} from {base}")
+    assert encoder("base", "dga", None, tmp_path, None) == "BASE"
+    assert encoder(chosen[0][2][2], "dga", None, tmp_path, None) == f"{tmp_path / 'minilm_chars'} from BASE"
+
+
+def test_seed_summaries_and_the_attack_level_table(bench, tmp_path):
+    """Mean and population std over the seeds, every recall averaged (the categories' too), from each seed's test
+    confusion matrix; the attack-level table names each category's recall and no single attack's."""
+    from classify_value import SEEDS, dapt_row, markdown
+
+    labels = ["guess_passwd", "neptune", "normal", "warezmaster"]
+    categories = {"guess_passwd": "r2l", "warezmaster": "r2l", "neptune": "dos", "normal": "normal"}
+    matrices = {
+        42: [[2, 0, 2, 0], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 0]],
+        123: [[0, 0, 4, 0], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 0]],
+        456: [[1, 0, 1, 2], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 0]],
+    }
+    for seed in SEEDS:
+        (tmp_path / f"seed_{seed}").mkdir()
+        result = {"labels": labels, "confusion_matrix": matrices[seed]}
+        (tmp_path / f"seed_{seed}" / "eval_test.json").write_text(json.dumps(result))
+    row = dapt_row(tmp_path, categories)
+    assert row["accuracy"]["values"] == [10 / 12, 8 / 12, 9 / 12]
+    assert (
+        abs(row["accuracy"]["mean"] - 0.75) < 1e-12
+        and abs(row["accuracy"]["std"] - (2 / 3) ** 0.5 / 12) < 1e-12
+    )
+    assert (
+        row["recall"]["guess_passwd"] == 0.25 and abs(row["category_recall"]["r2l"] - 5 / 12) < 1e-12
+    )  # 2, 0 and 3 of 4
+    assert "category_recall" not in dapt_row(tmp_path)
+
+    machine = {"cpu": "test", "cores": 2}
+    result = {
+        "machine": machine,
+        "budget": {"kdd_steps": 100},
+        "seeds": SEEDS,
+        "tasks": {"nsl_kdd_attacks": {"base": row}},
+        "goals": {"adaptation_beats_base": {}},
+        "commands": {},
+        "minutes": {},
+    }
+    table = [line for line in markdown(result).splitlines() if line.startswith("|")]
+    assert table[0] == (
+        "| row | macro-F1 | accuracy | recall dos (any dos attack) | recall normal | recall r2l (any r2l attack) |"
+    )
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert table[2].endswith("| 1.000 | 1.000 | 0.417 |")
