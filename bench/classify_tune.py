@@ -183,7 +183,10 @@ def main() -> int:
         "commands": stages.commands,
         "tasks": results,
     }
-    path = write_result("classify_tune", kept(result))
+    result = kept(
+        json.loads(json.dumps(result))
+    )  # steps as the JSON keeps them (strings), like the kept rows
+    path = write_result("classify_tune", result)
     path.with_suffix(".md").write_text(markdown(result))
     return 0
 
@@ -193,11 +196,11 @@ def markdown(r: dict) -> str:
         "# Choosing the classifiers' CPU budget on validation (bench/classify_tune.py)",
         "",
         f"Machine: {r['machine'].get('gpu') or r['machine']['cpu']} ({r['machine']['cores']} cores). Seed "
-        f"{r['seed']}, the base all-MiniLM-L6-v2, up to {r['valid_documents']} validation documents (a hashed share "
+        f"{r['seed']}, all-MiniLM-L6-v2 (the candidate names another encoder where it starts elsewhere), up to {r['valid_documents']} validation documents (a hashed share "
         "of the training data); no test set was given to these runs.",
     ]
     for task, rows in r["tasks"].items():
-        steps = sorted({s for row in rows.values() for s in row["validation"]})
+        steps = sorted({s for row in rows.values() for s in row["validation"]}, key=int)
         lines += [
             "",
             f"## {task}: validation accuracy / macro-F1 by step",

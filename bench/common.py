@@ -170,6 +170,12 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__,
     }
+    try:  # the baselines' library: its solvers' results move between releases
+        import sklearn
+
+        info["scikit-learn"] = sklearn.__version__
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -71,6 +71,31 @@ def test_classify_tune_keeps_the_committed_candidates_it_did_not_rerun(bench, tm
     assert merged["minutes"] == {"dga_1000_steps": 17.8, "dga_1000_steps_characters": 20.0}
 
 
+def test_classify_tune_tables_the_kept_candidates_beside_the_new(bench, tmp_path, monkeypatch):
+    from classify_tune import kept, markdown
+
+    def row(curve):
+        return {"why": "w", "validation": curve}
+
+    committed = {
+        "tasks": {"dga": {"1000 steps": row({"200": {"accuracy": 0.9, "macro_f1": 0.9}})}},
+        "commands": {},
+        "minutes": {},
+    }
+    (tmp_path / "classify_tune.json").write_text(json.dumps(committed))
+    monkeypatch.setenv("DAPT_BENCH_RESULTS", str(tmp_path))
+    curve = {1000: {"accuracy": 0.97, "macro_f1": 0.97}, 200: {"accuracy": 0.8, "macro_f1": 0.8}}
+    new = {"tasks": {"dga": {"+DAPT": row(curve)}}, "commands": {}, "minutes": {}}
+    merged = kept(json.loads(json.dumps(new)))  # as classify_tune's main reads its own result back
+    lines = markdown({"machine": {"cpu": "test", "cores": 2}, "seed": 42, "valid_documents": 3000, **merged})
+    table = [line for line in lines.splitlines() if line.startswith("| ")]
+    assert table[0] == "| candidate | why | step 200 | step 1000 |"
+    assert table[1:] == [
+        "| 1000 steps | w | 0.900 / 0.900 |  |",
+        "| +DAPT | w | 0.800 / 0.800 | 0.970 / 0.970 |",
+    ]
+
+
 def test_attack_level_scores_name_each_categorys_recall(bench):
     """NSL-KDD at attack level: besides each attack's recall, the share of a category's rows predicted as any attack
     of that category (a guess_passwd row called warezmaster is an r2l caught)."""
