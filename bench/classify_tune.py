@@ -147,9 +147,20 @@ def main() -> int:
     a = ap.parse_args()
     # classify_value's CPU plan, as its own options would give it (the steps replaced per candidate)
     budget = argparse.Namespace(full=False, kdd_steps=100, dga_steps=200, devign_steps=100, mlm_steps=100)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if set(tasks) - set(TASKS):
+        raise SystemExit(
+            f"--tasks: {', '.join(sorted(set(tasks) - set(TASKS)))} unknown (tasks: {', '.join(TASKS)})"
+        )
+    known = {stage for task in tasks for stage, _, _ in selected(task, candidates(a)[task], "")}
+    unknown = sorted({c.strip() for c in a.candidates.split(",") if c.strip()} - known)
+    if unknown:  # else a misspelt name would run nothing and say nothing
+        raise SystemExit(
+            f"--candidates: {', '.join(unknown)} unknown (candidates: {', '.join(sorted(known))})"
+        )
     stages = Stages(a.work, "classify_tune", minilm_tokenizer())
     started, results = time.time(), {}
-    for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
+    for task in tasks:
         p = plan(task, a.work, budget)
         common = without(
             p["classify"], "data.test", "data.valid_max_docs", "train.max_steps", "train.eval_every"

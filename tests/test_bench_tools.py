@@ -221,3 +221,20 @@ def test_seed_summaries_and_the_attack_level_table(bench, tmp_path):
     )
     assert all(line.count("|") == table[0].count("|") for line in table)
     assert table[2].endswith("| 1.000 | 1.000 | 0.417 |")
+
+
+def test_classify_tune_refuses_a_candidate_or_task_it_does_not_have(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    def tune(*args):
+        script = [sys.executable, str(ROOT / "bench" / "classify_tune.py"), "--work", str(tmp_path), *args]
+        return subprocess.run(script, capture_output=True, text=True, env=child_env(), timeout=120)
+
+    typo = tune("--tasks", "dga", "--candidates", "dga_1000_steps_charakters")
+    assert typo.returncode == 1 and "--candidates: dga_1000_steps_charakters unknown" in typo.stderr
+    assert "dga_1000_steps_characters" in typo.stderr and not list(tmp_path.iterdir())
+    other = tune("--tasks", "devign")
+    assert other.returncode == 1 and "--tasks: devign unknown" in other.stderr
