@@ -48,6 +48,7 @@ SHARED = ROOT.parent / "shared" / "data"
 KDD = SHARED / "nsl_kdd"
 SEEDS = [42, 123, 456]
 TASKS = ["nsl_kdd_categories", "nsl_kdd_attacks", "dga", "devign"]
+ROWS = ["base", "+DAPT", "+TAPT", "+DAPT+TAPT"]  # the encoders a task's plan can fine-tune (--rows)
 GOALS = {  # the goals, each checked against this run's numbers
     "nsl_kdd_categories": "macro-F1 above the forest's and accuracy >= 0.81",
     "dga": "accuracy >= 0.99",
@@ -441,6 +442,14 @@ def main() -> int:
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise SystemExit(f"--tasks: {', '.join(unknown)} unknown (tasks: {', '.join(TASKS)})")
+    rows, base_only = ({x for x in v.split(",") if x} for v in (a.rows, a.base_only))
+    if rows - set(ROWS) or base_only - set(
+        TASKS
+    ):  # else a misspelt name would leave its rows out, saying nothing
+        raise SystemExit(
+            f"--rows: {', '.join(sorted(rows - set(ROWS))) or 'ok'} (rows: {', '.join(ROWS)}); --base-only: "
+            f"{', '.join(sorted(base_only - set(TASKS))) or 'ok'} (tasks: {', '.join(TASKS)})"
+        )
     if not SHARED.is_dir():
         raise SystemExit(
             f"this benchmark reads NSL-KDD, the domain lists and Devign from {SHARED}, which is absent"

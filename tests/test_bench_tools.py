@@ -238,3 +238,21 @@ def test_classify_tune_refuses_a_candidate_or_task_it_does_not_have(tmp_path):
     assert "dga_1000_steps_characters" in typo.stderr and not list(tmp_path.iterdir())
     other = tune("--tasks", "devign")
     assert other.returncode == 1 and "--tasks: devign unknown" in other.stderr
+
+
+def test_classify_value_refuses_a_row_or_task_name_it_does_not_have(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    script = [sys.executable, str(ROOT / "bench" / "classify_value.py"), "--work", str(tmp_path)]
+    typo = subprocess.run(
+        [*script, "--rows", "base,+DAPTT", "--base-only", "dgaa"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
+    assert typo.returncode == 1 and "--rows: +DAPTT (rows: base, +DAPT" in typo.stderr
+    assert "--base-only: dgaa (tasks:" in typo.stderr and not list(tmp_path.iterdir())
