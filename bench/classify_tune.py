@@ -225,7 +225,13 @@ def markdown(r: dict) -> str:
                 for s in steps
             ]
             lines.append(f"| {name} | {row['why']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + commands_section(r)) + "\n"
+    made = [
+        "",
+        "`$WORK/minilm_chars` (the characters candidates): all-MiniLM-L6-v2 with its tokenizer splitting every character "
+        "before WordPiece, made by the bench (bench/common.py, characters_copy). One candidate's rerun: `python "
+        "bench/classify_tune.py --tasks dga --candidates dga_1000_steps_characters` (the others' rows are kept).",
+    ]
+    return "\n".join(lines + made + commands_section(r)) + "\n"
 
 
 if __name__ == "__main__":
