@@ -116,7 +116,9 @@ def characters_copy(base: str, folder: Path) -> str:
     import shutil
 
     from tokenizers import Regex, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    from dapt.model.build import with_backend
 
     if (folder / "tokenizer.json").exists():
         return str(folder)
@@ -124,16 +126,10 @@ def characters_copy(base: str, folder: Path) -> str:
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
     split = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.pre_tokenizer = pre_tokenizers.Sequence([backend.pre_tokenizer, split])
-    kept = {
-        name: getattr(tokenizer, name)
-        for name in ("model_max_length", "padding_side", "truncation_side", "model_input_names")
-    }
     shutil.copytree(
         base, folder, ignore=shutil.ignore_patterns("tokenizer*", "vocab.txt", "special_tokens_map.json")
     )
-    PreTrainedTokenizerFast(tokenizer_object=backend, **kept, **tokenizer.special_tokens_map).save_pretrained(
-        folder
-    )
+    with_backend(tokenizer, backend).save_pretrained(folder)
     return str(folder)
 
 

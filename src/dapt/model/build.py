@@ -57,6 +57,25 @@ def marks_capitals(tokenizer) -> bool:
     return normalizer_marks(backend.normalizer if backend is not None else None)
 
 
+def with_backend(tokenizer, backend) -> PreTrainedTokenizerFast:
+    """`tokenizer` on another tokenizers backend (a changed normalizer or pre-tokenizer), as a generic fast tokenizer:
+    transformers reloads its tokenizer.json as written (a BertTokenizer would rebuild BERT's own parts), with the
+    settings a tokenizer class would otherwise bring back from its own defaults kept."""
+    kept = {
+        name: getattr(tokenizer, name)
+        for name in (
+            "model_max_length",
+            "padding_side",
+            "truncation_side",
+            "model_input_names",
+            "clean_up_tokenization_spaces",
+            "extra_special_tokens",
+        )
+        if getattr(tokenizer, name, None) is not None
+    }
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **kept, **tokenizer.special_tokens_map)
+
+
 def mark_capitals(tokenizer, source: str) -> PreTrainedTokenizerFast:
     """`tokenizer` with each ASCII capital written as ^ and the letter before its own normalizer, so that an uncased
     (lowercasing) tokenizer reads `idA=` as `id ^ a =` instead of `ida =`. The marks live in the tokenizer's
@@ -86,19 +105,7 @@ def mark_capitals(tokenizer, source: str) -> PreTrainedTokenizerFast:
     backend = copy.deepcopy(backend)
     own = [backend.normalizer] if backend.normalizer is not None else []
     backend.normalizer = normalizers.Sequence(capital_marks() + own)
-    kept = {  # the settings a tokenizer class would otherwise bring back from its own defaults
-        name: getattr(tokenizer, name)
-        for name in (
-            "model_max_length",
-            "padding_side",
-            "truncation_side",
-            "model_input_names",
-            "clean_up_tokenization_spaces",
-            "extra_special_tokens",
-        )
-        if getattr(tokenizer, name, None) is not None
-    }
-    marked = PreTrainedTokenizerFast(tokenizer_object=backend, **kept, **tokenizer.special_tokens_map)
+    marked = with_backend(tokenizer, backend)
     unk = marked.unk_token_id
     if unk is not None and unk in marked(CAPITAL_MARK, add_special_tokens=False)["input_ids"]:
         raise BadInput(
