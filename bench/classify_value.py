@@ -385,11 +385,19 @@ def adapted(task: str, p: dict, stages: Stages, a, until: str | None = None) -> 
     return models
 
 
+def last_stage(p: dict, rows: list[str]) -> str | None:
+    """The last MLM row of the plan `p` that `rows` asks for (of all of them when `rows` is empty); None: none is. The
+    stages after it are not run: --rows base,+DAPT leaves +DAPT+TAPT's stage out."""
+    wanted = [row for row, _ in p["mlm"] if not rows or row in rows]
+    return wanted[-1] if wanted else None
+
+
 def run_task(task: str, stages: Stages, work: Path, a, categories: dict[str, str]) -> dict:
     p = plan(task, work, a)
-    models = {"base": minilm_tokenizer()} if task in a.base_only.split(",") else adapted(task, p, stages, a)
-    rows = {}
     chosen = [r for r in a.rows.split(",") if r]
+    until = None if task in a.base_only.split(",") else last_stage(p, chosen)
+    models = adapted(task, p, stages, a, until=until) if until else {"base": minilm_tokenizer()}
+    rows = {}
     for row, model in models.items() if not chosen else [(r, m) for r, m in models.items() if r in chosen]:
         name = f"{task}_{row.strip('+').replace('+', '_').lower()}"
         out = stages.run(

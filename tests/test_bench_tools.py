@@ -157,6 +157,16 @@ def test_adapted_chains_each_mlm_stage_from_the_one_before_and_stops_at_the_row_
     assert [r[0] for r in stages.runs] == ["dga_dapt"]  # the TAPT stage is not run for a +DAPT candidate
 
 
+def test_only_the_mlm_stages_up_to_the_last_row_asked_for_are_run(bench):
+    from classify_value import last_stage
+
+    p = {"mlm": [("+DAPT", []), ("+DAPT+TAPT", [])]}
+    assert last_stage(p, []) == "+DAPT+TAPT"  # every row
+    assert last_stage(p, ["base", "+DAPT"]) == "+DAPT"
+    assert last_stage(p, ["+DAPT+TAPT"]) == "+DAPT+TAPT"  # it needs +DAPT's stage, which adapted runs first
+    assert last_stage(p, ["base"]) is None and last_stage({"mlm": []}, []) is None
+
+
 def test_classify_tune_runs_the_candidates_named_on_their_encoders(bench, tmp_path, monkeypatch):
     import argparse
 
