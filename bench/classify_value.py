@@ -514,13 +514,14 @@ def goals(results: dict) -> dict:
             out[task] = bool(
                 max(mean(r, "accuracy") for n, r in results[task].items() if n != "baseline") >= floor
             )
-    adapted = {
+    adapted = {  # only where this run has the base row to compare with (--rows +DAPT has not)
         task: any(
             mean(r, "macro_f1") > mean(rows["base"], "macro_f1")
             for n, r in rows.items()
             if n not in ("baseline", "base")
         )
         for task, rows in results.items()
+        if "base" in rows
     }
     out["adaptation_beats_base"] = adapted
     return out
@@ -565,10 +566,15 @@ def markdown(r: dict) -> str:
             lines.append(
                 "| " + " | ".join([label, cell(row["macro_f1"]), cell(row["accuracy"]), *recalls]) + " |"
             )
+    compared = r["goals"]["adaptation_beats_base"]
+    unrun = [t for t in r["tasks"] if t not in compared]
     lines += [
         "",
         "A DAPT or TAPT row above the base encoder's macro-F1: "
-        + ", ".join(f"{t} {'yes' if v else 'no'}" for t, v in r["goals"]["adaptation_beats_base"].items()),
+        + "; ".join(
+            [", ".join(f"{t} {'yes' if v else 'no'}" for t, v in compared.items())] * bool(compared)
+            + [f"{', '.join(unrun)}: not compared, the base row was not run (--rows)"] * bool(unrun)
+        ),
     ] + commands_section(r)
     return "\n".join(lines) + "\n"
 

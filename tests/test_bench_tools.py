@@ -233,6 +233,22 @@ def test_seed_summaries_and_the_attack_level_table(bench, tmp_path):
     assert table[2].endswith("| 1.000 | 1.000 | 0.417 |")
 
 
+def test_a_run_without_the_base_row_says_so_instead_of_comparing(bench):
+    """--rows +DAPT: the goals compare adaptation with the base only where this run has the base row."""
+    from classify_value import goals, markdown
+
+    def row(f1):
+        return {"macro_f1": {"mean": f1, "std": 0.0}, "accuracy": {"mean": f1, "std": 0.0}, "recall": {}}
+
+    tasks = {"dga": {"baseline": {**row(0.98), "name": "n-grams"}, "+DAPT": row(0.97)}}
+    tasks["devign"] = {"baseline": {**row(0.6), "name": "n-grams"}, "base": row(0.5), "+TAPT": row(0.55)}
+    met = goals(tasks)
+    assert met["adaptation_beats_base"] == {"devign": True} and met["dga"] is False
+    result = {"machine": {"cpu": "test", "cores": 2}, "budget": "full recipes", "seeds": [42], "tasks": tasks}
+    text = markdown({**result, "goals": met, "commands": {}, "minutes": {}})
+    assert "base encoder's macro-F1: devign yes; dga: not compared, the base row was not run (--rows)" in text
+
+
 def test_classify_tune_refuses_a_candidate_or_task_it_does_not_have(tmp_path):
     import subprocess
     import sys
